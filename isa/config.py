@@ -1,0 +1,331 @@
+"""Configuration: frozen dataclasses, YAML loading and dotted ``key=value`` overrides.
+
+Every stage reads one :class:`Config`. A YAML file holds any subset of the sections below; command-line
+overrides such as ``train.lr=1e-4`` or ``teacher.pretrained=none`` are applied on top. Unknown sections or
+keys and values of the wrong type fail at once with a :class:`ConfigError` that names the key and the
+valid choices, before any work starts.
+
+Builders elsewhere turn these sections into plain constructor arguments: no model class receives a
+config object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the key and what is allowed."""
+
+
+def _require(condition: bool, key: str, rule: str) -> None:
+    if not condition:
+        raise ConfigError(f"config key '{key}' {rule}")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """The frozen open_clip teacher (METHOD.md §2)."""
+
+    name: str = "ViT-L-14"  # open_clip model name, as in open_clip.list_models()
+    pretrained: str = "openai"  # open_clip pretrained tag, a local weights file, or "none" (random init)
+    cache_dir: str | None = None  # where open_clip keeps downloaded weights (None: its default)
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """The light query-side image encoder (METHOD.md §2)."""
+
+    backbone: str = "efficientnet_b0"  # student registry name: a timm backbone, or "symmetric"
+    mapper: Literal["atl", "mlp"] = "atl"  # adaptive token learner or Pic2Word-style MLP mapper
+    pretrained: bool = False  # load timm ImageNet weights for the backbone (needs them downloaded)
+    image_size: int = 224  # student input resolution (square)
+
+
+@dataclass(frozen=True)
+class TokenLearnerConfig:
+    """The adaptive token learner (METHOD.md §2.1)."""
+
+    num_tokens: int = 4  # M, words in the image sentence (the MLP mapper always makes 1)
+    dim: int = 512  # d, internal width
+    depth: int = 2  # L, refinement blocks
+    heads: int = 8  # attention heads in the refinement blocks
+    dropout: float = 0.1  # dropout in the refinement blocks
+
+    def __post_init__(self) -> None:
+        _require(self.num_tokens >= 1, "token_learner.num_tokens", "must be >= 1")
+        _require(self.dim % self.heads == 0, "token_learner.dim", f"must be divisible by heads ({self.heads})")
+        _require(0 <= self.dropout < 1, "token_learner.dropout", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """Prompt composition (METHOD.md §3)."""
+
+    placeholder: str = "*"  # a word the teacher's tokenizer maps to exactly one token
+    train_template: str = "a photo of {S}"  # {S}: the image sentence
+    query_template: str = "a photo of {S} that {c}"  # {c}: the user's modifier text
+    fashioniq_template: str = "a photo of {S} that {c1} and {c2}"  # both caption orders are averaged
+    domain_template: str = "a {domain} of {S}"  # domain conversion
+    short_context: bool = True  # run only the positions a causal text tower needs
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Training objective (METHOD.md §4)."""
+
+    lar_weight: float = 0.3  # lambda, local alignment regularization
+    rel_weight: float = 0.0  # beta, relational KL term
+    word_weight: float = 0.0  # gamma, word-manifold term
+    init_temperature: float = 0.07  # initial GCD temperature tau
+    learn_temperature: bool = True  # tau is a learnable parameter
+    min_temperature: float = 0.01  # tau is clamped to [min, max]
+    max_temperature: float = 1.0
+    lar_temperature: float = 0.07  # fixed temperature of the LAR InfoNCE
+    lar_tokens_per_image: int = 1  # tokens per image drawn for LAR at each step, 1..M
+    rel_teacher_temperature: float = 0.07  # tau_t of the teacher's similarity distribution
+
+    def __post_init__(self) -> None:
+        for key in ("init_temperature", "min_temperature", "lar_temperature", "rel_teacher_temperature"):
+            _require(getattr(self, key) > 0, f"loss.{key}", "must be > 0")
+        _require(self.min_temperature <= self.init_temperature <= self.max_temperature, "loss.init_temperature",
+                 "must lie in [loss.min_temperature, loss.max_temperature]")
+        _require(self.lar_tokens_per_image >= 1, "loss.lar_tokens_per_image", "must be >= 1")
+        for key in ("lar_weight", "rel_weight", "word_weight"):
+            _require(getattr(self, key) >= 0, f"loss.{key}", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The teacher-embedding cache written by ``isa embed`` (ARCHITECTURE.md)."""
+
+    image_size: int = 256  # short side of the student-ready JPEG kept in the cache
+    store_images: bool = True  # False: gallery-only cache without the image column
+    local_grid: int = 4  # g of the LAR g x g local grid; 0 = no local features
+    dtype: Literal["float16", "float32"] = "float16"  # embedding storage type
+    batch_size: int = 256  # images per teacher forward
+    num_actors: int = 1  # teacher actors in the pool
+    max_image_pixels: int = 89_478_485  # larger images are rejected as decompression bombs
+    jpeg_quality: int = 90  # quality of the cached student JPEG
+
+    def __post_init__(self) -> None:
+        _require(self.local_grid >= 0, "cache.local_grid", "must be >= 0 (0 = no local features)")
+        for key in ("image_size", "batch_size", "num_actors", "max_image_pixels"):
+            _require(getattr(self, key) >= 1, f"cache.{key}", "must be >= 1")
+        _require(1 <= self.jpeg_quality <= 100, "cache.jpeg_quality", "must be in [1, 100]")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Distillation run (METHOD.md §4 recipe)."""
+
+    cache: str = ""  # teacher cache URI (local path or fsspec URI)
+    output: str = "isa-output/train"  # run directory URI
+    global_batch_size: int = 512  # across all workers
+    epochs: int = 10  # passes over the training split
+    max_steps: int = 0  # stop after this many steps; 0 = derive from epochs
+    lr: float = 3e-4  # token learner / heads
+    backbone_lr: float = 1e-4  # pretrained backbone (random init uses lr)
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.05  # of the total steps, linear warm-up before cosine decay
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
+    num_workers: int = 1  # Ray Train workers
+    use_gpu: bool = False  # one GPU per worker
+    checkpoint_every: int = 500  # steps
+    num_to_keep: int = 3  # checkpoints kept
+    max_failures: int = 3  # worker-failure restarts
+    seed: int = 0
+    val_fraction: float = 0.05  # held out by id hash
+    crop_scale_min: float = 0.6  # random resized crop scale range (min, 1)
+    hflip: bool = True  # random horizontal flip
+    tracking_uri: str | None = None  # MLflow; None = MLFLOW_TRACKING_URI or SQLite in the output folder
+    experiment: str = "isa"  # MLflow experiment name
+
+    def __post_init__(self) -> None:
+        for key in ("global_batch_size", "num_workers", "checkpoint_every", "num_to_keep"):
+            _require(getattr(self, key) >= 1, f"train.{key}", "must be >= 1")
+        _require(0 <= self.val_fraction < 1, "train.val_fraction", "must be in [0, 1)")
+        _require(0 <= self.warmup_fraction < 1, "train.warmup_fraction", "must be in [0, 1)")
+        _require(0 < self.crop_scale_min <= 1, "train.crop_scale_min", "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation (METHOD.md §5)."""
+
+    benchmark: Literal["cirr", "fashioniq", "circo", "images"] = "cirr"
+    dataset_root: str = ""  # dataset root URI in the official layout
+    split: str = "val"  # dataset split
+    checkpoint: str | None = None  # student checkpoint; None = baselines only
+    gallery_cache: str | None = None  # reuse this gallery cache
+    output: str = "isa-output/eval"  # where metrics.json, report.html and submission files go
+    batch_size: int = 256  # queries per forward
+    distractors: str | None = None  # cache of distractor images for gallery scaling
+    distractor_counts: tuple[int, ...] = ()  # e.g. 1000,10000
+    tracking_uri: str | None = None  # MLflow; None = MLFLOW_TRACKING_URI if set
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a stage needs; each section is a frozen dataclass."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    token_learner: TokenLearnerConfig = field(default_factory=TokenLearnerConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+_NONE = {"none", "null", "~"}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert ``value`` (from YAML or a command-line string) to type ``tp`` or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    from_text = isinstance(value, str)
+    bad = ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if type(None) in options and (value is None or (from_text and value.lower() in _NONE)):
+            return None
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}': {value!r} is not valid; choose one of {list(choices)}")
+        return value
+    if origin is tuple:
+        items = [v for v in value.split(",") if v.strip()] if from_text else value
+        if not isinstance(items, Sequence) or isinstance(items, str):
+            raise bad
+        return tuple(_coerce(key, item, typing.get_args(tp)[0]) for item in items)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise bad
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int) or (tp is float and isinstance(value, float)):
+            return tp(value)
+        if from_text:
+            try:
+                return int(value.strip()) if tp is int else float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise TypeError(f"unsupported config field type {tp!r} for '{key}'")
+
+
+def _section_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build_section(name: str, cls: type, values: Mapping[str, Any], base: Any) -> Any:
+    hints = _section_types(cls)
+    changes = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"unknown config key '{name}.{key}'; valid keys of '{name}': {sorted(hints)}")
+        changes[key] = _coerce(f"{name}.{key}", value, hints[key])
+    return dataclasses.replace(base, **changes)
+
+
+def from_dict(data: Mapping[str, Any] | None, base: Config | None = None) -> Config:
+    """Build a Config from nested mappings ``{section: {key: value}}`` on top of ``base`` (or defaults)."""
+    config = base or Config()
+    sections = _section_types(Config)
+    for name, values in (data or {}).items():
+        if name not in sections:
+            raise ConfigError(f"unknown config section '{name}'; valid sections: {sorted(sections)}")
+        if values is None:
+            continue
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"config section '{name}' must be a mapping of keys, got {values!r}")
+        section = _build_section(name, sections[name], values, getattr(config, name))
+        config = dataclasses.replace(config, **{name: section})
+    return config
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Turn ``["train.lr=1e-4", ...]`` into ``{"train": {"lr": "1e-4"}}``; values stay text."""
+    nested: dict[str, dict[str, str]] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not section or not name:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.lr=1e-4)")
+        nested.setdefault(section, {})[name] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML file (optional) and apply dotted ``key=value`` overrides.
+
+    Args:
+        path: YAML file with any subset of the sections; None for the defaults.
+        overrides: strings such as ``"train.lr=1e-4"``; applied after the file.
+
+    Raises:
+        ConfigError: unknown section or key, a value of the wrong type, a malformed override or file.
+    """
+    data: Any = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        if data is not None and not isinstance(data, Mapping):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    config = from_dict(data)
+    return from_dict(parse_overrides(overrides), base=config)
+
+
+def to_dict(config: Config) -> dict[str, dict[str, Any]]:
+    """Nested plain-Python form (tuples become lists): for JSON files and checkpoints."""
+    return {
+        name: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(section).items()}
+        for name, section in ((f.name, getattr(config, f.name)) for f in dataclasses.fields(config))
+    }
+
+
+def flatten(config: Config) -> dict[str, Any]:
+    """``{"train.lr": 3e-4, ...}``: the flattened resolved config, e.g. for MLflow parameters."""
+    return {f"{section}.{key}": value for section, values in to_dict(config).items() for key, value in values.items()}

@@ -1,0 +1,1 @@
+"""Data: image decoding, benchmark readers and the synthetic world."""

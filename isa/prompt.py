@@ -1,0 +1,141 @@
+"""Prompt composition: splice the image sentence into a prompt for the frozen text tower (METHOD.md §3).
+
+A template such as ``"a photo of {S} that {c}"`` is filled with the modifier text ``{c}`` and, for
+``{S}``, ``M`` copies of one placeholder word. The placeholder's token id is resolved through the
+teacher's tokenizer (never hard-coded); its ``M`` positions in the tokenized prompt receive the sentence
+``S (B, M, w)`` in place of their token embeddings, before positional embeddings are added. Everything
+after that is the teacher's own text tower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from isa.teacher import Teacher
+
+SENTENCE_FIELD = "{S}"
+
+
+class PromptError(ValueError):
+    """A template, placeholder or modifier text cannot be composed into a prompt."""
+
+
+def fill_template(template: str, sentence_words: str, **fields: str) -> str:
+    """Replace ``{S}`` and named fields (``{c}``, ``{c1}``, ``{domain}`` ...) without ``str.format``.
+
+    User text may hold braces, so only the known fields are replaced, each exactly once.
+    """
+    if SENTENCE_FIELD not in template:
+        raise PromptError(f"template {template!r} has no {SENTENCE_FIELD} field for the image sentence")
+    text = template.replace(SENTENCE_FIELD, sentence_words)
+    for name, value in fields.items():
+        field = "{" + name + "}"
+        if field not in template:
+            raise PromptError(f"template {template!r} has no {field} field")
+        text = text.replace(field, value)
+    return text
+
+
+class PromptComposer:
+    """Composes prompts with spliced image sentences and encodes them with the teacher's text tower.
+
+    Args:
+        teacher: the frozen teacher whose tokenizer and text tower are used.
+        placeholder: a word the tokenizer maps to exactly one token.
+        short_context: run only as many positions as the longest prompt needs (causal towers with
+            EOT/EOS pooling only; the result is the same as with the full context).
+    """
+
+    def __init__(self, teacher: Teacher, placeholder: str = "*", short_context: bool = True):
+        self.teacher = teacher
+        self.placeholder = placeholder
+        self.placeholder_id = self._resolve_placeholder(placeholder)
+        self.short_context = short_context and teacher.text_tower.truncatable
+        self._fixed_ids: dict[tuple[str, int], torch.Tensor] = {}
+
+    def _resolve_placeholder(self, word: str) -> int:
+        special = set(self.teacher.tokenize([""])[0].tolist())
+        ids = [i for i in self.teacher.tokenize([word])[0].tolist() if i not in special]
+        if len(ids) != 1:
+            raise PromptError(
+                f"placeholder {word!r} is {len(ids)} tokens for teacher {self.teacher.name}; choose a word "
+                "that is exactly one token (prompt.placeholder)"
+            )
+        return ids[0]
+
+    def tokenize(self, template: str, num_tokens: int, texts: Sequence[dict[str, str]] | None = None) -> torch.Tensor:
+        """Token ids of filled prompts, each holding exactly ``num_tokens`` placeholders: (B, context).
+
+        Args:
+            template: a template with ``{S}`` and optionally other fields.
+            num_tokens: M, the sentence length.
+            texts: one mapping of field values per prompt; None for a template without other fields
+                (the ids are then computed once and reused).
+        """
+        words = " ".join([self.placeholder] * num_tokens)
+        if texts is None:
+            key = (template, num_tokens)
+            if key not in self._fixed_ids:
+                self._fixed_ids[key] = self._checked_ids([fill_template(template, words)], num_tokens)
+            return self._fixed_ids[key]
+        return self._checked_ids([fill_template(template, words, **fields) for fields in texts], num_tokens)
+
+    def _checked_ids(self, prompts: list[str], num_tokens: int) -> torch.Tensor:
+        ids = self.teacher.tokenize(prompts)
+        counts = (ids == self.placeholder_id).sum(dim=1)
+        bad = (counts != num_tokens).nonzero().flatten().tolist()
+        if bad:
+            first = prompts[bad[0]]
+            raise PromptError(
+                f"prompt {first!r} holds {int(counts[bad[0]])} placeholder tokens instead of {num_tokens}: the "
+                f"text contains the placeholder word {self.placeholder!r} or was cut at the context length"
+            )
+        return ids
+
+    def encode(self, sentence: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Splice the sentence into the prompts and run the text tower.
+
+        Args:
+            sentence: (B, M, w) pseudo-word embeddings.
+            ids: (B, context) or (1, context) token ids from :meth:`tokenize` with M placeholders per row.
+
+        Returns:
+            L2-normalized text embeddings (B, D).
+        """
+        batch = sentence.shape[0]
+        ids = ids.to(sentence.device).expand(batch, -1)
+        if self.short_context:
+            needed = int(self.teacher.text_tower.pool_positions(ids).max()) + 1
+            ids = ids[:, :needed]
+        embeds = self.teacher.text_tower.token_embedding(ids)  # (B, L, w)
+        slots = (ids == self.placeholder_id).unsqueeze(-1)  # (B, L, 1)
+        embeds = embeds.masked_scatter(slots, sentence.to(embeds.dtype))
+        return F.normalize(self.teacher.encode_text_embeddings(embeds, ids), dim=-1)
+
+    def compose(
+        self, sentence: torch.Tensor, template: str, texts: Sequence[dict[str, str]] | None = None
+    ) -> torch.Tensor:
+        """``encode(sentence, tokenize(template, M, texts))``: L2-normalized (B, D)."""
+        return self.encode(sentence, self.tokenize(template, sentence.shape[1], texts))
+
+    def encode_words(self, sentence: torch.Tensor, template: str) -> torch.Tensor:
+        """Each word of each sentence alone in a template (LAR's ``a photo of {s_im}``).
+
+        Args:
+            sentence: (B, K, w).
+
+        Returns:
+            (B, K, D) L2-normalized.
+        """
+        batch, words, width = sentence.shape
+        flat = self.compose(sentence.reshape(batch * words, 1, width), template)  # (B*K, D)
+        return flat.view(batch, words, -1)
+
+    def fashioniq_query(self, sentence: torch.Tensor, template: str, captions: Sequence[tuple[str, str]]) -> torch.Tensor:
+        """FashionIQ query: both caption orders, mean of the two normalized embeddings, normalized: (B, D)."""
+        forward = self.compose(sentence, template, [{"c1": a, "c2": b} for a, b in captions])
+        backward = self.compose(sentence, template, [{"c1": b, "c2": a} for a, b in captions])
+        return F.normalize(forward + backward, dim=-1)

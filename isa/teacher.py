@@ -1,0 +1,351 @@
+"""The frozen open_clip teacher (METHOD.md §2).
+
+Wraps any open_clip model whose text tower is open_clip's own text transformer: the ``CLIP`` class, or
+``CustomTextCLIP`` with a ``TextTransformer``. Provides the image side (global embedding, the LAR local
+grid, the patch feature map of the symmetric variant), the text side from token embeddings (so an image
+sentence can be spliced in), the tokenizer, and the fingerprint that ties caches and checkpoints to the
+exact teacher that made them.
+
+The teacher is frozen: every parameter has ``requires_grad=False`` and ``train()`` keeps it in eval mode.
+Gradients still flow *through* the text tower to its inputs (the student's sentence).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+# Small open_clip configs shipped with the project (tests and the offline quickstart).
+_CONFIG_PACKAGE = "isa.model_configs"
+_NO_WEIGHTS = {"", "none", "null", "random"}
+
+
+class TeacherNotSupportedError(ValueError):
+    """The open_clip model has a text tower this project cannot splice into (e.g. a Hugging Face one)."""
+
+
+@dataclass(frozen=True)
+class TextTower:
+    """The parts of an open_clip text transformer, whichever model class holds them."""
+
+    token_embedding: nn.Embedding  # (V, w)
+    positional_embedding: nn.Parameter  # (context, w)
+    transformer: nn.Module
+    ln_final: nn.Module
+    text_projection: nn.Module | nn.Parameter | None  # (w, D) or Linear
+    attn_mask: torch.Tensor | None  # (context, context) additive causal mask; None = bidirectional
+    pool_type: str  # 'argmax' | 'eos' | 'first' | 'last' | 'none'
+    eos_id: int | None
+    owner: nn.Module | None  # the TextTransformer (for its pad/cls masks), None for the CLIP class
+
+    @property
+    def cls_emb(self) -> torch.Tensor | None:
+        return getattr(self.owner, "cls_emb", None)
+
+    @property
+    def is_causal(self) -> bool:
+        return self.attn_mask is not None
+
+    @property
+    def truncatable(self) -> bool:
+        """Positions after the pooled EOT cannot change the output (METHOD.md §3, short context)."""
+        uses_pad_mask = bool(getattr(self.owner, "use_pad_mask", False))
+        return self.is_causal and self.cls_emb is None and not uses_pad_mask and self.pool_type in ("argmax", "eos")
+
+    def pool_positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """Index of the pooled position of each sequence, as open_clip's text_global_pool picks it."""
+        if self.pool_type == "argmax":
+            return ids.argmax(dim=-1)
+        if self.pool_type == "eos":
+            return (ids == self.eos_id).int().argmax(dim=-1)
+        raise ValueError(f"pool type {self.pool_type!r} has no single pooled position")
+
+
+def _text_tower(model: nn.Module) -> TextTower:
+    if isinstance(model, open_clip.CustomTextCLIP):
+        text = model.text
+        if not isinstance(text, open_clip.transformer.TextTransformer):
+            raise TeacherNotSupportedError(
+                f"teacher text tower {type(text).__name__} is not supported: the image sentence is spliced "
+                "into open_clip's own TextTransformer; choose a model whose text_cfg has no hf_model_name"
+            )
+        return TextTower(
+            text.token_embedding, text.positional_embedding, text.transformer, text.ln_final,
+            text.text_projection, text.attn_mask, text.pool_type, text.eos_id, text,
+        )
+    if type(model) is open_clip.CLIP:
+        return TextTower(
+            model.token_embedding, model.positional_embedding, model.transformer, model.ln_final,
+            model.text_projection, model.attn_mask, model.text_pool_type, getattr(model, "text_eos_id", None), None,
+        )
+    raise TeacherNotSupportedError(
+        f"teacher model class {type(model).__name__} is not supported; use an open_clip CLIP or CustomTextCLIP model"
+    )
+
+
+class Teacher(nn.Module):
+    """A frozen open_clip model: image embeddings, text tower from embeddings, tokenizer, fingerprint.
+
+    Args:
+        model: an open_clip ``CLIP`` or ``CustomTextCLIP`` whose text tower is open_clip's TextTransformer.
+        tokenizer: the model's open_clip tokenizer.
+        preprocess: open_clip's inference transform (PIL image -> normalized tensor).
+        name: open_clip model name.
+        pretrained: the pretrained tag or file it was loaded from ("none" for random init).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Callable, preprocess: Callable, name: str, pretrained: str):
+        super().__init__()
+        self.text_tower = _text_tower(model)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.name = name
+        self.pretrained = pretrained
+        self.preprocess_cfg: dict[str, Any] = dict(getattr(model.visual, "preprocess_cfg", {}))
+        self.requires_grad_(False)
+        super().train(False)
+        self._weights_sha256: str | None = None
+
+    def train(self, mode: bool = True) -> Teacher:
+        """The teacher never leaves eval mode (dropout and norms stay as at inference)."""
+        return super().train(False)
+
+    # ---- sizes -------------------------------------------------------------------------------------------
+    @property
+    def word_dim(self) -> int:
+        """w: width of the token embedding table."""
+        return self.text_tower.token_embedding.weight.shape[1]
+
+    @property
+    def embed_dim(self) -> int:
+        """D: width of the joint image-text embedding."""
+        return int(self.model.visual.output_dim)
+
+    @property
+    def context_length(self) -> int:
+        return self.text_tower.positional_embedding.shape[0]
+
+    @property
+    def image_size(self) -> int:
+        size = self.preprocess_cfg.get("size", 224)
+        return int(size if isinstance(size, int) else size[0])
+
+    @property
+    def token_embeddings(self) -> torch.Tensor:
+        """The vocabulary's token embeddings E: (V, w)."""
+        return self.text_tower.token_embedding.weight
+
+    @property
+    def embed_scale(self) -> float:
+        """Mean L2 norm of the teacher's real token embeddings (the size its text tower expects)."""
+        return float(self.token_embeddings.detach().float().norm(dim=-1).mean())
+
+    # ---- image side --------------------------------------------------------------------------------------
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Resize ``[0, 1]`` images (B, 3, H, W) to the teacher's size and normalize: (B, 3, S, S)."""
+        size = self.image_size
+        if images.shape[-2:] != (size, size):
+            images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+        mean = torch.tensor(self.preprocess_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN), device=images.device)
+        std = torch.tensor(self.preprocess_cfg.get("std", open_clip.OPENAI_DATASET_STD), device=images.device)
+        return (images - mean.view(1, 3, 1, 1).to(images.dtype)) / std.view(1, 3, 1, 1).to(images.dtype)
+
+    def preprocess_images(self, images: list[Image.Image]) -> torch.Tensor:
+        """open_clip's own inference transform on PIL images: (B, 3, S, S)."""
+        return torch.stack([self.preprocess(image) for image in images])
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """L2-normalized global embeddings g of preprocessed pixels (B, 3, S, S): (B, D)."""
+        return F.normalize(self.model.encode_image(pixels), dim=-1)
+
+    def encode_image_with_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global embedding and projected patch tokens of a ViT image tower.
+
+        Patch tokens are taken after the tower's final norm and projected by its output projection, so
+        they live in the joint space of the global embedding.
+
+        Returns:
+            ``g`` (B, D), L2-normalized, equal to ``encode_image``; ``tokens`` (B, D, h, w), unnormalized.
+        """
+        visual = self.model.visual
+        if not isinstance(visual, open_clip.transformer.VisionTransformer) or visual.attn_pool is not None:
+            raise TeacherNotSupportedError(
+                f"local features need an open_clip VisionTransformer image tower without attention pooling; "
+                f"teacher {self.name} has {type(visual).__name__} (set cache.local_grid=0 / use an asymmetric student)"
+            )
+        x = visual._embeds(pixels)  # (B, 1 + h*w, width)
+        x = visual.transformer(x)
+        pooled, tokens = visual._pool(x)
+        if visual.final_ln_after_pool:
+            tokens = visual.ln_post(tokens)
+        if visual.proj is not None:
+            pooled, tokens = pooled @ visual.proj, tokens @ visual.proj  # (B, D), (B, h*w, D)
+        h, w = pixels.shape[-2] // visual.patch_size[0], pixels.shape[-1] // visual.patch_size[1]
+        tokens = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)  # (B, D, h, w)
+        return F.normalize(pooled, dim=-1), tokens
+
+    def encode_image_local(self, pixels: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global embedding and the LAR local grid (METHOD.md §4).
+
+        Returns:
+            ``g`` (B, D) and ``P`` (B, grid*grid, D): patch tokens average-pooled to ``grid x grid``,
+            row-major, each cell L2-normalized.
+        """
+        g, tokens = self.encode_image_with_tokens(pixels)
+        cells = F.adaptive_avg_pool2d(tokens.float(), grid)  # (B, D, g, g)
+        local = F.normalize(cells.flatten(2).transpose(1, 2), dim=-1)  # (B, G, D)
+        return g, local.to(g.dtype)
+
+    def patch_feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen patch features of ``[0, 1]`` images for the symmetric variant: (B, D, h, w)."""
+        with torch.no_grad():
+            return self.encode_image_with_tokens(self.prepare(images))[1]
+
+    # ---- text side ---------------------------------------------------------------------------------------
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """open_clip tokenization to the full context: (B, context) int64."""
+        return self.tokenizer(texts)
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """L2-normalized embeddings of token ids (B, L): open_clip's own ``encode_text``."""
+        return F.normalize(self.model.encode_text(ids), dim=-1)
+
+    def encode_text_embeddings(self, embeds: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Run the text tower on given token embeddings, everything after the lookup being the teacher's own.
+
+        Args:
+            embeds: token embeddings (B, L, w), possibly with spliced pseudo-words; ``L`` may be shorter
+                than the context when the tower is truncatable (see ``TextTower.truncatable``).
+            ids: the token ids (B, L) the embeddings stand for (placeholders included): they decide the
+                pooled position and padding masks exactly as in open_clip.
+
+        Returns:
+            Unnormalized text features (B, D).
+        """
+        tower = self.text_tower
+        x = embeds.to(tower.transformer.get_cast_dtype())
+        seq_len = x.shape[1]
+        if tower.cls_emb is not None:
+            x = torch.cat([x, tower.cls_emb.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)], dim=1)
+            seq_len += 1
+        attn_mask = None if tower.attn_mask is None else tower.attn_mask[:seq_len, :seq_len]
+        if tower.owner is not None and (tower.owner.use_pad_mask or tower.cls_emb is not None):
+            pad_mask = tower.owner._build_additive_mask(ids, seq_len, x.dtype)  # (B*heads, seq, seq)
+            attn_mask = pad_mask if attn_mask is None else attn_mask.unsqueeze(0) + pad_mask
+        x = x + tower.positional_embedding[:seq_len].to(x.dtype)
+        x = tower.transformer(x, attn_mask=attn_mask)  # (B, seq, w)
+        if tower.cls_emb is not None:
+            pooled = tower.ln_final(x[:, -1])
+        else:
+            x = tower.ln_final(x)
+            pooled = open_clip.transformer.text_global_pool(x, ids, tower.pool_type, eos_token_id=tower.eos_id)
+        if isinstance(tower.text_projection, nn.Linear):
+            return tower.text_projection(pooled)
+        return pooled if tower.text_projection is None else pooled @ tower.text_projection
+
+    # ---- identity ----------------------------------------------------------------------------------------
+    def weights_sha256(self) -> str:
+        """sha256 over the teacher's state dict (names, dtypes, shapes and bytes, in name order)."""
+        if self._weights_sha256 is None:
+            digest = hashlib.sha256()
+            for key, tensor in sorted(self.model.state_dict().items()):
+                digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+                digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            self._weights_sha256 = digest.hexdigest()
+        return self._weights_sha256
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this teacher's outputs: model, weights, preprocessing (ARCHITECTURE.md)."""
+        cfg = self.preprocess_cfg
+        size = cfg.get("size", self.image_size)
+        return {
+            "model": self.name,
+            "pretrained": self.pretrained,
+            "weights_sha256": self.weights_sha256(),
+            "embed_dim": self.embed_dim,
+            "word_dim": self.word_dim,
+            "preprocess": {
+                "size": list(size) if isinstance(size, (tuple, list)) else [size, size],
+                "mean": list(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+                "std": list(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
+                "interpolation": cfg.get("interpolation", "bicubic"),
+                "resize_mode": cfg.get("resize_mode", "shortest"),
+            },
+        }
+
+
+def fingerprint_mismatch(expected: dict[str, Any], found: dict[str, Any]) -> str | None:
+    """A message naming both teachers when two fingerprints differ, else None."""
+    keys = ("model", "weights_sha256", "preprocess")
+    if all(expected.get(k) == found.get(k) for k in keys):
+        return None
+    def describe(f: dict[str, Any]) -> str:
+        return f"{f.get('model')} ({f.get('pretrained')}, weights sha256 {str(f.get('weights_sha256'))[:12]}…)"
+    differing = [k for k in keys if expected.get(k) != found.get(k)]
+    return f"teacher mismatch in {differing}: expected {describe(expected)}, found {describe(found)}"
+
+
+def register_project_configs() -> None:
+    """Make the small open_clip configs shipped in ``isa/model_configs`` known to open_clip."""
+    folder = Path(str(resources.files(_CONFIG_PACKAGE)))
+    if folder not in open_clip.factory._MODEL_CONFIG_PATHS:
+        open_clip.add_model_config(folder)
+
+
+def _check_text_config(name: str) -> None:
+    config = open_clip.get_model_config(name)
+    if config is None:
+        if ":" in name:  # hf-hub: / local-dir: schemas are resolved by open_clip itself
+            return
+        raise ValueError(f"unknown open_clip model {name!r}; see open_clip.list_models() for the valid names")
+    hf_name = config.get("text_cfg", {}).get("hf_model_name")
+    if hf_name:
+        raise TeacherNotSupportedError(
+            f"teacher {name!r} has a Hugging Face text tower ({hf_name}); not supported: the image sentence is "
+            "spliced into open_clip's own TextTransformer"
+        )
+
+
+def load_teacher(
+    name: str,
+    pretrained: str = "none",
+    *,
+    cache_dir: str | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    seed: int = 0,
+) -> Teacher:
+    """Create a frozen teacher with open_clip's meaning of ``--teacher NAME --pretrained TAG|FILE|none``.
+
+    Args:
+        name: open_clip model name (``open_clip.list_models()``), a project config, or ``hf-hub:``/``local-dir:``.
+        pretrained: a pretrained tag of that model, a local weights file (safetensors or a torch file read
+            with ``weights_only=True``), or ``"none"`` for random init.
+        cache_dir: where open_clip keeps downloads.
+        device: where to put the model.
+        precision: open_clip precision ("fp32", "bf16", "fp16", "amp", ...).
+        seed: random-init seed, so every process builds the same random teacher.
+
+    Raises:
+        TeacherNotSupportedError: the model's text tower is not open_clip's own transformer.
+    """
+    register_project_configs()
+    _check_text_config(name)
+    weights = None if pretrained.lower() in _NO_WEIGHTS else pretrained
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=weights, precision=precision, device=device, cache_dir=cache_dir, weights_only=True,
+        )
+    tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
+    return Teacher(model, tokenizer, preprocess, name=name, pretrained=weights or "none")

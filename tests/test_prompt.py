@@ -1,0 +1,91 @@
+"""Splice exactness and short-context equality (METHOD.md §3) on tiny random teachers, fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from isa.prompt import PromptComposer, PromptError, fill_template
+
+
+def _word_embedding(teacher, word: str) -> torch.Tensor:
+    ids = [i for i in teacher.tokenize([word])[0].tolist() if i not in set(teacher.tokenize([""])[0].tolist())]
+    assert len(ids) == 1, f"{word!r} must be one token"
+    return teacher.token_embeddings[ids[0]]
+
+
+@pytest.mark.parametrize("short_context", [True, False])
+@pytest.mark.parametrize(
+    ("template", "fields", "reference"),
+    [
+        ("a photo of {S}", None, "a photo of dog"),
+        ("a photo of {S} that {c}", {"c": "is red and has long sleeves"}, "a photo of dog that is red and has long sleeves"),
+        ("{S}", None, "dog"),
+    ],
+)
+def test_real_word_in_place_of_placeholder_reproduces_encode_text(teacher, short_context, template, fields, reference):
+    composer = PromptComposer(teacher, "*", short_context=short_context)
+    sentence = _word_embedding(teacher, "dog").view(1, 1, -1)
+    with torch.no_grad():
+        got = composer.compose(sentence, template, None if fields is None else [fields])
+        expected = teacher.encode_text(teacher.tokenize([reference]))
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_short_context_equals_full_context(teacher):
+    torch.manual_seed(0)
+    short = PromptComposer(teacher, short_context=True)
+    full = PromptComposer(teacher, short_context=False)
+    assert short.short_context  # both tiny teachers are causal with argmax pooling
+    sentence = torch.randn(3, 4, teacher.word_dim) * teacher.embed_scale / teacher.word_dim**0.5
+    texts = [{"c": "is blue"}, {"c": "has a much longer modifier text than the other two prompts"}, {"c": "x"}]
+    with torch.no_grad():
+        a = short.compose(sentence, "a photo of {S} that {c}", texts)
+        b = full.compose(sentence, "a photo of {S} that {c}", texts)
+    assert (a - b).abs().max().item() <= 1e-5
+    ids = short.tokenize("a photo of {S} that {c}", 4, texts)
+    assert int(teacher.text_tower.pool_positions(ids).max()) + 1 < ids.shape[1]  # really shorter
+
+
+def test_gradient_reaches_the_sentence_but_not_the_teacher(teacher):
+    composer = PromptComposer(teacher)
+    sentence = torch.randn(2, 3, teacher.word_dim, requires_grad=True)
+    composer.compose(sentence, "a photo of {S}").sum().backward()
+    assert sentence.grad is not None and sentence.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_placeholder_positions_and_words(teacher):
+    composer = PromptComposer(teacher)
+    ids = composer.tokenize("a photo of {S}", 4)
+    assert int((ids == composer.placeholder_id).sum()) == 4
+    assert composer.placeholder_id == teacher.tokenize(["*"])[0, 1].item()  # resolved, not hard-coded
+    words = torch.randn(2, 3, teacher.word_dim)
+    with torch.no_grad():
+        each = composer.encode_words(words, "a photo of {S}")
+        one = composer.compose(words[1, 2].view(1, 1, -1), "a photo of {S}")
+    assert each.shape == (2, 3, teacher.embed_dim)
+    torch.testing.assert_close(each[1, 2], one[0], rtol=0, atol=1e-6)
+
+
+def test_fashioniq_query_averages_both_caption_orders(teacher):
+    composer = PromptComposer(teacher)
+    sentence = torch.randn(1, 2, teacher.word_dim)
+    template = "a photo of {S} that {c1} and {c2}"
+    with torch.no_grad():
+        query = composer.fashioniq_query(sentence, template, [("is red", "has long sleeves")])
+        ab = composer.compose(sentence, template, [{"c1": "is red", "c2": "has long sleeves"}])
+        ba = composer.compose(sentence, template, [{"c1": "has long sleeves", "c2": "is red"}])
+    expected = torch.nn.functional.normalize((ab + ba) / 2, dim=-1)
+    torch.testing.assert_close(query, expected, rtol=0, atol=1e-6)
+
+
+def test_errors_are_clear(teacher):
+    with pytest.raises(PromptError, match="exactly one token"):
+        PromptComposer(teacher, placeholder="photosynthesis-placeholder")
+    composer = PromptComposer(teacher)
+    with pytest.raises(PromptError, match="placeholder word"):
+        composer.tokenize("a photo of {S} that {c}", 2, [{"c": "has a * on it"}])
+    with pytest.raises(PromptError, match="no \\{S\\} field"):
+        fill_template("a photo", "*")
+    assert fill_template("a {S} that {c}", "* *", c="has {braces}") == "a * * that has {braces}"
