@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 CONFIG_FILE = "config.json"
@@ -143,7 +144,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         config = json.loads((directory / CONFIG_FILE).read_text())
         state = json.loads((directory / STATE_FILE).read_text())
         weights = load_file(directory / WEIGHTS_FILE, device=str(map_location))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:
         raise CheckpointError(f"checkpoint {directory} is unreadable: {error}") from error
     optimizer = None
     if (directory / OPTIMIZER_FILE).is_file():

@@ -1,7 +1,7 @@
 """Distillation losses (METHOD.md §4): tensor in, tensor out.
 
 Rank and world size come from the caller. With ``world_size > 1`` features are all-gathered with
-autograd (``torch.distributed.nn.functional.all_gather``), each rank scores its *local* rows against the
+autograd (:func:`all_gather_with_grad`), each rank scores its *local* rows against the
 *global* batch (open_clip ``ClipLoss`` with ``local_loss=True, gather_with_grad=True``): the mean of the
 per-rank losses is the loss of the global batch, and the gradients that DDP averages are exactly the
 gradients of that global loss.
@@ -21,9 +21,15 @@ Gather = Callable[[torch.Tensor], torch.Tensor]
 
 def all_gather_with_grad(features: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's features (W*B, ...); gradients flow back to the rank that owns each row."""
-    import torch.distributed.nn.functional as dist_fn  # only needed in a process group
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as collectives
 
-    return torch.cat(dist_fn.all_gather(features.contiguous()), dim=0)
+    gather = getattr(collectives, "all_gather_single_autograd", None)
+    if gather is None:  # torch < 2.12
+        import torch.distributed.nn.functional as dist_fn
+
+        return torch.cat(dist_fn.all_gather(features.contiguous()), dim=0)
+    return gather(features.contiguous(), 0, dist.group.WORLD)
 
 
 def symmetric_info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:

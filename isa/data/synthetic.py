@@ -145,7 +145,12 @@ _TEMPLATES: dict[str, tuple[str, ...]] = {  # one change, phrased several ways
         "a {new} instead of a {old}",
         "replace the {old} with a {new}",
     ),
-    "colour": ("make it {new}", "change the colour to {new}", "paint the {shape} {new}", "{new} instead of {old}"),
+    "colour": (
+        "make it {new}",
+        "change the colour to {new}",
+        "paint the {shape} {new}",
+        "{new} instead of {old}",
+    ),
     "size": ("make it {comparative}", "make the {shape} {comparative}", "a {comparative} {shape}"),
     "position": ("move it to the {new}", "place the {shape} at the {new}", "shift the {shape} to the {new}"),
     "background": (
@@ -295,7 +300,9 @@ def _phrase(rng: random.Random, scene: Scene, changes: Mapping[str, str]) -> tup
     pairs = [rng.sample(_TEMPLATES[name], 2) for name in changes]
     fields = [_template_fields(scene, name, new) for name, new in changes.items()]
     phrasings = tuple(
-        " and ".join(templates[which].format(**values) for templates, values in zip(pairs, fields))
+        " and ".join(
+            templates[which].format(**values) for templates, values in zip(pairs, fields, strict=True)
+        )
         for which in (0, 1)
     )
     return _with_articles(phrasings[0]), _with_articles(phrasings[1])
@@ -309,7 +316,9 @@ def _template_fields(scene: Scene, name: str, new: str) -> dict[str, str]:
 # -------------------------------------------------------------------------------------------- generation
 
 
-def generate_world(seed: int = 0, num_images: int = 600, num_triplets: int = 200, image_size: int = 64) -> World:
+def generate_world(
+    seed: int = 0, num_images: int = 600, num_triplets: int = 200, image_size: int = 64
+) -> World:
     """Generates the synthetic world, a pure function of its arguments.
 
     ``num_images`` random scenes are split 60 / 20 / 20 into train / val / test. Triplets are spread 50 /
@@ -332,7 +341,7 @@ def generate_world(seed: int = 0, num_images: int = 600, num_triplets: int = 200
     rng = random.Random(seed)
     builder = _WorldBuilder()
     scenes = [_random_scene(rng) for _ in range(num_images)]
-    for scene, split in zip(scenes, _split_labels(rng, num_images)):
+    for scene, split in zip(scenes, _split_labels(rng, num_images), strict=True):
         builder.add(scene, split)
     drafts = {
         split: [_draft_triplet(builder, rng, split, index) for index in range(count)]
@@ -464,7 +473,9 @@ def _pick_changes(rng: random.Random, scene: Scene) -> dict[str, str]:
     count = 1 if rng.random() < 0.7 else 2
     names = sorted(rng.sample(ATTRIBUTES, count), key=ATTRIBUTES.index)
     old = scene.attributes
-    return {name: rng.choice([value for value in ATTRIBUTE_VALUES[name] if value != old[name]]) for name in names}
+    return {
+        name: rng.choice([value for value in ATTRIBUTE_VALUES[name] if value != old[name]]) for name in names
+    }
 
 
 def _find_or_add_target(
@@ -561,7 +572,8 @@ def _draw_object(draw: ImageDraw.ImageDraw, scene: Scene, image_size: int) -> No
     angle = math.radians(jitter.rotation)
     cos, sin = math.cos(angle), math.sin(angle)
     points = [
-        (cx + radius * (x * cos - y * sin), cy + radius * (x * sin + y * cos)) for x, y in _unit_outline(scene.shape)
+        (cx + radius * (x * cos - y * sin), cy + radius * (x * sin + y * cos))
+        for x, y in _unit_outline(scene.shape)
     ]
     draw.polygon(points, fill=fill)
 
@@ -575,16 +587,25 @@ def _unit_outline(shape: str) -> list[tuple[float, float]]:
         return [(math.cos(math.radians(a)), math.sin(math.radians(a))) for a in (-90, 30, 150)]
     if shape == "star":
         return [
-            ((1.0 if k % 2 == 0 else 0.45) * math.cos(math.radians(-90 + 36 * k)),
-             (1.0 if k % 2 == 0 else 0.45) * math.sin(math.radians(-90 + 36 * k)))
+            (
+                (1.0 if k % 2 == 0 else 0.45) * math.cos(math.radians(-90 + 36 * k)),
+                (1.0 if k % 2 == 0 else 0.45) * math.sin(math.radians(-90 + 36 * k)),
+            )
             for k in range(10)
         ]
     if shape == "cross":
-        w = 0.33
-        return [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w)]
+        w = 0.33  # half the width of an arm
+        quarter = [(-w, -1.0), (w, -1.0), (w, -w)]  # the top arm; the other three are its rotations
+        return [point for turn in range(4) for point in _quarter_turns(quarter, turn)]
     if shape == "diamond":
         return [(0.0, -1.0), (0.7, 0.0), (0.0, 1.0), (-0.7, 0.0)]
     raise ValueError(f"no outline for shape {shape!r}")
+
+
+def _quarter_turns(points: list[tuple[float, float]], turns: int) -> list[tuple[float, float]]:
+    for _ in range(turns):
+        points = [(-y, x) for x, y in points]
+    return points
 
 
 def _add_noise(image: Image.Image, seed: int) -> Image.Image:
@@ -641,11 +662,14 @@ def _benchmark_names(world: World) -> _BenchmarkNames:
             cirr[name] = f"{folder}-{pair}-{(index // 2) % 4}-img{index % 2}"
             subfolder = f"{pair % 100}/" if split == "train" else ""
             cirr_paths[name] = f"./{folder}/{subfolder}{cirr[name]}.png"
+    count = len(world.images)
+    asins = _asins(random.Random(f"{world.seed}:fashioniq"), count)
+    coco_ids = random.Random(f"{world.seed}:circo").sample(range(1, _COCO_MAX_ID + 1), count)
     return _BenchmarkNames(
         cirr=cirr,
         cirr_paths=cirr_paths,
-        fashioniq=dict(zip(world.images, _asins(random.Random(f"{world.seed}:fashioniq"), len(world.images)))),
-        circo=dict(zip(world.images, random.Random(f"{world.seed}:circo").sample(range(1, _COCO_MAX_ID + 1), len(world.images)))),
+        fashioniq=dict(zip(world.images, asins, strict=True)),
+        circo=dict(zip(world.images, coco_ids, strict=True)),
     )
 
 
@@ -681,11 +705,16 @@ def _write_images(world: World, paths: WorldPaths, names: _BenchmarkNames, image
         _write_bytes(paths.images / f"{name}.png", png)
         _write_bytes(paths.cirr / names.cirr_paths[name], png)
         _write_bytes(paths.fashioniq / "images" / f"{names.fashioniq[name]}.png", png)
-        _write_bytes(paths.circo / "COCO2017_unlabeled" / "unlabeled2017" / _coco_file_name(names.circo[name]), jpeg)
+        _write_bytes(
+            paths.circo / "COCO2017_unlabeled" / "unlabeled2017" / _coco_file_name(names.circo[name]), jpeg
+        )
 
 
 def _write_captions(world: World, paths: WorldPaths) -> None:
-    lines = [json.dumps({"image": f"images/{name}.png", "caption": caption}) for name, caption in world.captions.items()]
+    lines = [
+        json.dumps({"image": f"images/{name}.png", "caption": caption})
+        for name, caption in world.captions.items()
+    ]
     paths.captions.parent.mkdir(parents=True, exist_ok=True)
     paths.captions.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
@@ -711,13 +740,24 @@ def _write_cirr(world: World, root: Path, names: _BenchmarkNames) -> None:
 
 
 def _cirr_entry(
-    world: World, rng: random.Random, triplet: Triplet, pair_id: int, set_id: int, split: str, cirr: Mapping[str, str]
+    world: World,
+    rng: random.Random,
+    triplet: Triplet,
+    pair_id: int,
+    set_id: int,
+    split: str,
+    cirr: Mapping[str, str],
 ) -> dict:
     members = _img_set_members(world, rng, triplet, split)
     img_set: dict = {"id": set_id, "members": [cirr[name] for name in members]}
     img_set["reference_rank"] = members.index(triplet.reference)
     if split == "test":
-        return {"pairid": pair_id, "reference": cirr[triplet.reference], "caption": triplet.modifier, "img_set": img_set}
+        return {
+            "pairid": pair_id,
+            "reference": cirr[triplet.reference],
+            "caption": triplet.modifier,
+            "img_set": img_set,
+        }
     img_set["target_rank"] = members.index(triplet.target)
     return {
         "pairid": pair_id,
@@ -735,14 +775,16 @@ def _img_set_members(world: World, rng: random.Random, triplet: Triplet, split: 
     candidates = [name for name in world.splits[split] if name not in excluded]
     rng.shuffle(candidates)
     reference, target = world.images[triplet.reference], world.images[triplet.target]
-    candidates.sort(key=lambda name: -(_shared(world.images[name], reference) + _shared(world.images[name], target)))
+    candidates.sort(
+        key=lambda name: -(_shared(world.images[name], reference) + _shared(world.images[name], target))
+    )
     members = [triplet.reference, triplet.target, *candidates[:4]]
     rng.shuffle(members)
     return members
 
 
 def _shared(first: Scene, second: Scene) -> int:
-    return sum(a == b for a, b in zip(first.attributes.values(), second.attributes.values()))
+    return sum(a == b for a, b in zip(first.attributes.values(), second.attributes.values(), strict=True))
 
 
 # FashionIQ
@@ -775,7 +817,10 @@ def _fashioniq_entry(triplet: Triplet, split: str, asin: Mapping[str, str]) -> d
 def _write_circo(world: World, root: Path, names: _BenchmarkNames, image_size: int) -> None:
     coco = names.circo
     for split in ("val", "test"):
-        entries = [_circo_entry(world, triplet, query_id, split, coco) for query_id, triplet in enumerate(world.triplets[split])]
+        entries = [
+            _circo_entry(world, triplet, query_id, split, coco)
+            for query_id, triplet in enumerate(world.triplets[split])
+        ]
         _write_json(root / "annotations" / f"{split}.json", entries, indent=4)
     info = {
         "info": {
@@ -853,6 +898,8 @@ def _write_manifest(world: World, paths: WorldPaths, names: _BenchmarkNames, ima
         "image_size": image_size,
         "splits": {split: list(members) for split, members in world.splits.items()},
         "images": images,
-        "triplets": {split: [asdict(triplet) for triplet in triplets] for split, triplets in world.triplets.items()},
+        "triplets": {
+            split: [asdict(triplet) for triplet in triplets] for split, triplets in world.triplets.items()
+        },
     }
     _write_json(paths.manifest, manifest, indent=1)
