@@ -53,7 +53,12 @@ def loss_weights(config: LossConfig) -> LossWeights:
 
 
 def build_task(
-    config: Config, teacher: Teacher, student: nn.Module, rank: int = 0, world_size: int = 1, gather: Gather | None = None
+    config: Config,
+    teacher: Teacher,
+    student: nn.Module,
+    rank: int = 0,
+    world_size: int = 1,
+    gather: Gather | None = None,
 ) -> DistillTask:
     """The distillation task of ``loss.*`` and ``prompt.*`` over a built teacher and student."""
     composer = PromptComposer(teacher, config.prompt.placeholder, config.prompt.short_context)

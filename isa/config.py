@@ -96,8 +96,11 @@ class LossConfig:
     def __post_init__(self) -> None:
         for key in ("init_temperature", "min_temperature", "lar_temperature", "rel_teacher_temperature"):
             _require(getattr(self, key) > 0, f"loss.{key}", "must be > 0")
-        _require(self.min_temperature <= self.init_temperature <= self.max_temperature, "loss.init_temperature",
-                 "must lie in [loss.min_temperature, loss.max_temperature]")
+        _require(
+            self.min_temperature <= self.init_temperature <= self.max_temperature,
+            "loss.init_temperature",
+            "must lie in [loss.min_temperature, loss.max_temperature]",
+        )
         _require(self.lar_tokens_per_image >= 1, "loss.lar_tokens_per_image", "must be >= 1")
         for key in ("lar_weight", "rel_weight", "word_weight"):
             _require(getattr(self, key) >= 0, f"loss.{key}", "must be >= 0")

@@ -89,7 +89,11 @@ def attended_local_features(attention: torch.Tensor, local: torch.Tensor) -> tor
 
 
 def relational_kl(
-    query: torch.Tensor, target: torch.Tensor, all_target: torch.Tensor, logit_scale: torch.Tensor, teacher_temperature: float
+    query: torch.Tensor,
+    target: torch.Tensor,
+    all_target: torch.Tensor,
+    logit_scale: torch.Tensor,
+    teacher_temperature: float,
 ) -> torch.Tensor:
     """``KL(softmax(g·gᵀ/τ_t) ‖ softmax(q·gᵀ/τ))`` averaged over the local rows.
 

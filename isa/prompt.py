@@ -134,7 +134,9 @@ class PromptComposer:
         flat = self.compose(sentence.reshape(batch * words, 1, width), template)  # (B*K, D)
         return flat.view(batch, words, -1)
 
-    def fashioniq_query(self, sentence: torch.Tensor, template: str, captions: Sequence[tuple[str, str]]) -> torch.Tensor:
+    def fashioniq_query(
+        self, sentence: torch.Tensor, template: str, captions: Sequence[tuple[str, str]]
+    ) -> torch.Tensor:
         """FashionIQ query: both caption orders, mean of the two normalized embeddings, normalized: (B, D)."""
         forward = self.compose(sentence, template, [{"c1": a, "c2": b} for a, b in captions])
         backward = self.compose(sentence, template, [{"c1": b, "c2": a} for a, b in captions])

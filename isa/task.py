@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from isa.losses import GCDLoss, Gather, attended_local_features, relational_kl, symmetric_info_nce, word_manifold
+from isa.losses import Gather, GCDLoss, attended_local_features, relational_kl, symmetric_info_nce, word_manifold
 from isa.prompt import PromptComposer
 from isa.teacher import Teacher
 
@@ -136,9 +136,13 @@ class DistillTask(nn.Module):
     def _lar(self, sentence: torch.Tensor, attention: torch.Tensor | None, local: torch.Tensor | None) -> torch.Tensor:
         """Local alignment: each chosen word's text embedding against the teacher features it attends to."""
         if attention is None:
-            raise ValueError("LAR needs a student with attention maps (the ATL); set loss.lar_weight=0 for this student")
+            raise ValueError(
+                "LAR needs a student with attention maps (the ATL); set loss.lar_weight=0 for this student"
+            )
         if local is None:
-            raise ValueError("LAR needs teacher_local features in the cache; embed with cache.local_grid>0 or set loss.lar_weight=0")
+            raise ValueError(
+                "LAR needs teacher_local features in the cache; embed with cache.local_grid>0 or set loss.lar_weight=0"
+            )
         batch, tokens = sentence.shape[:2]
         k = min(self.weights.lar_tokens_per_image, tokens)
         chosen = torch.rand(batch, tokens, device=sentence.device).argsort(dim=1)[:, :k]  # (B, k)

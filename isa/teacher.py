@@ -13,10 +13,11 @@ Gradients still flow *through* the text tower to its inputs (the student's sente
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import open_clip
 import torch
@@ -79,13 +80,27 @@ def _text_tower(model: nn.Module) -> TextTower:
                 "into open_clip's own TextTransformer; choose a model whose text_cfg has no hf_model_name"
             )
         return TextTower(
-            text.token_embedding, text.positional_embedding, text.transformer, text.ln_final,
-            text.text_projection, text.attn_mask, text.pool_type, text.eos_id, text,
+            text.token_embedding,
+            text.positional_embedding,
+            text.transformer,
+            text.ln_final,
+            text.text_projection,
+            text.attn_mask,
+            text.pool_type,
+            text.eos_id,
+            text,
         )
     if type(model) is open_clip.CLIP:
         return TextTower(
-            model.token_embedding, model.positional_embedding, model.transformer, model.ln_final,
-            model.text_projection, model.attn_mask, model.text_pool_type, getattr(model, "text_eos_id", None), None,
+            model.token_embedding,
+            model.positional_embedding,
+            model.transformer,
+            model.ln_final,
+            model.text_projection,
+            model.attn_mask,
+            model.text_pool_type,
+            getattr(model, "text_eos_id", None),
+            None,
         )
     raise TeacherNotSupportedError(
         f"teacher model class {type(model).__name__} is not supported; use an open_clip CLIP or CustomTextCLIP model"
@@ -289,8 +304,10 @@ def fingerprint_mismatch(expected: dict[str, Any], found: dict[str, Any]) -> str
     keys = ("model", "weights_sha256", "preprocess")
     if all(expected.get(k) == found.get(k) for k in keys):
         return None
+
     def describe(f: dict[str, Any]) -> str:
         return f"{f.get('model')} ({f.get('pretrained')}, weights sha256 {str(f.get('weights_sha256'))[:12]}…)"
+
     differing = [k for k in keys if expected.get(k) != found.get(k)]
     return f"teacher mismatch in {differing}: expected {describe(expected)}, found {describe(found)}"
 
@@ -345,7 +362,12 @@ def load_teacher(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=weights, precision=precision, device=device, cache_dir=cache_dir, weights_only=True,
+            name,
+            pretrained=weights,
+            precision=precision,
+            device=device,
+            cache_dir=cache_dir,
+            weights_only=True,
         )
     tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
     return Teacher(model, tokenizer, preprocess, name=name, pretrained=weights or "none")

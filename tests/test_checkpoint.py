@@ -28,8 +28,13 @@ def test_round_trip_is_bit_exact(tmp_path, clip_teacher):
     config, task, optimizer = _trained_task(clip_teacher)
     meta = {"config": to_dict(config), "teacher": clip_teacher.fingerprint()}
     rng = ckpt.capture_rng_state()
-    path = ckpt.save_checkpoint(tmp_path / "checkpoint_000001", config=meta, weights=task.trainable_state_dict(),
-                                state={"step": 1, "epoch": 0, "rng": rng}, optimizer={"optimizer": optimizer.state_dict()})
+    path = ckpt.save_checkpoint(
+        tmp_path / "checkpoint_000001",
+        config=meta,
+        weights=task.trainable_state_dict(),
+        state={"step": 1, "epoch": 0, "rng": rng},
+        optimizer={"optimizer": optimizer.state_dict()},
+    )
     loaded = ckpt.load_checkpoint(path)
     assert loaded.config == meta and loaded.state["step"] == 1
     original = task.trainable_state_dict()
@@ -67,7 +72,9 @@ def test_crash_during_save_leaves_previous_checkpoint_intact(tmp_path, monkeypat
 
     monkeypatch.setattr(ckpt.torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
-        ckpt.save_checkpoint(path, config={"a": 2}, weights={"w": torch.zeros(2)}, state={"step": 2}, optimizer={"x": 1})
+        ckpt.save_checkpoint(
+            path, config={"a": 2}, weights={"w": torch.zeros(2)}, state={"step": 2}, optimizer={"x": 1}
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]  # no staging leftovers
     assert ckpt.load_checkpoint(path).state["step"] == 1
     assert torch.equal(ckpt.load_checkpoint(path).weights["w"], weights["w"])
@@ -92,7 +99,8 @@ def test_optimizer_state_is_read_without_unpickling_code(tmp_path):
         def __reduce__(self):
             return (print, ("executed",))
 
-    path = ckpt.save_checkpoint(tmp_path / "c", config={}, weights={"w": torch.ones(1)}, state={"step": 0},
-                                optimizer={"evil": Payload()})
+    path = ckpt.save_checkpoint(
+        tmp_path / "c", config={}, weights={"w": torch.ones(1)}, state={"step": 0}, optimizer={"evil": Payload()}
+    )
     with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
         ckpt.load_checkpoint(path)

@@ -23,8 +23,17 @@ def test_defaults_follow_the_method():
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("train:\n  lr: 1.0e-3\n  epochs: 3\nteacher:\n  name: ViT-B-32\n")
-    config = load_config(path, ["train.epochs=5", "teacher.pretrained=none", "eval.distractor_counts=1000,10000",
-                                "train.tracking_uri=null", "train.use_gpu=true", "loss.lar_weight=0"])
+    config = load_config(
+        path,
+        [
+            "train.epochs=5",
+            "teacher.pretrained=none",
+            "eval.distractor_counts=1000,10000",
+            "train.tracking_uri=null",
+            "train.use_gpu=true",
+            "loss.lar_weight=0",
+        ],
+    )
     assert config.train.lr == 1e-3 and config.train.epochs == 5
     assert config.teacher.name == "ViT-B-32" and config.teacher.pretrained == "none"
     assert config.eval.distractor_counts == (1000, 10000)

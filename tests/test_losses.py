@@ -72,8 +72,18 @@ def test_gcd_two_real_processes_equal_single_process(tmp_path: Path):
     worker = Path(__file__).with_name("_gcd_worker.py")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
     procs = [
-        subprocess.Popen([sys.executable, str(worker), str(tmp_path / "init"), str(rank), "2",
-                          str(tmp_path / "inputs.pt"), str(tmp_path / f"out{rank}.pt")], env=env)
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(worker),
+                str(tmp_path / "init"),
+                str(rank),
+                "2",
+                str(tmp_path / "inputs.pt"),
+                str(tmp_path / f"out{rank}.pt"),
+            ],
+            env=env,
+        )
         for rank in range(2)
     ]
     assert [p.wait(timeout=240) for p in procs] == [0, 0]
@@ -90,7 +100,9 @@ def test_attended_local_features_matches_explicit_pooling():
     got = attended_local_features(attention, local)
     for b in range(2):
         for m in range(3):
-            cells = torch.stack([attention[b, m, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2].mean() for r in range(2) for c in range(2)])
+            cells = torch.stack(
+                [attention[b, m, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2].mean() for r in range(2) for c in range(2)]
+            )
             cells = cells / cells.sum()
             expected = F.normalize(sum(cells[k] * local[b, k] for k in range(4)), dim=-1)
             torch.testing.assert_close(got[b, m], expected, rtol=0, atol=1e-6)

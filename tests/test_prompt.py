@@ -19,7 +19,11 @@ def _word_embedding(teacher, word: str) -> torch.Tensor:
     ("template", "fields", "reference"),
     [
         ("a photo of {S}", None, "a photo of dog"),
-        ("a photo of {S} that {c}", {"c": "is red and has long sleeves"}, "a photo of dog that is red and has long sleeves"),
+        (
+            "a photo of {S} that {c}",
+            {"c": "is red and has long sleeves"},
+            "a photo of dog that is red and has long sleeves",
+        ),
         ("{S}", None, "dog"),
     ],
 )

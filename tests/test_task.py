@@ -15,8 +15,9 @@ from isa.task import parameter_groups
 
 
 def _task(teacher, *overrides: str):
-    config = load_config(None, ["student.backbone=mobilenetv3_large_100", "token_learner.dim=64",
-                                "token_learner.heads=4", *overrides])
+    config = load_config(
+        None, ["student.backbone=mobilenetv3_large_100", "token_learner.dim=64", "token_learner.heads=4", *overrides]
+    )
     torch.manual_seed(0)
     student = build_student(config, teacher)
     return build_task(config, teacher, student), config

@@ -38,7 +38,9 @@ def test_local_grid_is_pooled_projected_patch_tokens(teacher):
         x = visual.transformer(visual._embeds(pixels))
         patches = visual.ln_post(x)[:, 1:] @ visual.proj  # (B, 16, D) row-major 4x4
     grid = patches.view(2, 4, 4, -1)
-    cells = torch.stack([grid[:, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2].mean(dim=(1, 2)) for r in range(2) for c in range(2)], 1)
+    cells = torch.stack(
+        [grid[:, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2].mean(dim=(1, 2)) for r in range(2) for c in range(2)], 1
+    )
     torch.testing.assert_close(local, torch.nn.functional.normalize(cells, dim=-1), rtol=0, atol=1e-6)
     assert local.shape == (2, 4, teacher.embed_dim)
     torch.testing.assert_close(g.norm(dim=-1), torch.ones(2))

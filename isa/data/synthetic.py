@@ -300,9 +300,7 @@ def _phrase(rng: random.Random, scene: Scene, changes: Mapping[str, str]) -> tup
     pairs = [rng.sample(_TEMPLATES[name], 2) for name in changes]
     fields = [_template_fields(scene, name, new) for name, new in changes.items()]
     phrasings = tuple(
-        " and ".join(
-            templates[which].format(**values) for templates, values in zip(pairs, fields, strict=True)
-        )
+        " and ".join(templates[which].format(**values) for templates, values in zip(pairs, fields, strict=True))
         for which in (0, 1)
     )
     return _with_articles(phrasings[0]), _with_articles(phrasings[1])
@@ -316,9 +314,7 @@ def _template_fields(scene: Scene, name: str, new: str) -> dict[str, str]:
 # -------------------------------------------------------------------------------------------- generation
 
 
-def generate_world(
-    seed: int = 0, num_images: int = 600, num_triplets: int = 200, image_size: int = 64
-) -> World:
+def generate_world(seed: int = 0, num_images: int = 600, num_triplets: int = 200, image_size: int = 64) -> World:
     """Generates the synthetic world, a pure function of its arguments.
 
     ``num_images`` random scenes are split 60 / 20 / 20 into train / val / test. Triplets are spread 50 /
@@ -473,9 +469,7 @@ def _pick_changes(rng: random.Random, scene: Scene) -> dict[str, str]:
     count = 1 if rng.random() < 0.7 else 2
     names = sorted(rng.sample(ATTRIBUTES, count), key=ATTRIBUTES.index)
     old = scene.attributes
-    return {
-        name: rng.choice([value for value in ATTRIBUTE_VALUES[name] if value != old[name]]) for name in names
-    }
+    return {name: rng.choice([value for value in ATTRIBUTE_VALUES[name] if value != old[name]]) for name in names}
 
 
 def _find_or_add_target(
@@ -572,8 +566,7 @@ def _draw_object(draw: ImageDraw.ImageDraw, scene: Scene, image_size: int) -> No
     angle = math.radians(jitter.rotation)
     cos, sin = math.cos(angle), math.sin(angle)
     points = [
-        (cx + radius * (x * cos - y * sin), cy + radius * (x * sin + y * cos))
-        for x, y in _unit_outline(scene.shape)
+        (cx + radius * (x * cos - y * sin), cy + radius * (x * sin + y * cos)) for x, y in _unit_outline(scene.shape)
     ]
     draw.polygon(points, fill=fill)
 
@@ -705,15 +698,12 @@ def _write_images(world: World, paths: WorldPaths, names: _BenchmarkNames, image
         _write_bytes(paths.images / f"{name}.png", png)
         _write_bytes(paths.cirr / names.cirr_paths[name], png)
         _write_bytes(paths.fashioniq / "images" / f"{names.fashioniq[name]}.png", png)
-        _write_bytes(
-            paths.circo / "COCO2017_unlabeled" / "unlabeled2017" / _coco_file_name(names.circo[name]), jpeg
-        )
+        _write_bytes(paths.circo / "COCO2017_unlabeled" / "unlabeled2017" / _coco_file_name(names.circo[name]), jpeg)
 
 
 def _write_captions(world: World, paths: WorldPaths) -> None:
     lines = [
-        json.dumps({"image": f"images/{name}.png", "caption": caption})
-        for name, caption in world.captions.items()
+        json.dumps({"image": f"images/{name}.png", "caption": caption}) for name, caption in world.captions.items()
     ]
     paths.captions.parent.mkdir(parents=True, exist_ok=True)
     paths.captions.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
@@ -775,9 +765,7 @@ def _img_set_members(world: World, rng: random.Random, triplet: Triplet, split: 
     candidates = [name for name in world.splits[split] if name not in excluded]
     rng.shuffle(candidates)
     reference, target = world.images[triplet.reference], world.images[triplet.target]
-    candidates.sort(
-        key=lambda name: -(_shared(world.images[name], reference) + _shared(world.images[name], target))
-    )
+    candidates.sort(key=lambda name: -(_shared(world.images[name], reference) + _shared(world.images[name], target)))
     members = [triplet.reference, triplet.target, *candidates[:4]]
     rng.shuffle(members)
     return members
@@ -898,8 +886,6 @@ def _write_manifest(world: World, paths: WorldPaths, names: _BenchmarkNames, ima
         "image_size": image_size,
         "splits": {split: list(members) for split, members in world.splits.items()},
         "images": images,
-        "triplets": {
-            split: [asdict(triplet) for triplet in triplets] for split, triplets in world.triplets.items()
-        },
+        "triplets": {split: [asdict(triplet) for triplet in triplets] for split, triplets in world.triplets.items()},
     }
     _write_json(paths.manifest, manifest, indent=1)

@@ -39,8 +39,7 @@ class SymmetricStudent(nn.Module):
             raise TypeError(f"image_feature_fn must be callable, got {type(image_feature_fn).__name__}")
         if token_learner.in_channels != image_feature_dim:
             raise ValueError(
-                f"token learner reads {token_learner.in_channels} channels, "
-                f"image_feature_dim is {image_feature_dim}"
+                f"token learner reads {token_learner.in_channels} channels, image_feature_dim is {image_feature_dim}"
             )
         # object.__setattr__ bypasses nn.Module registration even when the callable is an nn.Module.
         object.__setattr__(self, "image_feature_fn", image_feature_fn)
@@ -62,8 +61,7 @@ class SymmetricStudent(nn.Module):
             features = self.image_feature_fn(images)  # (B, C, h, w)
         if features.ndim != 4 or features.shape[1] != self.image_feature_dim:
             raise ValueError(
-                f"image_feature_fn must return (B, {self.image_feature_dim}, h, w); "
-                f"got {tuple(features.shape)}"
+                f"image_feature_fn must return (B, {self.image_feature_dim}, h, w); got {tuple(features.shape)}"
             )
         return self.head(features.detach())
 

@@ -136,9 +136,7 @@ def test_triplets_change_exactly_the_named_attributes(world: World) -> None:
     for split, triplets in world.triplets.items():
         for triplet in triplets:
             reference, target = world.images[triplet.reference], world.images[triplet.target]
-            changed = tuple(
-                name for name in ATTRIBUTES if reference.attributes[name] != target.attributes[name]
-            )
+            changed = tuple(name for name in ATTRIBUTES if reference.attributes[name] != target.attributes[name])
             assert changed == triplet.changes and 1 <= len(changed) <= 2
             assert split_of[triplet.reference] == split_of[triplet.target] == split
             assert triplet.modifier != triplet.modifier_alt
@@ -273,9 +271,7 @@ def test_circo_layout(world: World, paths: WorldPaths, manifest: dict) -> None:
     assert len(ids) == len(set(ids)) == len(world.images)
     for image in info["images"]:
         assert {"id", "file_name", "width", "height", "license", "coco_url", "date_captured"} <= set(image)
-        assert (
-            re.fullmatch(r"\d{12}\.jpg", image["file_name"]) and int(image["file_name"][:12]) == image["id"]
-        )
+        assert re.fullmatch(r"\d{12}\.jpg", image["file_name"]) and int(image["file_name"][:12]) == image["id"]
         assert (image["width"], image["height"]) == (64, 64)
         assert _decodes(root / "COCO2017_unlabeled" / "unlabeled2017" / image["file_name"], 64)
     by_id = {record["circo"]: name for name, record in manifest["images"].items()}

@@ -84,9 +84,7 @@ def test_forward_backward(name: str, mapper: str):
         assert out.attention.ndim == 4 and out.attention.shape[:2] == (BATCH, num_tokens)
         assert out.attention.shape[2] * out.attention.shape[3] > 1  # a real grid, not one position
         assert torch.isfinite(out.attention).all() and (out.attention >= 0).all()
-        torch.testing.assert_close(
-            out.attention.sum(dim=(2, 3)), torch.ones(BATCH, num_tokens), rtol=1e-5, atol=1e-5
-        )
+        torch.testing.assert_close(out.attention.sum(dim=(2, 3)), torch.ones(BATCH, num_tokens), rtol=1e-5, atol=1e-5)
 
     loss = (out.sentence * torch.randn_like(out.sentence)).sum()
     loss.backward()
@@ -131,9 +129,7 @@ def test_symmetric_student_keeps_teacher_out(pass_module_itself: bool):
     torch.manual_seed(0)
     teacher = _stand_in_teacher()
     feature_fn = teacher if pass_module_itself else (lambda images: teacher(images))
-    student = create_student(
-        SYMMETRIC, **SMALL, image_feature_fn=feature_fn, image_feature_dim=FEATURE_DIM
-    ).train()
+    student = create_student(SYMMETRIC, **SMALL, image_feature_fn=feature_fn, image_feature_dim=FEATURE_DIM).train()
 
     teacher_ids = {id(p) for p in teacher.parameters()}
     assert not teacher_ids & {id(p) for p in student.parameters()}
@@ -232,9 +228,7 @@ def test_backbone_normalizes_with_pretrained_cfg_and_keeps_stats_out_of_state_di
             r"'symmetric' needs image_feature_fn.*image_feature_dim",
         ),
         (
-            dict(
-                name=SYMMETRIC, mapper="mlp", num_tokens=1, image_feature_fn=lambda x: x, image_feature_dim=3
-            ),
+            dict(name=SYMMETRIC, mapper="mlp", num_tokens=1, image_feature_fn=lambda x: x, image_feature_dim=3),
             r"'symmetric' uses the 'atl' mapper only",
         ),
     ],
@@ -260,9 +254,7 @@ def test_unknown_timm_backbone_lists_supported_ones():
 
 
 def test_symmetric_rejects_wrong_feature_shape():
-    student = create_student(
-        SYMMETRIC, **SMALL, image_feature_fn=lambda images: images, image_feature_dim=FEATURE_DIM
-    )
+    student = create_student(SYMMETRIC, **SMALL, image_feature_fn=lambda images: images, image_feature_dim=FEATURE_DIM)
     with pytest.raises(ValueError, match=r"image_feature_fn must return \(B, 24, h, w\)"):
         student(_images())
 

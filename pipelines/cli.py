@@ -1,0 +1,42 @@
+"""The ``isa`` command: ``isa STAGE [--config FILE.yaml] [key=value ...]``.
+
+Each stage lives in its own module with a ``main(argv)``; this file only dispatches, so ``isa --help`` and
+``isa STAGE --help`` stay fast and import nothing heavy.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+# stage name -> (module, one-line summary)
+STAGES: dict[str, tuple[str, str]] = {
+    "world": ("pipelines.world", "write the synthetic world (images, captions, CIRR/FashionIQ/CIRCO layouts)"),
+    "config": ("pipelines.show_config", "validate a config file and overrides, print the resolved config"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in STAGES)
+    lines = [f"  {name:<{width}}  {summary}" for name, (_, summary) in STAGES.items()]
+    return (
+        "usage: isa STAGE [options]\n\nstages:\n" + "\n".join(lines) + "\n\n'isa STAGE --help' for a stage's options."
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    stage, rest = args[0], args[1:]
+    if stage not in STAGES:
+        print(f"isa: unknown stage {stage!r}; valid stages: {', '.join(STAGES)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(STAGES[stage][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
