@@ -116,12 +116,28 @@ class CacheConfig:
     dtype: Literal["float16", "float32"] = "float16"  # embedding storage type
     batch_size: int = 256  # images per teacher forward
     num_actors: int = 1  # teacher actors in the pool
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: one GPU per actor when the cluster has GPUs
+    actor_cpus: int = 1  # CPUs (torch threads) per teacher actor
+    decode_batch_size: int = 64  # images per CPU decode task batch
+    rows_per_shard: int = 2048  # rows per Parquet shard
+    fast_decode: bool = False  # reduced-size JPEG decoding (DCT scaling); pixels differ slightly
     max_image_pixels: int = 89_478_485  # larger images are rejected as decompression bombs
     jpeg_quality: int = 90  # quality of the cached student JPEG
+    input_format: Literal["auto", "folder", "list", "tar", "parquet"] = "auto"  # how to read the input URI
+    bytes_column: str = "image"  # Parquet input: column with the image bytes
+    uri_column: str = "uri"  # Parquet or CSV list input: column naming each image
 
     def __post_init__(self) -> None:
         _require(self.local_grid >= 0, "cache.local_grid", "must be >= 0 (0 = no local features)")
-        for key in ("image_size", "batch_size", "num_actors", "max_image_pixels"):
+        for key in (
+            "image_size",
+            "batch_size",
+            "num_actors",
+            "actor_cpus",
+            "decode_batch_size",
+            "rows_per_shard",
+            "max_image_pixels",
+        ):
             _require(getattr(self, key) >= 1, f"cache.{key}", "must be >= 1")
         _require(1 <= self.jpeg_quality <= 100, "cache.jpeg_quality", "must be in [1, 100]")
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torchvision.transforms import Compose
+from torchvision.transforms.functional import normalize
 
 # Small open_clip configs shipped with the project (tests and the offline quickstart).
 _CONFIG_PACKAGE = "isa.model_configs"
@@ -297,6 +299,36 @@ class Teacher(nn.Module):
                 "resize_mode": cfg.get("resize_mode", "shortest"),
             },
         }
+
+
+def crop_transform(preprocess: dict[str, Any]) -> Callable[[Image.Image], Image.Image]:
+    """open_clip's inference transform up to (not including) ToTensor/Normalize: PIL -> resized, cropped PIL.
+
+    Built from a fingerprint's ``preprocess`` section, without loading the model, so CPU decode tasks can
+    prepare teacher inputs as compact uint8 crops; :func:`normalize_crops` finishes the transform.
+    """
+    cfg = open_clip.transform.PreprocessCfg(
+        size=tuple(preprocess["size"]),
+        mean=tuple(preprocess["mean"]),
+        std=tuple(preprocess["std"]),
+        interpolation=preprocess["interpolation"],
+        resize_mode=preprocess["resize_mode"],
+    )
+    steps = open_clip.transform.image_transform_v2(cfg, is_train=False).transforms
+    names = [type(step).__name__ for step in steps[-2:]]
+    if names not in (["ToTensor", "Normalize"], ["MaybeToTensor", "Normalize"]):
+        raise TeacherNotSupportedError(f"open_clip preprocessing ends with {names}, expected ToTensor, Normalize")
+    return Compose(steps[:-2])
+
+
+def normalize_crops(crops: torch.Tensor, preprocess: dict[str, Any]) -> torch.Tensor:
+    """Finish open_clip's transform on uint8 crops (B, S, S, 3): ToTensor's /255, then Normalize.
+
+    Returns:
+        (B, 3, S, S) float32, bit-identical to open_clip's own preprocessing of the same crops.
+    """
+    pixels = crops.permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)  # (B, 3, S, S)
+    return normalize(pixels, list(preprocess["mean"]), list(preprocess["std"]))
 
 
 def fingerprint_mismatch(expected: dict[str, Any], found: dict[str, Any]) -> str | None:

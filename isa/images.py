@@ -1,0 +1,77 @@
+"""Image decoding and validation: bytes in, an oriented RGB image out, or a reason for rejecting it.
+
+Used by every stage that reads images (the embed stage's CPU tasks, the trainer's augmentation, the
+evaluation's queries), so all of them treat bad input the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class ImageRejected(ValueError):
+    """An input that is not a usable image; ``str(error)`` is the reason recorded in ``_errors/``."""
+
+
+def content_id(data: bytes) -> str:
+    """The cache id of an image: sha256 hex of the source file's bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def decode_image(data: bytes, max_pixels: int, draft_short_side: int | None = None) -> Image.Image:
+    """Decode and validate image bytes.
+
+    EXIF orientation is applied and any mode is converted to RGB (as open_clip's preprocessing does).
+
+    Args:
+        data: the file's bytes.
+        max_pixels: larger images are rejected before their pixels are decoded (decompression bombs).
+        draft_short_side: if given, JPEGs are decoded at a reduced DCT scale whose short side is still at
+            least this many pixels (much cheaper; pixels differ slightly from a full decode).
+
+    Raises:
+        ImageRejected: empty, not an image, too large, truncated or otherwise undecodable.
+    """
+    if not data:
+        raise ImageRejected("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageRejected(f"decompression bomb: {width}x{height} pixels exceeds the limit of {max_pixels}")
+            if draft_short_side and image.format == "JPEG":
+                scale = draft_short_side / min(width, height)
+                image.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return image.convert("RGB")
+    except ImageRejected:
+        raise
+    except UnidentifiedImageError:
+        raise ImageRejected("not an image (no decoder recognises the bytes)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageRejected(f"decompression bomb: {error}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise ImageRejected(f"undecodable image: {error}") from None
+
+
+def resize_short_side(image: Image.Image, short_side: int) -> Image.Image:
+    """Resize so that the short side is ``short_side`` (bicubic, antialiased); never enlarges."""
+    width, height = image.size
+    if min(width, height) <= short_side:
+        return image
+    scale = short_side / min(width, height)
+    return image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BICUBIC)
+
+
+def encode_jpeg(image: Image.Image, quality: int = 90) -> bytes:
+    """JPEG bytes of an RGB image."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
