@@ -156,7 +156,8 @@ def remove_staging(fs: fsspec.AbstractFileSystem, root: str) -> int:
 
 
 def list_parts(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
-    """The committed ``part-*.parquet`` files of a folder, sorted."""
+    """The committed ``part-*.parquet`` files of a folder, sorted (never from a stale listing cache)."""
+    fs.invalidate_cache(folder)
     if not fs.exists(folder):
         return []
     names = fs.ls(folder, detail=False)

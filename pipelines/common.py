@@ -9,9 +9,11 @@ from collections.abc import Sequence
 from isa.config import Config, ConfigError, load_config
 
 
-def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """A parser with ``--config`` and trailing ``section.key=value`` overrides."""
+def config_parser(prog: str, description: str, positionals: Sequence[tuple[str, str]] = ()) -> argparse.ArgumentParser:
+    """A parser with the stage's positionals (name, help), ``--config`` and trailing ``key=value`` overrides."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
+    for name, help_text in positionals:
+        parser.add_argument(name, help=help_text)
     parser.add_argument("--config", help="YAML file with any subset of the config sections")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.lr=1e-4")
     return parser
@@ -24,3 +26,11 @@ def resolve_config(path: str | None, overrides: Sequence[str]) -> Config:
     except ConfigError as error:
         print(f"isa: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def init_ray() -> None:
+    """Join ``RAY_ADDRESS`` when set (e.g. under ``ray job submit``), else start a local instance."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()

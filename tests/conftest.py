@@ -1,6 +1,13 @@
-"""Shared fixtures: tiny random-init open_clip teachers (no network)."""
+"""Shared fixtures: tiny random-init teachers, a real S3 endpoint on loopback, a real local Ray instance."""
 
 from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +15,7 @@ import torch
 from isa.teacher import Teacher, load_teacher
 
 TINY_TEACHERS = ("isa-tiny-ViT", "isa-tiny-ViT-custom-text")  # open_clip CLIP and CustomTextCLIP classes
+S3_ENV = {"AWS_ACCESS_KEY_ID": "isa-test", "AWS_SECRET_ACCESS_KEY": "isa-test", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture(scope="session", params=TINY_TEACHERS)
@@ -19,3 +27,50 @@ def teacher(request) -> Teacher:
 @pytest.fixture(scope="session")
 def clip_teacher() -> Teacher:
     return load_teacher("isa-tiny-ViT", "none", seed=0)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's standalone S3 server on a free loopback port; s3fs reaches it through AWS_ENDPOINT_URL."""
+    port = free_port()
+    server = Path(sys.executable).with_name("moto_server")
+    process = subprocess.Popen(
+        [str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        process.kill()
+        raise RuntimeError("moto server did not start")
+    saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
+    os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": endpoint})
+    yield endpoint
+    process.terminate()
+    process.wait(timeout=10)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint):
+    """One real local Ray instance for the test run (started after the S3 settings, so workers see them)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

@@ -1,0 +1,202 @@
+"""``isa embed INPUT OUTPUT``: cache the teacher's image embeddings with Ray Data.
+
+read (folder | s3 prefix | list file | tar shards | parquet) -> decode and validate (CPU tasks) -> teacher
+image tower (actor pool, one GPU each when present) -> Parquet shards + ``_isa_cache.json``.
+Resumable and idempotent: a rerun skips what the cache holds; bad inputs go to ``_errors/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import posixpath
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import ray
+import ray.data
+
+from isa.build import build_teacher
+from isa.cache import (
+    DUPLICATES_DIR,
+    ERRORS_DIR,
+    Manifest,
+    check_same_settings,
+    count_rows,
+    filesystem,
+    list_parts,
+    read_column_values,
+    read_manifest,
+    remove_staging,
+    write_manifest,
+)
+from isa.config import Config
+from pipelines.common import config_parser, init_ray, resolve_config
+from pipelines.embed_ops import Ledger, TeacherEmbedder, decode_batch, write_shard
+from pipelines.sources import read_sources
+
+
+@dataclass
+class Summary:
+    """What one run did."""
+
+    read: int  # inputs seen
+    skipped: int  # already in the cache before this run
+    cached: int  # new rows
+    rejected: int  # new rows in _errors/
+    duplicates: int  # same bytes as an image already cached
+    seconds: float
+
+    def line(self) -> str:
+        rate = (self.read - self.skipped) / self.seconds if self.seconds > 0 else 0.0
+        return (
+            f"read {self.read} · cached {self.cached} · skipped {self.skipped} · rejected {self.rejected} · "
+            f"duplicates {self.duplicates} · {rate:.1f} images/s"
+        )
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[str, str, Config]:
+    parser = config_parser(
+        "isa embed",
+        "Cache teacher image embeddings (and student-ready JPEGs) as Parquet.",
+        [
+            ("input", "folder, s3:// prefix, list file (.txt/.csv/.parquet), .tar shards or parquet with image bytes"),
+            ("output", "cache folder (local path or fsspec URI)"),
+        ],
+    )
+    parser.add_argument("--teacher", help="open_clip model name (teacher.name)")
+    parser.add_argument("--pretrained", help="open_clip pretrained tag, weights file, or none (teacher.pretrained)")
+    parser.add_argument("--local-grid", type=int, help="LAR grid g, 0 = none (cache.local_grid)")
+    parser.add_argument("--image-size", type=int, help="short side of the cached JPEG (cache.image_size)")
+    parser.add_argument("--no-images", action="store_true", help="gallery-only cache: no image column")
+    parser.add_argument("--dtype", choices=["float16", "float32"], help="embedding dtype (cache.dtype)")
+    parser.add_argument("--batch-size", type=int, help="images per teacher forward (cache.batch_size)")
+    parser.add_argument("--num-actors", type=int, help="teacher actors (cache.num_actors)")
+    args = parser.parse_intermixed_args(argv)
+    flags = {
+        "teacher.name": args.teacher,
+        "teacher.pretrained": args.pretrained,
+        "cache.local_grid": args.local_grid,
+        "cache.image_size": args.image_size,
+        "cache.store_images": False if args.no_images else None,
+        "cache.dtype": args.dtype,
+        "cache.batch_size": args.batch_size,
+        "cache.num_actors": args.num_actors,
+    }
+    overrides = [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
+    return args.input, args.output, resolve_config(args.config, overrides)
+
+
+def prepare_cache(output: str, wanted: Manifest) -> tuple[Manifest, dict[str, int]]:
+    """Create or check the cache folder; return its manifest and the row counts already on disk."""
+    fs, root = filesystem(output)
+    existing = read_manifest(fs, root)
+    if existing is None:
+        write_manifest(fs, root, wanted)
+        existing = wanted
+    check_same_settings(existing, wanted, output)
+    remove_staging(fs, root)
+    return existing, disk_counts(output)
+
+
+def disk_counts(output: str) -> dict[str, int]:
+    fs, root = filesystem(output)
+    return {
+        "cached": count_rows(fs, list_parts(fs, root)),
+        "rejected": count_rows(fs, list_parts(fs, posixpath.join(root, ERRORS_DIR))),
+        "duplicates": count_rows(fs, list_parts(fs, posixpath.join(root, DUPLICATES_DIR))),
+    }
+
+
+def start_ledger(output: str) -> ray.actor.ActorHandle:
+    """A ledger that knows every URI and id the cache already accounts for."""
+    fs, root = filesystem(output)
+    cached = read_column_values(fs, list_parts(fs, root), ["id", "uri"])
+    done = cached["uri"].to_pylist()
+    for folder in (ERRORS_DIR, DUPLICATES_DIR):
+        done += read_column_values(fs, list_parts(fs, posixpath.join(root, folder)), ["uri"])["uri"].to_pylist()
+    return Ledger.remote(done, cached["id"].to_pylist())
+
+
+def pipeline(input_uri: str, output: str, config: Config, manifest: Manifest, ledger) -> ray.data.Dataset:
+    """sources -> decode (CPU tasks) -> teacher (actor pool) -> shard writers; yields rows written."""
+    cache = config.cache
+    device = cache.device
+    if device == "auto":
+        device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+    teacher_side = max(manifest.teacher["preprocess"]["size"])
+    settings = {
+        "max_pixels": cache.max_image_pixels,
+        "draft_short_side": max(teacher_side, manifest.image_size or 0) if cache.fast_decode else None,
+        "jpeg_quality": cache.jpeg_quality,
+    }
+    meta = dataclasses.asdict(manifest)
+    _, root = filesystem(output)
+    return (
+        read_sources(input_uri, cache, exclude=root)
+        .map_batches(
+            decode_batch,
+            batch_size=cache.decode_batch_size,
+            fn_kwargs={"ledger": ledger, "output": output, "manifest": meta, "settings": settings},
+            num_cpus=1,
+            # explicit task retries; their remote args also keep decoding in CPU tasks of its own
+            # instead of being fused into the teacher actors (Ray fuses maps with equal remote args)
+            max_retries=3,
+        )
+        .map_batches(
+            TeacherEmbedder,
+            compute=ray.data.ActorPoolStrategy(size=cache.num_actors),
+            batch_size=cache.batch_size,
+            num_cpus=cache.actor_cpus,
+            num_gpus=1 if device == "cuda" else 0,
+            fn_constructor_kwargs={
+                "manifest": meta,
+                "cache_dir": config.teacher.cache_dir,
+                "device": device,
+                "threads": cache.actor_cpus,
+            },
+        )
+        .map_batches(write_shard, batch_size=cache.rows_per_shard, fn_kwargs={"output": output, "manifest": meta})
+    )
+
+
+def run(input_uri: str, output: str, config: Config) -> Summary:
+    """Embed every new input of ``input_uri`` into the cache at ``output``."""
+    teacher = build_teacher(config.teacher)
+    wanted = Manifest(
+        teacher=teacher.fingerprint(),
+        embed_dim=teacher.embed_dim,
+        local_grid=config.cache.local_grid,
+        dtype=config.cache.dtype,
+        image_size=config.cache.image_size if config.cache.store_images else None,
+    )
+    del teacher  # the actors load their own
+    manifest, before = prepare_cache(output, wanted)
+    ledger = start_ledger(output)
+    started = time.perf_counter()
+    for _ in pipeline(input_uri, output, config, manifest, ledger).iter_batches(batch_size=None):
+        pass  # rows are written by the shard writers; only their counts come back
+    seconds = time.perf_counter() - started
+    after = disk_counts(output)
+    seen = ray.get(ledger.counts.remote())
+    if after != manifest.counts:
+        manifest.counts = after
+        fs, root = filesystem(output)
+        write_manifest(fs, root, manifest)
+    return Summary(
+        read=seen["read"],
+        skipped=seen["skipped"],
+        cached=after["cached"] - before["cached"],
+        rejected=after["rejected"] - before["rejected"],
+        duplicates=after["duplicates"] - before["duplicates"],
+        seconds=seconds,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    input_uri, output, config = parse_args(argv)
+    init_ray()
+    summary = run(input_uri, output, config)
+    print(f"isa embed: {summary.line()}")
+    print(f"cache: {output}")
+    return 0

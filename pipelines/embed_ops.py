@@ -1,0 +1,191 @@
+"""The operators of ``isa embed``: the ledger actor, CPU decode tasks, teacher actors, shard writers.
+
+Exactly once: the :class:`Ledger` knows which URIs the cache already holds (cached, rejected or
+recorded as duplicates) and which content ids are cached; decode tasks ask it which inputs are new and
+which new images are the first of their bytes. Every file is named by a hash of the URIs it holds and
+written whole, so a retried task rewrites the same file and a killed run leaves only complete files,
+which the next run's ledger counts as done.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import posixpath
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from isa.cache import DUPLICATES_DIR, ERRORS_DIR, Manifest, filesystem, shard_name, shard_table, write_table
+from isa.images import ImageRejected, content_id, decode_image, encode_jpeg, resize_short_side
+from isa.teacher import crop_transform, load_teacher, normalize_crops
+
+
+@ray.remote(num_cpus=0)
+class Ledger:
+    """Which inputs are new, and which new images are the first with their bytes.
+
+    Args:
+        done_uris: URIs the cache already accounts for (cached, rejected, duplicates).
+        cached_ids: content ids already cached.
+    """
+
+    def __init__(self, done_uris: list[str], cached_ids: list[str]):
+        self.done = set(done_uris)
+        self.owner: dict[str, str] = dict.fromkeys(cached_ids, "")  # id -> URI that caches it ("" = earlier run)
+        self.admitted: dict[str, str] = {}  # URI -> key of the batch that took it this run
+        self.skipped: set[str] = set()
+
+    def admit(self, uris: list[str], batch_key: str) -> list[bool]:
+        """True for inputs this batch should process; a retried batch gets the same answer again."""
+        answer = []
+        for uri in uris:
+            if uri in self.done:
+                self.skipped.add(uri)
+                answer.append(False)
+            else:
+                first = self.admitted.setdefault(uri, batch_key)
+                answer.append(first == batch_key)  # the same URI listed twice is processed once
+        return answer
+
+    def claim(self, ids: list[str], uris: list[str]) -> list[str | None]:
+        """None where ``uri`` is the one that caches ``id``, else the URI (or "cache") it duplicates."""
+        result = []
+        for image_id, uri in zip(ids, uris):
+            owner = self.owner.setdefault(image_id, uri)
+            result.append(None if owner == uri else (owner or "cache"))
+        return result
+
+    def counts(self) -> dict[str, int]:
+        return {"read": len(self.admitted) + len(self.skipped), "skipped": len(self.skipped)}
+
+
+@functools.lru_cache(maxsize=4)
+def _crop_fn(preprocess_json: str):
+    return crop_transform(json.loads(preprocess_json))
+
+
+def decode_batch(batch: dict[str, np.ndarray], *, ledger, output: str, manifest: dict, settings: dict) -> dict:
+    """CPU task: read, hash, validate and decode new inputs; record rejects and duplicates.
+
+    Returns the new, first-of-their-bytes images: ``uri, id, width, height, crop`` (uint8 teacher input
+    (S, S, 3)) and ``image`` (student JPEG, or empty bytes for gallery-only caches).
+    """
+    uris = [str(u) for u in batch["uri"]]
+    key = hashlib.sha256("\n".join(uris).encode()).hexdigest()
+    admitted = ray.get(ledger.admit.remote(uris, key))
+    rows = [(u, d, e) for (u, d, e, ok) in zip(uris, batch["data"], batch["error"], admitted) if ok]
+    errors: list[tuple[str, str]] = []
+    decoded: list[tuple[str, str, Any]] = []
+    for uri, data, listed_error in rows:
+        try:
+            if isinstance(listed_error, str) and listed_error:
+                raise ImageRejected(listed_error)
+            data = bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else _read(uri)
+            image = decode_image(data, settings["max_pixels"], settings["draft_short_side"])
+            decoded.append((uri, content_id(data), image))
+        except ImageRejected as error:
+            errors.append((uri, str(error)))
+    duplicate_of = ray.get(ledger.claim.remote([d[1] for d in decoded], [d[0] for d in decoded]))
+    _record(output, errors, [(u, i, o) for (u, i, _), o in zip(decoded, duplicate_of) if o is not None])
+    first = [d for d, o in zip(decoded, duplicate_of) if o is None]
+    return _decoded_columns(first, manifest, settings)
+
+
+def _read(uri: str) -> bytes:
+    try:
+        with fsspec.open(uri, "rb") as handle:
+            return handle.read()
+    except (OSError, ValueError) as error:  # missing, permission, bad scheme ...
+        raise ImageRejected(f"unreadable: {type(error).__name__}: {error}") from None
+
+
+def _decoded_columns(rows: list[tuple[str, str, Any]], manifest: dict, settings: dict) -> dict:
+    crop = _crop_fn(json.dumps(manifest["teacher"]["preprocess"], sort_keys=True))
+    size = manifest["teacher"]["preprocess"]["size"]
+    crops = np.zeros((len(rows), size[1], size[0], 3), dtype=np.uint8)  # (B, S, S, 3)
+    images = []
+    for index, (_, _, image) in enumerate(rows):
+        crops[index] = np.asarray(crop(image))
+        if manifest["image_size"] is None:
+            images.append(b"")
+        else:
+            images.append(encode_jpeg(resize_short_side(image, manifest["image_size"]), settings["jpeg_quality"]))
+    return {
+        "uri": np.array([r[0] for r in rows], dtype=object),
+        "id": np.array([r[1] for r in rows], dtype=object),
+        "width": np.array([r[2].width for r in rows], dtype=np.int32),
+        "height": np.array([r[2].height for r in rows], dtype=np.int32),
+        "crop": crops,
+        "image": np.array(images, dtype=object),
+    }
+
+
+def _record(output: str, errors: list[tuple[str, str]], duplicates: list[tuple[str, str, str]]) -> None:
+    """Write this batch's rejects and duplicates, each as one whole file named by its URIs."""
+    fs, root = filesystem(output)
+    if errors:
+        table = pa.table({"uri": [e[0] for e in errors], "reason": [e[1] for e in errors]})
+        write_table(fs, posixpath.join(root, ERRORS_DIR, shard_name(table["uri"].to_pylist())), table)
+    if duplicates:
+        columns = list(zip(*duplicates))
+        table = pa.table({"uri": list(columns[0]), "id": list(columns[1]), "duplicate_of": list(columns[2])})
+        write_table(fs, posixpath.join(root, DUPLICATES_DIR, shard_name(table["uri"].to_pylist())), table)
+
+
+class TeacherEmbedder:
+    """Actor: the teacher image tower, loaded once; crops in, L2-normalized embeddings out.
+
+    Args:
+        manifest: the cache manifest (teacher fingerprint, grid); the loaded weights must match it.
+        cache_dir: open_clip download folder.
+        device: "cuda" (bf16 autocast) or "cpu" (fp32).
+        threads: torch threads on CPU.
+    """
+
+    def __init__(self, manifest: dict, cache_dir: str | None, device: str, threads: int):
+        torch.set_num_threads(threads)
+        fingerprint = manifest["teacher"]
+        self.teacher = load_teacher(fingerprint["model"], fingerprint["pretrained"], cache_dir=cache_dir, device=device)
+        if self.teacher.weights_sha256() != fingerprint["weights_sha256"]:
+            raise RuntimeError(f"teacher weights on this worker differ from the driver's ({fingerprint['model']})")
+        self.preprocess = fingerprint["preprocess"]
+        self.grid = manifest["local_grid"]
+        self.device = torch.device(device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        crops = torch.from_numpy(batch.pop("crop")).to(self.device)
+        pixels = normalize_crops(crops, self.preprocess)  # (B, 3, S, S)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        with torch.inference_mode(), autocast:
+            if self.grid:
+                emb, local = self.teacher.encode_image_local(pixels, self.grid)  # (B, D), (B, G, D)
+                batch["teacher_local"] = local.float().cpu().numpy()
+            else:
+                emb = self.teacher.encode_image(pixels)
+        batch["teacher_emb"] = torch.nn.functional.normalize(emb.float(), dim=-1).cpu().numpy()
+        return batch
+
+
+def write_shard(batch: dict[str, np.ndarray], *, output: str, manifest: dict) -> dict[str, np.ndarray]:
+    """CPU task: one cache shard, written whole under a name derived from its URIs."""
+    if len(batch["uri"]) == 0:
+        return {"rows": np.zeros(0, dtype=np.int64)}
+    meta = Manifest(**manifest)
+    table = shard_table(
+        meta,
+        ids=list(batch["id"]),
+        uris=list(batch["uri"]),
+        sizes=np.stack([batch["width"], batch["height"]], axis=1),
+        teacher_emb=batch["teacher_emb"],
+        teacher_local=batch.get("teacher_local"),
+        images=list(batch["image"]) if meta.image_size is not None else None,
+    )
+    fs, root = filesystem(output)
+    write_table(fs, posixpath.join(root, shard_name(table["uri"].to_pylist())), table)
+    return {"rows": np.array([table.num_rows], dtype=np.int64)}

@@ -1,0 +1,263 @@
+"""``isa embed`` on a real local Ray instance: bad inputs, fidelity, resume, exactly-once, S3."""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from isa.cache import CacheError
+from isa.config import load_config
+from isa.data.synthetic import generate_world, render_scene
+from isa.images import content_id
+from pipelines.embed import run
+
+TEACHER = ["teacher.name=isa-tiny-ViT", "teacher.pretrained=none"]
+SMALL = ["cache.decode_batch_size=8", "cache.batch_size=8", "cache.rows_per_shard=16", "cache.local_grid=2"]
+
+
+def _config(*overrides: str):
+    return load_config(None, [*TEACHER, *SMALL, *overrides])
+
+
+def _write_scenes(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    world = generate_world(seed=seed, num_images=max(30, count), num_triplets=4, image_size=64)
+    paths = []
+    for index, scene in enumerate(list(world.images.values())[:count]):
+        path = folder / ("nested" if index % 5 == 0 else "") / f"scene-{index:03d}.{'jpg' if index % 2 else 'png'}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        render_scene(scene, 48 + index % 3 * 16).save(path)
+        paths.append(path)
+    return paths
+
+
+def _bad_inputs(folder: Path, good: Path) -> dict[str, str]:
+    """Every kind of bad input; returns file name -> words its rejection reason must hold."""
+    data = good.read_bytes()
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image at all")
+    (folder / "truncated.png").write_bytes(data[: len(data) // 2])
+    png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(png, "PNG")
+    corrupt = bytearray(png.getvalue())
+    corrupt[len(corrupt) // 2 : len(corrupt) // 2 + 64] = bytes(64)  # damage the compressed pixel data
+    (folder / "corrupt.png").write_bytes(bytes(corrupt))
+    Image.new("RGB", (400, 300), (1, 2, 3)).save(folder / "bomb.png")  # over the pixel limit set below
+    return {
+        "empty.jpg": "empty",
+        "notes.txt": "not an image",
+        "truncated.png": "undecodable",
+        "corrupt.png": "undecodable",
+        "bomb.png": "decompression bomb",
+    }
+
+
+def _exif_rotated(path: Path) -> None:
+    image = Image.new("RGB", (60, 40), (0, 0, 0))
+    image.paste((250, 250, 0), (0, 0, 30, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    image.save(path, "JPEG", exif=exif.tobytes())
+
+
+def _cache(root: Path) -> pa.Table:
+    return pq.read_table(sorted(glob.glob(str(root / "part-*.parquet"))))
+
+
+def _reference_model():
+    torch.manual_seed(0)  # load_teacher's random init uses seed 0 too
+    model, _, preprocess = open_clip.create_model_and_transforms("isa-tiny-ViT", pretrained=None)
+    return model.eval(), preprocess
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    folder = tmp_path / "images"
+    good = _write_scenes(folder, 24)
+    bad = _bad_inputs(folder, good[0])
+    shutil.copy(good[3], folder / "copy-of-scene-003.jpg")  # same bytes, another path
+    _exif_rotated(folder / "rotated.jpg")
+    return folder, good, bad
+
+
+def test_folder_with_every_bad_input_kind(ray_session, image_folder, tmp_path):
+    folder, good, bad = image_folder
+    out = tmp_path / "cache"
+    summary = run(str(folder), str(out), _config("cache.dtype=float32", "cache.max_image_pixels=100000"))
+    valid = len(good) + 1  # + rotated.jpg
+    assert (summary.read, summary.cached, summary.rejected, summary.duplicates) == (
+        valid + len(bad) + 1,
+        valid,
+        len(bad),
+        1,
+    )
+    assert summary.skipped == 0
+    errors = {Path(r["uri"]).name: r["reason"] for r in pq.read_table(out / "_errors").to_pylist()}
+    assert errors.keys() == bad.keys()
+    for name, words in bad.items():
+        assert words in errors[name], (name, errors[name])
+    duplicates = pq.read_table(out / "_duplicates").to_pylist()
+    assert len(duplicates) == 1 and duplicates[0]["id"] == content_id(good[3].read_bytes())
+
+    table = _cache(out)
+    assert table.num_rows == valid and len(set(table["id"].to_pylist())) == valid
+    model, preprocess = _reference_model()
+    rows = table.to_pylist()
+    for row in rows:
+        image = ImageOps.exif_transpose(Image.open(row["uri"])).convert("RGB")
+        assert row["id"] == content_id(Path(row["uri"]).read_bytes())
+        assert (row["width"], row["height"]) == image.size
+        with torch.no_grad():
+            expected = F.normalize(model.encode_image(preprocess(image)[None]), dim=-1)[0]
+        assert np.abs(np.array(row["teacher_emb"]) - expected.numpy()).max() <= 1e-5
+        cached_image = Image.open(io.BytesIO(row["image"]))
+        assert cached_image.format == "JPEG" and min(cached_image.size) == min(min(image.size), 256)
+    rotated = next(r for r in rows if r["uri"].endswith("rotated.jpg"))
+    assert (rotated["width"], rotated["height"]) == (40, 60)  # EXIF orientation applied
+
+
+def test_local_grid_fp16_fidelity_and_a_rerun_writes_nothing(ray_session, image_folder, tmp_path, clip_teacher):
+    folder, good, _ = image_folder
+    out = tmp_path / "cache"
+    run(str(folder), str(out), _config("cache.max_image_pixels=100000"))
+    table = _cache(out)
+    assert table.schema.field("teacher_emb").type.value_type == pa.float16()
+    model, preprocess = _reference_model()
+    for row in table.to_pylist()[:8]:
+        image = ImageOps.exif_transpose(Image.open(row["uri"])).convert("RGB")
+        pixels = preprocess(image)[None]
+        with torch.no_grad():
+            expected = F.normalize(model.encode_image(pixels), dim=-1)[0]
+            _, local = clip_teacher.encode_image_local(pixels, 2)
+        got = torch.tensor(np.array(row["teacher_emb"], dtype=np.float32))
+        assert F.cosine_similarity(got, expected, dim=0) >= 0.9999
+        got_local = torch.tensor(np.array(row["teacher_local"], dtype=np.float32)).view(4, -1)
+        assert F.cosine_similarity(got_local, local[0], dim=-1).min() >= 0.9999
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    again = run(str(folder), str(out), _config("cache.max_image_pixels=100000"))
+    assert (again.cached, again.rejected, again.duplicates) == (0, 0, 0) and again.skipped == again.read
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing written
+
+
+def test_other_input_kinds_list_tar_parquet(ray_session, tmp_path):
+    good = _write_scenes(tmp_path / "images", 12)
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join([*map(str, good[:6]), str(tmp_path / "missing.jpg")]) + "\n")
+    listed = run(str(listing), str(tmp_path / "from-list"), _config())
+    assert (listed.cached, listed.rejected) == (6, 1)
+    reason = pq.read_table(tmp_path / "from-list" / "_errors").to_pylist()[0]
+    assert reason["uri"].endswith("missing.jpg") and "unreadable" in reason["reason"]
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for index, chunk in enumerate((good[:5], good[5:10])):
+        with tarfile.open(shards / f"shard-{index}.tar", "w") as archive:
+            for path in chunk:
+                archive.add(path, arcname=f"{path.stem}.{path.suffix[1:]}")
+                meta = tmp_path / f"{path.stem}.json"
+                meta.write_text("{}")
+                archive.add(meta, arcname=f"{path.stem}.json")  # webdataset metadata: not an image
+    (shards / "shard-2.tar").write_bytes(b"this is not a tar archive")
+    tars = run(str(shards), str(tmp_path / "from-tar"), _config())
+    assert (tars.cached, tars.rejected) == (10, 1)
+    uris = _cache(tmp_path / "from-tar")["uri"].to_pylist()
+    assert all("#scene-" in u and u.split("#")[0].endswith(".tar") for u in uris)
+
+    parquet = tmp_path / "bytes.parquet"
+    pq.write_table(pa.table({"name": [p.name for p in good], "image": [p.read_bytes() for p in good]}), parquet)
+    from_parquet = run(str(parquet), str(tmp_path / "from-parquet"), _config("cache.uri_column=name"))
+    assert from_parquet.cached == 12
+    table = _cache(tmp_path / "from-parquet")
+    assert sorted(table["uri"].to_pylist()) == sorted(p.name for p in good)
+    assert sorted(table["id"].to_pylist()) == sorted(content_id(p.read_bytes()) for p in good)
+
+
+def test_gallery_only_cache_and_settings_mismatch(ray_session, tmp_path):
+    good = _write_scenes(tmp_path / "images", 6)
+    out = tmp_path / "gallery"
+    run(str(tmp_path / "images"), str(out), _config("cache.store_images=false", "cache.local_grid=0"))
+    table = _cache(out)
+    assert "image" not in table.column_names and "teacher_local" not in table.column_names
+    assert table.num_rows == len(good)
+    with pytest.raises(CacheError) as error:
+        run(
+            str(tmp_path / "images"),
+            str(out),
+            load_config(None, ["teacher.name=isa-tiny-ViT-custom-text", "teacher.pretrained=none", *SMALL]),
+        )
+    assert "isa-tiny-ViT-custom-text" in str(error.value) and "isa-tiny-ViT (" in str(error.value)
+
+
+def test_killed_run_resumes_exactly_once(ray_session, tmp_path):
+    folder = tmp_path / "images"
+    good = _write_scenes(folder, 160)
+    shutil.copy(good[7], folder / "dup.png")
+    out = tmp_path / "cache"
+    args = [
+        sys.executable,
+        "-m",
+        "pipelines.cli",
+        "embed",
+        str(folder),
+        str(out),
+        *TEACHER,
+        "cache.decode_batch_size=4",
+        "cache.batch_size=4",
+        "cache.rows_per_shard=4",
+        "cache.local_grid=0",
+    ]
+    env = {**os.environ, "RAY_ADDRESS": ray_session}
+    process = subprocess.Popen(
+        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and len(glob.glob(str(out / "part-*.parquet"))) < 3:
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    partial = pq.read_table(sorted(glob.glob(str(out / "part-*.parquet")))).num_rows
+    assert 0 < partial < len(good), "the kill did not land midway"
+
+    summary = run(str(folder), str(out), _config("cache.local_grid=0"))
+    ids = _cache(out)["id"].to_pylist()
+    expected = {content_id(p.read_bytes()) for p in good}
+    assert len(ids) == len(set(ids)) == len(expected) and set(ids) == expected  # exactly once
+    assert summary.skipped >= partial and summary.cached == len(expected) - partial
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
+def test_s3_input_and_output(ray_session, s3_endpoint, tmp_path):
+    import s3fs
+
+    good = _write_scenes(tmp_path / "images", 8)
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("isa-test-bucket")
+    for path in good:
+        fs.pipe_file(f"isa-test-bucket/inputs/{path.relative_to(tmp_path / 'images')}", path.read_bytes())
+    fs.pipe_file("isa-test-bucket/inputs/broken.jpg", b"\xff\xd8\xff broken")
+    summary = run("s3://isa-test-bucket/inputs", "s3://isa-test-bucket/cache", _config())
+    assert (summary.cached, summary.rejected) == (8, 1)
+    assert fs.exists("isa-test-bucket/cache/_isa_cache.json")
+    parts = [p for p in fs.ls("isa-test-bucket/cache") if p.rsplit("/", 1)[-1].startswith("part-")]
+    table = pa.concat_tables([pq.read_table(fs.open(p, "rb")) for p in parts])
+    assert sorted(table["id"].to_pylist()) == sorted(content_id(p.read_bytes()) for p in good)
+    assert all(u.startswith("s3://isa-test-bucket/inputs/") for u in table["uri"].to_pylist())
+    again = run("s3://isa-test-bucket/inputs", "s3://isa-test-bucket/cache", _config())
+    assert again.cached == 0 and again.skipped == 9
