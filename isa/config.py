@@ -117,7 +117,8 @@ class CacheConfig:
     batch_size: int = 256  # images per teacher forward
     num_actors: int = 1  # teacher actors in the pool
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: one GPU per actor when the cluster has GPUs
-    actor_cpus: int = 1  # CPUs (torch threads) per teacher actor
+    actor_cpus: float = 1.0  # logical CPUs reserved per teacher actor (torch threads: rounded up)
+    decode_cpus: float = 1.0  # logical CPUs reserved per decode task (below 1 packs more tasks per core)
     decode_batch_size: int = 64  # images per CPU decode task batch
     rows_per_shard: int = 2048  # rows per Parquet shard
     fast_decode: bool = False  # reduced-size JPEG decoding (DCT scaling); pixels differ slightly
@@ -133,13 +134,13 @@ class CacheConfig:
             "image_size",
             "batch_size",
             "num_actors",
-            "actor_cpus",
             "decode_batch_size",
             "rows_per_shard",
             "max_image_pixels",
         ):
             _require(getattr(self, key) >= 1, f"cache.{key}", "must be >= 1")
         _require(1 <= self.jpeg_quality <= 100, "cache.jpeg_quality", "must be in [1, 100]")
+        _require(self.actor_cpus > 0 and self.decode_cpus > 0, "cache.actor_cpus", "and cache.decode_cpus must be > 0")
 
 
 @dataclass(frozen=True)

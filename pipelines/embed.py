@@ -8,6 +8,7 @@ Resumable and idempotent: a rerun skips what the cache holds; bad inputs go to `
 from __future__ import annotations
 
 import dataclasses
+import math
 import posixpath
 import time
 from collections.abc import Sequence
@@ -138,7 +139,7 @@ def pipeline(input_uri: str, output: str, config: Config, manifest: Manifest, le
             decode_batch,
             batch_size=cache.decode_batch_size,
             fn_kwargs={"ledger": ledger, "output": output, "manifest": meta, "settings": settings},
-            num_cpus=1,
+            num_cpus=cache.decode_cpus,
             # explicit task retries; their remote args also keep decoding in CPU tasks of its own
             # instead of being fused into the teacher actors (Ray fuses maps with equal remote args)
             max_retries=3,
@@ -153,10 +154,15 @@ def pipeline(input_uri: str, output: str, config: Config, manifest: Manifest, le
                 "manifest": meta,
                 "cache_dir": config.teacher.cache_dir,
                 "device": device,
-                "threads": cache.actor_cpus,
+                "threads": math.ceil(cache.actor_cpus),
             },
         )
-        .map_batches(write_shard, batch_size=cache.rows_per_shard, fn_kwargs={"output": output, "manifest": meta})
+        .map_batches(
+            write_shard,
+            batch_size=cache.rows_per_shard,
+            num_cpus=0.25,  # serialisation and one upload: mostly waiting
+            fn_kwargs={"output": output, "manifest": meta},
+        )
     )
 
 

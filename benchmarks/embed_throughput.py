@@ -1,0 +1,165 @@
+"""Images/s of ``isa embed`` against a plain single-process loop, side by side in one run.
+
+Both embed the same 640x480 JPEGs with the same teacher and batch size; the plain loop is what a user
+would otherwise write (PIL decode, open_clip's preprocess, ``encode_image`` in batches). On a GPU the
+script also measures the teacher tower's own forward rate on ready-made tensors, the ceiling the
+pipeline is compared with (PERFORMANCE.md).
+
+    python benchmarks/embed_throughput.py --teacher ViT-B-32 --images 512            # CPU
+    python benchmarks/embed_throughput.py --teacher ViT-L-14 --images 20000 --device cuda --fast-decode
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from isa.config import load_config
+from isa.teacher import load_teacher
+
+
+def make_jpegs(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    """Photo-like 640x480 JPEGs (gradients, mild noise, random shapes), every file different."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    y, x = np.mgrid[0:480, 0:640]
+    bases = []
+    for _ in range(16):
+        base = np.stack(
+            [(x * rng.uniform(0.1, 0.4) + y * rng.uniform(0.1, 0.4) + rng.uniform(0, 255)) % 256 for _ in range(3)],
+            axis=-1,
+        )
+        bases.append(np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8))
+    paths = []
+    for index in range(count):
+        image = Image.fromarray(bases[index % len(bases)])
+        draw = ImageDraw.Draw(image)
+        for _ in range(6):
+            x0, y0 = rng.integers(0, 560), rng.integers(0, 400)
+            draw.ellipse(
+                (x0, y0, x0 + rng.integers(20, 200), y0 + rng.integers(20, 200)),
+                fill=tuple(int(v) for v in rng.integers(0, 255, 3)),
+            )
+        path = folder / f"img-{index:06d}.jpg"
+        image.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def plain_loop(paths: list[Path], name: str, pretrained: str, batch: int, device: str) -> float:
+    """Single process: decode, preprocess, forward in batches. Returns images/s (model load excluded)."""
+    teacher = load_teacher(name, pretrained, device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+    started = time.perf_counter()
+    with torch.inference_mode(), autocast:
+        for start in range(0, len(paths), batch):
+            images = [Image.open(p).convert("RGB") for p in paths[start : start + batch]]
+            pixels = torch.stack([teacher.preprocess(image) for image in images]).to(device)
+            F.normalize(teacher.model.encode_image(pixels).float(), dim=-1).cpu()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return len(paths) / (time.perf_counter() - started)
+
+
+def tower_forward(name: str, pretrained: str, batch: int, device: str, steps: int = 20) -> float:
+    """The image tower alone on ready-made tensors (bf16 on GPU): the ceiling. Returns images/s."""
+    teacher = load_teacher(name, pretrained, device=device)
+    size = teacher.image_size
+    pixels = torch.randn(batch, 3, size, size, device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+    with torch.inference_mode(), autocast:
+        for _ in range(3):
+            teacher.model.encode_image(pixels)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(steps):
+            teacher.model.encode_image(pixels)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - started)
+
+
+def pipeline(folder: Path, output: Path, args: argparse.Namespace) -> tuple[float, float]:
+    """``isa embed`` on a local Ray instance.
+
+    Returns:
+        images/s end to end (start-up of workers and actors included) and in steady state (rows written
+        after the first shard over the time from the first shard to the last).
+    """
+    import ray
+
+    from pipelines.embed import run
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    overrides = [
+        f"teacher.name={args.teacher}",
+        f"teacher.pretrained={args.pretrained}",
+        f"cache.batch_size={args.batch_size}",
+        f"cache.num_actors={args.actors}",
+        f"cache.actor_cpus={args.actor_cpus}",
+        f"cache.decode_cpus={args.decode_cpus}",
+        f"cache.device={args.device}",
+        f"cache.fast_decode={args.fast_decode}",
+        f"cache.store_images={args.images_column}",
+        "cache.local_grid=0",
+        f"cache.decode_batch_size={args.decode_batch_size}",
+        f"cache.rows_per_shard={args.batch_size * 4}",
+    ]
+    summary = run(str(folder), str(output), load_config(None, overrides))
+    ray.shutdown()
+    assert summary.cached == args.images, summary
+    shards = sorted((p.stat().st_mtime, pq.ParquetFile(p).metadata.num_rows) for p in output.glob("part-*.parquet"))
+    steady_rows = sum(rows for _, rows in shards[1:])
+    steady = steady_rows / (shards[-1][0] - shards[0][0]) if len(shards) > 2 else float("nan")
+    return summary.cached / summary.seconds, steady
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default="ViT-B-32")
+    parser.add_argument("--pretrained", default="none", help="speed does not depend on the weights")
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--actors", type=int, default=1)
+    parser.add_argument("--actor-cpus", type=float, default=1.0)
+    parser.add_argument("--decode-cpus", type=float, default=1.0)
+    parser.add_argument("--decode-batch-size", type=int, default=16)
+    parser.add_argument("--fast-decode", action="store_true", help="reduced-size JPEG decoding in the pipeline")
+    parser.add_argument("--images-column", action="store_true", help="also cache student JPEGs (more work)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_jpegs(Path(tmp) / "images", args.images)
+        baseline = plain_loop(paths, args.teacher, args.pretrained, args.batch_size, args.device)
+        ours, steady = pipeline(Path(tmp) / "images", Path(tmp) / "cache", args)
+        rows = [
+            ("plain single-process loop", baseline),
+            ("isa embed, end to end (start-up included)", ours),
+            ("isa embed, steady state", steady),
+        ]
+        if args.device == "cuda":
+            rows.insert(0, ("teacher tower forward only", tower_forward(args.teacher, args.pretrained, 256, "cuda")))
+    print(
+        f"\n{args.teacher} · {args.images} JPEGs 640x480 · batch {args.batch_size} · {args.device} · "
+        f"{os.cpu_count()} cores · fast_decode={args.fast_decode} · images column={args.images_column}"
+    )
+    print("| what | images/s |\n|---|---|")
+    for label, rate in rows:
+        print(f"| {label} | {rate:,.1f} |")
+    print(f"ratio isa embed / plain loop: {ours / baseline:.2f}x end to end, {steady / baseline:.2f}x steady state")
+    if args.device == "cuda":
+        print(f"isa embed / tower forward: {ours / rows[0][1]:.0%}")
+
+
+if __name__ == "__main__":
+    main()
