@@ -34,8 +34,12 @@ class InputError(ValueError):
     """The input URI cannot be read as the requested (or guessed) kind."""
 
 
-def guess_format(uri: str, cache: CacheConfig) -> str:
-    """The input kind of a URI when ``cache.input_format`` is ``auto``."""
+def guess_format(uri: str, cache: CacheConfig, listing: list[str] | None = None) -> str:
+    """The input kind of a URI when ``cache.input_format`` is ``auto``.
+
+    Args:
+        listing: the files under ``uri`` when it is a folder and they were listed already.
+    """
     if cache.input_format != "auto":
         return cache.input_format
     fs, path = filesystem(uri)
@@ -49,7 +53,7 @@ def guess_format(uri: str, cache: CacheConfig) -> str:
         if path.endswith(LIST_SUFFIXES):
             return "list"
         raise InputError(f"cannot tell what kind of input {uri} is; set cache.input_format")
-    files = _find(fs, path)
+    files = _find(fs, path) if listing is None else listing
     if files and all(p.endswith(".tar") for p in files):
         return "tar"
     if files and all(p.endswith(".parquet") for p in files):
@@ -73,17 +77,18 @@ def _unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
 def read_sources(uri: str, cache: CacheConfig, exclude: str | None = None) -> ray.data.Dataset:
     """The inputs as a dataset with columns ``uri`` (str), ``data`` (bytes or None: read ``uri``) and ``error``
     (None, or why the input could not even be listed, e.g. a corrupt tar shard)."""
-    kind = guess_format(uri, cache)
     fs, root = filesystem(uri)
+    listing = _find(fs, root, exclude) if fs.isdir(root) else None  # listed once, also to guess the kind
+    kind = guess_format(uri, cache, listing)
     if kind == "folder":
-        uris = [_unstrip(fs, p) for p in _find(fs, root, exclude)]
+        uris = [_unstrip(fs, p) for p in listing or []]
         if not uris:
             raise InputError(f"no input files found under {uri}")
         return _from_uris(uris, cache.decode_batch_size)
     if kind == "list":
         return _read_list(uri, root, cache)
     if kind == "tar":
-        shards = [_unstrip(fs, p) for p in (_find(fs, root) if fs.isdir(root) else [root]) if p.endswith(".tar")]
+        shards = [_unstrip(fs, p) for p in (listing if listing is not None else [root]) if p.endswith(".tar")]
         if not shards:
             raise InputError(f"no .tar shards found at {uri}")
         return _from_uris(shards, 1).map_batches(
