@@ -81,15 +81,20 @@ class DistillTask(nn.Module):
         params = [p for p in self.student.parameters() if p.requires_grad]
         return params + ([self.logit_scale] if self.logit_scale.requires_grad else [])
 
+    @property
+    def student_module(self) -> nn.Module:
+        """The student itself, also when a caller has wrapped it (e.g. in DDP)."""
+        return getattr(self.student, "module", self.student)
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What a checkpoint stores: ``student.*`` and ``logit_scale``."""
-        state = {f"student.{k}": v for k, v in self.student.state_dict().items()}
+        state = {f"student.{k}": v for k, v in self.student_module.state_dict().items()}
         state["logit_scale"] = self.logit_scale.detach()
         return state
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         student = {k[len("student.") :]: v for k, v in state.items() if k.startswith("student.")}
-        self.student.load_state_dict(student)
+        self.student_module.load_state_dict(student)
         with torch.no_grad():
             self.logit_scale.copy_(state["logit_scale"])
 
@@ -160,7 +165,7 @@ def parameter_groups(
 
     Only trainable parameters appear: the teacher is never in the optimizer.
     """
-    groups_by_role = task.student.parameter_groups()
+    groups_by_role = task.student_module.parameter_groups()
     groups = []
     for role, params in groups_by_role.items():
         role_lr = backbone_lr if role == "backbone" and pretrained_backbone else lr

@@ -1,0 +1,195 @@
+"""``isa train``: distil the light query encoder from a teacher cache with Ray Train.
+
+cache (Parquet) -> Ray Data: split by id hash, decode + augment on CPU tasks -> per-worker shards ->
+``TorchTrainer`` (DDP on the student, frozen teacher text tower per worker) -> checkpoints + MLflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.data
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from isa.augment import eval_view, train_view, views
+from isa.build import build_teacher
+from isa.cache import Manifest, filesystem, list_parts, read_column_values, read_manifest
+from isa.config import Config, ConfigError, from_dict, to_dict
+from isa.teacher import fingerprint_mismatch
+from pipelines.common import config_parser, init_ray, resolve_config
+from pipelines.train_worker import train_loop
+
+RUN_CONFIG_FILE = "isa_config.json"
+
+
+class TrainError(ValueError):
+    """The run cannot start: a problem with the cache, the teacher or the cluster, named in the message."""
+
+
+def parse_args(argv: Sequence[str] | None) -> Config:
+    parser = config_parser("isa train", "Distil the light query encoder from a teacher cache (Ray Train).")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    args = parser.parse_intermixed_args(argv)
+    if args.resume is None:
+        return resolve_config(args.config, args.overrides)
+    fs, path = filesystem(args.resume)
+    try:
+        saved = json.loads(fs.cat_file(posixpath.join(path, RUN_CONFIG_FILE)))
+    except FileNotFoundError:
+        raise SystemExit(f"isa: {args.resume} is not an isa train run (no {RUN_CONFIG_FILE})") from None
+    try:
+        return from_dict(saved, base=resolve_config(args.config, args.overrides))
+    except ConfigError as error:
+        raise SystemExit(f"isa: {error}") from None
+
+
+def check_cache(config: Config, fingerprint: dict) -> tuple[Manifest, list[str]]:
+    """The cache's manifest and shard URIs, or a TrainError naming what is wrong."""
+    uri = config.train.cache
+    if not uri:
+        raise TrainError("no teacher cache given: set train.cache=URI (made by isa embed)")
+    fs, root = filesystem(uri)
+    manifest = read_manifest(fs, root)
+    if manifest is None:
+        raise TrainError(f"no teacher cache at {uri}: it has no _isa_cache.json (make one with isa embed)")
+    parts = list_parts(fs, root)
+    if not parts:
+        raise TrainError(f"teacher cache {uri} is empty: no part-*.parquet shards")
+    if manifest.image_size is None:
+        raise TrainError(f"teacher cache {uri} has no image column (a gallery-only cache); embed without --no-images")
+    if config.loss.lar_weight > 0 and manifest.local_grid == 0:
+        raise TrainError(
+            f"LAR is on (loss.lar_weight={config.loss.lar_weight}) but cache {uri} has no teacher_local; "
+            "embed with cache.local_grid>0 or set loss.lar_weight=0"
+        )
+    mismatch = fingerprint_mismatch(fingerprint, manifest.teacher)
+    if mismatch:
+        raise TrainError(f"cache {uri} does not match the configured teacher: {mismatch}")
+    return manifest, [fs.unstrip_protocol(p) if fs.protocol not in ("file", ("file", "local")) else p for p in parts]
+
+
+def check_resources(config: Config) -> None:
+    """Refuse (instead of hanging) when the cluster cannot hold the workers."""
+    have = ray.cluster_resources()
+    need_cpu, need_gpu = config.train.num_workers, config.train.num_workers if config.train.use_gpu else 0
+    if have.get("CPU", 0) < need_cpu or have.get("GPU", 0) < need_gpu:
+        raise TrainError(
+            f"train.num_workers={config.train.num_workers} needs {need_cpu} CPUs and {need_gpu} GPUs; "
+            f"the cluster has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs"
+        )
+
+
+def is_validation(image_id: str, fraction: float) -> bool:
+    """The held-out split, decided by the id's hash: stable across runs, workers and resumes."""
+    return int(hashlib.sha256(image_id.encode()).hexdigest()[:8], 16) / 2**32 < fraction
+
+
+def _split_and_view(batch: dict, *, validation: bool, fraction: float, size: int, scale_min: float, hflip: bool):
+    keep = np.array([is_validation(str(i), fraction) == validation for i in batch["id"]], dtype=bool)
+    transform = eval_view(size) if validation else train_view(size, scale_min, hflip)
+    out = {
+        "view": views([batch["image"][i] for i in np.flatnonzero(keep)], transform)
+        if keep.any()
+        else np.zeros((0, size, size, 3), np.uint8)
+    }
+    for column in ("teacher_emb", "teacher_local"):
+        if column in batch:
+            out[column] = (
+                np.stack(list(batch[column][keep])).astype(np.float32)
+                if keep.any()
+                else np.zeros((0, len(batch[column][0])), np.float32)
+            )
+    return out
+
+
+def datasets(parts: list[str], manifest: Manifest, config: Config) -> tuple[dict, int]:
+    """The train and validation datasets and the number of training rows."""
+    columns = ["id", "image", "teacher_emb"] + (["teacher_local"] if config.loss.lar_weight > 0 else [])
+    base = ray.data.read_parquet(parts, columns=columns)
+    split = {
+        "fraction": config.train.val_fraction,
+        "size": config.student.image_size,
+        "scale_min": config.train.crop_scale_min,
+        "hflip": config.train.hflip,
+    }
+    train = base.randomize_block_order().map_batches(_split_and_view, fn_kwargs={"validation": False, **split})
+    val = base.map_batches(_split_and_view, fn_kwargs={"validation": True, **split})
+    fs, root = filesystem(config.train.cache)
+    ids = read_column_values(fs, list_parts(fs, root), ["id"])["id"].to_pylist()
+    n_train = sum(not is_validation(i, config.train.val_fraction) for i in ids)
+    return {"train": train, "val": val}, n_train
+
+
+def tracking_uri(config: Config) -> str:
+    """train.tracking_uri, else MLFLOW_TRACKING_URI, else a SQLite file in a local output folder."""
+    if config.train.tracking_uri:
+        return config.train.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if "://" in config.train.output:
+        raise TrainError("set train.tracking_uri or MLFLOW_TRACKING_URI when the output is not a local folder")
+    return f"sqlite:///{Path(config.train.output).resolve() / 'mlflow.db'}"
+
+
+def run(config: Config) -> ray.train.Result:
+    """Check everything, then train; returns Ray Train's result (metrics and the last checkpoint)."""
+    teacher = build_teacher(config.teacher)
+    fingerprint = teacher.fingerprint()
+    del teacher
+    manifest, parts = check_cache(config, fingerprint)
+    check_resources(config)
+    data, n_train = datasets(parts, manifest, config)
+    steps_per_epoch = n_train // config.train.global_batch_size
+    total = config.train.max_steps or config.train.epochs * steps_per_epoch
+    if total <= 0:
+        raise TrainError(
+            f"{n_train} training images make no step of train.global_batch_size="
+            f"{config.train.global_batch_size}; lower the batch size or set train.max_steps"
+        )
+    fs, run_dir = filesystem(config.train.output)
+    fs.makedirs(run_dir, exist_ok=True)
+    fs.pipe_file(posixpath.join(run_dir, RUN_CONFIG_FILE), json.dumps(to_dict(config), indent=2).encode())
+    storage, name = posixpath.split(config.train.output.rstrip("/"))
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "config": to_dict(config),
+            "fingerprint": fingerprint,
+            "total_steps": total,
+            "tracking_uri": tracking_uri(config),
+            "run_name": name,
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=config.train.num_workers, use_gpu=config.train.use_gpu),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage if "://" in storage else str(Path(storage or ".").resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.num_to_keep),
+        ),
+        datasets=data,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    return trainer.fit()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(argv)
+    init_ray()
+    try:
+        result = run(config)
+    except TrainError as error:
+        print(f"isa train: {error}")
+        return 2
+    metrics = {k: round(v, 4) for k, v in (result.metrics or {}).items() if isinstance(v, float)}
+    print(f"isa train: finished at step {result.metrics.get('step')} · {metrics}")
+    print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}/isa")
+    print(f"MLflow: {tracking_uri(config)} (experiment {config.train.experiment})")
+    return 0

@@ -1,0 +1,168 @@
+"""The per-worker loop of ``isa train`` (runs inside Ray Train workers).
+
+Each worker holds the frozen teacher (never in DDP) and the student (DDP when there are several
+workers); GCD gathers the global batch. Rank 0 validates, writes checkpoints and logs to MLflow;
+``ray.train.report`` is called by every rank at the same steps.
+
+Resume semantics: a checkpoint restores the weights, optimizer, LR schedule, step count and RNG state.
+The data stream restarts at the beginning of a pass over the training split (with new random crops and
+block order); the run still ends at the same total step count, so a resumed run sees the same number of
+optimizer steps and the same schedule as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+
+from isa.augment import to_unit_range
+from isa.build import build_student, build_task, build_teacher
+from isa.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from isa.config import Config, flatten, from_dict, to_dict
+from isa.retrieval import image_retrieval_recall
+from isa.schedule import warmup_cosine
+from isa.task import DistillTask, parameter_groups
+
+
+class Tracker:
+    """MLflow on rank 0 only; every call is a no-op elsewhere."""
+
+    def __init__(self, enabled: bool, uri: str, experiment: str, run_name: str, run_id: str | None):
+        self.enabled = enabled
+        self.run_id = run_id
+        if not enabled:
+            return
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(experiment)
+        self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
+        self.run_id = self.run.info.run_id
+
+    def params(self, params: dict[str, Any]) -> None:
+        if self.enabled:
+            items = [(k, "None" if v is None else str(v)) for k, v in params.items()]
+            for start in range(0, len(items), 100):  # MLflow takes at most 100 params a call
+                self.mlflow.log_params(dict(items[start : start + 100]))
+
+    def metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.enabled:
+            self.mlflow.log_metrics(metrics, step=step)
+
+    def finish(self, checkpoint_dir: Path, config: dict) -> None:
+        if self.enabled:
+            self.mlflow.log_artifacts(str(checkpoint_dir), artifact_path="checkpoint")
+            self.mlflow.log_dict(config, "config.json")
+            self.mlflow.end_run()
+
+
+def _restore(task: DistillTask, optimizer, scheduler) -> tuple[int, str | None]:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, None
+    with checkpoint.as_directory() as folder:
+        saved = load_checkpoint(Path(folder) / "isa")
+    task.load_trainable_state_dict(saved.weights)
+    optimizer.load_state_dict(saved.optimizer["optimizer"])
+    scheduler.load_state_dict(saved.optimizer["scheduler"])
+    restore_rng_state(saved.state["rng"])
+    return int(saved.state["step"]), saved.state.get("mlflow_run_id")
+
+
+def _validate(task: DistillTask, device: torch.device, batch_size: int) -> dict[str, float]:
+    """Image-only retrieval on the held-out split: query ``a photo of {S}`` against the teacher gallery."""
+    queries, gallery = [], []
+    task.eval()
+    with torch.no_grad():
+        for batch in ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=batch_size):
+            sentence = task.student(to_unit_range(batch["view"].to(device))).sentence
+            queries.append(task.query(sentence))
+            gallery.append(batch["teacher_emb"].to(device).float())
+    task.train()
+    if not queries:
+        return {}
+    recall = image_retrieval_recall(torch.cat(queries), torch.cat(gallery), ks=(1, 5))
+    return {f"val_image_{k.replace('@', '')}": v for k, v in recall.items()}
+
+
+def _save(task: DistillTask, optimizer, scheduler, config: dict, step: int, run_id: str | None, folder: Path) -> Path:
+    state = {"step": step, "rng": capture_rng_state(), "mlflow_run_id": run_id}
+    optim = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    return save_checkpoint(
+        folder / "isa", config=config, weights=task.trainable_state_dict(), state=state, optimizer=optim
+    )
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point. ``loop_config``: config, teacher fingerprint, total steps, tracking URI, run name."""
+    config: Config = from_dict(loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config.train.seed + rank)
+    teacher = build_teacher(config.teacher, device)
+    task = build_task(config, teacher, build_student(config, teacher), rank, world).to(device)
+    groups = parameter_groups(
+        task, config.train.lr, config.train.backbone_lr, config.train.weight_decay, config.student.pretrained
+    )
+    optimizer = torch.optim.AdamW(groups)
+    total = loop_config["total_steps"]
+    warmup = math.ceil(config.train.warmup_fraction * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
+    step, run_id = _restore(task, optimizer, scheduler)
+    if world > 1:
+        task.student = ray.train.torch.prepare_model(task.student)  # DDP on the student only
+    tracker = Tracker(rank == 0, loop_config["tracking_uri"], config.train.experiment, loop_config["run_name"], run_id)
+    saved_config = {"config": to_dict(config), "teacher": loop_config["fingerprint"]}
+    if step == 0:
+        tracker.params(flatten(config))
+    local_batch = config.train.global_batch_size // world
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    task.train()
+    clock, samples = time.perf_counter(), 0
+    shard = ray.train.get_dataset_shard("train")
+    while step < total:
+        for batch in shard.iter_torch_batches(batch_size=local_batch, drop_last=True):
+            images = to_unit_range(batch["view"].to(device))
+            emb = batch["teacher_emb"].to(device)  # (B, D)
+            local = (
+                batch["teacher_local"].to(device).view(emb.shape[0], -1, emb.shape[1])
+                if "teacher_local" in batch
+                else None
+            )
+            with autocast:
+                losses = task(images, emb, local)  # local: (B, G, D)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            if config.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(task.trainable_parameters(), config.train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            samples += local_batch * world
+            metrics = {k: float(v) for k, v in losses.items()}
+            metrics["lr"] = scheduler.get_last_lr()[0]
+            metrics["samples_per_s"] = samples / (time.perf_counter() - clock)
+            if step % config.train.checkpoint_every == 0 or step == total:
+                with tempfile.TemporaryDirectory() as tmp:
+                    checkpoint = None
+                    if rank == 0:
+                        metrics.update(_validate(task, device, local_batch))
+                        folder = _save(task, optimizer, scheduler, saved_config, step, tracker.run_id, Path(tmp))
+                        checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                        tracker.metrics(metrics, step)
+                        if step == total:
+                            tracker.finish(folder, saved_config)
+                    ray.train.report({**metrics, "step": step}, checkpoint=checkpoint)
+            elif step % 10 == 0:
+                tracker.metrics(metrics, step)
+            if step >= total:
+                break
