@@ -74,3 +74,32 @@ def ray_session(s3_endpoint):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` (SQLite backend, served artifacts) on a free loopback port."""
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts",
+               "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2).read()
+            break
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError("mlflow server exited") from None
+            time.sleep(0.5)
+    else:
+        process.kill()
+        raise RuntimeError("mlflow server did not start")
+    yield uri
+    process.terminate()
+    process.wait(timeout=30)

@@ -1,0 +1,172 @@
+"""``isa train`` on a real local Ray instance: learning, checkpoints, resume, worker failure, MLflow, errors."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from isa.build import build_student, build_task, build_teacher
+from isa.checkpoint import load_checkpoint
+from isa.config import from_dict, load_config
+from isa.data.synthetic import generate_world, write_world
+from pipelines import embed
+from pipelines.train import RUN_CONFIG_FILE, TrainError, is_validation, parse_args, run
+
+TEACHER = ["teacher.name=isa-tiny-ViT", "teacher.pretrained=none"]
+STUDENT = ["student.backbone=mobilenetv3_large_100", "student.image_size=64", "token_learner.dim=64",
+           "token_learner.heads=4"]
+
+
+@pytest.fixture(scope="session")
+def world_images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("world")
+    write_world(generate_world(seed=0, num_images=200, num_triplets=30, image_size=64), root)
+    return root / "images"
+
+
+@pytest.fixture(scope="session")
+def train_cache(ray_session, world_images, tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("cache") / "cache"
+    config = load_config(None, [*TEACHER, "cache.local_grid=2", "cache.image_size=64", "cache.decode_batch_size=32"])
+    embed.run(str(world_images), str(out), config)
+    return str(out)
+
+
+def _config(cache: str, output: Path, *overrides: str):
+    return load_config(None, [*TEACHER, *STUDENT, f"train.cache={cache}", f"train.output={output}",
+                              "train.global_batch_size=32", "train.val_fraction=0.2", "train.lr=1e-3",
+                              f"train.tracking_uri=sqlite:///{output.parent / 'mlflow.db'}", *overrides])
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(Path(p) for p in glob.glob(str(run_dir / "checkpoint_*" / "isa")))
+
+
+def _steps(run_dir: Path) -> list[int]:
+    return sorted(json.loads((c / "state.json").read_text())["step"] for c in _checkpoints(run_dir))
+
+
+def test_short_run_learns_and_its_checkpoints_load(train_cache, tmp_path):
+    config = _config(train_cache, tmp_path / "run", "train.max_steps=100", "train.checkpoint_every=50")
+    result = run(config)
+    assert result.metrics["step"] == 100 and _steps(tmp_path / "run") == [50, 100]
+    first = json.loads((_checkpoints(tmp_path / "run")[0] / "state.json").read_text())
+    assert first["step"] == 50
+    # image-only retrieval on held-out images, well above chance (chance R@k = k / #val)
+    ids = pq.read_table(train_cache, columns=["id"])["id"].to_pylist()
+    val_count = sum(is_validation(i, 0.2) for i in ids)
+    assert 20 <= val_count <= 80
+    assert result.metrics["val_image_R5"] >= 3 * 100 * 5 / val_count, result.metrics
+    assert result.metrics["val_image_R1"] >= 2 * 100 / val_count, result.metrics
+    # the final checkpoint rebuilds the student and reproduces its outputs
+    saved = load_checkpoint(_checkpoints(tmp_path / "run")[-1])
+    rebuilt_config = from_dict(saved.config["config"])
+    teacher = build_teacher(rebuilt_config.teacher)
+    assert saved.config["teacher"]["weights_sha256"] == teacher.weights_sha256()
+    task = build_task(rebuilt_config, teacher, build_student(rebuilt_config, teacher))
+    task.load_trainable_state_dict(saved.weights)
+    assert torch.equal(task.trainable_state_dict()["logit_scale"], saved.weights["logit_scale"])
+
+
+def test_loss_decreases_over_training(train_cache, tmp_path):
+    import mlflow
+
+    config = _config(train_cache, tmp_path / "run", "train.max_steps=60", "train.checkpoint_every=60")
+    run(config)
+    mlflow.set_tracking_uri(config.train.tracking_uri)
+    client = mlflow.MlflowClient()
+    (run_info,) = client.search_runs([client.get_experiment_by_name("isa").experiment_id])
+    gcd = [m.value for m in sorted(client.get_metric_history(run_info.info.run_id, "gcd"), key=lambda m: m.step)]
+    assert len(gcd) >= 5 and sum(gcd[-2:]) / 2 < sum(gcd[:2]) / 2, gcd
+
+
+def test_resume_continues_with_the_same_step_count(train_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    run(_config(train_cache, run_dir, "train.max_steps=8", "train.checkpoint_every=4"))
+    assert _steps(run_dir) == [4, 8]
+    saved = json.loads((run_dir / RUN_CONFIG_FILE).read_text())
+    assert saved["train"]["max_steps"] == 8
+    resumed = parse_args(["--resume", str(run_dir), "train.max_steps=12"])
+    assert resumed.train.output == str(run_dir) and resumed.train.max_steps == 12
+    result = run(resumed)
+    assert result.metrics["step"] == 12 and _steps(run_dir)[-1] == 12
+    last = load_checkpoint(_checkpoints(run_dir)[-1])
+    assert last.state["step"] == 12
+
+
+def test_worker_killed_mid_run_recovers_from_last_checkpoint(train_cache, tmp_path):
+    from ray.util.state import list_actors
+
+    run_dir = tmp_path / "run"
+    killed: list[int] = []
+
+    def kill_a_worker_after_first_checkpoint():
+        deadline = time.time() + 300
+        while time.time() < deadline and not _checkpoints(run_dir):
+            time.sleep(0.2)
+        for actor in list_actors(filters=[("state", "=", "ALIVE")]):
+            if "RayTrainWorker" in actor.class_name and actor.pid:
+                os.kill(actor.pid, signal.SIGKILL)
+                killed.append(actor.pid)
+                return
+
+    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, daemon=True)
+    killer.start()
+    result = run(_config(train_cache, run_dir, "train.max_steps=40", "train.checkpoint_every=5",
+                         "train.max_failures=2", "train.num_to_keep=10"))
+    killer.join(timeout=5)
+    assert killed, "no training worker was killed"
+    assert result.metrics["step"] == 40 and _steps(run_dir)[-1] == 40
+
+
+def test_mlflow_server_records_params_metrics_and_artifacts(train_cache, tmp_path, mlflow_server):
+    import mlflow
+
+    config = _config(train_cache, tmp_path / "run", "train.max_steps=20", "train.checkpoint_every=10",
+                     f"train.tracking_uri={mlflow_server}", "train.experiment=isa-test")
+    run(config)
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    (found,) = client.search_runs([client.get_experiment_by_name("isa-test").experiment_id])
+    assert found.data.params["train.lr"] == "0.001" and found.data.params["student.backbone"] == "mobilenetv3_large_100"
+    assert {"loss", "gcd", "lar", "lr", "temperature", "samples_per_s", "val_image_R1", "val_image_R5"} <= set(
+        found.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(found.info.run_id, "checkpoint")}
+    assert "checkpoint/student.safetensors" in artifacts and "checkpoint/config.json" in artifacts
+
+
+def test_two_workers_run_ddp(train_cache, tmp_path):
+    result = run(_config(train_cache, tmp_path / "run", "train.num_workers=2", "train.max_steps=4",
+                         "train.checkpoint_every=4"))
+    assert result.metrics["step"] == 4 and torch.isfinite(torch.tensor(result.metrics["loss"]))
+
+
+def test_clear_errors_before_training(ray_session, train_cache, tmp_path, world_images):
+    with pytest.raises(TrainError, match="no _isa_cache.json"):
+        run(_config(str(tmp_path / "nothing"), tmp_path / "run"))
+    gallery = tmp_path / "gallery"
+    embed.run(str(world_images), str(gallery), load_config(None, [*TEACHER, "cache.store_images=false",
+                                                                   "cache.local_grid=0"]))
+    with pytest.raises(TrainError, match="no image column"):
+        run(_config(str(gallery), tmp_path / "run"))
+    no_local = tmp_path / "no-local"
+    embed.run(str(world_images), str(no_local), load_config(None, [*TEACHER, "cache.local_grid=0"]))
+    with pytest.raises(TrainError, match="no teacher_local"):
+        run(_config(str(no_local), tmp_path / "run"))
+    with pytest.raises(TrainError, match="isa-tiny-ViT-custom-text"):
+        run(_config(train_cache, tmp_path / "run", "teacher.name=isa-tiny-ViT-custom-text"))
+    with pytest.raises(TrainError, match="needs 64 CPUs"):
+        run(_config(train_cache, tmp_path / "run", "train.num_workers=64"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "_isa_cache.json").write_text((Path(train_cache) / "_isa_cache.json").read_text())
+    with pytest.raises(TrainError, match="is empty"):
+        run(_config(str(empty), tmp_path / "run"))
