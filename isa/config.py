@@ -159,15 +159,19 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     num_workers: int = 1  # Ray Train workers
     use_gpu: bool = False  # one GPU per worker
+    worker_cpus: float = 1.0  # logical CPUs reserved per worker (the data tasks need at least one more)
     checkpoint_every: int = 500  # steps
     num_to_keep: int = 3  # checkpoints kept
     max_failures: int = 3  # worker-failure restarts
     seed: int = 0
     val_fraction: float = 0.05  # held out by id hash
+    val_images: int = 1000  # held-out images used for the validation metrics (kept in memory on rank 0)
     crop_scale_min: float = 0.6  # random resized crop scale range (min, 1)
     hflip: bool = True  # random horizontal flip
     tracking_uri: str | None = None  # MLflow; None = MLFLOW_TRACKING_URI or SQLite in the output folder
     experiment: str = "isa"  # MLflow experiment name
+    register_model: str | None = None  # register the final checkpoint under this MLflow model name
+    model_alias: str = "latest"  # alias given to the registered version
 
     def __post_init__(self) -> None:
         for key in ("global_batch_size", "num_workers", "checkpoint_every", "num_to_keep"):

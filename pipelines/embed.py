@@ -119,6 +119,11 @@ def start_ledger(output: str) -> ray.actor.ActorHandle:
     return Ledger.remote(done, cached["id"].to_pylist())
 
 
+def decode_task_options() -> dict:
+    """Remote options of each decode task: retried when its worker dies."""
+    return {"max_retries": 3}
+
+
 def pipeline(input_uri: str, output: str, config: Config, manifest: Manifest, ledger) -> ray.data.Dataset:
     """sources -> decode (CPU tasks) -> teacher (actor pool) -> shard writers; yields rows written."""
     cache = config.cache
@@ -140,9 +145,9 @@ def pipeline(input_uri: str, output: str, config: Config, manifest: Manifest, le
             batch_size=cache.decode_batch_size,
             fn_kwargs={"ledger": ledger, "output": output, "manifest": meta, "settings": settings},
             num_cpus=cache.decode_cpus,
-            # explicit task retries; their remote args also keep decoding in CPU tasks of its own
-            # instead of being fused into the teacher actors (Ray fuses maps with equal remote args)
-            max_retries=3,
+            # per-task options; Ray Data never fuses an operator that has them, so decoding stays in CPU
+            # tasks of its own instead of running inside the teacher actors
+            ray_remote_args_fn=decode_task_options,
         )
         .map_batches(
             TeacherEmbedder,

@@ -22,7 +22,7 @@ from ray.train.torch import TorchTrainer
 from isa.augment import eval_view, train_view, views
 from isa.build import build_teacher
 from isa.cache import Manifest, filesystem, list_parts, read_column_values, read_manifest
-from isa.config import Config, ConfigError, from_dict, to_dict
+from isa.config import Config, ConfigError, from_dict, parse_overrides, to_dict
 from isa.teacher import fingerprint_mismatch
 from pipelines.common import config_parser, init_ray, resolve_config
 from pipelines.train_worker import train_loop
@@ -36,7 +36,11 @@ class TrainError(ValueError):
 
 def parse_args(argv: Sequence[str] | None) -> Config:
     parser = config_parser("isa train", "Distil the light query encoder from a teacher cache (Ray Train).")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last checkpoint (its config, plus any overrides)",
+    )
     args = parser.parse_intermixed_args(argv)
     if args.resume is None:
         return resolve_config(args.config, args.overrides)
@@ -45,8 +49,9 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         saved = json.loads(fs.cat_file(posixpath.join(path, RUN_CONFIG_FILE)))
     except FileNotFoundError:
         raise SystemExit(f"isa: {args.resume} is not an isa train run (no {RUN_CONFIG_FILE})") from None
-    try:
-        return from_dict(saved, base=resolve_config(args.config, args.overrides))
+    try:  # the run's own config, then the command line on top; the output stays the run directory
+        config = from_dict(parse_overrides(args.overrides), base=from_dict(saved))
+        return from_dict({"train": {"output": args.resume}}, base=config)
     except ConfigError as error:
         raise SystemExit(f"isa: {error}") from None
 
@@ -77,13 +82,16 @@ def check_cache(config: Config, fingerprint: dict) -> tuple[Manifest, list[str]]
 
 
 def check_resources(config: Config) -> None:
-    """Refuse (instead of hanging) when the cluster cannot hold the workers."""
+    """Refuse (instead of hanging) when the cluster cannot hold the workers plus one CPU for the data tasks."""
     have = ray.cluster_resources()
-    need_cpu, need_gpu = config.train.num_workers, config.train.num_workers if config.train.use_gpu else 0
+    workers = config.train.num_workers
+    need_cpu = workers * config.train.worker_cpus + 1
+    need_gpu = workers if config.train.use_gpu else 0
     if have.get("CPU", 0) < need_cpu or have.get("GPU", 0) < need_gpu:
         raise TrainError(
-            f"train.num_workers={config.train.num_workers} needs {need_cpu} CPUs and {need_gpu} GPUs; "
-            f"the cluster has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs"
+            f"train.num_workers={workers} needs {need_cpu:g} CPUs ({config.train.worker_cpus:g} per worker "
+            f"(train.worker_cpus) + 1 for data loading) and {need_gpu} GPUs; the cluster has "
+            f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs"
         )
 
 
@@ -113,7 +121,7 @@ def _split_and_view(batch: dict, *, validation: bool, fraction: float, size: int
 def datasets(parts: list[str], manifest: Manifest, config: Config) -> tuple[dict, int]:
     """The train and validation datasets and the number of training rows."""
     columns = ["id", "image", "teacher_emb"] + (["teacher_local"] if config.loss.lar_weight > 0 else [])
-    base = ray.data.read_parquet(parts, columns=columns)
+    base = ray.data.read_parquet(parts).select_columns(columns)
     split = {
         "fraction": config.train.val_fraction,
         "size": config.student.image_size,
@@ -121,7 +129,7 @@ def datasets(parts: list[str], manifest: Manifest, config: Config) -> tuple[dict
         "hflip": config.train.hflip,
     }
     train = base.randomize_block_order().map_batches(_split_and_view, fn_kwargs={"validation": False, **split})
-    val = base.map_batches(_split_and_view, fn_kwargs={"validation": True, **split})
+    val = base.map_batches(_split_and_view, fn_kwargs={"validation": True, **split}).limit(config.train.val_images)
     fs, root = filesystem(config.train.cache)
     ids = read_column_values(fs, list_parts(fs, root), ["id"])["id"].to_pylist()
     n_train = sum(not is_validation(i, config.train.val_fraction) for i in ids)
@@ -167,7 +175,11 @@ def run(config: Config) -> ray.train.Result:
             "tracking_uri": tracking_uri(config),
             "run_name": name,
         },
-        scaling_config=ray.train.ScalingConfig(num_workers=config.train.num_workers, use_gpu=config.train.use_gpu),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.train.num_workers,
+            use_gpu=config.train.use_gpu,
+            resources_per_worker={"CPU": config.train.worker_cpus, **({"GPU": 1} if config.train.use_gpu else {})},
+        ),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage if "://" in storage else str(Path(storage or ".").resolve()),

@@ -57,11 +57,23 @@ class Tracker:
         if self.enabled:
             self.mlflow.log_metrics(metrics, step=step)
 
-    def finish(self, checkpoint_dir: Path, config: dict) -> None:
-        if self.enabled:
-            self.mlflow.log_artifacts(str(checkpoint_dir), artifact_path="checkpoint")
-            self.mlflow.log_dict(config, "config.json")
-            self.mlflow.end_run()
+    def finish(self, checkpoint_dir: Path, config: dict, model_name: str | None, alias: str) -> None:
+        """Final checkpoint and config as artifacts; optionally a registered model version with an alias."""
+        if not self.enabled:
+            return
+        self.mlflow.log_artifacts(str(checkpoint_dir), artifact_path="checkpoint")
+        self.mlflow.log_dict(config, "config.json")
+        if model_name:  # the checkpoint folder is the model: a version whose source is that artifact
+            client = self.mlflow.MlflowClient()
+            try:
+                client.create_registered_model(model_name)
+            except self.mlflow.exceptions.MlflowException as error:
+                if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            source = f"{self.mlflow.get_artifact_uri()}/checkpoint"
+            version = client.create_model_version(model_name, source=source, run_id=self.run_id)
+            client.set_registered_model_alias(model_name, alias, version.version)
+        self.mlflow.end_run()
 
 
 def _restore(task: DistillTask, optimizer, scheduler) -> tuple[int, str | None]:
@@ -77,13 +89,19 @@ def _restore(task: DistillTask, optimizer, scheduler) -> tuple[int, str | None]:
     return int(saved.state["step"]), saved.state.get("mlflow_run_id")
 
 
-def _validate(task: DistillTask, device: torch.device, batch_size: int) -> dict[str, float]:
+def _validation_batches(batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """The held-out views and teacher embeddings, read once (at most ``train.val_images`` of them)."""
+    return list(ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=batch_size))
+
+
+def _validate(task: DistillTask, batches: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, float]:
     """Image-only retrieval on the held-out split: query ``a photo of {S}`` against the teacher gallery."""
     queries, gallery = [], []
     task.eval()
     with torch.no_grad():
-        for batch in ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=batch_size):
-            sentence = task.student(to_unit_range(batch["view"].to(device))).sentence
+        for batch in batches:
+            # the bare module: a DDP forward would wait for a collective the other ranks never join
+            sentence = task.student_module(to_unit_range(batch["view"].to(device))).sentence
             queries.append(task.query(sentence))
             gallery.append(batch["teacher_emb"].to(device).float())
     task.train()
@@ -127,7 +145,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     local_batch = config.train.global_batch_size // world
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     task.train()
-    clock, samples = time.perf_counter(), 0
+    clock, samples, validation = time.perf_counter(), 0, None
     shard = ray.train.get_dataset_shard("train")
     while step < total:
         for batch in shard.iter_torch_batches(batch_size=local_batch, drop_last=True):
@@ -155,12 +173,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 with tempfile.TemporaryDirectory() as tmp:
                     checkpoint = None
                     if rank == 0:
-                        metrics.update(_validate(task, device, local_batch))
+                        validation = validation if validation is not None else _validation_batches(local_batch)
+                        metrics.update(_validate(task, validation, device))
                         folder = _save(task, optimizer, scheduler, saved_config, step, tracker.run_id, Path(tmp))
                         checkpoint = ray.train.Checkpoint.from_directory(tmp)
                         tracker.metrics(metrics, step)
                         if step == total:
-                            tracker.finish(folder, saved_config)
+                            tracker.finish(folder, saved_config, config.train.register_model, config.train.model_alias)
                     ray.train.report({**metrics, "step": step}, checkpoint=checkpoint)
             elif step % 10 == 0:
                 tracker.metrics(metrics, step)

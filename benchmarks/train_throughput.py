@@ -1,0 +1,126 @@
+"""Samples/s of ``isa train`` against a plain single-process PyTorch loop, side by side in one run.
+
+Both train the same student with the same teacher, batch and augmentation on the same teacher cache;
+the plain loop reads the cache with pyarrow and decodes/augments in its own process. The overhead is
+``1 - isa / plain`` (target ≤ 15 % on CPU, PERFORMANCE.md).
+
+    python benchmarks/train_throughput.py --cache CACHE --steps 60
+    python benchmarks/train_throughput.py --make-cache --steps 60          # synthetic world, tiny teacher
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from isa.augment import to_unit_range, train_view, views
+from isa.build import build_student, build_task, build_teacher
+from isa.config import Config, load_config
+from isa.task import parameter_groups
+
+
+def plain_loop(config: Config, cache: str, steps: int) -> float:
+    """One process: pyarrow batches, PIL augmentation, forward/backward/step. Returns samples/s."""
+    teacher = build_teacher(config.teacher)
+    torch.manual_seed(0)
+    task = build_task(config, teacher, build_student(config, teacher))
+    optimizer = torch.optim.AdamW(parameter_groups(task, config.train.lr, config.train.lr, 0.05, False))
+    transform = train_view(config.student.image_size, config.train.crop_scale_min, config.train.hflip)
+    columns = ["image", "teacher_emb", "teacher_local"]
+    files = sorted(glob.glob(os.path.join(cache, "part-*.parquet")))
+    batch_size = config.train.global_batch_size
+    task.train()
+    done, started = 0, None
+    while done < steps:
+        for batch in pq.ParquetDataset(files).read(columns=columns).to_batches(max_chunksize=batch_size):
+            if batch.num_rows < batch_size:
+                continue
+            if done == 1:
+                started = time.perf_counter()  # the first step pays one-time costs in both runs
+            images = to_unit_range(torch.from_numpy(views(batch["image"].to_pylist(), transform)))
+            emb = torch.from_numpy(np.stack(batch["teacher_emb"].to_numpy(zero_copy_only=False)).astype(np.float32))
+            local = torch.from_numpy(np.stack(batch["teacher_local"].to_numpy(zero_copy_only=False)).astype(np.float32))
+            loss = task(images, emb, local.view(batch_size, -1, emb.shape[1]))["loss"]
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(task.trainable_parameters(), 1.0)
+            optimizer.step()
+            done += 1
+            if done >= steps:
+                break
+    return (steps - 1) * batch_size / (time.perf_counter() - started)
+
+
+def isa_train(config: Config) -> float:
+    """``isa train`` on a local Ray instance; samples/s as its worker measured them."""
+    import ray
+
+    from pipelines.train import run
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    result = run(config)
+    ray.shutdown()
+    return float(result.metrics["samples_per_s"])
+
+
+def make_cache(folder: Path) -> str:
+    import ray
+
+    from isa.data.synthetic import generate_world, write_world
+    from pipelines.embed import run
+
+    write_world(generate_world(seed=0, num_images=400, num_triplets=20, image_size=64), folder / "world")
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    overrides = ["teacher.name=isa-tiny-ViT", "teacher.pretrained=none", "cache.local_grid=2", "cache.image_size=64"]
+    run(str(folder / "world" / "images"), str(folder / "cache"), load_config(None, overrides))
+    ray.shutdown()
+    return str(folder / "cache")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", help="teacher cache (with images and teacher_local)")
+    parser.add_argument("--make-cache", action="store_true", help="embed the synthetic world with the tiny teacher")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. student.backbone=efficientnet_b0")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = make_cache(Path(tmp)) if args.make_cache else args.cache
+        overrides = [
+            "teacher.name=isa-tiny-ViT",
+            "teacher.pretrained=none",
+            "student.backbone=mobilenetv3_large_100",
+            "student.image_size=64",
+            "token_learner.dim=64",
+            "token_learner.heads=4",
+            "train.global_batch_size=32",
+            f"train.cache={cache}",
+            f"train.output={Path(tmp) / 'run'}",
+            f"train.max_steps={args.steps}",
+            f"train.checkpoint_every={args.steps}",
+            "train.val_fraction=0.0",
+            "train.warmup_fraction=0",
+            f"train.tracking_uri=sqlite:///{Path(tmp) / 'mlflow.db'}",
+            *args.overrides,
+        ]
+        config = load_config(None, overrides)
+        plain = plain_loop(config, cache, args.steps)
+        ours = isa_train(config)
+    print(
+        f"\n{config.student.backbone} · M={config.token_learner.num_tokens} · teacher {config.teacher.name} · "
+        f"batch {config.train.global_batch_size} · {args.steps} steps · {os.cpu_count()} cores"
+    )
+    print(f"| what | samples/s |\n|---|---|\n| plain PyTorch loop | {plain:,.1f} |\n| isa train | {ours:,.1f} |")
+    print(f"isa train / plain loop: {ours / plain:.2f} (overhead {max(0.0, 1 - ours / plain):.0%})")
+
+
+if __name__ == "__main__":
+    main()
