@@ -36,7 +36,7 @@ def plain_loop(config: Config, cache: str, steps: int) -> float:
     transform = train_view(config.student.image_size, config.train.crop_scale_min, config.train.hflip)
     columns = ["image", "teacher_emb", "teacher_local"]
     files = sorted(glob.glob(os.path.join(cache, "part-*.parquet")))
-    batch_size = config.train.global_batch_size
+    batch_size, size = config.train.global_batch_size, config.student.image_size
     task.train()
     done, started = 0, None
     while done < steps:
@@ -45,7 +45,7 @@ def plain_loop(config: Config, cache: str, steps: int) -> float:
                 continue
             if done == 1:
                 started = time.perf_counter()  # the first step pays one-time costs in both runs
-            images = to_unit_range(torch.from_numpy(views(batch["image"].to_pylist(), transform)))
+            images = to_unit_range(torch.from_numpy(views(batch["image"].to_pylist(), transform, size)))
             emb = torch.from_numpy(np.stack(batch["teacher_emb"].to_numpy(zero_copy_only=False)).astype(np.float32))
             local = torch.from_numpy(np.stack(batch["teacher_local"].to_numpy(zero_copy_only=False)).astype(np.float32))
             loss = task(images, emb, local.view(batch_size, -1, emb.shape[1]))["loss"]

@@ -21,9 +21,12 @@ def eval_view(size: int) -> Compose:
     return Compose([Resize(size, antialias=True), CenterCrop(size)])
 
 
-def views(images: list[bytes], transform: Compose) -> np.ndarray:
-    """Decode cached JPEGs and apply ``transform``: (B, S, S, 3) uint8."""
-    return np.stack([np.asarray(transform(Image.open(io.BytesIO(data)).convert("RGB"))) for data in images])
+def views(images: list[bytes], transform: Compose, size: int) -> np.ndarray:
+    """Decode cached JPEGs and apply ``transform`` (which makes ``size`` squares): (B, S, S, 3) uint8."""
+    out = np.zeros((len(images), size, size, 3), dtype=np.uint8)
+    for index, data in enumerate(images):
+        out[index] = np.asarray(transform(Image.open(io.BytesIO(data)).convert("RGB")))
+    return out
 
 
 def to_unit_range(views: torch.Tensor) -> torch.Tensor:

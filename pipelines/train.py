@@ -21,7 +21,7 @@ from ray.train.torch import TorchTrainer
 
 from isa.augment import eval_view, train_view, views
 from isa.build import build_teacher
-from isa.cache import Manifest, filesystem, list_parts, read_column_values, read_manifest
+from isa.cache import filesystem, list_parts, read_column_values, read_manifest
 from isa.config import Config, ConfigError, from_dict, parse_overrides, to_dict
 from isa.teacher import fingerprint_mismatch
 from pipelines.common import config_parser, init_ray, resolve_config
@@ -56,8 +56,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         raise SystemExit(f"isa: {error}") from None
 
 
-def check_cache(config: Config, fingerprint: dict) -> tuple[Manifest, list[str]]:
-    """The cache's manifest and shard URIs, or a TrainError naming what is wrong."""
+def check_cache(config: Config, fingerprint: dict) -> list[str]:
+    """The cache's shard URIs, or a TrainError naming what is wrong with the cache."""
     uri = config.train.cache
     if not uri:
         raise TrainError("no teacher cache given: set train.cache=URI (made by isa embed)")
@@ -78,7 +78,7 @@ def check_cache(config: Config, fingerprint: dict) -> tuple[Manifest, list[str]]
     mismatch = fingerprint_mismatch(fingerprint, manifest.teacher)
     if mismatch:
         raise TrainError(f"cache {uri} does not match the configured teacher: {mismatch}")
-    return manifest, [fs.unstrip_protocol(p) if fs.protocol not in ("file", ("file", "local")) else p for p in parts]
+    return [fs.unstrip_protocol(p) if fs.protocol not in ("file", ("file", "local")) else p for p in parts]
 
 
 def check_resources(config: Config) -> None:
@@ -101,24 +101,17 @@ def is_validation(image_id: str, fraction: float) -> bool:
 
 
 def _split_and_view(batch: dict, *, validation: bool, fraction: float, size: int, scale_min: float, hflip: bool):
-    keep = np.array([is_validation(str(i), fraction) == validation for i in batch["id"]], dtype=bool)
+    """CPU task: keep one split's rows, decode and view their JPEGs, embeddings as float32 rows."""
+    rows = np.flatnonzero([is_validation(str(i), fraction) == validation for i in batch["id"]])
     transform = eval_view(size) if validation else train_view(size, scale_min, hflip)
-    out = {
-        "view": views([batch["image"][i] for i in np.flatnonzero(keep)], transform)
-        if keep.any()
-        else np.zeros((0, size, size, 3), np.uint8)
-    }
+    out = {"view": views([batch["image"][i] for i in rows], transform, size)}  # (n, S, S, 3) uint8
     for column in ("teacher_emb", "teacher_local"):
         if column in batch:
-            out[column] = (
-                np.stack(list(batch[column][keep])).astype(np.float32)
-                if keep.any()
-                else np.zeros((0, len(batch[column][0])), np.float32)
-            )
+            out[column] = np.array([np.asarray(batch[column][i], np.float32) for i in rows], np.float32)  # (n, K)
     return out
 
 
-def datasets(parts: list[str], manifest: Manifest, config: Config) -> tuple[dict, int]:
+def datasets(parts: list[str], config: Config) -> tuple[dict, int]:
     """The train and validation datasets and the number of training rows."""
     columns = ["id", "image", "teacher_emb"] + (["teacher_local"] if config.loss.lar_weight > 0 else [])
     base = ray.data.read_parquet(parts).select_columns(columns)
@@ -152,9 +145,9 @@ def run(config: Config) -> ray.train.Result:
     teacher = build_teacher(config.teacher)
     fingerprint = teacher.fingerprint()
     del teacher
-    manifest, parts = check_cache(config, fingerprint)
+    parts = check_cache(config, fingerprint)
     check_resources(config)
-    data, n_train = datasets(parts, manifest, config)
+    data, n_train = datasets(parts, config)
     steps_per_epoch = n_train // config.train.global_batch_size
     total = config.train.max_steps or config.train.epochs * steps_per_epoch
     if total <= 0:

@@ -111,6 +111,12 @@ def test_resume_continues_with_the_same_step_count(train_cache, tmp_path):
     assert result.metrics["step"] == 12 and _steps(run_dir)[-1] == 12
     last = load_checkpoint(_checkpoints(run_dir)[-1])
     assert last.state["step"] == 12
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=resumed.train.tracking_uri)
+    (found,) = client.search_runs([client.get_experiment_by_name("isa").experiment_id])  # the same MLflow run
+    steps = {m.step for m in client.get_metric_history(found.info.run_id, "loss")}
+    assert {4, 8, 12} <= steps
 
 
 def _train_worker_pids() -> list[int]:
