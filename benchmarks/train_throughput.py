@@ -71,13 +71,13 @@ def isa_train(config: Config) -> float:
     return float(result.metrics["samples_per_s"])
 
 
-def make_cache(folder: Path) -> str:
+def make_cache(folder: Path, images: int) -> str:
     import ray
 
     from isa.data.synthetic import generate_world, write_world
     from pipelines.embed import run
 
-    write_world(generate_world(seed=0, num_images=400, num_triplets=20, image_size=64), folder / "world")
+    write_world(generate_world(seed=0, num_images=images, num_triplets=20, image_size=64), folder / "world")
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     overrides = ["teacher.name=isa-tiny-ViT", "teacher.pretrained=none", "cache.local_grid=2", "cache.image_size=64"]
     run(str(folder / "world" / "images"), str(folder / "cache"), load_config(None, overrides))
@@ -89,11 +89,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", help="teacher cache (with images and teacher_local)")
     parser.add_argument("--make-cache", action="store_true", help="embed the synthetic world with the tiny teacher")
+    parser.add_argument("--world-images", type=int, default=2400, help="images of the synthetic world (--make-cache)")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. student.backbone=efficientnet_b0")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        cache = make_cache(Path(tmp)) if args.make_cache else args.cache
+        cache = make_cache(Path(tmp), args.world_images) if args.make_cache else args.cache
         overrides = [
             "teacher.name=isa-tiny-ViT",
             "teacher.pretrained=none",

@@ -145,7 +145,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     local_batch = config.train.global_batch_size // world
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     task.train()
-    clock, samples, validation = time.perf_counter(), 0, None
+    clock, samples, validation = None, 0, None
     shard = ray.train.get_dataset_shard("train")
     while step < total:
         for batch in shard.iter_torch_batches(batch_size=local_batch, drop_last=True):
@@ -165,10 +165,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             optimizer.step()
             scheduler.step()
             step += 1
-            samples += local_batch * world
+            if clock is None:  # the rate counts from the end of this process's first step (start-up excluded)
+                clock = time.perf_counter()
+            else:
+                samples += local_batch * world
             metrics = {k: float(v) for k, v in losses.items()}
             metrics["lr"] = scheduler.get_last_lr()[0]
-            metrics["samples_per_s"] = samples / (time.perf_counter() - clock)
+            metrics["samples_per_s"] = samples / max(time.perf_counter() - clock, 1e-9)
             if step % config.train.checkpoint_every == 0 or step == total:
                 with tempfile.TemporaryDirectory() as tmp:
                     checkpoint = None
