@@ -226,8 +226,8 @@ def test_killed_run_resumes_exactly_once(ray_session, tmp_path):
     process = subprocess.Popen(
         args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    deadline = time.time() + 240
-    while time.time() < deadline and len(glob.glob(str(out / "part-*.parquet"))) < 3:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(glob.glob(str(out / "part-*.parquet"))) < 3:
         assert process.poll() is None, "the run ended before it could be interrupted"
         time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)

@@ -136,8 +136,8 @@ def test_worker_killed_mid_run_recovers_from_last_checkpoint(train_cache, tmp_pa
     killed: list[int] = []
 
     def kill_a_worker_after_first_checkpoint():
-        deadline = time.time() + 300
-        while time.time() < deadline and not _checkpoints(run_dir):
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not _checkpoints(run_dir):
             time.sleep(0.2)
         for pid in _train_worker_pids():
             os.kill(pid, signal.SIGKILL)
