@@ -128,6 +128,11 @@ def filesystem(uri: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSys
     return fs, path.rstrip("/")
 
 
+def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A path listed by ``fs`` as a URI other processes can open: ``s3://...`` kept, local paths as they are."""
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+
 def write_table(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
     """Write a Parquet file whole: readers never see a partial file under its final name."""
     sink = pa.BufferOutputStream()

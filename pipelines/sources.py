@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from isa.cache import filesystem
+from isa.cache import filesystem, full_uri
 from isa.config import CacheConfig
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -70,10 +70,6 @@ def _find(fs: fsspec.AbstractFileSystem, root: str, exclude: str | None = None) 
     return sorted(keep)
 
 
-def _unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    return fs.unstrip_protocol(path) if fs.protocol not in ("file", ("file", "local")) else path
-
-
 def read_sources(uri: str, cache: CacheConfig, exclude: str | None = None) -> ray.data.Dataset:
     """The inputs as a dataset with columns ``uri`` (str), ``data`` (bytes or None: read ``uri``) and ``error``
     (None, or why the input could not even be listed, e.g. a corrupt tar shard)."""
@@ -81,14 +77,14 @@ def read_sources(uri: str, cache: CacheConfig, exclude: str | None = None) -> ra
     listing = _find(fs, root, exclude) if fs.isdir(root) else None  # listed once, also to guess the kind
     kind = guess_format(uri, cache, listing)
     if kind == "folder":
-        uris = [_unstrip(fs, p) for p in listing or []]
+        uris = [full_uri(fs, p) for p in listing or []]
         if not uris:
             raise InputError(f"no input files found under {uri}")
         return _from_uris(uris, cache.decode_batch_size)
     if kind == "list":
         return _read_list(uri, root, cache)
     if kind == "tar":
-        shards = [_unstrip(fs, p) for p in (listing if listing is not None else [root]) if p.endswith(".tar")]
+        shards = [full_uri(fs, p) for p in (listing if listing is not None else [root]) if p.endswith(".tar")]
         if not shards:
             raise InputError(f"no .tar shards found at {uri}")
         return _from_uris(shards, 1).map_batches(

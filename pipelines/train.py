@@ -21,7 +21,7 @@ from ray.train.torch import TorchTrainer
 
 from isa.augment import eval_view, train_view, views
 from isa.build import build_teacher
-from isa.cache import filesystem, list_parts, read_column_values, read_manifest
+from isa.cache import filesystem, full_uri, list_parts, read_column_values, read_manifest
 from isa.config import Config, ConfigError, from_dict, parse_overrides, to_dict
 from isa.teacher import fingerprint_mismatch
 from pipelines.common import config_parser, init_ray, resolve_config
@@ -78,7 +78,7 @@ def check_cache(config: Config, fingerprint: dict) -> list[str]:
     mismatch = fingerprint_mismatch(fingerprint, manifest.teacher)
     if mismatch:
         raise TrainError(f"cache {uri} does not match the configured teacher: {mismatch}")
-    return [fs.unstrip_protocol(p) if fs.protocol not in ("file", ("file", "local")) else p for p in parts]
+    return [full_uri(fs, p) for p in parts]
 
 
 def check_resources(config: Config) -> None:

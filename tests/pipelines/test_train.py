@@ -95,8 +95,12 @@ def test_short_run_learns_and_its_checkpoints_load(train_cache, tmp_path):
     teacher = build_teacher(rebuilt_config.teacher)
     assert saved.config["teacher"]["weights_sha256"] == teacher.weights_sha256()
     task = build_task(rebuilt_config, teacher, build_student(rebuilt_config, teacher))
-    task.load_trainable_state_dict(saved.weights)
-    assert torch.equal(task.trainable_state_dict()["logit_scale"], saved.weights["logit_scale"])
+    fresh = {k: v.clone() for k, v in task.trainable_state_dict().items()}
+    task.load_trainable_state_dict(saved.weights)  # strict: every saved tensor has its place
+    loaded = task.trainable_state_dict()
+    assert loaded.keys() == saved.weights.keys()
+    assert all(torch.equal(loaded[k], saved.weights[k]) for k in loaded)
+    assert any(not torch.equal(fresh[k], saved.weights[k]) for k in fresh if k.endswith("weight"))  # trained
 
 
 def test_resume_continues_with_the_same_step_count(train_cache, tmp_path):
