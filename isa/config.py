@@ -188,10 +188,13 @@ class EvalConfig:
     benchmark: Literal["cirr", "fashioniq", "circo", "images"] = "cirr"
     dataset_root: str = ""  # dataset root URI in the official layout
     split: str = "val"  # dataset split
-    checkpoint: str | None = None  # student checkpoint; None = baselines only
-    gallery_cache: str | None = None  # reuse this gallery cache
+    checkpoints: tuple[str, ...] = ()  # student checkpoints (ISA, MLP, symmetric ...); empty = baselines only
+    baselines: bool = True  # also rank with teacher text only, image only, image + text
+    gallery_cache: str | None = None  # gallery cache to create or reuse; None = OUTPUT/gallery-BENCHMARK-SPLIT
     output: str = "isa-output/eval"  # where metrics.json, report.html and submission files go
     batch_size: int = 256  # queries per forward
+    report_queries: int = 8  # sample queries shown in report.html
+    latency_runs: int = 20  # batch-1 CPU forwards timed per model for the cost table (0 = skip the cost table)
     distractors: str | None = None  # cache of distractor images for gallery scaling
     distractor_counts: tuple[int, ...] = ()  # e.g. 1000,10000
     tracking_uri: str | None = None  # MLflow; None = MLFLOW_TRACKING_URI if set

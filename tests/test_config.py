@@ -42,10 +42,11 @@ def test_yaml_then_overrides(tmp_path):
 
 
 def test_round_trip_through_plain_dicts():
-    config = load_config(None, ["eval.distractor_counts=10,20", "student.mapper=mlp", "eval.checkpoint=/x"])
+    config = load_config(None, ["eval.distractor_counts=10,20", "student.mapper=mlp", "eval.checkpoints=/x,/y"])
     assert from_dict(to_dict(config)) == config
     flat = flatten(config)
     assert flat["student.mapper"] == "mlp" and flat["eval.distractor_counts"] == [10, 20]
+    assert config.eval.checkpoints == ("/x", "/y")
     assert len(flat) == sum(len(dataclasses.fields(getattr(config, f.name))) for f in dataclasses.fields(config))
 
 
