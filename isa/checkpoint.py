@@ -150,3 +150,21 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if (directory / OPTIMIZER_FILE).is_file():
         optimizer = torch.load(directory / OPTIMIZER_FILE, map_location=map_location, weights_only=True)
     return Checkpoint(config=config, weights=weights, state=state, optimizer=optimizer)
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """``path`` itself when it is a checkpoint, else the latest (highest step) ``checkpoint_*/isa`` of a run folder.
+
+    Raises:
+        CheckpointError: nothing that looks like a checkpoint under ``path``.
+    """
+    directory = Path(path)
+    if is_checkpoint(directory):
+        return directory
+    found = [p.parent for p in directory.glob("checkpoint_*/*/" + CONFIG_FILE) if is_checkpoint(p.parent)]
+    if not found:
+        raise CheckpointError(
+            f"no checkpoint at {directory}: expected a checkpoint directory ({', '.join(REQUIRED_FILES)}) or a "
+            "training run folder holding checkpoint_*/isa"
+        )
+    return max(found, key=lambda p: (json.loads((p / STATE_FILE).read_text()).get("step", 0), p.parent.name))

@@ -197,7 +197,19 @@ class EvalConfig:
     latency_runs: int = 20  # batch-1 CPU forwards timed per model for the cost table (0 = skip the cost table)
     distractors: str | None = None  # cache of distractor images for gallery scaling
     distractor_counts: tuple[int, ...] = ()  # e.g. 1000,10000
-    tracking_uri: str | None = None  # MLflow; None = MLFLOW_TRACKING_URI if set
+    tracking_uri: str | None = None  # MLflow; None = MLFLOW_TRACKING_URI if set, else no logging
+    run_id: str | None = None  # log into this MLflow run (e.g. the training run); None = a new run
+    experiment: str = "isa-eval"  # MLflow experiment of new runs
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _require(
+            self.report_queries >= 0 and self.latency_runs >= 0, "eval.report_queries", "and latency_runs must be >= 0"
+        )
+        _require(all(n >= 1 for n in self.distractor_counts), "eval.distractor_counts", "must be >= 1 each")
+        _require(
+            not self.distractor_counts or bool(self.distractors), "eval.distractors", "is needed with distractor_counts"
+        )
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,13 @@ from collections.abc import Sequence
 
 import torch
 
+GALLERY_BLOCK = 16384  # gallery rows cast to float32 and multiplied at a time
+
 
 def top_k(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
     """Indices of the ``k`` most similar gallery rows for each query, best first.
+
+    Ties are broken arbitrarily; use :func:`rank` for a deterministic order.
 
     Args:
         queries: (Q, D) L2-normalized; gallery: (N, D) L2-normalized.
@@ -21,8 +25,109 @@ def top_k(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk: int = 409
     return torch.cat(parts) if parts else torch.zeros(0, k, dtype=torch.long)
 
 
+def rank(
+    queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: torch.Tensor | None = None, chunk: int = 1024
+) -> torch.Tensor:
+    """The ``k`` best gallery rows per query by dot product, best first, equal scores by lower index first.
+
+    Scores are computed in float32 whatever the input dtype, ``chunk`` queries at a time (memory: one
+    (chunk, N) float32 score matrix). The order is deterministic even at the k boundary: of several
+    rows tied with the k-th best score, the lowest indices are kept.
+
+    Args:
+        queries: (Q, D) float, any dtype.
+        gallery: (N, D) float, any dtype.
+        k: how many gallery rows to return per query, at least 1.
+        exclude: optional (Q,) int64, one gallery index per query to leave out of its ranking (the CIRR
+            reference), -1 for none. When any query excludes a row, every query gets at most N - 1 rows.
+        chunk: queries scored at a time.
+
+    Returns:
+        (Q, min(k, N_eligible)) int64 gallery indices, where N_eligible is N less one if any row is excluded.
+
+    Raises:
+        ValueError: on k < 1, mismatched shapes or an exclude index outside [-1, N).
+    """
+    _check_rank_inputs(queries, gallery, k, exclude, chunk)
+    num_gallery = gallery.shape[0]
+    excluding = exclude is not None and bool((exclude >= 0).any())
+    k = min(k, num_gallery - int(excluding))
+    if k < 1 or queries.shape[0] == 0:
+        return torch.zeros(queries.shape[0], max(k, 0), dtype=torch.long, device=queries.device)
+    parts = []
+    for start in range(0, queries.shape[0], chunk):
+        scores = _scores(queries[start : start + chunk], gallery)  # (C, N) float32
+        if excluding:
+            _drop(scores, exclude[start : start + chunk])
+        parts.append(_stable_top_k(scores, k))
+    return torch.cat(parts)
+
+
+def _check_rank_inputs(
+    queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: torch.Tensor | None, chunk: int
+) -> None:
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1, got {chunk}")
+    if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
+        raise ValueError(
+            f"queries (Q, D) and gallery (N, D) must share D, got {tuple(queries.shape)} and {tuple(gallery.shape)}"
+        )
+    if exclude is None:
+        return
+    if exclude.shape != (queries.shape[0],):
+        raise ValueError(f"exclude must have shape ({queries.shape[0]},), got {tuple(exclude.shape)}")
+    if exclude.numel() and (int(exclude.min()) < -1 or int(exclude.max()) >= gallery.shape[0]):
+        raise ValueError(
+            f"exclude indices must lie in [-1, {gallery.shape[0]}), got [{int(exclude.min())}, {int(exclude.max())}]"
+        )
+
+
+def _scores(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+    """(C, N) float32 dot products, the gallery cast to float32 one block at a time (no full copy)."""
+    queries = queries.float()  # (C, D)
+    scores = torch.empty(queries.shape[0], gallery.shape[0], dtype=torch.float32, device=queries.device)
+    for start in range(0, gallery.shape[0], GALLERY_BLOCK):
+        block = gallery[start : start + GALLERY_BLOCK].float()  # (B, D)
+        torch.mm(queries, block.T, out=scores[:, start : start + block.shape[0]])
+    return scores
+
+
+def _drop(scores: torch.Tensor, exclude: torch.Tensor) -> None:
+    """Set each row's excluded gallery column to -inf, in place. scores: (C, N); exclude: (C,)."""
+    exclude = exclude.to(scores.device)
+    rows = (exclude >= 0).nonzero().squeeze(1)  # (E,)
+    scores[rows, exclude[rows]] = float("-inf")
+
+
+def _stable_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(C, k) indices of the k best columns per row, ordered by (-score, index); k <= N."""
+    probe = torch.topk(scores, min(k + 1, scores.shape[1]), dim=1)  # values sorted, ties picked arbitrarily
+    indices = _order(probe.indices[:, :k], probe.values[:, :k])  # (C, k)
+    if probe.values.shape[1] > k:
+        # A row whose (k+1)-th value equals its k-th has a tie across the boundary: topk's pick is arbitrary.
+        for row in (probe.values[:, k] == probe.values[:, k - 1]).nonzero().squeeze(1).tolist():
+            indices[row] = _stable_row(scores[row], probe.values[row, k - 1], k)
+    return indices
+
+
+def _order(indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Reorder each row's candidates by descending value, equal values by ascending index. (C, k) -> (C, k)."""
+    indices, by_index = indices.sort(dim=1)
+    values = values.gather(1, by_index)
+    by_value = values.sort(dim=1, descending=True, stable=True).indices
+    return indices.gather(1, by_value)
+
+
+def _stable_row(row: torch.Tensor, threshold: torch.Tensor, k: int) -> torch.Tensor:
+    """The k best of one (N,) score row given its k-th best value: every column >= threshold, ordered."""
+    candidates = (row >= threshold).nonzero().squeeze(1)  # (M,) ascending, M >= k
+    return _order(candidates[None], row[candidates][None])[0, :k]
+
+
 def image_retrieval_recall(queries: torch.Tensor, gallery: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict:
     """Image-only retrieval (METHOD.md §5): query ``i`` must find gallery row ``i``; R@k in percent."""
-    ranks = top_k(queries.float(), gallery.float(), max(ks))  # (Q, K)
+    ranks = rank(queries, gallery, max(ks))  # (Q, K)
     hits = ranks == torch.arange(queries.shape[0], device=ranks.device)[:, None]
     return {f"R@{k}": float(hits[:, :k].any(dim=1).float().mean() * 100) for k in ks}

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 STAGES: dict[str, tuple[str, str]] = {
     "embed": ("pipelines.embed", "cache teacher image embeddings with Ray Data (resumable, any fsspec URI)"),
     "train": ("pipelines.train", "distil the light query encoder with Ray Train (DDP, checkpoints, MLflow)"),
+    "eval": ("pipelines.eval", "FashionIQ / CIRR / CIRCO / image-only metrics, baselines, test-server files, report"),
     "world": ("pipelines.world", "write the synthetic world (images, captions, CIRR/FashionIQ/CIRCO layouts)"),
     "config": ("pipelines.show_config", "validate a config file and overrides, print the resolved config"),
 }

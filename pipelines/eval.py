@@ -1,0 +1,218 @@
+"""``isa eval``: FashionIQ, CIRR and CIRCO with the official protocols, image-only retrieval, baselines.
+
+read the benchmark (official layout, any fsspec root) -> embed its images with ``isa embed`` (a gallery-only
+cache, reused) -> encode queries per method (Ray tasks, GPU when present) -> rank -> official metrics,
+test-server files, ``metrics.json``, ``table.md``, ``report.html``, the query-side cost table, MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import sys
+from collections.abc import Sequence
+
+import ray
+import torch
+import torch.nn.functional as F
+
+from isa.build import build_teacher
+from isa.cache import CacheError
+from isa.checkpoint import CheckpointError, find_checkpoint
+from isa.config import Config
+from isa.data.benchmarks import Benchmark, BenchmarkFormatError, read_benchmark
+from isa.teacher import Teacher
+from pipelines import eval_outputs as out
+from pipelines import eval_report
+from pipelines.common import config_parser, init_ray, resolve_config
+from pipelines.eval_cost import query_costs
+from pipelines.eval_gallery import EvalError, embed_benchmark, gallery_uri, load_distractors, load_embeddings
+from pipelines.eval_images import image_only_document
+from pipelines.eval_queries import Encoded, encode_student, encode_text_baseline, task_options, unique_references
+from pipelines.eval_scoring import Ranked, metrics, rank_gallery, rank_members, submissions
+
+TEXT_ONLY, IMAGE_ONLY, IMAGE_TEXT = "text only (teacher)", "image only (teacher)", "image + text (teacher)"
+
+
+def parse_args(argv: Sequence[str] | None) -> Config:
+    parser = config_parser("isa eval", "Evaluate student checkpoints and baselines with the official protocols.")
+    parser.add_argument("--benchmark", choices=["cirr", "fashioniq", "circo", "images"], help="eval.benchmark")
+    parser.add_argument("--dataset-root", help="dataset root in the official layout; for 'images' a cache with images")
+    parser.add_argument("--split", help="eval.split (CIRR: train, val, test1; FashionIQ: val, test; CIRCO: val, test)")
+    parser.add_argument("--checkpoint", action="append", help="student checkpoint or training run folder (repeatable)")
+    parser.add_argument("--gallery-cache", help="gallery cache to create or reuse (eval.gallery_cache)")
+    parser.add_argument("--output", help="eval.output")
+    parser.add_argument("--distractors", help="cache of distractor images for gallery scaling (eval.distractors)")
+    parser.add_argument("--distractor-counts", help="e.g. 1000,10000 (eval.distractor_counts)")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the teacher-only baseline rows")
+    parser.add_argument("--teacher", help="open_clip model name (teacher.name)")
+    parser.add_argument("--pretrained", help="open_clip pretrained tag, weights file, or none (teacher.pretrained)")
+    args = parser.parse_intermixed_args(argv)
+    flags = {
+        "eval.benchmark": args.benchmark,
+        "eval.dataset_root": args.dataset_root,
+        "eval.split": args.split,
+        "eval.checkpoints": ",".join(args.checkpoint) if args.checkpoint else None,
+        "eval.gallery_cache": args.gallery_cache,
+        "eval.output": args.output,
+        "eval.distractors": args.distractors,
+        "eval.distractor_counts": args.distractor_counts,
+        "eval.baselines": "false" if args.no_baselines else None,
+        "teacher.name": args.teacher,
+        "teacher.pretrained": args.pretrained,
+    }
+    overrides = [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
+    return resolve_config(args.config, overrides)
+
+
+def encode_methods(benchmark: Benchmark, config: Config, checkpoints: list[str], reference_emb) -> list[Encoded]:
+    """Every method's queries (all galleries' queries, in gallery order), encoded in parallel Ray tasks."""
+    queries = [q for key in benchmark.galleries for q in benchmark.queries[key]]
+    modifiers = [q.modifiers for q in queries]
+    refs, index = unique_references([q.reference for q in queries])
+    uris = [benchmark.images[name] for name in refs]
+    batch, report = config.eval.batch_size, config.eval.report_queries
+    options = task_options()
+    shown = max(index[:report], default=-1) + 1  # references whose attention maps the report shows
+    pending = [
+        encode_student.options(**options).remote(path, config.teacher, uris, index, modifiers, batch, shown)
+        for path in checkpoints
+    ]
+    text = (
+        encode_text_baseline.options(**options).remote(config.teacher, modifiers, batch)
+        if config.eval.baselines
+        else None
+    )
+    methods = []
+    for encoded in ray.get(pending):
+        if encoded.attention is not None:  # keep the maps of the report's queries only, in query order
+            encoded.attention = encoded.attention[index[:report]]
+        methods.append(encoded)
+    if text is not None:
+        text_emb = torch.from_numpy(ray.get(text))
+        image_emb = reference_emb([q.reference for q in queries]).float()
+        methods.append(Encoded(TEXT_ONLY, text_emb.numpy()))
+        methods.append(Encoded(IMAGE_ONLY, image_emb.numpy()))
+        methods.append(Encoded(IMAGE_TEXT, F.normalize(image_emb + text_emb, dim=-1).numpy()))
+    return _unique_names(methods)
+
+
+def _unique_names(methods: list[Encoded]) -> list[Encoded]:
+    seen: dict[str, int] = {}
+    for method in methods:
+        seen[method.name] = seen.get(method.name, 0) + 1
+        if seen[method.name] > 1:
+            method.name = f"{method.name} #{seen[method.name]}"
+    return methods
+
+
+def rank_method(benchmark: Benchmark, emb, method: Encoded, extra: torch.Tensor | None = None) -> dict[str, Ranked]:
+    """Rankings of one method over every gallery of the benchmark, with ``extra`` distractor rows appended."""
+    ranked, start = {}, 0
+    for key, names in benchmark.galleries.items():
+        queries = benchmark.queries[key]
+        query_emb = torch.from_numpy(method.queries[start : start + len(queries)])
+        start += len(queries)
+        gallery = emb.rows(names)
+        if extra is not None:
+            gallery = torch.cat([gallery, extra.to(gallery.dtype)])
+        cirr = benchmark.name == "cirr"
+        top = rank_gallery(queries, query_emb, names, gallery, remove_reference=cirr)
+        subset = rank_members(queries, query_emb, emb.rows) if cirr else None
+        ranked[key] = Ranked(queries, top, subset)
+    return ranked
+
+
+def run(config: Config) -> dict:
+    """Evaluate; returns the metrics document (also written to ``OUTPUT/metrics.json``)."""
+    teacher = build_teacher(config.teacher)
+    checkpoints = [str(find_checkpoint(path)) for path in config.eval.checkpoints]
+    if config.eval.benchmark == "images":
+        document, samples, images = image_only_document(config, teacher, checkpoints), [], {}
+    else:
+        document, samples, images = cir_document(config, teacher, checkpoints)
+    if config.eval.latency_runs:
+        document["cost"] = [c.__dict__ for c in query_costs(teacher, checkpoints, config.eval.latency_runs)]
+    table = out.document_table(document)
+    title = f"isa eval · {config.eval.benchmark} {config.eval.split}"
+    files = {
+        out.METRICS_FILE: json.dumps(document, indent=2),
+        out.TABLE_FILE: table,
+        out.REPORT_FILE: eval_report.render(title, table, samples, images),
+    }
+    for name, text in files.items():
+        out.write_text(posixpath.join(config.eval.output, name), text)
+    document["mlflow_run_id"] = out.log_mlflow(config, document, files)
+    return document
+
+
+def cir_document(config: Config, teacher: Teacher, checkpoints: list[str]) -> tuple[dict, list, dict]:
+    """Metrics, submission files and report samples of a composed-retrieval benchmark."""
+    ev = config.eval
+    benchmark = read_benchmark(ev.benchmark, ev.dataset_root, ev.split)
+    cache = gallery_uri(config)
+    summary = embed_benchmark(benchmark, config, cache)
+    print(f"isa eval: gallery cache {cache}: {summary.line()}", flush=True)
+    emb = load_embeddings(benchmark, cache)
+    methods = encode_methods(benchmark, config, checkpoints, emb.rows)
+    rankings = {m.name: rank_method(benchmark, emb, m) for m in methods}
+    document = {
+        "benchmark": benchmark.name,
+        "split": benchmark.split,
+        "gallery_cache": cache,
+        "gallery_size": sum(len(names) for names in benchmark.galleries.values()),
+        "queries": sum(len(q) for q in benchmark.queries.values()),
+        "rows": {name: metrics(benchmark, r) for name, r in rankings.items()} if benchmark.has_targets else {},
+    }
+    if benchmark.has_targets and ev.distractor_counts:
+        document["scaling"] = scaling(benchmark, config, emb, methods, teacher)
+    if not benchmark.has_targets:
+        files = {name: submissions(benchmark, r) for name, r in rankings.items()}
+        document["submissions"] = out.write_submissions(ev.output, files)
+    return document, report_samples(benchmark, methods, rankings, ev.report_queries), benchmark.images
+
+
+def scaling(benchmark: Benchmark, config: Config, emb, methods: list[Encoded], teacher: Teacher) -> dict:
+    """The same metrics with N distractor images added to every gallery (METHOD.md §5, gallery scaling)."""
+    largest = load_distractors(
+        config.eval.distractors, teacher.fingerprint(), emb.ids, max(config.eval.distractor_counts)
+    )
+    return {
+        str(count): {m.name: metrics(benchmark, rank_method(benchmark, emb, m, largest[:count])) for m in methods}
+        for count in config.eval.distractor_counts
+    }
+
+
+def report_samples(benchmark: Benchmark, methods: list[Encoded], rankings: dict, count: int) -> list:
+    """The first ``count`` queries (over the galleries in order) with each method's top 5."""
+    samples, position = [], 0
+    for key in benchmark.galleries:
+        for row, query in enumerate(benchmark.queries[key]):
+            if position >= count:
+                return samples
+            results = {m.name: rankings[m.name][key].top[row][:5] for m in methods}
+            attention = {m.name: m.attention[position] for m in methods if m.attention is not None}
+            samples.append(eval_report.Sample(query, results, attention))
+            position += 1
+    return samples
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(argv)
+    if config.eval.benchmark != "images" and not config.eval.dataset_root:
+        print("isa eval: set eval.dataset_root (--dataset-root) to the benchmark's folder", file=sys.stderr)
+        return 2
+    init_ray()
+    try:
+        document = run(config)
+    except (BenchmarkFormatError, CacheError, CheckpointError, EvalError) as error:
+        print(f"isa eval: {error}", file=sys.stderr)
+        return 2
+    print(out.document_table(document))
+    print(f"metrics: {posixpath.join(config.eval.output, out.METRICS_FILE)}")
+    print(f"report:  {posixpath.join(config.eval.output, out.REPORT_FILE)}")
+    for row, files in document.get("submissions", {}).items():
+        print(f"test-server files ({row}): {', '.join(files)}")
+    if document.get("mlflow_run_id"):
+        print(f"MLflow run: {document['mlflow_run_id']} at {out.tracking_uri(config)}")
+    return 0

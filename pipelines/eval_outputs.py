@@ -1,0 +1,128 @@
+"""What ``isa eval`` writes: ``metrics.json``, a Markdown table, test-server files and MLflow records."""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from isa.cache import filesystem, write_bytes
+from isa.config import Config, flatten
+from isa.cost import Cost
+
+METRICS_FILE = "metrics.json"
+TABLE_FILE = "table.md"
+REPORT_FILE = "report.html"
+SUBMISSIONS_DIR = "submissions"
+
+
+def slug(name: str) -> str:
+    """A file-name-safe form of a row label."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def write_json(uri: str, value: object) -> None:
+    fs, path = filesystem(uri)
+    write_bytes(fs, path, json.dumps(value, indent=2).encode())
+
+
+def write_text(uri: str, text: str) -> None:
+    fs, path = filesystem(uri)
+    write_bytes(fs, path, text.encode())
+
+
+def write_submissions(output: str, files: Mapping[str, Mapping[str, dict]]) -> dict[str, list[str]]:
+    """``{row: {file name: content}}`` under ``OUTPUT/submissions/<row>/``; returns the URIs per row."""
+    written: dict[str, list[str]] = {}
+    for row, contents in files.items():
+        for name, content in contents.items():
+            uri = posixpath.join(output, SUBMISSIONS_DIR, slug(row), name)
+            write_json(uri, content)
+            written.setdefault(row, []).append(uri)
+    return written
+
+
+def _cell(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def metrics_table(rows: Mapping[str, Mapping[str, float]], columns: Sequence[str] | None = None) -> str:
+    """Markdown: one line per row label, one column per metric (the first row's order)."""
+    if not rows:
+        return ""
+    columns = list(columns or dict.fromkeys(k for metrics in rows.values() for k in metrics))
+    lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    lines += [f"| {name} | " + " | ".join(_cell(m.get(c)) for c in columns) + " |" for name, m in rows.items()]
+    return "\n".join(lines)
+
+
+def cost_table(costs: Sequence[Cost]) -> str:
+    """Markdown: query-image path parameters, GFLOPs and batch-1 CPU latency, with the speed-up over the first."""
+    if not costs:
+        return ""
+    base = costs[0].latency_ms
+    lines = [
+        "| query image path | params (M) | GFLOPs | CPU latency, batch 1 (ms) | vs teacher |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {c.name} | {c.params / 1e6:.2f} | {c.gflops:.3f} | {c.latency_ms:.1f} | {base / c.latency_ms:.1f}× |"
+        for c in costs
+    ]
+    return "\n".join(lines)
+
+
+def document_table(document: Mapping) -> str:
+    """The whole Markdown summary of a metrics document."""
+    parts = [f"## {document['benchmark']} {document['split']} · gallery {document['gallery_size']} images"]
+    if document["rows"]:
+        parts.append(metrics_table(document["rows"]))
+    for count, rows in document.get("scaling", {}).items():
+        parts.append(f"### gallery + {count} distractors\n\n" + metrics_table(rows))
+    if document.get("cost"):
+        parts.append("### query-side cost\n\n" + cost_table([Cost(**c) for c in document["cost"]]))
+    return "\n\n".join(parts) + "\n"
+
+
+def metric_key(name: str) -> str:
+    """MLflow-safe metric name (it allows letters, digits, ``_ - . /`` and spaces)."""
+    name = name.replace("@", "_at_").replace("+", "_plus_").replace("(", "").replace(")", "")
+    return re.sub(r"[^\w\-./ ]", "_", name)
+
+
+def tracking_uri(config: Config) -> str | None:
+    """eval.tracking_uri, else MLFLOW_TRACKING_URI, else None (no MLflow logging)."""
+    return config.eval.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def log_mlflow(config: Config, document: Mapping, files: Mapping[str, str]) -> str | None:
+    """Log metrics (``eval/BENCHMARK/row/metric``) and the output files to MLflow; the run id, None when disabled."""
+    uri = tracking_uri(config)
+    if uri is None and config.eval.run_id is None:
+        return None
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run_id = config.eval.run_id
+    if run_id is None:
+        experiment = client.get_experiment_by_name(config.eval.experiment)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.eval.experiment)
+        run_id = client.create_run(
+            experiment_id, run_name=f"eval-{config.eval.benchmark}-{config.eval.split}"
+        ).info.run_id
+        for key, value in flatten(config).items():
+            client.log_param(run_id, key, str(value)[:500])
+    prefix = f"eval/{config.eval.benchmark}/"
+    for row, metrics in document["rows"].items():
+        for name, value in metrics.items():
+            client.log_metric(run_id, metric_key(f"{prefix}{slug(row)}/{name}"), float(value))
+    with tempfile.TemporaryDirectory() as folder:
+        for name, text in files.items():
+            local = Path(folder) / name
+            local.write_text(text)
+            client.log_artifact(run_id, str(local), artifact_path=f"eval-{config.eval.benchmark}-{config.eval.split}")
+    return run_id

@@ -1,0 +1,336 @@
+"""``isa eval`` end to end on the synthetic world in the official layouts, against independent references.
+
+References are computed here without the eval code: open_clip's own ``encode_image(preprocess(img))`` and
+``encode_text``, a full stable sort over the gallery, and metrics written out loop by loop.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import CenterCrop, Compose, Resize
+
+from isa.build import build_student, build_task, build_teacher
+from isa.cache import CacheError
+from isa.checkpoint import save_checkpoint
+from isa.config import Config, from_dict, load_config, parse_overrides, to_dict
+from isa.data.synthetic import generate_world, write_world
+from isa.prompt import PromptComposer
+from pipelines import embed
+from pipelines import eval as eval_stage
+from pipelines.eval_gallery import EvalError
+
+TEACHER = ["teacher.name=isa-tiny-ViT", "teacher.pretrained=none"]
+STUDENT = ["student.backbone=mobilenetv3_large_100", "student.image_size=64", "token_learner.dim=64"]
+STUDENT += ["token_learner.heads=4", "cache.image_size=64"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("eval-world")
+    write_world(generate_world(seed=3, num_images=60, num_triplets=40, image_size=48), root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A (random-init) student checkpoint in the training stage's format."""
+    config = load_config(None, [*TEACHER, *STUDENT])
+    teacher = build_teacher(config.teacher)
+    torch.manual_seed(1)
+    task = build_task(config, teacher, build_student(config, teacher))
+    folder = tmp_path_factory.mktemp("run") / "checkpoint_000000" / "isa"
+    saved = {"config": to_dict(config), "teacher": teacher.fingerprint()}
+    return save_checkpoint(folder, config=saved, weights=task.trainable_state_dict(), state={"step": 0})
+
+
+def _config(world: Path, output: Path, *overrides: str):
+    return load_config(
+        None,
+        [*TEACHER, *STUDENT, "cache.dtype=float32", f"eval.output={output}", "eval.latency_runs=2", *overrides],
+    )
+
+
+def _with(config: Config, *overrides: str) -> Config:
+    return from_dict(parse_overrides(overrides), base=config)
+
+
+@pytest.fixture(scope="module")
+def cirr_val(ray_session, world, checkpoint, tmp_path_factory):
+    output = tmp_path_factory.mktemp("cirr-val")
+    config = _config(world, output, "eval.benchmark=cirr", f"eval.dataset_root={world / 'cirr'}", "eval.split=val")
+    config = _with(config, f"eval.checkpoints={checkpoint.parent.parent}")
+    return config, eval_stage.run(config)
+
+
+# ---- independent references ------------------------------------------------------------------------------
+
+
+def _reference_model():
+    torch.manual_seed(0)  # load_teacher's random init uses seed 0 too
+    model, _, preprocess = open_clip.create_model_and_transforms("isa-tiny-ViT", pretrained=None)
+    return model.eval(), preprocess, open_clip.get_tokenizer("isa-tiny-ViT")
+
+
+def _image_emb(model, preprocess, paths: list[Path]) -> torch.Tensor:
+    with torch.no_grad():
+        pixels = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths])
+        return F.normalize(model.encode_image(pixels), dim=-1)
+
+
+def _text_emb(model, tokenizer, texts: list[str]) -> torch.Tensor:
+    with torch.no_grad():
+        return F.normalize(model.encode_text(tokenizer(texts)), dim=-1)
+
+
+def _student_view(path: Path, size: int) -> torch.Tensor:
+    """The training path written out: the cached JPEG (quality 90) then resize + centre crop: (3, s, s)."""
+    buffer = io.BytesIO()
+    Image.open(path).convert("RGB").save(buffer, format="JPEG", quality=90)  # 48 px: no resize to 64
+    image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    view = Compose([Resize(size, antialias=True), CenterCrop(size)])(image)
+    return torch.from_numpy(np.asarray(view).copy()).permute(2, 0, 1).float() / 255
+
+
+def _ranking(query: torch.Tensor, gallery: torch.Tensor, names: list[str], drop: str | None) -> list[str]:
+    order = torch.sort(-(gallery @ query), stable=True).indices.tolist()
+    return [names[i] for i in order if names[i] != drop]
+
+
+def _recall(rankings: list[list[str]], targets: list[str], k: int) -> float:
+    hits = 0
+    for ranking, target in zip(rankings, targets):
+        hits += target in ranking[:k]
+    return 100 * hits / len(targets)
+
+
+def _cirr_reference(world: Path, queries: torch.Tensor, entries: list[dict], split: dict) -> dict[str, float]:
+    model, preprocess, _ = _reference_model()
+    names = list(split)
+    gallery = _image_emb(model, preprocess, [world / "cirr" / split[n] for n in names])
+    full = [_ranking(q, gallery, names, e["reference"]) for q, e in zip(queries, entries)]
+    subsets = [[n for n in r if n in e["img_set"]["members"]] for r, e in zip(full, entries)]
+    targets = [e["target_hard"] for e in entries]
+    out = {f"R@{k}": _recall(full, targets, k) for k in (1, 5, 10, 50)}
+    out.update({f"Rs@{k}": _recall(subsets, targets, k) for k in (1, 2, 3)})
+    out["(R@5+Rs@1)/2"] = (out["R@5"] + out["Rs@1"]) / 2
+    return out
+
+
+def _cirr_files(world: Path, split: str) -> tuple[list[dict], dict]:
+    entries = json.loads((world / "cirr" / "cirr" / "captions" / f"cap.rc2.{split}.json").read_text())
+    paths = json.loads((world / "cirr" / "cirr" / "image_splits" / f"split.rc2.{split}.json").read_text())
+    return entries, paths
+
+
+def _assert_close(got: dict, expected: dict) -> None:
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-6), key
+
+
+# ---- tests ------------------------------------------------------------------------------------------------
+
+
+def test_cirr_baselines_equal_open_clip_brute_force(cirr_val, world):
+    _, document = cirr_val
+    entries, split = _cirr_files(world, "val")
+    model, preprocess, tokenizer = _reference_model()
+    text = _text_emb(model, tokenizer, [f"a photo of {e['caption']}" for e in entries])
+    image = _image_emb(model, preprocess, [world / "cirr" / split[e["reference"]] for e in entries])
+    rows = document["rows"]
+    _assert_close(rows["text only (teacher)"], _cirr_reference(world, text, entries, split))
+    _assert_close(rows["image only (teacher)"], _cirr_reference(world, image, entries, split))
+    _assert_close(rows["image + text (teacher)"], _cirr_reference(world, F.normalize(image + text), entries, split))
+    # the reference is removed: the image-only baseline would otherwise find it first every time
+    assert document["gallery_size"] == len(split) and document["queries"] == len(entries)
+
+
+def test_cirr_checkpoint_row_equals_the_student_computed_by_hand(cirr_val, world, checkpoint):
+    config, document = cirr_val
+    entries, split = _cirr_files(world, "val")
+    teacher = build_teacher(config.teacher)
+    torch.manual_seed(1)
+    task = build_task(config, teacher, build_student(config, teacher)).eval()  # the checkpoint's weights
+    composer = PromptComposer(teacher, "*")
+    views = torch.stack([_student_view(world / "cirr" / split[e["reference"]], 64) for e in entries])
+    with torch.no_grad():
+        sentence = task.student(views).sentence
+        queries = composer.compose(sentence, "a photo of {S} that {c}", [{"c": e["caption"]} for e in entries])
+    row = document["rows"]["mobilenetv3_large_100 + atl"]
+    _assert_close(row, _cirr_reference(world, queries, entries, split))
+
+
+def test_cost_table_report_and_files(cirr_val, checkpoint):
+    config, document = cirr_val
+    teacher_cost, student_cost = document["cost"]
+    teacher = build_teacher(config.teacher)
+    assert teacher_cost["params"] == sum(p.numel() for p in teacher.model.visual.parameters())
+    student = build_student(config, teacher)
+    assert student_cost["params"] == sum(p.numel() for p in student.parameters())
+    assert student_cost["gflops"] > 0 and student_cost["latency_ms"] > 0
+    output = Path(config.eval.output)
+    assert json.loads((output / "metrics.json").read_text())["rows"] == document["rows"]
+    table = (output / "table.md").read_text()
+    assert all(name in table for name in document["rows"]) and "R@50" in table
+    report = (output / "report.html").read_text()
+    assert report.count("data:image/jpeg;base64,") > 8 * 6  # reference, attention maps and top-5 per method
+    assert "token 4" in report  # M = 4 attention maps of the checkpoint
+
+
+def test_gallery_cache_is_reused_and_another_teacher_is_refused(cirr_val, tmp_path):
+    config, first = cirr_val
+    cache = Path(first["gallery_cache"])
+    parts = sorted(p.name for p in cache.glob("part-*.parquet"))
+    again = eval_stage.run(
+        _with(config, f"eval.output={tmp_path}", f"eval.gallery_cache={cache}", "eval.latency_runs=0")
+    )
+    assert again["rows"] == first["rows"]
+    assert sorted(p.name for p in cache.glob("part-*.parquet")) == parts  # nothing embedded twice
+    other = _with(config, "teacher.name=isa-tiny-ViT-custom-text", "eval.checkpoints=", f"eval.gallery_cache={cache}")
+    with pytest.raises(CacheError, match="isa-tiny-ViT"):
+        eval_stage.run(_with(other, f"eval.output={tmp_path / 'other'}"))
+
+
+def test_cirr_test_split_writes_the_server_files(ray_session, world, checkpoint, tmp_path):
+    config = _config(world, tmp_path, "eval.benchmark=cirr", f"eval.dataset_root={world / 'cirr'}")
+    config = _with(config, "eval.split=test1", f"eval.checkpoints={checkpoint}", "eval.latency_runs=0")
+    document = eval_stage.run(config)
+    entries, split = _cirr_files(world, "test1")
+    assert document["rows"] == {} and len(document["submissions"]) == 4
+    for files in document["submissions"].values():
+        recall = json.loads(Path(files[0]).read_text())
+        subset = json.loads(Path(files[1]).read_text())
+        assert recall.pop("version") == subset.pop("version") == "rc2"
+        assert (recall.pop("metric"), subset.pop("metric")) == ("recall", "recall_subset")
+        assert set(recall) == set(subset) == {str(e["pairid"]) for e in entries}
+        for entry in entries:
+            top, top3 = recall[str(entry["pairid"])], subset[str(entry["pairid"])]
+            assert len(top) == len(set(top)) == min(50, len(split) - 1) and set(top) <= set(split)
+            assert entry["reference"] not in top and entry["reference"] not in top3
+            assert len(top3) == 3 and set(top3) <= set(entry["img_set"]["members"])
+
+
+def test_fashioniq_per_category_and_mean(ray_session, world, checkpoint, tmp_path):
+    config = _config(world, tmp_path, "eval.benchmark=fashioniq", f"eval.dataset_root={world / 'fashioniq'}")
+    document = eval_stage.run(_with(config, f"eval.checkpoints={checkpoint}", "eval.latency_runs=0"))
+    model, preprocess, _ = _reference_model()
+    root = world / "fashioniq"
+    expected = {}
+    for category in ("dress", "shirt", "toptee"):
+        names = json.loads((root / "image_splits" / f"split.{category}.val.json").read_text())
+        entries = json.loads((root / "captions" / f"cap.{category}.val.json").read_text())
+        gallery = _image_emb(model, preprocess, [root / "images" / f"{n}.png" for n in names])
+        queries = _image_emb(model, preprocess, [root / "images" / f"{e['candidate']}.png" for e in entries])
+        rankings = [_ranking(q, gallery, names, drop=None) for q in queries]  # the reference stays
+        for k in (10, 50):
+            expected[f"{category}/R@{k}"] = _recall(rankings, [e["target"] for e in entries], k)
+    for k in (10, 50):
+        expected[f"mean/R@{k}"] = sum(expected[f"{c}/R@{k}"] for c in ("dress", "shirt", "toptee")) / 3
+    _assert_close(document["rows"]["image only (teacher)"], expected)
+    assert set(document["rows"]["mobilenetv3_large_100 + atl"]) == set(expected)
+
+
+def _average_precision(ranking: list[int], truths: set[int], k: int) -> float:
+    hits, total = 0, 0.0
+    for position, image_id in enumerate(ranking[:k], start=1):
+        if image_id in truths:
+            hits += 1
+            total += hits / position
+    return total / min(len(truths), k)
+
+
+def test_circo_val_map_and_test_submission(ray_session, world, tmp_path):
+    root = world / "circo"
+    config = _config(world, tmp_path, "eval.benchmark=circo", f"eval.dataset_root={root}", "eval.latency_runs=0")
+    document = eval_stage.run(config)
+    entries = json.loads((root / "annotations" / "val.json").read_text())
+    info = json.loads((root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json").read_text())
+    ids = [image["id"] for image in info["images"]]
+    model, preprocess, tokenizer = _reference_model()
+    folder = root / "COCO2017_unlabeled" / "unlabeled2017"
+    gallery = _image_emb(model, preprocess, [folder / image["file_name"] for image in info["images"]])
+    queries = _text_emb(model, tokenizer, [f"a photo of {e['relative_caption']}" for e in entries])
+    rankings = [_ranking(q, gallery, ids, drop=None) for q in queries]
+    row = document["rows"]["text only (teacher)"]
+    for k in (5, 10, 25, 50):
+        expected = [_average_precision(r, set(e["gt_img_ids"]), k) for r, e in zip(rankings, entries)]
+        assert row[f"mAP@{k}"] == pytest.approx(100 * np.mean(expected), abs=1e-6)
+        assert row[f"R@{k}"] == pytest.approx(_recall(rankings, [e["target_img_id"] for e in entries], k), abs=1e-6)
+    aspects = {a for e in entries for a in e["semantic_aspects"]}
+    assert {f"mAP@10/{a}" for a in aspects} <= set(row)
+
+    test = eval_stage.run(_with(config, "eval.split=test", f"eval.output={tmp_path / 'test'}"))
+    test_entries = json.loads((root / "annotations" / "test.json").read_text())
+    for files in test["submissions"].values():
+        submission = json.loads(Path(files[0]).read_text())
+        assert set(submission) == {str(e["id"]) for e in test_entries}
+        for top in submission.values():
+            assert len(top) == len(set(top)) == min(50, len(ids)) and set(top) <= set(ids)
+            assert all(isinstance(image_id, int) for image_id in top)
+
+
+def test_distractors_only_lower_recall(ray_session, world, checkpoint, tmp_path):
+    other = tmp_path / "other"
+    write_world(generate_world(seed=9, num_images=40, num_triplets=10, image_size=48), other)
+    distractors = tmp_path / "distractors"
+    embed.run(str(other / "images"), str(distractors), _config(world, tmp_path, "cache.store_images=false"))
+    config = _config(world, tmp_path, "eval.benchmark=cirr", f"eval.dataset_root={world / 'cirr'}")
+    config = _with(config, f"eval.distractors={distractors}", "eval.distractor_counts=5,30")
+    document = eval_stage.run(config)
+    assert set(document["scaling"]) == {"5", "30"}
+    for method, base in document["rows"].items():
+        for k in (1, 5, 10, 50):
+            assert document["scaling"]["30"][method][f"R@{k}"] <= document["scaling"]["5"][method][f"R@{k}"]
+            assert document["scaling"]["5"][method][f"R@{k}"] <= base[f"R@{k}"]
+        assert document["scaling"]["30"][method]["Rs@1"] == base["Rs@1"]  # the subset ignores the gallery
+    too_many = _with(config, "eval.distractor_counts=10000", f"eval.output={tmp_path / 'x'}")
+    with pytest.raises(EvalError, match="fewer than 10000"):
+        eval_stage.run(too_many)
+
+
+def test_image_only_retrieval_on_a_cache(ray_session, world, checkpoint, tmp_path):
+    cache = tmp_path / "cache"
+    config = _config(world, tmp_path, "eval.benchmark=images", f"eval.dataset_root={cache}", "train.val_fraction=0.5")
+    embed.run(str(world / "images"), str(cache), config)
+    document = eval_stage.run(_with(config, f"eval.checkpoints={checkpoint}"))
+    row = document["rows"]["mobilenetv3_large_100 + atl"]
+    assert set(row) == {"R@1", "R@5", "R@10"} and 0 < document["queries"] <= 1000
+    assert 0 <= row["R@1"] <= row["R@5"] <= row["R@10"] <= 100
+
+
+def test_mlflow_records_the_metrics_and_files(ray_session, world, mlflow_server, tmp_path):
+    import mlflow
+
+    config = _config(world, tmp_path, "eval.benchmark=cirr", f"eval.dataset_root={world / 'cirr'}")
+    config = _with(config, f"eval.tracking_uri={mlflow_server}", "eval.latency_runs=0")
+    document = eval_stage.run(config)
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run(document["mlflow_run_id"])
+    key = "eval/cirr/text-only-teacher/R_at_1"
+    assert run.data.metrics[key] == pytest.approx(document["rows"]["text only (teacher)"]["R@1"])
+    assert run.data.params["eval.benchmark"] == "cirr"
+    files = {f.path.split("/")[-1] for f in client.list_artifacts(run.info.run_id, "eval-cirr-val")}
+    assert files == {"metrics.json", "table.md", "report.html"}
+
+
+def test_command_line_errors(ray_session, world, tmp_path, capsys):
+    assert eval_stage.main(["--benchmark", "cirr", f"eval.output={tmp_path}"]) == 2
+    assert "dataset_root" in capsys.readouterr().err
+    broken = tmp_path / "cirr"
+    shutil.copytree(world / "cirr", broken)
+    (broken / "cirr" / "captions" / "cap.rc2.val.json").write_text('[{"pairid": 1}]')
+    code = eval_stage.main(["--benchmark", "cirr", "--dataset-root", str(broken), *TEACHER, f"eval.output={tmp_path}"])
+    assert code == 2 and "cap.rc2.val.json" in capsys.readouterr().err
+    missing = ["--benchmark", "cirr", "--dataset-root", str(world / "cirr"), "--checkpoint", str(tmp_path / "none")]
+    assert eval_stage.main([*missing, *TEACHER, f"eval.output={tmp_path}"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
