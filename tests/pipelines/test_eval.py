@@ -41,16 +41,24 @@ def world(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def _save_student(folder: Path, *overrides: str) -> Path:
     """A (random-init) student checkpoint in the training stage's format."""
-    config = load_config(None, [*TEACHER, *STUDENT])
+    config = load_config(None, [*TEACHER, *STUDENT, *overrides])
     teacher = build_teacher(config.teacher)
     torch.manual_seed(1)
     task = build_task(config, teacher, build_student(config, teacher))
-    folder = tmp_path_factory.mktemp("run") / "checkpoint_000000" / "isa"
     saved = {"config": to_dict(config), "teacher": teacher.fingerprint()}
     return save_checkpoint(folder, config=saved, weights=task.trainable_state_dict(), state={"step": 0})
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return _save_student(tmp_path_factory.mktemp("run") / "checkpoint_000000" / "isa")
+
+
+@pytest.fixture(scope="module")
+def symmetric_checkpoint(tmp_path_factory) -> Path:
+    return _save_student(tmp_path_factory.mktemp("symmetric") / "isa", "student.backbone=symmetric")
 
 
 def _config(world: Path, output: Path, *overrides: str):
@@ -65,10 +73,10 @@ def _with(config: Config, *overrides: str) -> Config:
 
 
 @pytest.fixture(scope="module")
-def cirr_val(ray_session, world, checkpoint, tmp_path_factory):
+def cirr_val(ray_session, world, checkpoint, symmetric_checkpoint, tmp_path_factory):
     output = tmp_path_factory.mktemp("cirr-val")
     config = _config(world, output, "eval.benchmark=cirr", f"eval.dataset_root={world / 'cirr'}", "eval.split=val")
-    config = _with(config, f"eval.checkpoints={checkpoint.parent.parent}")
+    config = _with(config, f"eval.checkpoints={checkpoint.parent.parent},{symmetric_checkpoint}")
     return config, eval_stage.run(config)
 
 
@@ -170,14 +178,19 @@ def test_cirr_checkpoint_row_equals_the_student_computed_by_hand(cirr_val, world
     _assert_close(row, _cirr_reference(world, queries, entries, split))
 
 
-def test_cost_table_report_and_files(cirr_val, checkpoint):
+def test_cost_table_report_and_files(cirr_val):
     config, document = cirr_val
-    teacher_cost, student_cost = document["cost"]
+    teacher_cost, student_cost, symmetric_cost = document["cost"]
     teacher = build_teacher(config.teacher)
-    assert teacher_cost["params"] == sum(p.numel() for p in teacher.model.visual.parameters())
+    tower = sum(p.numel() for p in teacher.model.visual.parameters())
+    assert teacher_cost["params"] == tower
     student = build_student(config, teacher)
     assert student_cost["params"] == sum(p.numel() for p in student.parameters())
     assert student_cost["gflops"] > 0 and student_cost["latency_ms"] > 0
+    symmetric = build_student(_with(config, "student.backbone=symmetric"), teacher)
+    assert symmetric_cost["params"] == tower + sum(p.numel() for p in symmetric.parameters())
+    assert symmetric_cost["gflops"] > teacher_cost["gflops"]  # the teacher tower runs inside it
+    assert set(document["rows"]) >= {"mobilenetv3_large_100 + atl", "symmetric"}
     output = Path(config.eval.output)
     assert json.loads((output / "metrics.json").read_text())["rows"] == document["rows"]
     table = (output / "table.md").read_text()
