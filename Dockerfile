@@ -1,0 +1,34 @@
+# The isa image for Ray clusters (KubeRay pods, or `docker.image` of a VM cluster): Ray 2.60 with CUDA
+# and Python 3.11, the project and its runtime dependencies, running as the non-root user `ray`.
+#
+#   docker build -t isa:0.1.0 .
+#   docker tag isa:0.1.0 REGISTRY/isa:0.1.0 && docker push REGISTRY/isa:0.1.0   # what the cluster pulls
+#
+# The stage configs (infra/configs/) are copied in: job entrypoints name them relative to WORKDIR.
+ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-gpu
+FROM ${RAY_IMAGE}
+
+# rayproject/ray images run as `ray` (uid 1000, group users) with Python in /home/ray/anaconda3
+USER ray
+WORKDIR /home/ray/isa
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# torch first and pinned, as in README.md (PyPI's Linux wheels bundle CUDA)
+RUN pip install torch==2.14.1 torchvision==0.29.1
+
+COPY --chown=ray:users pyproject.toml README.md ./
+COPY --chown=ray:users isa ./isa
+COPY --chown=ray:users pipelines ./pipelines
+COPY --chown=ray:users tune ./tune
+RUN pip install . && isa --help
+
+COPY --chown=ray:users infra ./infra
+
+# Optional: bake the weights the stages download on first use into the image (about 2 GB):
+#   docker build --build-arg PREFETCH_WEIGHTS=1 -t isa:0.1.0 .
+ARG PREFETCH_WEIGHTS=0
+RUN if [ "$PREFETCH_WEIGHTS" = "1" ]; then \
+      python -c "import open_clip, timm; open_clip.create_model_and_transforms('ViT-L-14', pretrained='openai'); timm.create_model('efficientnet_b0', pretrained=True)"; \
+    fi
