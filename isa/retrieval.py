@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-GALLERY_BLOCK = 16384  # gallery rows cast to float32 and multiplied at a time
+GALLERY_BLOCK = 65536  # gallery rows scored at a time: a (chunk, GALLERY_BLOCK) float32 block in memory
 
 
 def top_k(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
@@ -30,9 +30,10 @@ def rank(
 ) -> torch.Tensor:
     """The ``k`` best gallery rows per query by dot product, best first, equal scores by lower index first.
 
-    Scores are computed in float32 whatever the input dtype, ``chunk`` queries at a time (memory: one
-    (chunk, N) float32 score matrix). The order is deterministic even at the k boundary: of several
-    rows tied with the k-th best score, the lowest indices are kept.
+    Scores are computed in float32 whatever the input dtype, ``chunk`` queries against ``GALLERY_BLOCK``
+    gallery rows at a time; each block's best k are merged into the running best k, so memory stays one
+    (chunk, GALLERY_BLOCK) float32 score block whatever N. The order is deterministic even at the k
+    boundary: of several rows tied with the k-th best score, the lowest indices are kept.
 
     Args:
         queries: (Q, D) float, any dtype.
@@ -54,12 +55,12 @@ def rank(
     k = min(k, num_gallery - int(excluding))
     if k < 1 or queries.shape[0] == 0:
         return torch.zeros(queries.shape[0], max(k, 0), dtype=torch.long, device=queries.device)
-    parts = []
-    for start in range(0, queries.shape[0], chunk):
-        scores = _scores(queries[start : start + chunk], gallery)  # (C, N) float32
-        if excluding:
-            _drop(scores, exclude[start : start + chunk])
-        parts.append(_stable_top_k(scores, k))
+    if not excluding:
+        exclude = torch.full((queries.shape[0],), -1, dtype=torch.long)
+    parts = [
+        _rank_chunk(queries[start : start + chunk], gallery, k, exclude[start : start + chunk])
+        for start in range(0, queries.shape[0], chunk)
+    ]
     return torch.cat(parts)
 
 
@@ -84,27 +85,43 @@ def _check_rank_inputs(
         )
 
 
-def _scores(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
-    """(C, N) float32 dot products, the gallery cast to float32 one block at a time (no full copy)."""
+def _rank_chunk(queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: torch.Tensor) -> torch.Tensor:
+    """(C, k) best gallery indices for a chunk of queries, scoring one gallery block at a time.
+
+    Each row of the overall best k is among the best k of its own block under the same (-score, index)
+    order, so ordering the union of every block's best k and keeping k gives the exact answer.
+    """
     queries = queries.float()  # (C, D)
-    scores = torch.empty(queries.shape[0], gallery.shape[0], dtype=torch.float32, device=queries.device)
+    exclude = exclude.to(queries.device)  # (C,)
+    # Buffers reused across blocks: fresh large allocations would page-fault on every block.
+    score_buffer = queries.new_empty(queries.shape[0], min(GALLERY_BLOCK, gallery.shape[0]))  # (C, B)
+    block_buffer = (
+        None if gallery.dtype == torch.float32 else queries.new_empty(score_buffer.shape[1], gallery.shape[1])
+    )
+    candidates, candidate_scores = [], []
     for start in range(0, gallery.shape[0], GALLERY_BLOCK):
-        block = gallery[start : start + GALLERY_BLOCK].float()  # (B, D)
-        torch.mm(queries, block.T, out=scores[:, start : start + block.shape[0]])
-    return scores
+        block = gallery[start : start + GALLERY_BLOCK]  # (B, D)
+        if block_buffer is not None:
+            block = block_buffer[: block.shape[0]].copy_(block)  # float32
+        scores = torch.mm(queries, block.T, out=score_buffer[:, : block.shape[0]])  # (C, B) float32
+        _drop(scores, exclude - start)
+        local = _stable_top_k(scores, min(k, scores.shape[1]))  # (C, k_b) block-local indices
+        candidates.append(local + start)
+        candidate_scores.append(scores.gather(1, local))
+    indices, _ = _order(torch.cat(candidates, dim=1), torch.cat(candidate_scores, dim=1))  # (C, sum k_b)
+    return indices[:, :k]
 
 
-def _drop(scores: torch.Tensor, exclude: torch.Tensor) -> None:
-    """Set each row's excluded gallery column to -inf, in place. scores: (C, N); exclude: (C,)."""
-    exclude = exclude.to(scores.device)
-    rows = (exclude >= 0).nonzero().squeeze(1)  # (E,)
-    scores[rows, exclude[rows]] = float("-inf")
+def _drop(scores: torch.Tensor, columns: torch.Tensor) -> None:
+    """Set ``scores[i, columns[i]]`` to -inf in place where the column lies in the block. (C, B), (C,)."""
+    rows = ((columns >= 0) & (columns < scores.shape[1])).nonzero().squeeze(1)  # (E,)
+    scores[rows, columns[rows]] = float("-inf")
 
 
 def _stable_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """(C, k) indices of the k best columns per row, ordered by (-score, index); k <= N."""
     probe = torch.topk(scores, min(k + 1, scores.shape[1]), dim=1)  # values sorted, ties picked arbitrarily
-    indices = _order(probe.indices[:, :k], probe.values[:, :k])  # (C, k)
+    indices = _order(probe.indices[:, :k], probe.values[:, :k])[0]  # (C, k)
     if probe.values.shape[1] > k:
         # A row whose (k+1)-th value equals its k-th has a tie across the boundary: topk's pick is arbitrary.
         for row in (probe.values[:, k] == probe.values[:, k - 1]).nonzero().squeeze(1).tolist():
@@ -112,18 +129,18 @@ def _stable_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return indices
 
 
-def _order(indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Reorder each row's candidates by descending value, equal values by ascending index. (C, k) -> (C, k)."""
+def _order(indices: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's candidates by descending value, equal values by ascending index. (C, M) -> (C, M), (C, M)."""
     indices, by_index = indices.sort(dim=1)
     values = values.gather(1, by_index)
-    by_value = values.sort(dim=1, descending=True, stable=True).indices
-    return indices.gather(1, by_value)
+    values, by_value = values.sort(dim=1, descending=True, stable=True)
+    return indices.gather(1, by_value), values
 
 
 def _stable_row(row: torch.Tensor, threshold: torch.Tensor, k: int) -> torch.Tensor:
     """The k best of one (N,) score row given its k-th best value: every column >= threshold, ordered."""
     candidates = (row >= threshold).nonzero().squeeze(1)  # (M,) ascending, M >= k
-    return _order(candidates[None], row[candidates][None])[0, :k]
+    return _order(candidates[None], row[candidates][None])[0][0, :k]
 
 
 def image_retrieval_recall(queries: torch.Tensor, gallery: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict:

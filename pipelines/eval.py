@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 import posixpath
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import ray
 import torch
 import torch.nn.functional as F
+from fsspec.implementations.local import LocalFileSystem
 
 from isa.build import build_teacher
-from isa.cache import CacheError
-from isa.checkpoint import CheckpointError, find_checkpoint
+from isa.cache import CacheError, filesystem
+from isa.checkpoint import STATE_FILE, CheckpointError, find_checkpoint
 from isa.config import Config
 from isa.data.benchmarks import Benchmark, BenchmarkFormatError, read_benchmark
 from isa.teacher import Teacher
@@ -32,6 +35,28 @@ from pipelines.eval_queries import Encoded, encode_student, encode_text_baseline
 from pipelines.eval_scoring import Ranked, metrics, rank_gallery, rank_members, submissions
 
 TEXT_ONLY, IMAGE_ONLY, IMAGE_TEXT = "text only (teacher)", "image only (teacher)", "image + text (teacher)"
+
+
+def local_copy(uri: str, output: str) -> str:
+    """A local checkpoint for ``uri``: itself when local, else the latest remote checkpoint copied below OUTPUT.
+
+    Raises:
+        CheckpointError: no checkpoint under a remote ``uri``.
+    """
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        return uri
+    direct = posixpath.join(path, STATE_FILE)
+    states = [direct] if fs.exists(direct) else fs.glob(f"{path}/checkpoint_*/*/{STATE_FILE}")
+    if not states:
+        raise CheckpointError(f"no checkpoint at {uri}: expected checkpoint_*/isa/{STATE_FILE} below it")
+    latest = max(states, key=lambda p: (json.loads(fs.cat_file(p)).get("step", 0), p))
+    folder = posixpath.dirname(latest)
+    base = Path(output if "://" not in output else tempfile.mkdtemp())
+    target = base / "checkpoints" / out.slug(fs.unstrip_protocol(folder))
+    if not target.exists():
+        fs.get(folder + "/", str(target) + "/", recursive=True)
+    return str(target)
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
@@ -126,7 +151,7 @@ def rank_method(benchmark: Benchmark, emb, method: Encoded, extra: torch.Tensor 
 def run(config: Config) -> dict:
     """Evaluate; returns the metrics document (also written to ``OUTPUT/metrics.json``)."""
     teacher = build_teacher(config.teacher)
-    checkpoints = [str(find_checkpoint(path)) for path in config.eval.checkpoints]
+    checkpoints = [str(find_checkpoint(local_copy(path, config.eval.output))) for path in config.eval.checkpoints]
     if config.eval.benchmark == "images":
         document, samples, images = image_only_document(config, teacher, checkpoints), [], {}
     else:

@@ -233,9 +233,15 @@ def test_cirr_test_split_writes_the_server_files(ray_session, world, checkpoint,
             assert len(top3) == 3 and set(top3) <= set(entry["img_set"]["members"])
 
 
-def test_fashioniq_per_category_and_mean(ray_session, world, checkpoint, tmp_path):
+def test_fashioniq_per_category_and_mean_with_a_checkpoint_on_s3(ray_session, s3_endpoint, world, checkpoint, tmp_path):
+    import s3fs
+
+    s3 = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    s3.mkdir("isa-runs")
+    s3.put(str(checkpoint.parent.parent) + "/", "isa-runs/run/", recursive=True)  # run/checkpoint_000000/isa
     config = _config(world, tmp_path, "eval.benchmark=fashioniq", f"eval.dataset_root={world / 'fashioniq'}")
-    document = eval_stage.run(_with(config, f"eval.checkpoints={checkpoint}", "eval.latency_runs=0"))
+    document = eval_stage.run(_with(config, "eval.checkpoints=s3://isa-runs/run", "eval.latency_runs=0"))
+    assert (tmp_path / "checkpoints").is_dir()  # the latest remote checkpoint, copied once
     model, preprocess, _ = _reference_model()
     root = world / "fashioniq"
     expected = {}
