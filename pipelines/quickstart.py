@@ -1,0 +1,210 @@
+"""``isa quickstart [OUTPUT]``: the whole pipeline on the synthetic world, offline, on a laptop.
+
+world -> a tiny teacher aligned on the world (trained here with open_clip's own loss) -> ``isa embed`` of
+the world's training images -> ``isa train`` of the ISA student and of the symmetric variant -> ``isa
+eval`` on the world's CIRR-format val split (with the teacher-only baselines) and image-only retrieval on
+held-out images -> one table in ``OUTPUT/quickstart.json`` and ``.md``. Every step runs the real stage code
+on a local Ray instance, local storage and an embedded MLflow (SQLite in OUTPUT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from isa.checkpoint import find_checkpoint
+from isa.config import Config, from_dict, load_config, parse_overrides
+from isa.data.synthetic import generate_world, write_world
+from isa.data.world_teacher import WORLD_TEACHER, save_world_teacher, train_world_teacher
+from pipelines import embed, train
+from pipelines import eval as evaluate
+from pipelines.common import init_ray
+from pipelines.eval import IMAGE_ONLY, IMAGE_TEXT, TEXT_ONLY
+
+ISA_ROW, SYMMETRIC_ROW = "ISA student (asymmetric)", "symmetric variant"
+STEPS = 7  # progress lines
+
+
+def settings(output: Path, teacher_file: Path, train_steps: int) -> list[str]:
+    """The quickstart's config, as overrides any user override may follow."""
+    return [
+        f"teacher.name={WORLD_TEACHER}",
+        f"teacher.pretrained={teacher_file}",
+        "student.backbone=mobilenetv3_large_100",
+        "student.image_size=64",
+        "token_learner.dim=128",
+        "token_learner.heads=4",
+        "cache.image_size=64",
+        "cache.local_grid=4",
+        "cache.decode_batch_size=64",
+        "train.global_batch_size=64",
+        f"train.max_steps={train_steps}",
+        f"train.checkpoint_every={train_steps}",
+        "train.lr=1e-3",
+        "train.val_fraction=0.1",
+        "train.use_gpu=false",
+        "train.worker_cpus=1",
+        f"train.tracking_uri=sqlite:///{output.resolve() / 'mlflow.db'}",
+        "eval.benchmark=cirr",
+        f"eval.dataset_root={output / 'world' / 'cirr'}",
+        "eval.split=val",
+        f"eval.tracking_uri=sqlite:///{output.resolve() / 'mlflow.db'}",
+    ]
+
+
+class Progress:
+    """``[k/7] what ... (elapsed)`` lines."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.step = 0
+
+    def __call__(self, what: str) -> None:
+        self.step += 1
+        print(f"[{self.step}/{STEPS}] {what} ({time.monotonic() - self.started:.0f} s)", flush=True)
+
+
+def make_world(output: Path, images: int, triplets: int, seed: int) -> Path:
+    """The world (skipped when OUTPUT/world is complete)."""
+    root = output / "world"
+    if not (root / "world.json").exists():
+        write_world(generate_world(seed=seed, num_images=images, num_triplets=triplets, image_size=64), root)
+    return root
+
+
+def make_teacher(output: Path, world: Path, steps: int, seed: int) -> Path:
+    """Train the world teacher on the training split's images (skipped when its file exists)."""
+    path = output / "teacher" / f"{WORLD_TEACHER}.safetensors"
+    if path.exists():
+        return path
+    manifest = json.loads((world / "world.json").read_text())
+    names = manifest["splits"]["train"]
+    attributes = [
+        {k: manifest["images"][n][k] for k in ("shape", "colour", "size", "position", "background", "texture")}
+        for n in names
+    ]
+    model = train_world_teacher([world / "images" / f"{n}.png" for n in names], attributes, steps=steps, seed=seed)
+    return save_world_teacher(model, path)
+
+
+def train_student(config: Config, output: Path, name: str, *overrides: str) -> Path:
+    """One training run under OUTPUT/runs/NAME; its latest checkpoint."""
+    run_dir = output / "runs" / name
+    train.run(with_overrides(config, f"train.output={run_dir}", *overrides))
+    return find_checkpoint(run_dir)
+
+
+def with_overrides(config: Config, *overrides: str) -> Config:
+    return from_dict(parse_overrides(overrides), base=config)
+
+
+def table(cir: dict, images: dict) -> dict[str, dict[str, float | None]]:
+    """The quickstart rows: CIR R@K on the val split, image-only R@1 and the query image path's CPU latency."""
+    teacher_ms, isa_ms, symmetric_ms = (c["latency_ms"] for c in cir["cost"])
+    isa_name, symmetric_name = list(cir["rows"])[:2]  # the checkpoints' rows come first, in order
+    sources = {
+        ISA_ROW: (isa_name, isa_ms),
+        SYMMETRIC_ROW: (symmetric_name, symmetric_ms),
+        TEXT_ONLY: (TEXT_ONLY, None),
+        IMAGE_ONLY: (IMAGE_ONLY, teacher_ms),
+        IMAGE_TEXT: (IMAGE_TEXT, teacher_ms),
+    }
+    rows: dict[str, dict[str, float | None]] = {}
+    for row, (source, latency) in sources.items():
+        rows[row] = {f"CIR R@{k}": cir["rows"][source][f"R@{k}"] for k in (1, 5, 10, 50)}
+        rows[row]["image-only R@1"] = images["rows"].get(source, {}).get("R@1")
+        rows[row]["query image ms"] = latency
+    return rows
+
+
+def markdown(rows: dict, teacher_ms: float) -> str:
+    columns = list(next(iter(rows.values())))
+    lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for name, values in rows.items():
+        cells = ["–" if v is None else f"{v:.1f}" if "ms" not in c else f"{v:.2f}" for c, v in values.items()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        f"CIR: the world's CIRR-format val split (reference removed). Image-only R@1: held-out images, "
+        f"`a photo of {{S}}` against the teacher's gallery. Query image ms: batch 1 on the CPU (the teacher "
+        f"image tower: {teacher_ms:.2f} ms)."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def run(output: Path, args: argparse.Namespace, overrides: Sequence[str]) -> dict:
+    """Every stage in turn; returns the quickstart document (also written as JSON and Markdown)."""
+    progress = Progress()
+    progress("synthetic world")
+    world = make_world(output, args.images, args.triplets, args.seed)
+    progress(f"world teacher ({args.teacher_steps} contrastive steps with open_clip's ClipLoss)")
+    teacher_file = make_teacher(output, world, args.teacher_steps, args.seed)
+    config = load_config(args.config, [*settings(output, teacher_file, args.train_steps), *overrides])
+    init_ray()
+    progress("isa embed: teacher cache of the training images")
+    cache = output / "cache"
+    summary = embed.run(str(world / "cirr" / "train"), str(cache), config)
+    print(f"  {summary.line()}", flush=True)
+    config = with_overrides(config, f"train.cache={cache}")
+    progress(f"isa train: ISA student ({args.train_steps} steps)")
+    isa_checkpoint = train_student(config, output, "isa")
+    progress(f"isa train: symmetric variant ({args.train_steps} steps)")
+    symmetric_checkpoint = train_student(config, output, "symmetric", "student.backbone=symmetric")
+    checkpoints = f"eval.checkpoints={isa_checkpoint},{symmetric_checkpoint}"
+    progress("isa eval: CIRR-format val split, with the teacher-only baselines")
+    cir = evaluate.run(with_overrides(config, checkpoints, f"eval.output={output / 'eval' / 'cirr'}"))
+    progress("isa eval: image-only retrieval on held-out images")
+    images = evaluate.run(
+        with_overrides(
+            config,
+            checkpoints,
+            "eval.benchmark=images",
+            f"eval.dataset_root={cache}",
+            "eval.latency_runs=0",
+            f"eval.output={output / 'eval' / 'images'}",
+        )
+    )
+    rows = table(cir, images)
+    document = {
+        "rows": rows,
+        "teacher_image_tower_ms": cir["cost"][0]["latency_ms"],
+        "gallery_size": cir["gallery_size"],
+        "queries": cir["queries"],
+        "report": str(output / "eval" / "cirr" / "report.html"),
+        "checkpoints": {ISA_ROW: str(isa_checkpoint), SYMMETRIC_ROW: str(symmetric_checkpoint)},
+        "mlflow": config.train.tracking_uri,
+        "seconds": round(time.monotonic() - progress.started, 1),
+    }
+    (output / "quickstart.json").write_text(json.dumps(document, indent=2))
+    (output / "quickstart.md").write_text(markdown(rows, document["teacher_image_tower_ms"]))
+    return document
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="isa quickstart", description=__doc__.split("\n")[0])
+    parser.add_argument("output", nargs="?", default="isa-output/quickstart", help="folder for everything")
+    parser.add_argument("--config", help="YAML on top of the quickstart settings")
+    parser.add_argument("--images", type=int, default=1500, help="random base scenes of the world")
+    parser.add_argument("--triplets", type=int, default=400, help="composed-retrieval triplets of the world")
+    parser.add_argument("--teacher-steps", type=int, default=400, help="contrastive steps of the world teacher")
+    parser.add_argument("--train-steps", type=int, default=300, help="distillation steps per student")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_intermixed_args(argv)
+    return args, args.overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    output = Path(args.output)
+    document = run(output, args, overrides)
+    print()
+    print((output / "quickstart.md").read_text())
+    print(f"done in {document['seconds']:.0f} s")
+    print(f"report:      {document['report']}")
+    print(f"checkpoints: {', '.join(document['checkpoints'].values())}")
+    print(f"MLflow UI:   mlflow ui --backend-store-uri {document['mlflow']}")
+    return 0

@@ -1,0 +1,133 @@
+"""``isa quickstart`` in a reduced size: in process, and as a job submitted to a real head node with token auth."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines import quickstart
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+REDUCED = [
+    "--images", "120", "--triplets", "40", "--teacher-steps", "20", "--train-steps", "6",
+    "student.image_size=64", "token_learner.dim=64", "token_learner.heads=4", "train.global_batch_size=16",
+    "train.val_fraction=0.2", "eval.latency_runs=2",
+]  # fmt: skip
+ROWS = {quickstart.ISA_ROW, quickstart.SYMMETRIC_ROW, "text only (teacher)", "image only (teacher)"}
+ROWS |= {"image + text (teacher)"}
+
+
+def _check_outputs(output: Path) -> None:
+    document = json.loads((output / "quickstart.json").read_text())
+    rows = document["rows"]
+    assert set(rows) == ROWS
+    for values in rows.values():
+        assert {f"CIR R@{k}" for k in (1, 5, 10, 50)} <= set(values)
+        assert all(0 <= values[f"CIR R@{k}"] <= 100 for k in (1, 5, 10, 50))
+        assert values["CIR R@1"] <= values["CIR R@5"] <= values["CIR R@10"] <= values["CIR R@50"]
+    for name in (quickstart.ISA_ROW, quickstart.SYMMETRIC_ROW):  # the students have every column
+        assert all(math.isfinite(v) for v in rows[name].values())
+    assert math.isfinite(document["teacher_image_tower_ms"]) and document["teacher_image_tower_ms"] > 0
+    table = (output / "quickstart.md").read_text()
+    assert all(name in table for name in ROWS)
+    assert (output / "eval" / "cirr" / "report.html").is_file() and (output / "mlflow.db").is_file()
+    assert all(Path(p, "student.safetensors").is_file() for p in document["checkpoints"].values())
+
+
+def test_reduced_quickstart_in_process(ray_session, tmp_path, capsys):
+    assert quickstart.main([str(tmp_path / "qs"), *REDUCED]) == 0
+    printed = capsys.readouterr().out
+    assert "[7/7]" in printed and "MLflow UI" in printed and "report:" in printed
+    _check_outputs(tmp_path / "qs")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _processes_of(temp_dir: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and temp_dir.encode() in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            pass
+    return pids
+
+
+def _stop_head(temp_dir: str) -> None:
+    """Stop only the processes of the head started in ``temp_dir`` (``ray stop`` would stop every Ray here)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _processes_of(temp_dir):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 15
+        while _processes_of(temp_dir) and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+
+@pytest.fixture
+def head_node(tmp_path):
+    """``ray start --head`` on loopback with token authentication, isolated in its own HOME and temp dir."""
+    temp_dir = tempfile.mkdtemp(prefix="isa-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(HOME=str(home), RAY_AUTH_MODE="token", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    dashboard = _free_port()
+    command = [
+        str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", f"--temp-dir={temp_dir}",
+        # every agent port of its own: the defaults may be taken by another Ray instance on this machine
+        f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+    ]  # fmt: skip
+    try:
+        subprocess.run(command, env=env, check=True, capture_output=True, timeout=180)
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        _stop_head(temp_dir)
+
+
+def _submit(address: str, env: dict, *entrypoint: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    command = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO)]
+    command += ["--runtime-env", str(REPO / "infra" / "runtime_env.yaml"), "--", *entrypoint]
+    deadline = time.monotonic() + 120
+    while True:
+        done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        if "No available agent" not in done.stderr or time.monotonic() > deadline:  # the agent is still starting
+            return done
+        time.sleep(3)
+
+
+def test_quickstart_as_a_ray_job_on_a_head_node_with_token_auth(ray_session, head_node, tmp_path):
+    address, env = head_node
+    stranger = {**env, "HOME": str(tmp_path / "stranger")}  # no token file, no RAY_AUTH_TOKEN
+    refused = _submit(address, stranger, "echo", "hello", timeout=120)
+    assert refused.returncode != 0
+    assert "token" in (refused.stdout + refused.stderr).lower()
+
+    started = time.monotonic()
+    output = tmp_path / "qs"
+    job = _submit(address, env, "isa", "quickstart", str(output), *REDUCED)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "succeeded" in (job.stdout + job.stderr).lower()
+    _check_outputs(output)
+    assert time.monotonic() - started < 900
