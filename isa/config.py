@@ -213,6 +213,36 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class TuneConfig:
+    """Sweeps (``isa tune``) and ablation suites (``isa ablate``): Ray Tune over the train stage (METHOD.md §6)."""
+
+    metric: str = "val_image_R1"  # what a sweep optimizes: a metric the train stage reports at each checkpoint
+    mode: Literal["max", "min"] = "max"  # whether a higher or a lower metric is better
+    num_samples: int = 1  # samples drawn from the space (search=grid: repeats of the whole grid)
+    search: Literal["grid", "random", "optuna"] = "grid"  # grid: every {grid: [...]} value; random/optuna: sample all
+    scheduler: Literal["asha", "none"] = "asha"  # ASHA early stopping on the metric, or every trial to its end
+    max_t: int = 100  # ASHA: reports (one per train.checkpoint_every steps) its rungs span; trials end on their own
+    grace_period: int = 1  # ASHA: reports a trial makes before it can be stopped
+    reduction_factor: float = 2.0  # ASHA: the best 1/reduction_factor of the trials at a rung go on
+    cpus_per_trial: float | None = None  # CPUs of one trial's training workers; None: num_workers x worker_cpus
+    gpus_per_trial: int | None = None  # GPUs of one trial, one per worker (sets train.num_workers); None: train.*
+    max_concurrent_trials: int = 0  # trials running at once; 0: as many as the cluster's CPUs and GPUs hold
+    storage: str = "isa-output/tune"  # folder (local path or fsspec URI) that holds the sweep folders
+    name: str = ""  # sweep folder under storage; "": "sweep" for isa tune, "ablation-SUITE" for isa ablate
+    seed: int = 0  # seed of the random and Optuna searchers
+
+    def __post_init__(self) -> None:
+        for key in ("num_samples", "max_t", "grace_period"):
+            _require(getattr(self, key) >= 1, f"tune.{key}", "must be >= 1")
+        _require(self.grace_period <= self.max_t, "tune.grace_period", f"must be <= tune.max_t ({self.max_t})")
+        _require(self.reduction_factor > 1, "tune.reduction_factor", "must be > 1")
+        _require(self.cpus_per_trial is None or self.cpus_per_trial > 0, "tune.cpus_per_trial", "must be > 0")
+        _require(self.gpus_per_trial is None or self.gpus_per_trial >= 0, "tune.gpus_per_trial", "must be >= 0")
+        _require(self.max_concurrent_trials >= 0, "tune.max_concurrent_trials", "must be >= 0 (0 = automatic)")
+        _require("/" not in self.name and self.name not in (".", ".."), "tune.name", "must be a plain folder name")
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything a stage needs; each section is a frozen dataclass."""
 
@@ -224,6 +254,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 _TRUE = {"true", "yes", "on", "1"}

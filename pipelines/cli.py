@@ -15,6 +15,9 @@ STAGES: dict[str, tuple[str, str]] = {
     "embed": ("pipelines.embed", "cache teacher image embeddings with Ray Data (resumable, any fsspec URI)"),
     "train": ("pipelines.train", "distil the light query encoder with Ray Train (DDP, checkpoints, MLflow)"),
     "eval": ("pipelines.eval", "FashionIQ / CIRR / CIRCO / image-only metrics, baselines, test-server files, report"),
+    "tune": ("pipelines.tune", "sweep isa train with Ray Tune: ASHA, resumable, MLflow parent + nested trial runs"),
+    "ablate": ("pipelines.ablate", "ablation suite (tokens, losses, lambda, ...): train, evaluate, table, CSV, plot"),
+    "quickstart": ("pipelines.quickstart", "the whole pipeline offline on the synthetic world, one table at the end"),
     "world": ("pipelines.world", "write the synthetic world (images, captions, CIRR/FashionIQ/CIRCO layouts)"),
     "config": ("pipelines.show_config", "validate a config file and overrides, print the resolved config"),
 }

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -140,8 +140,21 @@ def tracking_uri(config: Config) -> str:
     return f"sqlite:///{Path(config.train.output).resolve() / 'mlflow.db'}"
 
 
-def run(config: Config) -> ray.train.Result:
-    """Check everything, then train; returns Ray Train's result (metrics and the last checkpoint)."""
+def run(
+    config: Config,
+    *,
+    callbacks: Sequence[object] = (),
+    run_name: str | None = None,
+    mlflow_tags: Mapping[str, str] | None = None,
+) -> ray.train.Result:
+    """Check everything, then train; returns Ray Train's result (metrics and the last checkpoint).
+
+    Args:
+        config: the resolved config.
+        callbacks: extra Ray Train ``RunConfig`` callbacks (``isa tune`` passes Tune's ``TuneReportCallback``).
+        run_name: MLflow name of a new run; None: the run folder's name.
+        mlflow_tags: tags of a new MLflow run (``isa tune`` nests it with ``mlflow.parentRunId``).
+    """
     teacher = build_teacher(config.teacher)
     fingerprint = teacher.fingerprint()
     del teacher
@@ -166,7 +179,8 @@ def run(config: Config) -> ray.train.Result:
             "fingerprint": fingerprint,
             "total_steps": total,
             "tracking_uri": tracking_uri(config),
-            "run_name": name,
+            "run_name": run_name or name,
+            "mlflow_tags": dict(mlflow_tags or {}),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.train.num_workers,
@@ -178,6 +192,7 @@ def run(config: Config) -> ray.train.Result:
             storage_path=storage if "://" in storage else str(Path(storage or ".").resolve()),
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.num_to_keep),
+            callbacks=list(callbacks),
         ),
         datasets=data,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),

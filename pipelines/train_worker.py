@@ -34,7 +34,9 @@ from isa.task import DistillTask, parameter_groups
 class Tracker:
     """MLflow on rank 0 only; every call is a no-op elsewhere."""
 
-    def __init__(self, enabled: bool, uri: str, experiment: str, run_name: str, run_id: str | None):
+    def __init__(
+        self, enabled: bool, uri: str, experiment: str, run_name: str, run_id: str | None, tags: dict | None = None
+    ):
         self.enabled = enabled
         self.run_id = run_id
         if not enabled:
@@ -44,7 +46,7 @@ class Tracker:
         self.mlflow = mlflow
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(experiment)
-        self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
+        self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=None if run_id else tags)
         self.run_id = self.run.info.run_id
 
     def params(self, params: dict[str, Any]) -> None:
@@ -138,7 +140,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     step, run_id = _restore(task, optimizer, scheduler)
     if world > 1:
         task.student = ray.train.torch.prepare_model(task.student)  # DDP on the student only
-    tracker = Tracker(rank == 0, loop_config["tracking_uri"], config.train.experiment, loop_config["run_name"], run_id)
+    tracker = Tracker(
+        rank == 0,
+        loop_config["tracking_uri"],
+        config.train.experiment,
+        loop_config["run_name"],
+        run_id,
+        loop_config.get("mlflow_tags"),
+    )
     saved_config = {"config": to_dict(config), "teacher": loop_config["fingerprint"]}
     if step == 0:
         tracker.params(flatten(config))

@@ -1,0 +1,138 @@
+"""``isa ablate``: a two-row suite trained, evaluated and tabulated for real; the shipped suites; refused suites."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+
+import pytest
+from _tune_helpers import tiny_config, write_yaml
+from PIL import Image
+
+from isa.config import Config, from_dict
+from isa.students import BACKBONES, SYMMETRIC
+from pipelines import ablate as ablate_stage
+from tune import plot
+from tune.space import check_students, nested
+from tune.suites import available, load_suite
+
+COST = ["params_M", "gflops", "cpu_latency_ms"]
+METRICS = ["val_image_R1", "image_R@1", "image_R@5", "image_R@10"]
+
+
+def test_two_row_suite_writes_table_csv_png_and_logs_mlflow(ray_session, tune_cache, mlflow_server, tmp_path):
+    import mlflow
+
+    suite = write_yaml(
+        tmp_path / "mini.yaml",
+        {
+            "name": "mini",
+            "description": "sentence length, two rows",
+            "swept": "token_learner.num_tokens",
+            "rows": [
+                {"name": "M=1", "set": {"token_learner.num_tokens": 1}},
+                {"name": "M=3", "set": {"token_learner.num_tokens": 3}},
+            ],
+        },
+    )
+    config = tiny_config(tune_cache, tmp_path / "out", mlflow_server, train={"max_steps": 2, "checkpoint_every": 2})
+    config["eval"] = {"latency_runs": 2}
+    base = write_yaml(tmp_path / "base.yaml", config)
+    assert ablate_stage.main(["--suite", str(suite), "--config", str(base), "train.lr=1e-3"]) == 0
+    folder = tmp_path / "out" / "ablation-mini"
+    rows = list(csv.DictReader(io.StringIO((folder / "ablation_mini.csv").read_text())))
+    assert [r["row"] for r in rows] == ["M=1", "M=3"] and [r["value"] for r in rows] == ["1", "3"]
+    for row in rows:
+        assert row["status"] == "completed" and row["steps"] == "2.0"
+        assert all(math.isfinite(float(row[c])) for c in METRICS + COST), row
+        assert 0 <= float(row["image_R@1"]) <= float(row["image_R@5"]) <= float(row["image_R@10"]) <= 100
+        assert float(row["params_M"]) > 0 and float(row["gflops"]) > 0 and float(row["cpu_latency_ms"]) > 0
+    assert float(rows[1]["params_M"]) > float(rows[0]["params_M"])  # two more learned queries: each row is measured
+    table = (folder / "ablation_mini.md").read_text()
+    assert "| M=1 |" in table and "| M=3 |" in table and "image_R@1" in table and "Teacher image tower" in table
+    with Image.open(folder / "ablation_mini.png") as image:
+        assert image.format == "PNG" and image.size == (plot.WIDTH, plot.HEIGHT)
+        image.verify()
+    # MLflow: a parent with the files, each row a nested run (the row's training run) with its results
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("isa-tune-tests")
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.`isa.suite` = 'mini'")
+    (parent,) = runs
+    assert parent.info.run_name == "ablation-mini" and parent.info.status == "FINISHED"
+    files = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"ablation_mini.md", "ablation_mini.csv", "ablation_mini.png"} <= files
+    children = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    by_name = {r.info.run_name: r for r in children}
+    assert sorted(by_name) == ["M=1", "M=3"]
+    for row in rows:
+        child = by_name[row["row"]]
+        assert child.info.run_id == row["mlflow_run_id"]
+        assert child.data.params["token_learner.num_tokens"] == row["value"]
+        assert child.data.metrics["ablation/image_R_at_1"] == pytest.approx(float(row["image_R@1"]))
+        assert any(k.startswith("eval/images/") for k in child.data.metrics)  # the eval stage logged into the row
+        assert (folder / child.data.tags["isa.trial_id"] / "train").is_dir()  # the row's run in its trial folder
+
+
+def test_shipped_suites_cover_the_method_ablations():
+    expected = {"tokens": 5, "losses": 4, "lambda": 4, "backbones": 6, "mapping": 2, "asymmetry": 2}
+    assert set(expected) <= set(available())
+    for name, count in expected.items():
+        suite = load_suite(name)
+        assert suite.name == name and len(suite.rows) == count
+        base = from_dict(suite.base)
+        assert base.teacher.name == "ViT-L-14" and base.teacher.pretrained == "openai"
+        for row in suite.rows:
+            config = from_dict(nested(row.overrides), base=base)  # every row is a valid config
+            check_students(config.student.backbone)
+    tokens = [from_dict(nested(r.overrides)).token_learner.num_tokens for r in load_suite("tokens").rows]
+    assert tokens == [1, 2, 4, 8, 16]
+    lambdas = [from_dict(nested(r.overrides)).loss.lar_weight for r in load_suite("lambda").rows]
+    assert lambdas == [0, 0.1, 0.3, 1]
+    assert {r.overrides["student.backbone"] for r in load_suite("backbones").rows} == set(BACKBONES)
+    assert [from_dict(nested(r.overrides)).student.mapper for r in load_suite("mapping").rows] == ["atl", "mlp"]
+    assert [r.overrides["student.backbone"] for r in load_suite("asymmetry").rows][-1] == SYMMETRIC
+    losses = [from_dict(nested(r.overrides)).loss for r in load_suite("losses").rows]
+    assert [(l.lar_weight > 0, l.rel_weight > 0, l.word_weight > 0) for l in losses] == [  # noqa: E741
+        (False, False, False),
+        (True, False, False),
+        (True, True, False),
+        (True, True, True),
+    ]
+    assert Config().student.backbone == "efficientnet_b0"  # the real setting's student is the default
+
+
+@pytest.mark.parametrize(
+    ("suite", "words"),
+    [
+        ("no-such-suite", ["'no-such-suite'", "tokens", "asymmetry"]),
+        ({"rows": []}, ["has no rows"]),
+        ({"rows": [{"name": "a", "set": {"token_learner.num_tokenz": 2}}]}, ["'token_learner.num_tokenz'"]),
+        ({"rows": [{"name": "a", "set": {"student.backbone": "resnet_9000"}}]}, ["resnet_9000", "efficientnet_b0"]),
+        ({"rows": [{"name": "a", "set": {}}, {"name": "a", "set": {}}]}, ["'a' is used twice"]),
+        ({"rows": [{"name": "a", "sett": {}}]}, ["unknown keys ['sett']"]),
+        ({"metric": "image_R@50", "rows": [{"name": "a", "set": {}}]}, ["'image_R@50'", "image_R@10"]),
+        ({"rows": [{"name": "a", "set": {"lr": 1}}]}, ["'lr'", "dotted key"]),
+    ],
+)
+def test_bad_suites_fail_before_any_row_trains(ray_session, tune_cache, tmp_path, capsys, suite, words):
+    if isinstance(suite, dict):
+        suite = str(write_yaml(tmp_path / "suite.yaml", suite))
+    base = write_yaml(tmp_path / "base.yaml", tiny_config(tune_cache, tmp_path / "out", "sqlite:///x.db"))
+    assert ablate_stage.main(["--suite", suite, "--config", str(base)]) == 2
+    error = capsys.readouterr().err
+    assert all(word in error for word in words), error
+    assert not (tmp_path / "out").exists()
+
+
+def test_pillow_plot_is_a_valid_png_with_missing_values():
+    data = plot._pillow(["a", "b", "c"], [12.5, math.nan, 40.0], "title", "x", "R@1")
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "PNG" and image.size == (plot.WIDTH, plot.HEIGHT)
+        rgb = image.convert("RGB")
+    third, bar = plot.WIDTH // 3, (0x48, 0x78, 0xA8)
+    columns = [range(i * third, (i + 1) * third) for i in range(3)]  # one bar slot per label
+    bars = [sum(rgb.getpixel((x, y)) == bar for x in xs for y in range(0, plot.HEIGHT, 2)) for xs in columns]
+    assert bars[1] == 0 and bars[2] > 2.5 * bars[0] > 0  # 40 against 12.5

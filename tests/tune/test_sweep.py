@@ -1,0 +1,242 @@
+"""``isa tune`` on a real local Ray and a real MLflow server: ASHA, nesting, kill-and-resume, refused configs.
+
+One 3-trial sweep serves the first two tests (a sweep on 2 CPU cores costs minutes): it starts as ``isa tune`` in a
+subprocess, is SIGKILLed once Tune has recorded its first trial as finished, and is finished by
+``isa tune --resume``. ASHA must stop the trial whose loss is built to be far worse (LAR weight 5 adds ~5 x 4.5 to
+the loss the sweep minimizes).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from _tune_helpers import tiny_config, write_yaml
+
+from pipelines import tune as tune_stage
+from tune.space import param_space as to_param_space
+from tune.space import parse_space
+
+GRID = [0.3, 0.1, 5.0]  # loss.lar_weight of trials 0, 1, 2 (Tune's grid order); the last is built to lose
+STEPS = 3  # one report per step: ASHA rungs at reports 1 and 2, max_t 3
+
+
+def _experiment_state(folder: Path) -> dict[str, str]:
+    """Trial id -> status in Tune's newest experiment state file (what ``Tuner.restore`` reads)."""
+    files = sorted(glob.glob(str(folder / "experiment_state-*.json")))  # named by session start; Tune rewrites all
+    if not files:
+        return {}
+    try:
+        data = json.loads(Path(files[-1]).read_text())
+    except json.JSONDecodeError:  # caught mid-write
+        return {}
+    trials = [json.loads(t[0]) if isinstance(t[0], str) else t[0] for t in data["trial_data"]]
+    return {t["trial_id"]: t["status"] for t in trials}
+
+
+def _results(trial_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+
+
+def _files(trial: Path) -> dict[str, tuple]:
+    """A finished trial's record: its train run's files (content and mtime), Tune's records of it (content).
+
+    Tune rewrites its own record files of restored trials at the end of a resumed run (same content, new mtime).
+    """
+    files = [p for p in (trial / "train").rglob("*") if p.is_file()]
+    train = {str(p.relative_to(trial)): (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
+    records = {name: ((trial / name).read_bytes(),) for name in ("result.json", "progress.csv", "params.json")}
+    return {**train, **records}
+
+
+@pytest.fixture(scope="module")
+def interrupted_sweep(ray_session, tune_cache, mlflow_server, tmp_path_factory):
+    """Start the sweep in a subprocess, kill it after trial 0 is recorded finished, resume it here."""
+    root = tmp_path_factory.mktemp("sweep")
+    config = tiny_config(
+        tune_cache,
+        root / "sweeps",
+        mlflow_server,
+        train={"max_steps": STEPS, "checkpoint_every": 1, "num_to_keep": 5},
+        tune={"name": "asha", "metric": "loss", "mode": "min", "max_t": STEPS, "reduction_factor": 2},
+    )
+    config["tune"].update({"scheduler": "asha", "grace_period": 1, "max_concurrent_trials": 1})
+    sweep = write_yaml(root / "sweep.yaml", {**config, "space": {"loss.lar_weight": {"grid": GRID}}})
+    folder = root / "sweeps" / "asha"
+    env = {**os.environ, "RAY_ADDRESS": ray_session}
+    args = [sys.executable, "-m", "pipelines.cli", "tune", "--config", str(sweep)]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    process = subprocess.Popen(args, env=env, start_new_session=True, **quiet)
+    deadline = time.monotonic() + 400
+    first = None
+    while time.monotonic() < deadline and first is None:
+        assert process.poll() is None, "the sweep ended before it could be interrupted"
+        first = next((t for t, s in sorted(_experiment_state(folder).items()) if s == "TERMINATED"), None)
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    assert first is not None, "no trial finished before the deadline"
+    state_at_kill = _experiment_state(folder)
+    snapshot = _files(folder / first)
+    assert tune_stage.main(["--resume", str(folder)]) == 0
+    return {"folder": folder, "first": first, "state_at_kill": state_at_kill, "snapshot": snapshot}
+
+
+def _runs(uri: str):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("isa-tune-tests")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    return client, runs
+
+
+def test_sweep_finishes_asha_stops_the_bad_trial_and_mlflow_nests_trials(interrupted_sweep, mlflow_server):
+    folder = interrupted_sweep["folder"]
+    state = _experiment_state(folder)
+    assert len(state) == 3 and set(state.values()) == {"TERMINATED"}, state
+    stored = json.loads((folder / "isa_sweep.json").read_text())
+    client, runs = _runs(mlflow_server)
+    (parent,) = [r for r in runs if r.info.run_id == stored["parent_run_id"]]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "asha"
+    assert sorted(r.info.run_name for r in children) == sorted(state)  # one child per trial, named by its id
+    by_weight = {float(r.data.params["loss.lar_weight"]): r for r in children}
+    assert sorted(by_weight) == sorted(GRID)
+    for trial_id in state:  # each trial's train run lives in its own folder
+        assert glob.glob(str(folder / trial_id / "train" / "checkpoint_*" / "isa" / "student.safetensors"))
+    # ASHA: the trial built to lose stopped at the first rung; the others trained to their last step
+    bad = by_weight[5.0]
+    assert _results(folder / bad.info.run_name)[-1]["step"] < STEPS
+    assert bad.info.status == "KILLED" and bad.data.tags["isa.tune.status"] == "stopped early"
+    assert "checkpoint/student.safetensors" in {a.path for a in client.list_artifacts(bad.info.run_id, "checkpoint")}
+    for weight in (0.3, 0.1):
+        good = by_weight[weight]
+        assert _results(folder / good.info.run_name)[-1]["step"] == STEPS
+        assert good.info.status == "FINISHED" and good.data.tags["isa.tune.status"] == "completed"
+        assert good.data.metrics["final/step"] == STEPS and "val_image_R1" in good.data.metrics
+        assert "checkpoint/student.safetensors" in {
+            a.path for a in client.list_artifacts(good.info.run_id, "checkpoint")
+        }
+    # the best trial (lowest last loss) is recorded on the parent, with its whole config
+    best = min(children, key=lambda r: r.data.metrics["final/loss"])
+    assert best is not bad
+    assert parent.data.tags["best_trial_id"] == best.info.run_name
+    assert parent.data.tags["best_run_id"] == best.info.run_id
+    assert parent.data.metrics["best/loss"] == pytest.approx(best.data.metrics["final/loss"])
+    best_config = json.loads(Path(client.download_artifacts(parent.info.run_id, "best_config.json")).read_text())
+    assert best_config["loss"]["lar_weight"] == float(best.data.params["loss.lar_weight"])
+    assert best_config["tune"]["metric"] == "loss" and best_config["student"]["image_size"] == 64
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(interrupted_sweep, mlflow_server):
+    folder, first = interrupted_sweep["folder"], interrupted_sweep["first"]
+    assert interrupted_sweep["state_at_kill"][first] == "TERMINATED"
+    assert any(s != "TERMINATED" for s in interrupted_sweep["state_at_kill"].values()) or len(
+        interrupted_sweep["state_at_kill"]
+    ) < len(GRID), "the kill landed after the whole sweep"
+    # the finished trial was not touched: its train run's checkpoints and files, Tune's records of its reports
+    assert _files(folder / first) == interrupted_sweep["snapshot"]
+    assert [r["step"] for r in _results(folder / first)] == list(range(1, STEPS + 1))
+    client, runs = _runs(mlflow_server)
+    stored = json.loads((folder / "isa_sweep.json").read_text())
+    mine = [r for r in runs if r.data.tags.get("isa.trial_id") == first]
+    assert len(mine) == 1, "the finished trial was trained again"
+    assert mine[0].data.tags["mlflow.parentRunId"] == stored["parent_run_id"]
+    history = client.get_metric_history(mine[0].info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, STEPS + 1))  # logged once per step, not twice
+    parents = [r for r in runs if r.data.tags.get("isa.sweep") == str(folder)]
+    assert [r.info.run_id for r in parents] == [stored["parent_run_id"]]  # the resumed sweep kept its parent run
+
+
+def _sweep_args(tmp_path: Path, cache: str, space, **tune: object) -> list[str]:
+    config = tiny_config(cache, tmp_path / "sweeps", f"sqlite:///{tmp_path / 'mlflow.db'}", tune={"name": "bad"})
+    config["tune"].update(tune)
+    return ["--config", str(write_yaml(tmp_path / "sweep.yaml", {**config, "space": space}))]
+
+
+LR = {"train.lr": {"grid": [1e-3, 1e-2]}}
+
+
+@pytest.mark.parametrize(
+    ("space", "tune", "overrides", "words"),
+    [
+        ({"token_learner.num_tokenz": {"grid": [1, 2]}}, {}, [], ["'token_learner.num_tokenz'", "'num_tokens'"]),
+        ({"train.lr": {"grid": ["fast"]}}, {}, [], ["'train.lr'", "float"]),
+        ({"token_learner.heads": {"grid": [3]}}, {}, [], ["'token_learner.dim'", "heads"]),
+        ({"student.backbone": {"choice": ["resnet_9000"]}}, {}, [], ["'student.backbone'", "resnet_9000"]),
+        ({}, {}, [], ["space is empty"]),
+        (None, {}, [], ["space is empty"]),
+        ({"train.lr": {"normal": [0, 1]}}, {}, [], ["'train.lr'", "unknown spec 'normal'"]),
+        ({"train.lr": {"loguniform": [0, 1]}}, {}, [], ["'train.lr'", "loguniform"]),
+        (LR, {"metric": "val_image_R10"}, [], ["'val_image_R10'", "val_image_R1"]),
+        ({"loss.lar_weight": {"grid": [0.0, 0.3]}}, {"metric": "lar"}, [], ["'lar'", "never reported"]),
+        (LR, {"search": "bayes"}, [], ["'tune.search'", "'grid'", "'optuna'"]),
+        (LR, {"scheduler": "hyperband"}, [], ["'tune.scheduler'", "'asha'"]),
+        (LR, {}, ["tune.schedular=asha"], ["'tune.schedular'", "'scheduler'"]),
+        (LR, {"grace_period": 5, "max_t": 2}, [], ["'tune.grace_period'"]),
+    ],
+)
+def test_bad_sweeps_fail_before_any_trial(ray_session, tune_cache, tmp_path, capsys, space, tune, overrides, words):
+    args = _sweep_args(tmp_path, tune_cache, space, **tune)
+    assert tune_stage.main([*args, *overrides]) == 2
+    error = capsys.readouterr().err
+    assert all(word in error for word in words), error
+    assert not (tmp_path / "sweeps").exists()  # nothing started: no sweep folder, no trial
+
+
+def test_optuna_search_needs_optuna(ray_session, tune_cache, tmp_path, capsys):
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("optuna is installed here: the missing-package message cannot be shown")
+    assert tune_stage.main(_sweep_args(tmp_path, tune_cache, LR, search="optuna")) == 2
+    assert "tune.search=optuna needs the optuna package" in capsys.readouterr().err
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_existing_sweep_folder_and_resume_of_a_non_sweep_are_refused(ray_session, tune_cache, tmp_path, capsys):
+    args = _sweep_args(tmp_path, tune_cache, LR)
+    (tmp_path / "sweeps" / "bad").mkdir(parents=True)
+    (tmp_path / "sweeps" / "bad" / "isa_sweep.json").write_text("{}")
+    assert tune_stage.main(args) == 2
+    assert "already holds a sweep" in capsys.readouterr().err
+    assert tune_stage.main(["--resume", str(tmp_path)]) == 2
+    assert "is not a sweep folder" in capsys.readouterr().err
+    assert tune_stage.main(["--resume", str(tmp_path), "train.lr=1"]) == 2
+    suite = {"kind": "ablation", "config": {}, "tracking_uri": "sqlite:///x.db", "suite": "tokens"}
+    (tmp_path / "isa_sweep.json").write_text(json.dumps(suite))
+    assert tune_stage.main(["--resume", str(tmp_path)]) == 2
+    assert "run isa ablate --suite tokens again" in capsys.readouterr().err
+
+
+def test_space_specs_become_tune_domains():
+    from ray import tune
+
+    from isa.config import Config
+
+    space = {
+        "token_learner.num_tokens": {"grid": [1, 4]},
+        "student.backbone": {"choice": ["efficientnet_b0", "mobilenetv3_large_100"]},
+        "loss.lar_weight": {"uniform": [0.0, 1.0]},
+        "train.lr": {"loguniform": [1e-4, 1e-2]},
+        "token_learner.depth": {"randint": [1, 3]},
+    }
+    params = parse_space(space, Config())
+    grid = to_param_space(params, "grid")
+    assert grid["token_learner"]["num_tokens"] == tune.grid_search([1, 4])
+    assert isinstance(grid["student"]["backbone"], tune.search.sample.Categorical)
+    assert isinstance(grid["train"]["lr"].get_sampler(), tune.search.sample.LogUniform)
+    depth = grid["token_learner"]["depth"]
+    assert (depth.lower, depth.upper) == (1, 4)  # both ends included: Tune's upper end is exclusive
+    sampled = to_param_space(params, "random")  # random and Optuna search sample the grid keys too
+    assert isinstance(sampled["token_learner"]["num_tokens"], tune.search.sample.Categorical)

@@ -1,0 +1,89 @@
+"""Placement groups of stopped trials: the Tune driver removes what a killed Train controller leaves behind.
+
+When ASHA stops a trial, Tune ends the trial's driver and, with it, the trial's Ray Train controller, which never
+gets to remove the placement group of its workers. Ray Train's own ``PlacementGroupCleaner`` removes it only
+when Ray's State API (the dashboard) answers; without the dashboard the trial's CPUs and GPUs stay reserved until
+the job ends, and on a small cluster the next trial waits forever (ray-project/ray#58515, #65447). Ray Tune with
+Train V1 kept track of these groups in the Tune driver; this module does the same:
+
+- :class:`RecordPlacementGroups`, a Ray Train callback in each trial, writes the ids of its controller and of
+  every worker placement group into the trial folder (``.isa_placement_groups/PG_ID``, content: controller id);
+- :class:`ReleasePlacementGroups`, a Ray Tune callback in the sweep driver, removes a recorded group once its
+  controller is dead (asked of the GCS directly, no dashboard needed) and its trial has ended.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import time
+from typing import Any
+
+import ray
+from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
+from ray.tune import Callback
+
+from isa.cache import filesystem, write_bytes
+
+RECORDS = ".isa_placement_groups"  # in a trial folder
+CHECK_EVERY_S = 1.0  # how often the Tune driver looks for groups to release
+
+
+class RecordPlacementGroups(ControllerCallback, WorkerGroupCallback):
+    """Train callback (runs in the controller): record the controller's id and each worker placement group."""
+
+    def __init__(self, trial_folder: str):
+        self.trial_folder = trial_folder
+        self.controller_id: str | None = None
+
+    def after_controller_start(self, train_run_context: Any) -> None:
+        self.controller_id = ray.get_runtime_context().get_actor_id()
+
+    def after_worker_group_start(self, worker_group: Any) -> None:
+        group = worker_group.get_worker_group_state().placement_group_handle.placement_group
+        fs, path = filesystem(posixpath.join(self.trial_folder, RECORDS, group.id.hex()))
+        write_bytes(fs, path, (self.controller_id or "").encode())
+
+
+class ReleasePlacementGroups(Callback):
+    """Tune callback (runs in the sweep driver): release the groups of ended trials whose controller is dead."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self._checked = 0.0
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if time.monotonic() - self._checked < CHECK_EVERY_S:
+            return
+        self._checked = time.monotonic()
+        release(self.folder, [t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")])
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        release(self.folder, [t.trial_id for t in trials])
+
+
+def release(folder: str, trial_ids: list[str]) -> int:
+    """Remove the recorded placement groups of these trials whose controller is dead; returns how many."""
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    removed = 0
+    fs, root = filesystem(folder)
+    for trial_id in trial_ids:
+        for record in fs.glob(posixpath.join(root, trial_id, RECORDS, "*")):
+            group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(posixpath.basename(record))))
+            if placement_group_table(group).get("state") in (None, "REMOVED"):
+                fs.rm(record)
+            elif _dead(fs.cat_file(record).decode()):
+                remove_placement_group(group)
+                fs.rm(record)
+                removed += 1
+    return removed
+
+
+def _dead(actor_id: str) -> bool:
+    """Whether the GCS knows this actor as dead (False when it cannot tell)."""
+    from ray._private.state import actors
+
+    try:
+        return bool(actor_id) and actors(actor_id=actor_id).get("State") == "DEAD"
+    except Exception:
+        return False
