@@ -34,7 +34,7 @@ def settings(output: Path, teacher_file: Path, train_steps: int) -> list[str]:
         f"teacher.name={WORLD_TEACHER}",
         f"teacher.pretrained={teacher_file}",
         "student.backbone=mobilenetv3_large_100",
-        "student.image_size=64",
+        "student.image_size=96",  # the 64 px world upsampled: a 3x3 feature grid for the token learner
         "token_learner.dim=128",
         "token_learner.heads=4",
         "cache.image_size=64",
@@ -43,7 +43,7 @@ def settings(output: Path, teacher_file: Path, train_steps: int) -> list[str]:
         "train.global_batch_size=64",
         f"train.max_steps={train_steps}",
         f"train.checkpoint_every={train_steps}",
-        "train.lr=1e-3",
+        "train.lr=2e-3",
         "train.val_fraction=0.1",
         "train.use_gpu=false",
         "train.worker_cpus=1",
@@ -187,8 +187,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser = argparse.ArgumentParser(prog="isa quickstart", description=__doc__.split("\n")[0])
     parser.add_argument("output", nargs="?", default="isa-output/quickstart", help="folder for everything")
     parser.add_argument("--config", help="YAML on top of the quickstart settings")
-    parser.add_argument("--images", type=int, default=1500, help="random base scenes of the world")
-    parser.add_argument("--triplets", type=int, default=400, help="composed-retrieval triplets of the world")
+    parser.add_argument("--images", type=int, default=2500, help="random base scenes of the world")
+    parser.add_argument("--triplets", type=int, default=800, help="composed-retrieval triplets of the world")
     parser.add_argument("--teacher-steps", type=int, default=400, help="contrastive steps of the world teacher")
     parser.add_argument("--train-steps", type=int, default=300, help="distillation steps per student")
     parser.add_argument("--seed", type=int, default=0)
