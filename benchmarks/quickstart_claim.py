@@ -25,7 +25,8 @@ def main() -> int:
     text, image = rows["text only (teacher)"]["CIR R@10"], rows["image only (teacher)"]["CIR R@10"]
     holds = isa > text and isa > image
     print(f"wall time {time.monotonic() - started:.0f} s")
-    print(f"CIR R@10: ISA {isa:.1f} vs text only {text:.1f} and image only {image:.1f}: claim {'holds' if holds else 'FAILS'}")
+    verdict = "holds" if holds else "FAILS"
+    print(f"CIR R@10: ISA {isa:.1f} vs text only {text:.1f} and image only {image:.1f}: the claim {verdict}")
     return 0 if holds else 1
 
 
