@@ -114,7 +114,7 @@ def encode_methods(benchmark: Benchmark, config: Config, checkpoints: list[str],
             encoded.attention = encoded.attention[index[:report]]
         methods.append(encoded)
     if text is not None:
-        text_emb = torch.from_numpy(ray.get(text))
+        text_emb = torch.tensor(ray.get(text))  # a copy: arrays from the object store are read-only
         image_emb = reference_emb([q.reference for q in queries]).float()
         methods.append(Encoded(TEXT_ONLY, text_emb.numpy()))
         methods.append(Encoded(IMAGE_ONLY, image_emb.numpy()))
@@ -136,7 +136,7 @@ def rank_method(benchmark: Benchmark, emb, method: Encoded, extra: torch.Tensor 
     ranked, start = {}, 0
     for key, names in benchmark.galleries.items():
         queries = benchmark.queries[key]
-        query_emb = torch.from_numpy(method.queries[start : start + len(queries)])
+        query_emb = torch.tensor(method.queries[start : start + len(queries)])
         start += len(queries)
         gallery = emb.rows(names)
         if extra is not None:

@@ -29,13 +29,17 @@ from isa.config import Config, load_config, parse_overrides
 from pipelines.cli import STAGES
 from pipelines.cli import main as isa_main
 from pipelines.common import config_parser, resolve_config
+from tune.space import check_metric, param_space, parse_space
+from tune.sweep import load_sweep_file, scheduler, searcher, trial_config
 
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 KUBERAY_DIR = INFRA / "kuberay"
 KUBERAY_SCHEMAS = REPO.parent / "shared" / "schemas" / "kuberay"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
-STAGE_JOBS = {"embed", "train", "eval"}  # one RayJob each (tune lands later with its own manifest)
+STAGE_JOBS = {"embed", "train", "eval", "tune"}  # one RayJob each: infra/kuberay/rayjob-STAGE.yaml
+# Stages whose --config takes a sweep file (config sections + tune: + space:), not a plain config.
+SWEEP_STAGES = frozenset({"tune"})
 # Stages the architecture names whose module is not in pipelines.cli.STAGES yet: their RayJobs are parsed with
 # the stage contract (`isa STAGE [--config FILE] [key=value ...]`) until the stage registers itself.
 PENDING_STAGES = frozenset({"eval"})
@@ -400,9 +404,42 @@ def _config_files(args: list[str]) -> list[str]:
     ]
 
 
+class _Parsed(Exception):
+    """Raised in place of ``init_ray``: the stage parsed and loaded its config, and would start Ray next."""
+
+
+def parse_sweep_stage(stage: str, args: list[str]) -> tuple:
+    """(space, Config) as ``isa tune``'s own ``main`` parses and loads them, stopped before it starts Ray.
+
+    The stage builds its parser inside ``main``; ``init_ray`` (called right after the sweep file loaded) is replaced
+    by an exception, so nothing runs. A config error makes ``main`` return 2 with the error on stderr instead.
+    """
+    import tune.sweep
+
+    module = importlib.import_module(STAGES[stage][0])
+    loaded = []
+
+    def load(*a, **k):
+        loaded.append(load_sweep_file(*a, **k))
+        return loaded[-1]
+
+    def stop():
+        raise _Parsed
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tune.sweep, "load_sweep_file", load)
+        patch.setattr(module, "init_ray", stop)
+        with pytest.raises(_Parsed):
+            module.main(args)
+    config, space = loaded[-1]
+    return space, config
+
+
 def parse_stage(stage: str, args: list[str]):
     """What the stage's own parser makes of ``args``, without running anything; the Config comes last."""
-    if stage in STAGES:
+    if stage in SWEEP_STAGES:
+        parsed = parse_sweep_stage(stage, args)
+    elif stage in STAGES:
         parsed = importlib.import_module(STAGES[stage][0]).parse_args(args)
     else:  # the stage contract until the module registers itself in pipelines.cli.STAGES
         namespace = config_parser(f"isa {stage}", stage).parse_intermixed_args(args)
@@ -427,7 +464,10 @@ def test_rayjob_entrypoint_parses_with_its_stage(file_name, capsys):
     assert configs, f"{file_name}: the entrypoint names no --config file"
     for path in configs:  # relative to the repository root, which is the image's WORKDIR
         assert (REPO / path).is_file(), path
-        load_config(REPO / path, [])
+        if stage in SWEEP_STAGES:
+            load_sweep_file(str(REPO / path))
+        else:
+            load_config(REPO / path, [])
     if stage == "eval":  # everything through the config: only --config FILE and key=value overrides
         rest = [a for i, a in enumerate(args) if a != "--config" and (i == 0 or args[i - 1] != "--config")]
         parse_overrides(rest)
@@ -447,22 +487,28 @@ def test_stages_chain_through_shared_s3_storage():
     embed_input, embed_output, _ = _stage_config("embed")
     (train,) = _stage_config("train")
     (evaluation,) = _stage_config("eval")
+    _, sweep = _stage_config("tune")
     assert embed_input.startswith("s3://") and embed_output.startswith("s3://")
-    assert train.train.cache.rstrip("/") == embed_output.rstrip("/")  # train reads what embed wrote
+    for config in (train, sweep):  # train and every tune trial read what embed wrote
+        assert config.train.cache.rstrip("/") == embed_output.rstrip("/")
+    assert sweep.tune.storage.startswith("s3://") and sweep.tune.name  # Ray Tune storage_path: shared storage
     assert train.train.output.startswith("s3://")  # Ray Train storage_path is its parent: shared storage
     assert evaluation.eval.checkpoints and all(c.startswith(train.train.output) for c in evaluation.eval.checkpoints)
     for uri in (evaluation.eval.dataset_root, evaluation.eval.gallery_cache, evaluation.eval.output):
         assert uri and uri.startswith("s3://"), uri
     assert train.train.tracking_uri is None and evaluation.eval.tracking_uri is None  # MLFLOW_TRACKING_URI
+    assert sweep.train.tracking_uri is None
 
 
 def test_configs_are_the_real_gpu_setting_and_fit_the_gpu_group():
     _, _, embed = _stage_config("embed")
     (train,) = _stage_config("train")
     (evaluation,) = _stage_config("eval")
-    for config in (embed, train, evaluation):
+    _, sweep = _stage_config("tune")
+    for config in (embed, train, evaluation, sweep):
         assert (config.teacher.name, config.teacher.pretrained) == ("ViT-L-14", "openai")
-    assert (train.student.backbone, train.student.pretrained) == ("efficientnet_b0", True)
+    for config in (train, sweep):
+        assert (config.student.backbone, config.student.pretrained) == ("efficientnet_b0", True)
     assert train.train.use_gpu and embed.cache.local_grid > 0 and embed.cache.store_images
     cluster = the_cluster()
     gpu = worker_group(cluster, "gpu-workers")
@@ -474,6 +520,30 @@ def test_configs_are_the_real_gpu_setting_and_fit_the_gpu_group():
         assert config.cache.actor_cpus <= cpus and config.cache.actor_cpus <= vm_gpu["resources"]["CPU"]
     assert train.train.num_workers <= gpus and train.train.worker_cpus <= cpus
     assert train.train.num_workers <= vm_gpu["max_workers"] * vm_gpu["resources"]["GPU"]
+    trial = trial_config(sweep, "mlflow")  # what each trial trains with: tune.gpus_per_trial workers, one GPU each
+    assert sweep.tune.gpus_per_trial == 1 and trial.train.use_gpu and trial.train.num_workers == 1
+    assert trial.train.worker_cpus <= cpus and trial.train.worker_cpus <= vm_gpu["resources"]["CPU"]
+    assert 1 <= sweep.tune.max_concurrent_trials * sweep.tune.gpus_per_trial <= gpus
+
+
+def test_tune_sweep_passes_the_tune_stages_checks_before_any_trial():
+    """What ``tune.sweep.plan_sweep`` checks without Ray or the cache: every swept key and value (and each grid
+    combination) through the config, the metric every trial reports, the searcher, ASHA and Tune's space.
+    (The cache fingerprint, the cluster's resources and an existing sweep folder are checked on the cluster.)"""
+    space, sweep = _stage_config("tune")
+    params = parse_space(space, sweep)
+    check_metric(sweep, params)
+    searcher(sweep)
+    scheduler(sweep)
+    assert {p.key: (p.kind, list(p.values)) for p in params} == {
+        "token_learner.num_tokens": ("grid", [1, 2, 4, 8, 16]),
+        "loss.lar_weight": ("grid", [0, 0.1, 0.3, 1]),
+    }
+    assert param_space(params, sweep.tune.search)["token_learner"]["num_tokens"] == {"grid_search": [1, 2, 4, 8, 16]}
+    t = sweep.tune
+    assert (t.metric, t.mode, t.search, t.scheduler) == ("val_image_R1", "max", "grid", "asha")
+    reports = sweep.train.max_steps // sweep.train.checkpoint_every  # one report to Tune per checkpoint
+    assert t.grace_period < t.max_t <= reports, (t.grace_period, t.max_t, reports)
 
 
 # ---------------------------------------------------------------------------------------------- VM cluster

@@ -73,10 +73,11 @@ def _with(config: Config, *overrides: str) -> Config:
 
 
 @pytest.fixture(scope="module")
-def cirr_val(ray_session, world, checkpoint, symmetric_checkpoint, tmp_path_factory):
+def cirr_val(ray_session, world, checkpoint, symmetric_checkpoint, mlflow_server, tmp_path_factory):
     output = tmp_path_factory.mktemp("cirr-val")
     config = _config(world, output, "eval.benchmark=cirr", f"eval.dataset_root={world / 'cirr'}", "eval.split=val")
     config = _with(config, f"eval.checkpoints={checkpoint.parent.parent},{symmetric_checkpoint}")
+    config = _with(config, f"eval.tracking_uri={mlflow_server}")
     return config, eval_stage.run(config)
 
 
@@ -327,16 +328,15 @@ def test_image_only_retrieval_on_a_cache(ray_session, world, checkpoint, tmp_pat
     assert 0 <= row["R@1"] <= row["R@5"] <= row["R@10"] <= 100
 
 
-def test_mlflow_records_the_metrics_and_files(ray_session, world, mlflow_server, tmp_path):
+def test_mlflow_records_the_metrics_and_files(cirr_val, mlflow_server):
     import mlflow
 
-    config = _config(world, tmp_path, "eval.benchmark=cirr", f"eval.dataset_root={world / 'cirr'}")
-    config = _with(config, f"eval.tracking_uri={mlflow_server}", "eval.latency_runs=0")
-    document = eval_stage.run(config)
+    _, document = cirr_val
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     run = client.get_run(document["mlflow_run_id"])
-    key = "eval/cirr/text-only-teacher/R_at_1"
-    assert run.data.metrics[key] == pytest.approx(document["rows"]["text only (teacher)"]["R@1"])
+    for row, slug in [("text only (teacher)", "text-only-teacher"), ("symmetric", "symmetric")]:
+        for name, key in [("R@1", "R_at_1"), ("(R@5+Rs@1)/2", "R_at_5_plus_Rs_at_1/2")]:
+            assert run.data.metrics[f"eval/cirr/{slug}/{key}"] == pytest.approx(document["rows"][row][name])
     assert run.data.params["eval.benchmark"] == "cirr"
     files = {f.path.split("/")[-1] for f in client.list_artifacts(run.info.run_id, "eval-cirr-val")}
     assert files == {"metrics.json", "table.md", "report.html"}
