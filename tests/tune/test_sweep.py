@@ -192,16 +192,27 @@ def test_bad_sweeps_fail_before_any_trial(ray_session, tune_cache, tmp_path, cap
     assert not (tmp_path / "sweeps").exists()  # nothing started: no sweep folder, no trial
 
 
-def test_optuna_search_needs_optuna(ray_session, tune_cache, tmp_path, capsys):
-    try:
-        import optuna  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("optuna is installed here: the missing-package message cannot be shown")
+def test_optuna_search_needs_optuna(ray_session, tune_cache, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # what an environment without optuna gives: ImportError
     assert tune_stage.main(_sweep_args(tmp_path, tune_cache, LR, search="optuna")) == 2
     assert "tune.search=optuna needs the optuna package" in capsys.readouterr().err
     assert not (tmp_path / "sweeps").exists()
+
+
+def test_optuna_search_suggests_configs_inside_the_space(ray_session):
+    from isa.config import from_dict
+    from tune.space import param_space, parse_space
+    from tune.sweep import searcher
+
+    config = from_dict({"tune": {"search": "optuna", "seed": 3}})
+    space = {"train.lr": {"loguniform": [1e-4, 1e-2]}, "token_learner.num_tokens": {"grid": [1, 4, 16]}}
+    search, _ = searcher(config)
+    search.set_search_properties("val_image_R1", "max", param_space(parse_space(space, config), "optuna"))
+    suggestions = [search.suggest(f"trial-{i}") for i in range(6)]
+    for suggestion in suggestions:  # real Optuna samples, inside the declared domains
+        assert 1e-4 <= suggestion["train"]["lr"] <= 1e-2
+        assert suggestion["token_learner"]["num_tokens"] in (1, 4, 16)
+    assert len({s["train"]["lr"] for s in suggestions}) == 6
 
 
 def test_existing_sweep_folder_and_resume_of_a_non_sweep_are_refused(ray_session, tune_cache, tmp_path, capsys):
