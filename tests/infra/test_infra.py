@@ -1,6 +1,6 @@
 """infra/: KubeRay manifests, the VM cluster config, runtime_env, image, configs and scripts, checked without a cluster.
 
-Manifests are validated against the KubeRay CRDs' own OpenAPI v3 schemas (``../shared/schemas/kuberay``) with
+Manifests are validated against the KubeRay CRDs' own OpenAPI v3 schemas (``tests/infra/kuberay_crds``) with
 Kubernetes' semantics (unknown fields rejected as by ``kubectl --validate=strict``, int-or-string and int32
 formats, list-map keys, the CRDs' CEL rules translated); the VM config against the schema Ray ships and Ray's
 own ``prepare_config``/``validate_config``; job entrypoints with the ``isa`` stages' own argument parsers.
@@ -35,7 +35,7 @@ from tune.sweep import load_sweep_file, scheduler, searcher, trial_config
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 KUBERAY_DIR = INFRA / "kuberay"
-KUBERAY_SCHEMAS = REPO.parent / "shared" / "schemas" / "kuberay"
+KUBERAY_SCHEMAS = Path(__file__).parent / "kuberay_crds"  # the operator's CRDs, vendored (see its README)
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 STAGE_JOBS = {"embed", "train", "eval", "tune"}  # one RayJob each: infra/kuberay/rayjob-STAGE.yaml
 # Stages whose --config takes a sweep file (config sections + tune: + space:), not a plain config.
