@@ -29,6 +29,7 @@ def test_yaml_then_overrides(tmp_path):
             "train.epochs=5",
             "teacher.pretrained=none",
             "eval.distractor_counts=1000,10000",
+            "eval.distractors=s3://bucket/distractors",
             "train.tracking_uri=null",
             "train.use_gpu=true",
             "loss.lar_weight=0",
@@ -42,7 +43,9 @@ def test_yaml_then_overrides(tmp_path):
 
 
 def test_round_trip_through_plain_dicts():
-    config = load_config(None, ["eval.distractor_counts=10,20", "student.mapper=mlp", "eval.checkpoints=/x,/y"])
+    config = load_config(
+        None, ["eval.distractor_counts=10,20", "eval.distractors=/d", "student.mapper=mlp", "eval.checkpoints=/x,/y"]
+    )
     assert from_dict(to_dict(config)) == config
     flat = flatten(config)
     assert flat["student.mapper"] == "mlp" and flat["eval.distractor_counts"] == [10, 20]
@@ -61,6 +64,8 @@ def test_round_trip_through_plain_dicts():
         ("cache.dtype=int8", ["'cache.dtype'", "'float16'", "'float32'"]),
         ("train.use_gpu=maybe", ["'train.use_gpu'", "bool"]),
         ("eval.distractor_counts=10,x", ["'eval.distractor_counts'"]),
+        ("eval.distractor_counts=10", ["'eval.distractors'", "distractor_counts"]),
+        ("eval.batch_size=0", ["'eval.batch_size'"]),
         ("loss.init_temperature=5", ["'loss.init_temperature'"]),
         ("token_learner.dim=100", ["'token_learner.dim'", "heads"]),
         ("lr=1", ["section.key=value"]),
