@@ -52,14 +52,12 @@ def embed_benchmark(benchmark: Benchmark, config: Config, cache: str) -> embed.S
     with fs.open(listing, "w") as handle:
         handle.write("".join(f"{uri}\n" for uri in sorted(set(benchmark.images.values()))))
     gallery_only = dataclasses.replace(config.cache, store_images=False, local_grid=0)
-    summary = embed.run(fs.unstrip_protocol(listing), cache, dataclasses.replace(config, cache=gallery_only))
-    return summary
+    return embed.run(fs.unstrip_protocol(listing), cache, dataclasses.replace(config, cache=gallery_only))
 
 
-def _uri_ids(cache: str) -> tuple[dict[str, str], dict[str, str]]:
+def _uri_ids(cache: str, cached: pa.Table) -> tuple[dict[str, str], dict[str, str]]:
     """URI -> content id for cached and duplicate rows; URI -> reason for rejected ones."""
     fs, root = filesystem(cache)
-    cached = read_column_values(fs, list_parts(fs, root), ["id", "uri"])
     dups = read_column_values(fs, list_parts(fs, posixpath.join(root, DUPLICATES_DIR)), ["uri", "id"])
     errors = read_column_values(fs, list_parts(fs, posixpath.join(root, ERRORS_DIR)), ["uri", "reason"])
     ids = dict(zip(cached["uri"].to_pylist(), cached["id"].to_pylist()))
@@ -80,7 +78,9 @@ def load_embeddings(benchmark: Benchmark, cache: str) -> Embeddings:
     Raises:
         EvalError: an image was rejected by the embed stage (named, with the reason) or is missing.
     """
-    uri_id, rejected = _uri_ids(cache)
+    fs, root = filesystem(cache)
+    table = read_column_values(fs, list_parts(fs, root), ["id", "uri", "teacher_emb"])  # one read of the cache
+    uri_id, rejected = _uri_ids(cache, table)
     bad = [f"{n} ({rejected[u]})" for n, u in benchmark.images.items() if u in rejected]
     missing = [n for n, u in benchmark.images.items() if u not in uri_id and u not in rejected]
     if bad or missing:
@@ -89,8 +89,6 @@ def load_embeddings(benchmark: Benchmark, cache: str) -> Embeddings:
             f"{len(bad) + len(missing)} {benchmark.name} images have no embedding in {cache}, e.g. {detail}: the "
             "official protocol needs every gallery image"
         )
-    fs, root = filesystem(cache)
-    table = read_column_values(fs, list_parts(fs, root), ["id", "teacher_emb"])
     row_of = {image_id: row for row, image_id in enumerate(table["id"].to_pylist())}
     matrix = _matrix(table["teacher_emb"])
     index = {name: row_of[uri_id[uri]] for name, uri in benchmark.images.items()}

@@ -80,7 +80,7 @@ def submissions(benchmark: Benchmark, ranked: dict[str, Ranked]) -> dict[str, di
     """Test-server files by file name: CIRR ``recall`` / ``recall_subset`` (rc2), CIRCO top-50 ids."""
     if benchmark.name == "cirr":
         r = ranked["all"]
-        recall = {str(q.query_id): top[:TOP_K] for q, top in zip(r.queries, r.top)}
+        recall = {str(q.query_id): top for q, top in zip(r.queries, r.top)}  # TOP_K each
         subset = {str(q.query_id): members[:3] for q, members in zip(r.queries, r.subset)}
         return {
             "recall_submission.json": {"version": "rc2", "metric": "recall", **recall},
@@ -88,9 +88,5 @@ def submissions(benchmark: Benchmark, ranked: dict[str, Ranked]) -> dict[str, di
         }
     if benchmark.name == "circo":
         r = ranked["all"]
-        return {
-            "circo_submission.json": {
-                str(q.query_id): [int(n) for n in top[:TOP_K]] for q, top in zip(r.queries, r.top)
-            }
-        }
+        return {"circo_submission.json": {str(q.query_id): [int(n) for n in top] for q, top in zip(r.queries, r.top)}}
     return {}
