@@ -1,7 +1,10 @@
-"""Run the full-size ``isa quickstart`` and check its claim: on the synthetic world the ISA student beats the
-text-only and image-only baselines in CIR R@10. Prints the table, the wall time, and exits 1 if the claim fails.
+"""Run the full-size ``isa quickstart`` and check its claims: on the synthetic world the ISA student beats the
+text-only and image-only baselines in CIR R@10, within 10 minutes and 4 GB. Prints the table, the wall time, the
+peak memory of every process the run starts (PSS summed over the process tree, sampled every 2 s; per stage,
+and the largest processes at the peak), writes the same to OUTPUT/quickstart_claim.md, and exits 1 if a claim
+fails.
 
-    python benchmarks/quickstart_claim.py [OUTPUT]
+    python benchmarks/quickstart_claim.py [OUTPUT [QUICKSTART ARGS...]]
 
 (Too long for the test suite; the README records its figures.)
 """
@@ -13,21 +16,36 @@ import sys
 import time
 from pathlib import Path
 
+from peak_memory import PeakMemory
+
 from pipelines import quickstart
+
+GB = 1e9
 
 
 def main() -> int:
     output = Path(sys.argv[1] if len(sys.argv) > 1 else "isa-output/quickstart-claim")
     started = time.monotonic()
-    quickstart.main([str(output)])
-    rows = json.loads((output / "quickstart.json").read_text())["rows"]
+    with PeakMemory(interval=2.0) as memory:  # each sample costs ~0.2 s of CPU
+        quickstart.main([str(output), *sys.argv[2:]])
+    seconds = time.monotonic() - started
+    document = json.loads((output / "quickstart.json").read_text())
+    rows = document["rows"]
     isa = rows[quickstart.ISA_ROW]["CIR R@10"]
     text, image = rows["text only (teacher)"]["CIR R@10"], rows["image only (teacher)"]["CIR R@10"]
     holds = isa > text and isa > image
-    print(f"wall time {time.monotonic() - started:.0f} s")
+    lines = ["| stage | from s | peak memory GB |", "|---|---:|---:|"]
+    stages = document["stages"]
+    for stage, following in zip(stages, [*stages[1:], {"started_s": seconds}]):
+        window = [v for at, v in memory.samples if stage["started_s"] <= at < following["started_s"]]
+        lines.append(f"| {stage['stage']} | {stage['started_s']:.0f} | {max(window, default=0) / GB:.2f} |")
+    lines += ["", memory.report(), ""]
+    lines.append(f"wall time {seconds:.0f} s (budget 600 s); peak memory {memory.peak / GB:.2f} GB (budget 4 GB)")
     verdict = "holds" if holds else "FAILS"
-    print(f"CIR R@10: ISA {isa:.1f} vs text only {text:.1f} and image only {image:.1f}: the claim {verdict}")
-    return 0 if holds else 1
+    lines.append(f"CIR R@10: ISA {isa:.1f} vs text only {text:.1f} and image only {image:.1f}: the claim {verdict}")
+    (output / "quickstart_claim.md").write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines), flush=True)
+    return 0 if holds and seconds <= 600 and memory.peak <= 4e9 else 1
 
 
 if __name__ == "__main__":

@@ -6,9 +6,12 @@ evaluation's queries), so all of them treat bad input the same way.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -68,6 +71,38 @@ def resize_short_side(image: Image.Image, short_side: int) -> Image.Image:
         return image
     scale = short_side / min(width, height)
     return image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BICUBIC)
+
+
+def centre_square(image: Image.Image, size: int, resample: int) -> Image.Image:
+    """torchvision's ``Resize(size)`` then ``CenterCrop(size)`` on a PIL image: the short side scaled to
+    ``size`` (the long side truncated as torchvision does), then the centre ``size`` square."""
+    width, height = image.size
+    if width <= height:
+        width, height = size, int(size * height / width)
+    else:
+        width, height = int(size * width / height), size
+    image = image.resize((width, height), resample)
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def teacher_crop(preprocess: dict[str, Any]) -> Callable[[Image.Image], Image.Image]:
+    """open_clip's inference transform up to ToTensor, from a fingerprint's ``preprocess`` section.
+
+    Square ``shortest`` (every OpenAI and most open_clip models) and ``squash`` resizing are done here with
+    PIL alone, pixel for pixel what open_clip's torchvision transforms give (``tests/test_augment.py``), so
+    the decode tasks never import torch; other modes use open_clip's own transforms.
+    """
+    width, height = preprocess["size"]
+    resample = Image.BILINEAR if preprocess["interpolation"] == "bilinear" else Image.BICUBIC
+    mode = preprocess["resize_mode"]
+    if mode == "shortest" and width == height:
+        return functools.partial(centre_square, size=width, resample=resample)
+    if mode == "squash":
+        return lambda image: image.resize((width, height), resample)
+    from isa.teacher import crop_transform
+
+    return crop_transform(preprocess)
 
 
 def encode_jpeg(image: Image.Image, quality: int = 90) -> bytes:

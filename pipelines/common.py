@@ -28,9 +28,13 @@ def resolve_config(path: str | None, overrides: Sequence[str]) -> Config:
         raise SystemExit(2) from None
 
 
-def init_ray() -> None:
-    """Join ``RAY_ADDRESS`` when set (e.g. under ``ray job submit``), else start a local instance."""
+def init_ray(dashboard: bool | None = None) -> None:
+    """Join ``RAY_ADDRESS`` when set (e.g. under ``ray job submit``), else start a local instance.
+
+    Args:
+        dashboard: whether a local instance starts Ray's dashboard (None: when its packages are installed).
+    """
     import ray
 
     if not ray.is_initialized():
-        ray.init()
+        ray.init(include_dashboard=dashboard)

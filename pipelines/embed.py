@@ -33,7 +33,8 @@ from isa.cache import (
 )
 from isa.config import Config
 from pipelines.common import config_parser, init_ray, resolve_config
-from pipelines.embed_ops import Ledger, TeacherEmbedder, decode_batch, write_shard
+from pipelines.embed_ops import Ledger, decode_batch, write_shard
+from pipelines.embed_teacher import TeacherEmbedder
 from pipelines.sources import read_sources
 
 
@@ -190,6 +191,7 @@ def run(input_uri: str, output: str, config: Config) -> Summary:
     seconds = time.perf_counter() - started
     after = disk_counts(output)
     seen = ray.get(ledger.counts.remote())
+    ray.kill(ledger)  # its process and the URI set it holds go now, not when the driver exits
     if after != manifest.counts:
         manifest.counts = after
         fs, root = filesystem(output)

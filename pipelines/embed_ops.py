@@ -1,4 +1,7 @@
-"""The operators of ``isa embed``: the ledger actor, CPU decode tasks, teacher actors, shard writers.
+"""The CPU operators of ``isa embed``: the ledger actor, decode tasks and shard writers.
+
+None of them imports torch (the teacher actors live in ``pipelines/embed_teacher.py``), so the processes
+that run them stay small.
 
 Exactly once: the :class:`Ledger` knows which URIs the cache already holds (cached, rejected or
 recorded as duplicates) and which content ids are cached; decode tasks ask it which inputs are new and
@@ -19,11 +22,9 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import ray
-import torch
 
 from isa.cache import DUPLICATES_DIR, ERRORS_DIR, Manifest, filesystem, shard_name, shard_table, write_table
-from isa.images import ImageRejected, content_id, decode_image, encode_jpeg, resize_short_side
-from isa.teacher import crop_transform, load_teacher, normalize_crops
+from isa.images import ImageRejected, content_id, decode_image, encode_jpeg, resize_short_side, teacher_crop
 
 
 @ray.remote(num_cpus=0)
@@ -67,7 +68,7 @@ class Ledger:
 
 @functools.lru_cache(maxsize=4)
 def _crop_fn(preprocess_json: str):
-    return crop_transform(json.loads(preprocess_json))
+    return teacher_crop(json.loads(preprocess_json))
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, ledger, output: str, manifest: dict, settings: dict) -> dict:
@@ -136,40 +137,6 @@ def _record(output: str, errors: list[tuple[str, str]], duplicates: list[tuple[s
         columns = list(zip(*duplicates))
         table = pa.table({"uri": list(columns[0]), "id": list(columns[1]), "duplicate_of": list(columns[2])})
         write_table(fs, posixpath.join(root, DUPLICATES_DIR, shard_name(table["uri"].to_pylist())), table)
-
-
-class TeacherEmbedder:
-    """Actor: the teacher image tower, loaded once; crops in, L2-normalized embeddings out.
-
-    Args:
-        manifest: the cache manifest (teacher fingerprint, grid); the loaded weights must match it.
-        cache_dir: open_clip download folder.
-        device: "cuda" (bf16 autocast) or "cpu" (fp32).
-        threads: torch threads on CPU.
-    """
-
-    def __init__(self, manifest: dict, cache_dir: str | None, device: str, threads: int):
-        torch.set_num_threads(threads)
-        fingerprint = manifest["teacher"]
-        self.teacher = load_teacher(fingerprint["model"], fingerprint["pretrained"], cache_dir=cache_dir, device=device)
-        if self.teacher.weights_sha256() != fingerprint["weights_sha256"]:
-            raise RuntimeError(f"teacher weights on this worker differ from the driver's ({fingerprint['model']})")
-        self.preprocess = fingerprint["preprocess"]
-        self.grid = manifest["local_grid"]
-        self.device = torch.device(device)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        crops = torch.from_numpy(batch.pop("crop")).to(self.device)
-        pixels = normalize_crops(crops, self.preprocess)  # (B, 3, S, S)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-        with torch.inference_mode(), autocast:
-            if self.grid:
-                emb, local = self.teacher.encode_image_local(pixels, self.grid)  # (B, D), (B, G, D)
-                batch["teacher_local"] = local.float().cpu().numpy()
-            else:
-                emb = self.teacher.encode_image(pixels)
-        batch["teacher_emb"] = torch.nn.functional.normalize(emb.float(), dim=-1).cpu().numpy()
-        return batch
 
 
 def write_shard(batch: dict[str, np.ndarray], *, output: str, manifest: dict) -> dict[str, np.ndarray]:

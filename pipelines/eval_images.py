@@ -17,7 +17,7 @@ from isa.retrieval import image_retrieval_recall
 from isa.teacher import Teacher, fingerprint_mismatch
 from pipelines.eval_gallery import EvalError
 from pipelines.eval_queries import encode_student, task_options
-from pipelines.train import is_validation
+from pipelines.train_remote import is_validation
 
 
 def held_out(cache: str, fraction: float, limit: int) -> tuple[list[bytes], torch.Tensor]:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from isa.checkpoint import find_checkpoint
@@ -56,15 +58,16 @@ def settings(output: Path, teacher_file: Path, train_steps: int) -> list[str]:
 
 
 class Progress:
-    """``[k/7] what ... (elapsed)`` lines."""
+    """``[k/7] what ... (elapsed)`` lines; ``stages`` (what, seconds from the start) for the document."""
 
     def __init__(self) -> None:
         self.started = time.monotonic()
-        self.step = 0
+        self.stages: list[tuple[str, float]] = []
 
     def __call__(self, what: str) -> None:
-        self.step += 1
-        print(f"[{self.step}/{STEPS}] {what} ({time.monotonic() - self.started:.0f} s)", flush=True)
+        elapsed = time.monotonic() - self.started
+        self.stages.append((what, round(elapsed, 1)))
+        print(f"[{len(self.stages)}/{STEPS}] {what} ({elapsed:.0f} s)", flush=True)
 
 
 def make_world(output: Path, images: int, triplets: int, seed: int) -> Path:
@@ -76,10 +79,19 @@ def make_world(output: Path, images: int, triplets: int, seed: int) -> Path:
 
 
 def make_teacher(output: Path, world: Path, steps: int, seed: int) -> Path:
-    """Train the world teacher on the training split's images (skipped when its file exists)."""
+    """Train the world teacher on the training split's images (skipped when its file exists).
+
+    The training runs in a process of its own, so its memory goes back to the system before Ray starts.
+    """
     path = output / "teacher" / f"{WORLD_TEACHER}.safetensors"
-    if path.exists():
-        return path
+    if not path.exists():
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pool.submit(train_teacher, world, path, steps, seed).result()
+    return path
+
+
+def train_teacher(world: Path, path: Path, steps: int, seed: int) -> Path:
+    """The world teacher trained contrastively on the training split's images and their descriptions."""
     manifest = json.loads((world / "world.json").read_text())
     names = manifest["splits"]["train"]
     attributes = [
@@ -143,7 +155,7 @@ def run(output: Path, args: argparse.Namespace, overrides: Sequence[str]) -> dic
     progress(f"world teacher ({args.teacher_steps} contrastive steps with open_clip's ClipLoss)")
     teacher_file = make_teacher(output, world, args.teacher_steps, args.seed)
     config = load_config(args.config, [*settings(output, teacher_file, args.train_steps), *overrides])
-    init_ray()
+    init_ray(dashboard=False)  # a local instance without the dashboard's processes: a smaller footprint
     progress("isa embed: teacher cache of the training images")
     cache = output / "cache"
     summary = embed.run(str(world / "cirr" / "train"), str(cache), config)
@@ -177,6 +189,7 @@ def run(output: Path, args: argparse.Namespace, overrides: Sequence[str]) -> dic
         "checkpoints": {ISA_ROW: str(isa_checkpoint), SYMMETRIC_ROW: str(symmetric_checkpoint)},
         "mlflow": config.train.tracking_uri,
         "seconds": round(time.monotonic() - progress.started, 1),
+        "stages": [{"stage": what, "started_s": at} for what, at in progress.stages],
     }
     (output / "quickstart.json").write_text(json.dumps(document, indent=2))
     (output / "quickstart.md").write_text(markdown(rows, document["teacher_image_tower_ms"]))

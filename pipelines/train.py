@@ -6,26 +6,23 @@ cache (Parquet) -> Ray Data: split by id hash, decode + augment on CPU tasks -> 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import posixpath
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import ray
 import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from isa.augment import eval_view, train_view, views
 from isa.build import build_teacher
 from isa.cache import filesystem, full_uri, list_parts, read_column_values, read_manifest
 from isa.config import Config, ConfigError, from_dict, parse_overrides, to_dict
 from isa.teacher import fingerprint_mismatch
 from pipelines.common import config_parser, init_ray, resolve_config
-from pipelines.train_worker import train_loop
+from pipelines.train_remote import is_validation, split_and_view, train_loop
 
 RUN_CONFIG_FILE = "isa_config.json"
 
@@ -95,22 +92,6 @@ def check_resources(config: Config) -> None:
         )
 
 
-def is_validation(image_id: str, fraction: float) -> bool:
-    """The held-out split, decided by the id's hash: stable across runs, workers and resumes."""
-    return int(hashlib.sha256(image_id.encode()).hexdigest()[:8], 16) / 2**32 < fraction
-
-
-def _split_and_view(batch: dict, *, validation: bool, fraction: float, size: int, scale_min: float, hflip: bool):
-    """CPU task: keep one split's rows, decode and view their JPEGs, embeddings as float32 rows."""
-    rows = np.flatnonzero([is_validation(str(i), fraction) == validation for i in batch["id"]])
-    transform = eval_view(size) if validation else train_view(size, scale_min, hflip)
-    out = {"view": views([batch["image"][i] for i in rows], transform, size)}  # (n, S, S, 3) uint8
-    for column in ("teacher_emb", "teacher_local"):
-        if column in batch:
-            out[column] = np.array([np.asarray(batch[column][i], np.float32) for i in rows], np.float32)  # (n, K)
-    return out
-
-
 def datasets(parts: list[str], config: Config) -> tuple[dict, int]:
     """The train and validation datasets and the number of training rows."""
     columns = ["id", "image", "teacher_emb"] + (["teacher_local"] if config.loss.lar_weight > 0 else [])
@@ -121,8 +102,8 @@ def datasets(parts: list[str], config: Config) -> tuple[dict, int]:
         "scale_min": config.train.crop_scale_min,
         "hflip": config.train.hflip,
     }
-    train = base.randomize_block_order().map_batches(_split_and_view, fn_kwargs={"validation": False, **split})
-    val = base.map_batches(_split_and_view, fn_kwargs={"validation": True, **split}).limit(config.train.val_images)
+    train = base.randomize_block_order().map_batches(split_and_view, fn_kwargs={"validation": False, **split})
+    val = base.map_batches(split_and_view, fn_kwargs={"validation": True, **split}).limit(config.train.val_images)
     fs, root = filesystem(config.train.cache)
     ids = read_column_values(fs, list_parts(fs, root), ["id"])["id"].to_pylist()
     n_train = sum(not is_validation(i, config.train.val_fraction) for i in ids)

@@ -22,3 +22,15 @@ def test_isa_and_every_submodule_leave_ray_and_mlflow_out():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_what_ray_helpers_unpickle_leaves_torch_out():
+    # Ray Train's controller and Ray Data's coordinator import these modules; data tasks run the views
+    script = (
+        "import sys, pipelines.train_remote, isa.augment\n"
+        "heavy = sorted(m for m in ('torch', 'torchvision', 'open_clip', 'timm', 'mlflow') if m in sys.modules)\n"
+        "print(heavy)\n"
+        "sys.exit(1 if heavy else 0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
