@@ -160,6 +160,7 @@ class TrainConfig:
     num_workers: int = 1  # Ray Train workers
     use_gpu: bool = False  # one GPU per worker
     worker_cpus: float = 1.0  # logical CPUs reserved per worker (the data tasks need at least one more)
+    torch_threads: int = 0  # CPU training: torch threads per worker; 0 = Ray's default (the worker's CPUs)
     checkpoint_every: int = 500  # steps
     num_to_keep: int = 3  # checkpoints kept
     max_failures: int = 3  # worker-failure restarts
@@ -179,6 +180,7 @@ class TrainConfig:
         _require(0 <= self.val_fraction < 1, "train.val_fraction", "must be in [0, 1)")
         _require(0 <= self.warmup_fraction < 1, "train.warmup_fraction", "must be in [0, 1)")
         _require(0 < self.crop_scale_min <= 1, "train.crop_scale_min", "must be in (0, 1]")
+        _require(self.torch_threads >= 0, "train.torch_threads", "must be >= 0 (0 = the worker's CPUs)")
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cpu" and config.train.torch_threads:
+        # Ray sets one thread per reserved CPU; light data tasks can leave the rest of a small machine idle
+        torch.set_num_threads(config.train.torch_threads)
     torch.manual_seed(config.train.seed + rank)
     teacher = build_teacher(config.teacher, device)
     task = build_task(config, teacher, build_student(config, teacher), rank, world).to(device)
