@@ -2,7 +2,7 @@
 
 PIL and NumPy only, the same operations as torchvision's ``RandomResizedCrop``/``RandomHorizontalFlip`` and
 ``Resize``/``CenterCrop`` on PIL images (``tests/test_augment.py`` checks them against torchvision): the data
-tasks that make the views never import torch, which keeps each of those processes ~0.5 GB smaller.
+tasks that make the views never import torch, which keeps each of those processes a few hundred MB smaller.
 """
 
 from __future__ import annotations

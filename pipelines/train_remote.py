@@ -1,9 +1,9 @@
 """What ``isa train`` hands to Ray: the worker entry point and the data tasks' function.
 
 Ray Train's controller and Ray Data's coordinator actors unpickle these (module and name) without running
-them. This module imports nothing heavy, so those long-lived helper processes stay small (about 150 MB
-less each without open_clip and timm); torch, open_clip and MLflow are imported only where the functions
-run: in the training workers and the data tasks.
+them. This module imports nothing heavy, so those long-lived helper processes stay small (Ray Data's
+``SplitCoordinator`` and ``DatasetManager``: about 120 MB instead of 570 MB each). torch, open_clip and
+MLflow are imported only in the training workers; the data tasks need PIL and NumPy alone.
 """
 
 from __future__ import annotations
