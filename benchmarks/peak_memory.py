@@ -56,8 +56,8 @@ def process_name(pid: int) -> str:
 class PeakMemory:
     """Samples the tree's PSS in a background thread.
 
-    Afterwards: ``peak`` (bytes), ``samples`` (seconds, bytes) and ``at_peak`` (bytes, pid, name of each
-    process at the peak sample, largest first).
+    Afterwards: ``peak`` (bytes), ``samples`` (seconds, bytes), ``snapshots`` (each sample's processes:
+    bytes, pid, name, largest first) and ``at_peak`` (the peak sample's).
 
         with PeakMemory() as memory:
             work()
@@ -68,7 +68,7 @@ class PeakMemory:
         self.root = root or os.getpid()
         self.interval = interval
         self.samples: list[tuple[float, int]] = []
-        self.at_peak: list[tuple[int, int, str]] = []
+        self.snapshots: list[list[tuple[int, int, str]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -76,20 +76,31 @@ class PeakMemory:
     def peak(self) -> int:
         return max((value for _, value in self.samples), default=0)
 
+    @property
+    def at_peak(self) -> list[tuple[int, int, str]]:
+        return self.peak_between(0, float("inf"))[1]
+
     def _sample(self) -> None:
         started = time.monotonic()
         while not self._stop.is_set():
             processes = [(pss_bytes(pid), pid) for pid in descendants(self.root)]
-            total = sum(pss for pss, _ in processes)
-            if total > self.peak:
-                self.at_peak = sorted(((pss, pid, process_name(pid)) for pss, pid in processes), reverse=True)
-            self.samples.append((time.monotonic() - started, total))
+            self.snapshots.append(sorted(((pss, pid, process_name(pid)) for pss, pid in processes), reverse=True))
+            self.samples.append((time.monotonic() - started, sum(pss for pss, _ in processes)))
             self._stop.wait(self.interval)
 
-    def report(self, top: int = 12) -> str:
-        """The peak and its largest processes, one per line."""
-        lines = [f"peak {self.peak / 1e9:.2f} GB over {len(self.at_peak)} processes; the largest:"]
-        lines += [f"  {pss / 1e6:7.0f} MB  {name}" for pss, _, name in self.at_peak[:top]]
+    def peak_between(self, start: float, end: float) -> tuple[int, list[tuple[int, int, str]]]:
+        """The largest sample taken in [start, end) seconds and its processes (0 and [] when none)."""
+        window = [(total, i) for i, (at, total) in enumerate(self.samples) if start <= at < end]
+        if not window:
+            return 0, []
+        total, i = max(window)
+        return total, self.snapshots[i]
+
+    def report(self, top: int = 12, start: float = 0, end: float = float("inf")) -> str:
+        """The peak (between ``start`` and ``end`` seconds) and its largest processes, one per line."""
+        total, processes = self.peak_between(start, end)
+        lines = [f"peak {total / 1e9:.2f} GB over {len(processes)} processes; the largest:"]
+        lines += [f"  {pss / 1e6:7.0f} MB  {name}" for pss, _, name in processes[:top]]
         return "\n".join(lines)
 
     def __enter__(self) -> PeakMemory:

@@ -36,10 +36,13 @@ def main() -> int:
     holds = isa > text and isa > image
     lines = ["| stage | from s | peak memory GB |", "|---|---:|---:|"]
     stages = document["stages"]
-    for stage, following in zip(stages, [*stages[1:], {"started_s": seconds}]):
-        window = [v for at, v in memory.samples if stage["started_s"] <= at < following["started_s"]]
-        lines.append(f"| {stage['stage']} | {stage['started_s']:.0f} | {max(window, default=0) / GB:.2f} |")
+    starts = [stage["started_s"] for stage in stages]
+    windows = list(zip(starts, [*starts[1:], seconds]))
+    for stage, (start, end) in zip(stages, windows):
+        lines.append(f"| {stage['stage']} | {start:.0f} | {memory.peak_between(start, end)[0] / GB:.2f} |")
     lines += ["", memory.report(), ""]
+    for stage, (start, end) in zip(stages, windows):  # where each stage's memory goes
+        lines += [f"{stage['stage']}:", memory.report(top=8, start=start, end=end), ""]
     lines.append(f"wall time {seconds:.0f} s (budget 600 s); peak memory {memory.peak / GB:.2f} GB (budget 4 GB)")
     verdict = "holds" if holds else "FAILS"
     lines.append(f"CIR R@10: ISA {isa:.1f} vs text only {text:.1f} and image only {image:.1f}: the claim {verdict}")

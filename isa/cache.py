@@ -42,6 +42,19 @@ class CacheError(ValueError):
     """A cache is missing, malformed, or was made by another teacher or with other settings."""
 
 
+def fingerprint_mismatch(expected: dict[str, Any], found: dict[str, Any]) -> str | None:
+    """A message naming both teachers when two fingerprints differ, else None."""
+    keys = ("model", "weights_sha256", "preprocess")
+    if all(expected.get(k) == found.get(k) for k in keys):
+        return None
+
+    def describe(f: dict[str, Any]) -> str:
+        return f"{f.get('model')} ({f.get('pretrained')}, weights sha256 {str(f.get('weights_sha256'))[:12]}…)"
+
+    differing = [k for k in keys if expected.get(k) != found.get(k)]
+    return f"teacher mismatch in {differing}: expected {describe(expected)}, found {describe(found)}"
+
+
 @dataclass
 class Manifest:
     """The contents of ``_isa_cache.json``."""

@@ -16,12 +16,13 @@ from torch import nn
 
 from isa.augment import eval_view, to_unit_range, views
 from isa.build import build_student
+from isa.cache import fingerprint_mismatch
 from isa.checkpoint import CheckpointError, load_checkpoint
 from isa.config import Config, from_dict
 from isa.images import decode_image, encode_jpeg, resize_short_side
 from isa.prompt import PromptComposer
 from isa.students import StudentOutput
-from isa.teacher import Teacher, fingerprint_mismatch
+from isa.teacher import Teacher
 
 
 def student_views(datas: Sequence[bytes], config: Config) -> np.ndarray:

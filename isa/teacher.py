@@ -331,19 +331,6 @@ def normalize_crops(crops: torch.Tensor, preprocess: dict[str, Any]) -> torch.Te
     return normalize(pixels, list(preprocess["mean"]), list(preprocess["std"]))
 
 
-def fingerprint_mismatch(expected: dict[str, Any], found: dict[str, Any]) -> str | None:
-    """A message naming both teachers when two fingerprints differ, else None."""
-    keys = ("model", "weights_sha256", "preprocess")
-    if all(expected.get(k) == found.get(k) for k in keys):
-        return None
-
-    def describe(f: dict[str, Any]) -> str:
-        return f"{f.get('model')} ({f.get('pretrained')}, weights sha256 {str(f.get('weights_sha256'))[:12]}…)"
-
-    differing = [k for k in keys if expected.get(k) != found.get(k)]
-    return f"teacher mismatch in {differing}: expected {describe(expected)}, found {describe(found)}"
-
-
 def register_project_configs() -> None:
     """Make the small open_clip configs shipped in ``isa/model_configs`` known to open_clip."""
     folder = Path(str(resources.files(_CONFIG_PACKAGE)))

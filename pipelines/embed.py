@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import ray
 import ray.data
 
-from isa.build import build_teacher
 from isa.cache import (
     DUPLICATES_DIR,
     ERRORS_DIR,
@@ -34,7 +33,7 @@ from isa.cache import (
 from isa.config import Config
 from pipelines.common import config_parser, init_ray, resolve_config
 from pipelines.embed_ops import Ledger, decode_batch, write_shard
-from pipelines.embed_teacher import TeacherEmbedder
+from pipelines.embed_teacher import TeacherEmbedder, teacher_fingerprint
 from pipelines.sources import read_sources
 
 
@@ -174,15 +173,14 @@ def pipeline(input_uri: str, output: str, config: Config, manifest: Manifest, le
 
 def run(input_uri: str, output: str, config: Config) -> Summary:
     """Embed every new input of ``input_uri`` into the cache at ``output``."""
-    teacher = build_teacher(config.teacher)
+    fingerprint = teacher_fingerprint(config.teacher)  # the actors load the model
     wanted = Manifest(
-        teacher=teacher.fingerprint(),
-        embed_dim=teacher.embed_dim,
+        teacher=fingerprint,
+        embed_dim=fingerprint["embed_dim"],
         local_grid=config.cache.local_grid,
         dtype=config.cache.dtype,
         image_size=config.cache.image_size if config.cache.store_images else None,
     )
-    del teacher  # the actors load their own
     manifest, before = prepare_cache(output, wanted)
     ledger = start_ledger(output)
     started = time.perf_counter()

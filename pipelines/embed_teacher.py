@@ -1,11 +1,18 @@
-"""The teacher operator of ``isa embed``: the image tower in an actor, loaded once per actor."""
+"""The teacher inside Ray processes: ``isa embed``'s image-tower actor and the teacher's fingerprint.
+
+Drivers reference these by module and name, so this module imports nothing heavy: the drivers of
+``isa embed`` and ``isa train`` never load torch or open_clip (about 0.5 GB each). The model is loaded only
+in the actor and in a one-off task whose process exits when it is done.
+"""
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from typing import Any
 
-from isa.teacher import load_teacher, normalize_crops
+import numpy as np
+import ray
+
+from isa.config import TeacherConfig
 
 
 class TeacherEmbedder:
@@ -19,6 +26,10 @@ class TeacherEmbedder:
     """
 
     def __init__(self, manifest: dict, cache_dir: str | None, device: str, threads: int):
+        import torch
+
+        from isa.teacher import load_teacher
+
         torch.set_num_threads(threads)
         fingerprint = manifest["teacher"]
         self.teacher = load_teacher(fingerprint["model"], fingerprint["pretrained"], cache_dir=cache_dir, device=device)
@@ -29,6 +40,10 @@ class TeacherEmbedder:
         self.device = torch.device(device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from isa.teacher import normalize_crops
+
         crops = torch.from_numpy(batch.pop("crop")).to(self.device)
         pixels = normalize_crops(crops, self.preprocess)  # (B, 3, S, S)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
@@ -40,3 +55,23 @@ class TeacherEmbedder:
                 emb = self.teacher.encode_image(pixels)
         batch["teacher_emb"] = torch.nn.functional.normalize(emb.float(), dim=-1).cpu().numpy()
         return batch
+
+
+def _fingerprint(config: TeacherConfig) -> dict[str, Any]:
+    from isa.build import build_teacher
+
+    return build_teacher(config).fingerprint()
+
+
+def teacher_fingerprint(config: TeacherConfig) -> dict[str, Any]:
+    """The configured teacher's fingerprint (model, weights hash, preprocessing, dims), made in a Ray task.
+
+    The task's worker process exits afterwards (``max_calls=1``), taking the model's memory with it. It
+    reserves no CPU, so it never waits behind a running trainer (``isa tune`` starts runs beside others). A
+    teacher that cannot be loaded raises the loader's own error here.
+    """
+    task = ray.remote(num_cpus=0, max_calls=1)(_fingerprint)
+    try:
+        return ray.get(task.remote(config))
+    except ray.exceptions.RayTaskError as error:
+        raise error.cause from None

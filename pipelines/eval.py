@@ -31,10 +31,9 @@ from pipelines.common import config_parser, init_ray, resolve_config
 from pipelines.eval_cost import query_costs
 from pipelines.eval_gallery import EvalError, embed_benchmark, gallery_uri, load_distractors, load_embeddings
 from pipelines.eval_images import image_only_document
+from pipelines.eval_outputs import IMAGE_ONLY, IMAGE_TEXT, TEXT_ONLY
 from pipelines.eval_queries import Encoded, encode_student, encode_text_baseline, task_options, unique_references
 from pipelines.eval_scoring import Ranked, metrics, rank_gallery, rank_members, submissions
-
-TEXT_ONLY, IMAGE_ONLY, IMAGE_TEXT = "text only (teacher)", "image only (teacher)", "image + text (teacher)"
 
 
 def local_copy(uri: str, output: str) -> str:

@@ -15,10 +15,17 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from isa.cache import DUPLICATES_DIR, ERRORS_DIR, filesystem, list_parts, read_column_values, read_manifest
+from isa.cache import (
+    DUPLICATES_DIR,
+    ERRORS_DIR,
+    filesystem,
+    fingerprint_mismatch,
+    list_parts,
+    read_column_values,
+    read_manifest,
+)
 from isa.config import Config
 from isa.data.benchmarks import Benchmark
-from isa.teacher import fingerprint_mismatch
 from pipelines import embed
 
 

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from isa.cache import filesystem, list_parts, read_manifest
+from isa.cache import filesystem, fingerprint_mismatch, list_parts, read_manifest
 from isa.config import Config
 from isa.retrieval import image_retrieval_recall
-from isa.teacher import Teacher, fingerprint_mismatch
+from isa.teacher import Teacher
 from pipelines.eval_gallery import EvalError
 from pipelines.eval_queries import encode_student, task_options
 from pipelines.train_remote import is_validation

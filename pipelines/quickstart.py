@@ -5,6 +5,9 @@ the world's training images -> ``isa train`` of the ISA student and of the symme
 eval`` on the world's CIRR-format val split (with the teacher-only baselines) and image-only retrieval on
 held-out images -> one table in ``OUTPUT/quickstart.json`` and ``.md``. Every step runs the real stage code
 on a local Ray instance, local storage and an embedded MLflow (SQLite in OUTPUT).
+
+This process imports torch only for the evaluation, after training: the teacher trains in a process of
+its own, and embed and train keep torch in Ray's workers.
 """
 
 from __future__ import annotations
@@ -17,14 +20,11 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from isa.checkpoint import find_checkpoint
 from isa.config import Config, from_dict, load_config, parse_overrides
-from isa.data.synthetic import generate_world, write_world
-from isa.data.world_teacher import WORLD_TEACHER, save_world_teacher, train_world_teacher
+from isa.data.synthetic import WORLD_TEACHER, generate_world, write_world
 from pipelines import embed, train
-from pipelines import eval as evaluate
 from pipelines.common import init_ray
-from pipelines.eval import IMAGE_ONLY, IMAGE_TEXT, TEXT_ONLY
+from pipelines.eval_outputs import IMAGE_ONLY, IMAGE_TEXT, TEXT_ONLY
 
 ISA_ROW, SYMMETRIC_ROW = "ISA student (asymmetric)", "symmetric variant"
 STEPS = 7  # progress lines
@@ -49,6 +49,7 @@ def settings(output: Path, teacher_file: Path, train_steps: int) -> list[str]:
         "train.val_fraction=0.1",
         "train.use_gpu=false",
         "train.worker_cpus=1",
+        "train.torch_threads=2",  # both cores for the student; the data tasks are light (64 px JPEGs)
         f"train.tracking_uri=sqlite:///{output.resolve() / 'mlflow.db'}",
         "eval.benchmark=cirr",
         f"eval.dataset_root={output / 'world' / 'cirr'}",
@@ -92,6 +93,8 @@ def make_teacher(output: Path, world: Path, steps: int, seed: int) -> Path:
 
 def train_teacher(world: Path, path: Path, steps: int, seed: int) -> Path:
     """The world teacher trained contrastively on the training split's images and their descriptions."""
+    from isa.data.world_teacher import save_world_teacher, train_world_teacher
+
     manifest = json.loads((world / "world.json").read_text())
     names = manifest["splits"]["train"]
     attributes = [
@@ -105,8 +108,8 @@ def train_teacher(world: Path, path: Path, steps: int, seed: int) -> Path:
 def train_student(config: Config, output: Path, name: str, *overrides: str) -> Path:
     """One training run under OUTPUT/runs/NAME; its latest checkpoint."""
     run_dir = output / "runs" / name
-    train.run(with_overrides(config, f"train.output={run_dir}", *overrides))
-    return find_checkpoint(run_dir)
+    result = train.run(with_overrides(config, f"train.output={run_dir}", *overrides))
+    return Path(result.checkpoint.path) / "isa"
 
 
 def with_overrides(config: Config, *overrides: str) -> Config:
@@ -166,6 +169,8 @@ def run(output: Path, args: argparse.Namespace, overrides: Sequence[str]) -> dic
     progress(f"isa train: symmetric variant ({args.train_steps} steps)")
     symmetric_checkpoint = train_student(config, output, "symmetric", "student.backbone=symmetric")
     checkpoints = f"eval.checkpoints={isa_checkpoint},{symmetric_checkpoint}"
+    from pipelines import eval as evaluate  # torch in this process from here on
+
     progress("isa eval: CIRR-format val split, with the teacher-only baselines")
     cir = evaluate.run(with_overrides(config, checkpoints, f"eval.output={output / 'eval' / 'cirr'}"))
     progress("isa eval: image-only retrieval on held-out images")

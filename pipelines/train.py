@@ -1,7 +1,9 @@
 """``isa train``: distil the light query encoder from a teacher cache with Ray Train.
 
 cache (Parquet) -> Ray Data: split by id hash, decode + augment on CPU tasks -> per-worker shards ->
-``TorchTrainer`` (DDP on the student, frozen teacher text tower per worker) -> checkpoints + MLflow.
+Ray Train with the torch backend (DDP on the student, frozen teacher text tower per worker) -> checkpoints
++ MLflow. The driver never imports torch: the teacher's fingerprint comes from a one-off task and the trainer
+is ``DataParallelTrainer`` with :class:`~pipelines.train_backend.DistributedTorch` (``TorchTrainer``'s backend).
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ from pathlib import Path
 import ray
 import ray.data
 import ray.train
-from ray.train.torch import TorchTrainer
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-from isa.build import build_teacher
-from isa.cache import filesystem, full_uri, list_parts, read_column_values, read_manifest
+from isa.cache import filesystem, fingerprint_mismatch, full_uri, list_parts, read_column_values, read_manifest
 from isa.config import Config, ConfigError, from_dict, parse_overrides, to_dict
-from isa.teacher import fingerprint_mismatch
 from pipelines.common import config_parser, init_ray, resolve_config
+from pipelines.embed_teacher import teacher_fingerprint
+from pipelines.train_backend import DistributedTorch
 from pipelines.train_remote import is_validation, split_and_view, train_loop
 
 RUN_CONFIG_FILE = "isa_config.json"
@@ -136,9 +138,7 @@ def run(
         run_name: MLflow name of a new run; None: the run folder's name.
         mlflow_tags: tags of a new MLflow run (``isa tune`` nests it with ``mlflow.parentRunId``).
     """
-    teacher = build_teacher(config.teacher)
-    fingerprint = teacher.fingerprint()
-    del teacher
+    fingerprint = teacher_fingerprint(config.teacher)
     parts = check_cache(config, fingerprint)
     check_resources(config)
     data, n_train = datasets(parts, config)
@@ -153,8 +153,9 @@ def run(
     fs.makedirs(run_dir, exist_ok=True)
     fs.pipe_file(posixpath.join(run_dir, RUN_CONFIG_FILE), json.dumps(to_dict(config), indent=2).encode())
     storage, name = posixpath.split(config.train.output.rstrip("/"))
-    trainer = TorchTrainer(
+    trainer = DataParallelTrainer(
         train_loop,
+        backend_config=DistributedTorch(backend="nccl" if config.train.use_gpu else "gloo"),
         train_loop_config={
             "config": to_dict(config),
             "fingerprint": fingerprint,

@@ -29,9 +29,21 @@ def test_isa_and_every_submodule_leave_ray_and_mlflow_out():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_what_ray_helpers_and_data_tasks_import_leaves_torch_out():
-    # Ray Train's controller and Ray Data's coordinators unpickle train_remote; data tasks run the views,
-    # the embed stage's decode and write tasks and its ledger actor
-    modules = ["pipelines.train_remote", "isa.augment", "isa.images", "pipelines.embed_ops"]
+def test_drivers_ray_helpers_and_data_tasks_leave_torch_out():
+    # the drivers of embed, train, tune and the quickstart (before its evaluation); Ray Train's controller
+    # unpickles the backend and train_remote, Ray Data's coordinators train_remote and the teacher operator;
+    # data tasks run the views, the embed stage's decode and write tasks and its ledger actor
+    modules = [
+        "pipelines.embed",
+        "pipelines.train",
+        "pipelines.quickstart",
+        "tune.sweep",
+        "pipelines.train_backend",
+        "pipelines.train_remote",
+        "pipelines.embed_teacher",
+        "isa.augment",
+        "isa.images",
+        "pipelines.embed_ops",
+    ]
     result = leaked(modules, ("torch", "torchvision", "open_clip", "timm", "mlflow"))
     assert result.returncode == 0, result.stdout + result.stderr

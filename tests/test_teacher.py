@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from isa.teacher import TeacherNotSupportedError, fingerprint_mismatch, load_teacher
+from isa.cache import fingerprint_mismatch
+from isa.teacher import TeacherNotSupportedError, load_teacher
 
 
 def test_frozen_and_in_eval_mode(teacher):

@@ -29,9 +29,9 @@ from typing import Any
 
 import yaml
 
-from isa.build import build_teacher
 from isa.cache import filesystem, write_bytes
 from isa.config import Config, ConfigError, flatten, from_dict, parse_overrides, to_dict
+from pipelines.embed_teacher import teacher_fingerprint
 from tune import tracking
 from tune.cleanup import RecordPlacementGroups, ReleasePlacementGroups, release
 from tune.space import (
@@ -176,10 +176,7 @@ def check_training(config: Config) -> None:
     """The train stage's own checks of the cache and the cluster, made once for the whole sweep."""
     from pipelines import train
 
-    teacher = build_teacher(config.teacher)
-    fingerprint = teacher.fingerprint()
-    del teacher
-    train.check_cache(config, fingerprint)
+    train.check_cache(config, teacher_fingerprint(config.teacher))
     train.check_resources(config)
 
 

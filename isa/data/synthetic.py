@@ -72,6 +72,8 @@ from PIL import Image, ImageDraw
 
 RGB = tuple[int, int, int]
 
+WORLD_TEACHER = "isa-world-ViT"  # open_clip config (isa/model_configs) of the teacher aligned on this world
+
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
 COLOURS: dict[str, RGB] = {  # object colours
     "red": (220, 30, 30),

@@ -20,10 +20,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from isa.data.synthetic import _WHERE, ATTRIBUTES
+from isa.data.synthetic import _WHERE, ATTRIBUTES, WORLD_TEACHER
 from isa.teacher import register_project_configs
-
-WORLD_TEACHER = "isa-world-ViT"  # the open_clip config in isa/model_configs
 
 _PHRASES = {  # attribute -> how a description says it
     "size": "{v}",
