@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -28,13 +29,22 @@ def resolve_config(path: str | None, overrides: Sequence[str]) -> Config:
         raise SystemExit(2) from None
 
 
-def init_ray(dashboard: bool | None = None) -> None:
+def init_ray(dashboard: bool | None = None, single_machine: bool = False) -> None:
     """Join ``RAY_ADDRESS`` when set (e.g. under ``ray job submit``), else start a local instance.
 
     Args:
         dashboard: whether a local instance starts Ray's dashboard (None: when its packages are installed).
+        single_machine: a local instance sized for one small machine (the quickstart): a worker process idle
+            for 5 s exits instead of staying (Ray keeps one per CPU, each holding what its tasks imported),
+            and Ray Train starts no preemption watcher (it watches for cluster nodes being drained).
     """
     import ray
 
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        return
+    if single_machine and not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # read by Ray Train's controller
+        system = {"num_workers_soft_limit": 0, "idle_worker_killing_time_threshold_ms": 5000}
+        ray.init(include_dashboard=dashboard, _system_config=system)
+    else:
         ray.init(include_dashboard=dashboard)

@@ -158,7 +158,7 @@ def run(output: Path, args: argparse.Namespace, overrides: Sequence[str]) -> dic
     progress(f"world teacher ({args.teacher_steps} contrastive steps with open_clip's ClipLoss)")
     teacher_file = make_teacher(output, world, args.teacher_steps, args.seed)
     config = load_config(args.config, [*settings(output, teacher_file, args.train_steps), *overrides])
-    init_ray(dashboard=False)  # a local instance without the dashboard's processes: a smaller footprint
+    init_ray(dashboard=False, single_machine=True)  # a local instance for a small machine: a smaller footprint
     progress("isa embed: teacher cache of the training images")
     cache = output / "cache"
     summary = embed.run(str(world / "cirr" / "train"), str(cache), config)

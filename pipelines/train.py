@@ -3,7 +3,8 @@
 cache (Parquet) -> Ray Data: split by id hash, decode + augment on CPU tasks -> per-worker shards ->
 Ray Train with the torch backend (DDP on the student, frozen teacher text tower per worker) -> checkpoints
 + MLflow. The driver never imports torch: the teacher's fingerprint comes from a one-off task and the trainer
-is ``DataParallelTrainer`` with :class:`~pipelines.train_backend.DistributedTorch` (``TorchTrainer``'s backend).
+is Ray Train's ``DataParallelTrainer`` with :class:`~pipelines.train_backend.DistributedTorch` (``TorchTrainer``'s
+backend).
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ from pathlib import Path
 import ray
 import ray.data
 import ray.train
-from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from isa.cache import filesystem, fingerprint_mismatch, full_uri, list_parts, read_column_values, read_manifest
 from isa.config import Config, ConfigError, from_dict, parse_overrides, to_dict
 from pipelines.common import config_parser, init_ray, resolve_config
 from pipelines.embed_teacher import teacher_fingerprint
-from pipelines.train_backend import DistributedTorch
+from pipelines.train_backend import DistributedTorch, Trainer
 from pipelines.train_remote import is_validation, split_and_view, train_loop
 
 RUN_CONFIG_FILE = "isa_config.json"
@@ -153,7 +153,7 @@ def run(
     fs.makedirs(run_dir, exist_ok=True)
     fs.pipe_file(posixpath.join(run_dir, RUN_CONFIG_FILE), json.dumps(to_dict(config), indent=2).encode())
     storage, name = posixpath.split(config.train.output.rstrip("/"))
-    trainer = DataParallelTrainer(
+    trainer = Trainer(
         train_loop,
         backend_config=DistributedTorch(backend="nccl" if config.train.use_gpu else "gloo"),
         train_loop_config={

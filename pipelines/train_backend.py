@@ -1,4 +1,4 @@
-"""Ray Train's torch backend (``TorchTrainer``'s), driven from processes that never import torch.
+"""Ray Train's torch backend (``TorchTrainer``'s), driven from processes that never import torch, and the trainer.
 
 ``TorchTrainer`` hands its ``TorchConfig`` to Ray Train's controller, and unpickling it imports torch there
 (about 0.35 GB in a long-lived process that only coordinates); importing ``TorchTrainer`` does the same in
@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray._private.worker import get_dashboard_url
 from ray.train._internal.utils import get_address_and_port
 from ray.train.backend import Backend, BackendConfig
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.train.v2._internal.util import TrainingFramework
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -101,3 +104,18 @@ class DistributedTorch(BackendConfig):
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "timeout_s": self.timeout_s}
+
+
+class Trainer(DataParallelTrainer):
+    """``DataParallelTrainer`` that leaves out the placement-group cleaner on a cluster without a dashboard.
+
+    The cleaner is a detached actor that asks the state API (served by the dashboard) whether the
+    controller is alive, to free the workers' placement group if it died. Without a dashboard it can never
+    find out: it logs a warning every few seconds for the whole run and holds a process (about 120 MB).
+    """
+
+    def _create_default_callbacks(self) -> list:
+        callbacks = super()._create_default_callbacks()
+        if get_dashboard_url():
+            return callbacks
+        return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]

@@ -1,7 +1,7 @@
 """``isa tune``: a Ray Tune sweep over the train stage (ASHA on the validation metric, MLflow parent + trial runs).
 
 sweep YAML (config sections + ``tune:`` + ``space:``) -> checks (keys, values, metric, searcher, cache, cluster)
--> ``Tuner`` over ``pipelines.train.run`` (one ``TorchTrainer`` per trial) -> trial table, best trial in MLflow.
+-> ``Tuner`` over ``pipelines.train.run`` (one Ray Train run per trial) -> trial table, best trial in MLflow.
 """
 
 from __future__ import annotations

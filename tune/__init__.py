@@ -2,7 +2,7 @@
 
 - :mod:`tune.space`: the ``space:`` of a sweep file (``{grid|choice|uniform|loguniform|randint: ...}`` per dotted
   config key), checked through :mod:`isa.config` before anything starts; the metrics the train stage reports.
-- :mod:`tune.sweep`: ``isa tune``: a ``ray.tune.Tuner`` whose trials each run one ``TorchTrainer`` (Ray Train V2's
+- :mod:`tune.sweep`: ``isa tune``: a ``ray.tune.Tuner`` whose trials each run one Ray Train run (Ray Train V2's
   ``TuneReportCallback``), ASHA on the validation metric, ``Tuner.restore`` for ``--resume``.
 - :mod:`tune.tracking`: MLflow: one parent run per sweep, the trials' train runs nested under it, the best trial.
 - :mod:`tune.suites` and ``tune/suites/*.yaml``: the ablation suites of METHOD.md §6.

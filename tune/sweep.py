@@ -1,4 +1,4 @@
-"""Ray Tune over the train stage: one ``TorchTrainer`` per trial, ASHA on the validation metric, MLflow nesting.
+"""Ray Tune over the train stage: one Ray Train run per trial, ASHA on the validation metric, MLflow nesting.
 
 Each trial runs :func:`pipelines.train.run` (there is no second training loop) with Ray Train V2's
 ``TuneReportCallback``, so every ``ray.train.report`` of the trial's rank 0 reaches Tune and its scheduler.
@@ -12,7 +12,7 @@ A sweep folder (``tune.storage``/``tune.name``) holds::
         .isa_placement_groups/            its Train worker placement groups, until released (tune.cleanup)
 
 The trial driver reserves no CPU (it only waits, like Ray Train's own controller); the trial's training workers
-reserve ``tune.cpus_per_trial`` / ``tune.gpus_per_trial`` when its ``TorchTrainer`` starts, and
+reserve ``tune.cpus_per_trial`` / ``tune.gpus_per_trial`` when its trainer starts, and
 ``tune.max_concurrent_trials`` (automatic by default) keeps more trials from starting than the cluster can train.
 """
 
