@@ -10,8 +10,10 @@ backend).
 from __future__ import annotations
 
 import json
+import math
 import os
 import posixpath
+import random
 import signal
 import threading
 from collections.abc import Mapping, Sequence
@@ -96,22 +98,43 @@ def check_resources(config: Config) -> None:
         )
 
 
-def datasets(parts: list[str], config: Config) -> tuple[dict, int]:
-    """The train and validation datasets and the number of training rows."""
+def training_rows(config: Config) -> int:
+    """Rows of the cache outside the held-out split (read from the id column only)."""
+    fs, root = filesystem(config.train.cache)
+    ids = read_column_values(fs, list_parts(fs, root), ["id"])["id"].to_pylist()
+    return sum(not is_validation(i, config.train.val_fraction) for i in ids)
+
+
+def pass_order(parts: list[str], passes: int, seed: int) -> list[str]:
+    """The shards of ``passes`` passes over the cache, one after another, each pass in its own random order."""
+    rng = random.Random(seed)
+    return [part for _ in range(passes) for part in rng.sample(parts, len(parts))]
+
+
+def datasets(parts: list[str], config: Config, passes: int) -> dict:
+    """The train dataset (``passes`` passes in one stream) and the validation dataset.
+
+    One stream for the whole run, rather than one per pass: each new stream would wait a few seconds for
+    Ray Data to list, open and decode its first shards (measured: about 4 s per pass on 2 CPUs).
+    """
     columns = ["id", "image", "teacher_emb"] + (["teacher_local"] if config.loss.lar_weight > 0 else [])
-    base = ray.data.read_parquet(parts).select_columns(columns)
     split = {
         "fraction": config.train.val_fraction,
         "size": config.student.image_size,
         "scale_min": config.train.crop_scale_min,
         "hflip": config.train.hflip,
     }
-    train = base.randomize_block_order().map_batches(split_and_view, fn_kwargs={"validation": False, **split})
-    val = base.map_batches(split_and_view, fn_kwargs={"validation": True, **split}).limit(config.train.val_images)
-    fs, root = filesystem(config.train.cache)
-    ids = read_column_values(fs, list_parts(fs, root), ["id"])["id"].to_pylist()
-    n_train = sum(not is_validation(i, config.train.val_fraction) for i in ids)
-    return {"train": train, "val": val}, n_train
+    context = ray.data.DataContext.get_current()
+    v2 = context.use_datasource_v2
+    context.use_datasource_v2 = False  # Parquet reader V2 reads a path listed twice once: the passes need V1
+    try:
+        train = ray.data.read_parquet(pass_order(parts, passes, config.train.seed)).select_columns(columns)
+    finally:
+        context.use_datasource_v2 = v2
+    train = train.map_batches(split_and_view, fn_kwargs={"validation": False, **split})
+    val = ray.data.read_parquet(parts).select_columns(columns)
+    val = val.map_batches(split_and_view, fn_kwargs={"validation": True, **split}).limit(config.train.val_images)
+    return {"train": train, "val": val}
 
 
 def tracking_uri(config: Config) -> str:
@@ -143,14 +166,15 @@ def run(
     fingerprint = teacher_fingerprint(config.teacher)
     parts = check_cache(config, fingerprint)
     check_resources(config)
-    data, n_train = datasets(parts, config)
+    n_train = training_rows(config)
     steps_per_epoch = n_train // config.train.global_batch_size
     total = config.train.max_steps or config.train.epochs * steps_per_epoch
-    if total <= 0:
+    if steps_per_epoch <= 0 or total <= 0:
         raise TrainError(
             f"{n_train} training images make no step of train.global_batch_size="
             f"{config.train.global_batch_size}; lower the batch size or set train.max_steps"
         )
+    data = datasets(parts, config, passes=math.ceil(total / steps_per_epoch))
     fs, run_dir = filesystem(config.train.output)
     fs.makedirs(run_dir, exist_ok=True)
     fs.pipe_file(posixpath.join(run_dir, RUN_CONFIG_FILE), json.dumps(to_dict(config), indent=2).encode())

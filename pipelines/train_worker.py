@@ -5,9 +5,10 @@ workers); GCD gathers the global batch. Rank 0 validates, writes checkpoints and
 ``ray.train.report`` is called by every rank at the same steps.
 
 Resume semantics: a checkpoint restores the weights, optimizer, LR schedule, step count and RNG state.
-The data stream restarts at the beginning of a pass over the training split (with new random crops and
-block order); the run still ends at the same total step count, so a resumed run sees the same number of
-optimizer steps and the same schedule as an uninterrupted one.
+The data stream (all the run's passes over the training split, see ``pipelines.train.datasets``) starts
+again from its first pass, with new random crops and batches; the run still ends at the same total step
+count, so a resumed run sees the same number of optimizer steps and the same schedule as an uninterrupted
+one.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from isa.config import Config, flatten, from_dict, to_dict
 from isa.retrieval import image_retrieval_recall
 from isa.schedule import warmup_cosine
 from isa.task import DistillTask, parameter_groups
+
+SHUFFLE_BATCHES = 4  # the local shuffle buffer, in batches
 
 
 class Tracker:
@@ -160,7 +163,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     clock, samples, validation = None, 0, None
     shard = ray.train.get_dataset_shard("train")
     while step < total:
-        for batch in shard.iter_torch_batches(batch_size=local_batch, drop_last=True):
+        # rows mixed across a few batches, so batches (and their in-batch negatives) differ every pass
+        batches = shard.iter_torch_batches(
+            batch_size=local_batch, drop_last=True, local_shuffle_buffer_size=SHUFFLE_BATCHES * local_batch
+        )
+        for batch in batches:
             images = to_unit_range(batch["view"].to(device))
             emb = batch["teacher_emb"].to(device)  # (B, D)
             local = (
