@@ -40,7 +40,7 @@ def main() -> int:
     windows = list(zip(starts, [*starts[1:], seconds]))
     for stage, (start, end) in zip(stages, windows):
         lines.append(f"| {stage['stage']} | {start:.0f} | {memory.peak_between(start, end)[0] / GB:.2f} |")
-    lines += ["", memory.report(), ""]
+    lines += ["", memory.report(top=30), ""]
     for stage, (start, end) in zip(stages, windows):  # where each stage's memory goes
         lines += [f"{stage['stage']}:", memory.report(top=8, start=start, end=end), ""]
     lines.append(f"wall time {seconds:.0f} s (budget 600 s); peak memory {memory.peak / GB:.2f} GB (budget 4 GB)")

@@ -31,6 +31,7 @@ from pipelines.train_backend import DistributedTorch, Trainer
 from pipelines.train_remote import is_validation, split_and_view, train_loop
 
 RUN_CONFIG_FILE = "isa_config.json"
+VIEW_ROWS = 256  # rows per call of the decode-and-view tasks
 
 
 class TrainError(ValueError):
@@ -126,14 +127,16 @@ def datasets(parts: list[str], config: Config, passes: int) -> dict:
     }
     context = ray.data.DataContext.get_current()
     v2 = context.use_datasource_v2
-    context.use_datasource_v2 = False  # Parquet reader V2 reads a path listed twice once: the passes need V1
+    context.use_datasource_v2 = False  # reader V2 reads a path listed twice only once; V1 reads every entry
     try:
         train = ray.data.read_parquet(pass_order(parts, passes, config.train.seed)).select_columns(columns)
     finally:
         context.use_datasource_v2 = v2
-    train = train.map_batches(split_and_view, fn_kwargs={"validation": False, **split})
+    views = {"batch_size": VIEW_ROWS}  # bounded memory per task, whatever the shard size
+    train = train.map_batches(split_and_view, fn_kwargs={"validation": False, **split}, **views)
     val = ray.data.read_parquet(parts).select_columns(columns)
-    val = val.map_batches(split_and_view, fn_kwargs={"validation": True, **split}).limit(config.train.val_images)
+    val = val.map_batches(split_and_view, fn_kwargs={"validation": True, **split}, **views)
+    val = val.limit(config.train.val_images)
     return {"train": train, "val": val}
 
 
@@ -203,7 +206,8 @@ def run(
             callbacks=list(callbacks),
         ),
         datasets=data,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        # one worker iterates the training stream itself: no split coordinator process in between
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"] if config.train.num_workers > 1 else []),
     )
     return fit(trainer)
 

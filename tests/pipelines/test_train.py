@@ -19,7 +19,16 @@ from isa.checkpoint import load_checkpoint
 from isa.config import from_dict, load_config
 from isa.data.synthetic import generate_world, write_world
 from pipelines import embed
-from pipelines.train import RUN_CONFIG_FILE, TrainError, is_validation, parse_args, run
+from pipelines.train import (
+    RUN_CONFIG_FILE,
+    TrainError,
+    datasets,
+    is_validation,
+    parse_args,
+    pass_order,
+    run,
+    training_rows,
+)
 
 TEACHER = ["teacher.name=isa-tiny-ViT", "teacher.pretrained=none"]
 STUDENT = [
@@ -74,7 +83,9 @@ def test_short_run_learns_and_its_checkpoints_load(train_cache, tmp_path):
     import mlflow
 
     config = _config(train_cache, tmp_path / "run", "train.max_steps=100", "train.checkpoint_every=50")
+    handler = signal.getsignal(signal.SIGINT)
     result = run(config)
+    assert signal.getsignal(signal.SIGINT) is handler  # Ray Train's handler (holding the controller) is gone
     assert result.metrics["step"] == 100 and _steps(tmp_path / "run") == [50, 100]
     # the loss goes down (history from the run's own MLflow records, SQLite in the output folder)
     client = mlflow.MlflowClient(tracking_uri=config.train.tracking_uri)
@@ -101,6 +112,17 @@ def test_short_run_learns_and_its_checkpoints_load(train_cache, tmp_path):
     assert loaded.keys() == saved.weights.keys()
     assert all(torch.equal(loaded[k], saved.weights[k]) for k in loaded)
     assert any(not torch.equal(fresh[k], saved.weights[k]) for k in fresh if k.endswith("weight"))  # trained
+
+
+def test_one_stream_holds_every_pass_each_in_its_own_shard_order(train_cache, tmp_path):
+    parts = sorted(glob.glob(os.path.join(train_cache, "part-*.parquet")))
+    order = pass_order(parts, 3, seed=5)
+    assert [sorted(order[i : i + len(parts)]) for i in range(0, len(order), len(parts))] == [parts] * 3
+    assert pass_order(parts, 3, seed=5) == order  # the run's seed decides it
+    config = _config(train_cache, tmp_path / "run")
+    data = datasets(parts, config, passes=3)
+    streamed = sum(len(batch["view"]) for batch in data["train"].iter_batches(batch_size=None))
+    assert streamed == 3 * training_rows(config)  # every pass read in full: a path listed again is read again
 
 
 def test_resume_continues_with_the_same_step_count(train_cache, tmp_path):
