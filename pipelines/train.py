@@ -140,20 +140,6 @@ def datasets(parts: list[str], config: Config, passes: int) -> dict:
     return {"train": train, "val": val}
 
 
-def ingest_options(config: Config) -> ray.data.ExecutionOptions:
-    """Ray Data's options for the training stream: its object store memory capped at 16 global batches of
-    views (at least 128 MB).
-
-    Uncapped, the stream reads ahead as far as the object store allows (30 % of RAM by default) and the
-    pages it touches stay resident in shared memory. Measured on the quickstart's student (2 CPUs): the
-    train worker's share of those pages went from 201 to 64 MB with a 128 MB cap.
-    """
-    views = config.train.global_batch_size * config.student.image_size**2 * 3  # uint8 (B, S, S, 3)
-    options = ray.train.DataConfig.default_ingest_options()
-    options.resource_limits = options.resource_limits.copy(object_store_memory=max(128 * 2**20, 16 * views))
-    return options
-
-
 def tracking_uri(config: Config) -> str:
     """train.tracking_uri, else MLFLOW_TRACKING_URI, else a SQLite file in a local output folder."""
     if config.train.tracking_uri:
@@ -221,10 +207,7 @@ def run(
         ),
         datasets=data,
         # one worker iterates the training stream itself: no split coordinator process in between
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split=["train"] if config.train.num_workers > 1 else [],
-            execution_options=ingest_options(config),
-        ),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"] if config.train.num_workers > 1 else []),
     )
     return fit(trainer)
 
