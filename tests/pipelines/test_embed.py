@@ -26,6 +26,7 @@ from isa.cache import CacheError
 from isa.config import load_config
 from isa.data.synthetic import generate_world, render_scene
 from isa.images import content_id
+from isa.teacher import register_project_configs
 from pipelines.embed import run
 
 TEACHER = ["teacher.name=isa-tiny-ViT", "teacher.pretrained=none"]
@@ -81,6 +82,7 @@ def _cache(root: Path) -> pa.Table:
 
 
 def _reference_model():
+    register_project_configs()  # the project's small configs, known to this process's open_clip
     torch.manual_seed(0)  # load_teacher's random init uses seed 0 too
     model, _, preprocess = open_clip.create_model_and_transforms("isa-tiny-ViT", pretrained=None)
     return model.eval(), preprocess

@@ -25,6 +25,7 @@ from isa.checkpoint import save_checkpoint
 from isa.config import Config, from_dict, load_config, parse_overrides, to_dict
 from isa.data.synthetic import generate_world, write_world
 from isa.prompt import PromptComposer
+from isa.teacher import register_project_configs
 from pipelines import embed
 from pipelines import eval as eval_stage
 from pipelines.eval_gallery import EvalError
@@ -85,6 +86,7 @@ def cirr_val(ray_session, world, checkpoint, symmetric_checkpoint, mlflow_server
 
 
 def _reference_model():
+    register_project_configs()  # the project's small configs, known to this process's open_clip
     torch.manual_seed(0)  # load_teacher's random init uses seed 0 too
     model, _, preprocess = open_clip.create_model_and_transforms("isa-tiny-ViT", pretrained=None)
     return model.eval(), preprocess, open_clip.get_tokenizer("isa-tiny-ViT")
