@@ -206,8 +206,7 @@ def run(
             callbacks=list(callbacks),
         ),
         datasets=data,
-        # one worker iterates the training stream itself: no split coordinator process in between
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"] if config.train.num_workers > 1 else []),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     return fit(trainer)
 
