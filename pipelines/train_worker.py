@@ -32,6 +32,7 @@ from isa.schedule import warmup_cosine
 from isa.task import DistillTask, parameter_groups
 
 SHUFFLE_BATCHES = 4  # the local shuffle buffer, in batches
+LOG_EVERY = 10  # steps between metric records (the losses are averaged over them)
 
 
 class Tracker:
@@ -161,6 +162,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     task.train()
     clock, samples, validation = None, 0, None
+    window: dict[str, torch.Tensor | float] = {}  # loss name -> sum over the steps since the last record
+    window_steps = 0
     shard = ray.train.get_dataset_shard("train")
     while step < total:
         # rows mixed across a few batches, so batches (and their in-batch negatives) differ every pass
@@ -188,10 +191,18 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 clock = time.perf_counter()
             else:
                 samples += local_batch * world
-            metrics = {k: float(v) for k, v in losses.items()}
+            for name, value in losses.items():  # summed on the device: no host sync per step
+                window[name] = window.get(name, 0.0) + value.detach().float()
+            window_steps += 1
+            checkpoint_due = step % config.train.checkpoint_every == 0 or step == total
+            if not (checkpoint_due or step % LOG_EVERY == 0):
+                continue
+            # the losses averaged over the steps since the last record
+            metrics = {name: float(total_value) / window_steps for name, total_value in window.items()}
+            window, window_steps = {}, 0
             metrics["lr"] = scheduler.get_last_lr()[0]
             metrics["samples_per_s"] = samples / max(time.perf_counter() - clock, 1e-9)
-            if step % config.train.checkpoint_every == 0 or step == total:
+            if checkpoint_due:
                 with tempfile.TemporaryDirectory() as tmp:
                     checkpoint = None
                     if rank == 0:
@@ -203,7 +214,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                         if step == total:
                             tracker.finish(folder, saved_config, config.train.register_model, config.train.model_alias)
                     ray.train.report({**metrics, "step": step}, checkpoint=checkpoint)
-            elif step % 10 == 0:
+            else:
                 tracker.metrics(metrics, step)
             if step >= total:
                 break

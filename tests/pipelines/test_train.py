@@ -91,7 +91,8 @@ def test_short_run_learns_and_its_checkpoints_load(train_cache, tmp_path):
     client = mlflow.MlflowClient(tracking_uri=config.train.tracking_uri)
     (found,) = client.search_runs([client.get_experiment_by_name("isa").experiment_id])
     gcd = [m.value for m in sorted(client.get_metric_history(found.info.run_id, "gcd"), key=lambda m: m.step)]
-    assert len(gcd) >= 8 and sum(gcd[-3:]) / 3 < 0.8 * sum(gcd[:3]) / 3, gcd
+    # each record is the mean over its 10 steps: the last 30 steps' loss is well below the first 10 steps'
+    assert len(gcd) == 10 and sum(gcd[-3:]) / 3 < 0.8 * gcd[0], gcd
     first = json.loads((_checkpoints(tmp_path / "run")[0] / "state.json").read_text())
     assert first["step"] == 50
     # image-only retrieval on held-out images, well above chance (chance R@k = k / #val)
