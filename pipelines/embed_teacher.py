@@ -7,6 +7,8 @@ in the actor and in a one-off task whose process exits when it is done.
 
 from __future__ import annotations
 
+import copy
+import os
 from typing import Any
 
 import numpy as np
@@ -68,10 +70,33 @@ def teacher_fingerprint(config: TeacherConfig) -> dict[str, Any]:
 
     The task's worker process exits afterwards (``max_calls=1``), taking the model's memory with it. It
     reserves no CPU, so it never waits behind a running trainer (``isa tune`` starts runs beside others). A
-    teacher that cannot be loaded raises the loader's own error here.
+    teacher that cannot be loaded raises the loader's own error here. A process asks once per teacher (a
+    weights file counts as the same while its size and modification time are); the quickstart and ``isa tune``
+    ask for every stage and run.
     """
-    task = ray.remote(num_cpus=0, max_calls=1)(_fingerprint)
-    try:
-        return ray.get(task.remote(config))
-    except ray.exceptions.RayTaskError as error:
-        raise error.cause from None
+    key = _fingerprint_key(config)
+    if key is None or key not in _FINGERPRINTS:
+        task = ray.remote(num_cpus=0, max_calls=1)(_fingerprint)
+        try:
+            fingerprint = ray.get(task.remote(config))
+        except ray.exceptions.RayTaskError as error:
+            raise error.cause from None
+        if key is None:
+            return fingerprint
+        _FINGERPRINTS[key] = fingerprint
+    return copy.deepcopy(_FINGERPRINTS[key])
+
+
+_FINGERPRINTS: dict[tuple, dict[str, Any]] = {}
+
+
+def _fingerprint_key(config: TeacherConfig) -> tuple | None:
+    """The teacher config and its weights file's (size, mtime); None where a fingerprint may not be reused."""
+    if config.name.startswith("local-dir:"):  # a folder whose files may change under the same name
+        return None
+    if os.path.isfile(config.pretrained):
+        stat = os.stat(config.pretrained)
+        return config, stat.st_size, stat.st_mtime_ns
+    if "://" in config.pretrained or os.sep in config.pretrained:  # a remote or missing file: read it every time
+        return None
+    return config, None, None  # an open_clip tag or "none"

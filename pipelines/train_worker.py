@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +162,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     local_batch = config.train.global_batch_size // world
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     task.train()
-    clock, samples, validation = None, 0, None
+    # rank 0 reads the held-out views while training starts (a stream of its own, ~5 s to start)
+    prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="isa-validation")
+    validated = rank == 0 and config.train.val_fraction > 0 and config.train.val_images > 0
+    validation = prefetch.submit(_validation_batches, local_batch) if validated else None
+    prefetch.shutdown(wait=False)  # the submitted read still runs to its end
+    clock, samples = None, 0
     window: dict[str, torch.Tensor | float] = {}  # loss name -> sum over the steps since the last record
     window_steps = 0
     shard = ray.train.get_dataset_shard("train")
@@ -206,8 +212,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 with tempfile.TemporaryDirectory() as tmp:
                     checkpoint = None
                     if rank == 0:
-                        validation = validation if validation is not None else _validation_batches(local_batch)
-                        metrics.update(_validate(task, validation, device))
+                        if validation is not None:
+                            metrics.update(_validate(task, validation.result(), device))
                         folder = _save(task, optimizer, scheduler, saved_config, step, tracker.run_id, Path(tmp))
                         checkpoint = ray.train.Checkpoint.from_directory(tmp)
                         tracker.metrics(metrics, step)

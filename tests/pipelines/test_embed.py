@@ -263,3 +263,33 @@ def test_s3_input_and_output(ray_session, s3_endpoint, tmp_path):
     assert all(u.startswith("s3://isa-test-bucket/inputs/") for u in table["uri"].to_pylist())
     again = run("s3://isa-test-bucket/inputs", "s3://isa-test-bucket/cache", _config())
     assert again.cached == 0 and again.skipped == 9
+
+
+def test_teacher_fingerprint_is_reused_until_its_weights_file_changes(ray_session, tmp_path):
+    from safetensors.torch import save_file
+
+    from isa.config import TeacherConfig
+    from isa.teacher import load_teacher
+    from pipelines.embed_teacher import teacher_fingerprint
+
+    path = tmp_path / "teacher.safetensors"
+
+    def write(seed: int) -> None:  # a random teacher's weights
+        model = load_teacher("isa-tiny-ViT", "none", seed=seed).model
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+
+    write(1)
+    config = TeacherConfig(name="isa-tiny-ViT", pretrained=str(path))
+    first = teacher_fingerprint(config)
+    assert first == load_teacher("isa-tiny-ViT", str(path)).fingerprint()
+    first["weights_sha256"] = "changed by the caller"  # each caller gets its own copy
+    assert teacher_fingerprint(config) == load_teacher("isa-tiny-ViT", str(path)).fingerprint()
+    write(2)
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # a new file, whatever the clock
+    second = teacher_fingerprint(config)
+    assert second == load_teacher("isa-tiny-ViT", str(path)).fingerprint()
+    assert second["weights_sha256"] != teacher_fingerprint(TeacherConfig("isa-tiny-ViT", "none"))["weights_sha256"]
+    write(1)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2_000_000_000))
+    assert teacher_fingerprint(config)["weights_sha256"] != second["weights_sha256"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -232,14 +233,16 @@ def test_two_workers_run_ddp(train_cache, tmp_path):
 def test_clear_errors_before_training(ray_session, train_cache, tmp_path, world_images):
     with pytest.raises(TrainError, match="no _isa_cache.json"):
         run(_config(str(tmp_path / "nothing"), tmp_path / "run"))
+    few = tmp_path / "few"  # enough images for the schema checks, which come before any training
+    few.mkdir()
+    for image in sorted(world_images.iterdir())[:40]:
+        shutil.copy(image, few)
     gallery = tmp_path / "gallery"
-    embed.run(
-        str(world_images), str(gallery), load_config(None, [*TEACHER, "cache.store_images=false", "cache.local_grid=0"])
-    )
+    embed.run(str(few), str(gallery), load_config(None, [*TEACHER, "cache.store_images=false", "cache.local_grid=0"]))
     with pytest.raises(TrainError, match="no image column"):
         run(_config(str(gallery), tmp_path / "run"))
     no_local = tmp_path / "no-local"
-    embed.run(str(world_images), str(no_local), load_config(None, [*TEACHER, "cache.local_grid=0"]))
+    embed.run(str(few), str(no_local), load_config(None, [*TEACHER, "cache.local_grid=0"]))
     with pytest.raises(TrainError, match="no teacher_local"):
         run(_config(str(no_local), tmp_path / "run"))
     with pytest.raises(TrainError, match="isa-tiny-ViT-custom-text"):
