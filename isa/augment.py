@@ -82,6 +82,15 @@ def views(images: list[bytes], transform: View, size: int) -> np.ndarray:
     return out
 
 
-def to_unit_range(views: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, S, S, 3) -> float (B, 3, S, S) in [0, 1], the students' input."""
-    return views.permute(0, 3, 1, 2).float().div(255)
+def to_unit_range(views: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """uint8 (B, S, S, 3) -> float (B, 3, size, size) in [0, 1], the students' input.
+
+    ``size`` other than S: bilinear resize on the views' device (the training views come no larger than the
+    cached images, so upsampled pixels never cross the object store).
+    """
+    from torch.nn.functional import interpolate  # here: the view tasks import this module without torch
+
+    images = views.permute(0, 3, 1, 2).float().div(255)
+    if size is not None and images.shape[-1] != size:
+        images = interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    return images

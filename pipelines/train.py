@@ -23,7 +23,15 @@ import ray
 import ray.data
 import ray.train
 
-from isa.cache import filesystem, fingerprint_mismatch, full_uri, list_parts, read_column_values, read_manifest
+from isa.cache import (
+    Manifest,
+    filesystem,
+    fingerprint_mismatch,
+    full_uri,
+    list_parts,
+    read_column_values,
+    read_manifest,
+)
 from isa.config import Config, ConfigError, from_dict, parse_overrides, to_dict
 from pipelines.common import config_parser, init_ray, resolve_config
 from pipelines.embed_teacher import teacher_fingerprint
@@ -60,8 +68,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         raise SystemExit(f"isa: {error}") from None
 
 
-def check_cache(config: Config, fingerprint: dict) -> list[str]:
-    """The cache's shard URIs, or a TrainError naming what is wrong with the cache."""
+def check_cache(config: Config, fingerprint: dict) -> tuple[list[str], Manifest]:
+    """The cache's shard URIs and manifest, or a TrainError naming what is wrong with the cache."""
     uri = config.train.cache
     if not uri:
         raise TrainError("no teacher cache given: set train.cache=URI (made by isa embed)")
@@ -82,7 +90,7 @@ def check_cache(config: Config, fingerprint: dict) -> list[str]:
     mismatch = fingerprint_mismatch(fingerprint, manifest.teacher)
     if mismatch:
         raise TrainError(f"cache {uri} does not match the configured teacher: {mismatch}")
-    return [full_uri(fs, p) for p in parts]
+    return [full_uri(fs, p) for p in parts], manifest
 
 
 def check_resources(config: Config) -> None:
@@ -112,16 +120,18 @@ def pass_order(parts: list[str], passes: int, seed: int) -> list[str]:
     return [part for _ in range(passes) for part in rng.sample(parts, len(parts))]
 
 
-def datasets(parts: list[str], config: Config, passes: int) -> dict:
+def datasets(parts: list[str], config: Config, passes: int, cached_size: int | None = None) -> dict:
     """The train dataset (``passes`` passes in one stream) and the validation dataset.
 
     One stream for the whole run, rather than one per pass: each new stream would wait a few seconds for
-    Ray Data to list, open and decode its first shards (measured: about 4 s per pass on 2 CPUs).
+    Ray Data to list, open and decode its first shards (measured: about 4 s per pass on 2 CPUs). The views
+    are no larger than the cached images' short side ``cached_size``; the worker resizes them to the student's
+    input, so no upsampled pixels fill the object store (the quickstart's 64 px cache feeds a 96 px student).
     """
     columns = ["id", "image", "teacher_emb"] + (["teacher_local"] if config.loss.lar_weight > 0 else [])
     split = {
         "fraction": config.train.val_fraction,
-        "size": config.student.image_size,
+        "size": min(config.student.image_size, cached_size or config.student.image_size),
         "scale_min": config.train.crop_scale_min,
         "hflip": config.train.hflip,
     }
@@ -167,7 +177,7 @@ def run(
         mlflow_tags: tags of a new MLflow run (``isa tune`` nests it with ``mlflow.parentRunId``).
     """
     fingerprint = teacher_fingerprint(config.teacher)
-    parts = check_cache(config, fingerprint)
+    parts, manifest = check_cache(config, fingerprint)
     check_resources(config)
     n_train = training_rows(config)
     steps_per_epoch = n_train // config.train.global_batch_size
@@ -177,7 +187,7 @@ def run(
             f"{n_train} training images make no step of train.global_batch_size="
             f"{config.train.global_batch_size}; lower the batch size or set train.max_steps"
         )
-    data = datasets(parts, config, passes=math.ceil(total / steps_per_epoch))
+    data = datasets(parts, config, passes=math.ceil(total / steps_per_epoch), cached_size=manifest.image_size)
     fs, run_dir = filesystem(config.train.output)
     fs.makedirs(run_dir, exist_ok=True)
     fs.pipe_file(posixpath.join(run_dir, RUN_CONFIG_FILE), json.dumps(to_dict(config), indent=2).encode())

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -101,14 +100,16 @@ def _validation_batches(batch_size: int) -> list[dict[str, torch.Tensor]]:
     return list(ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=batch_size))
 
 
-def _validate(task: DistillTask, batches: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, float]:
+def _validate(
+    task: DistillTask, batches: list[dict[str, torch.Tensor]], device: torch.device, size: int
+) -> dict[str, float]:
     """Image-only retrieval on the held-out split: query ``a photo of {S}`` against the teacher gallery."""
     queries, gallery = [], []
     task.eval()
     with torch.no_grad():
         for batch in batches:
             # the bare module: a DDP forward would wait for a collective the other ranks never join
-            sentence = task.student_module(to_unit_range(batch["view"].to(device))).sentence
+            sentence = task.student_module(to_unit_range(batch["view"].to(device), size)).sentence
             queries.append(task.query(sentence))
             gallery.append(batch["teacher_emb"].to(device).float())
     task.train()
@@ -162,11 +163,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     local_batch = config.train.global_batch_size // world
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     task.train()
-    # rank 0 reads the held-out views while training starts (a stream of its own, ~5 s to start)
-    prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="isa-validation")
+    # the held-out views, read before the training stream starts: at the end of a run they would start a data
+    # task beside a worker that holds its largest memory (the peak of the quickstart)
     validated = rank == 0 and config.train.val_fraction > 0 and config.train.val_images > 0
-    validation = prefetch.submit(_validation_batches, local_batch) if validated else None
-    prefetch.shutdown(wait=False)  # the submitted read still runs to its end
+    validation = _validation_batches(local_batch) if validated else None
     clock, samples = None, 0
     window: dict[str, torch.Tensor | float] = {}  # loss name -> sum over the steps since the last record
     window_steps = 0
@@ -177,7 +177,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             batch_size=local_batch, drop_last=True, local_shuffle_buffer_size=SHUFFLE_BATCHES * local_batch
         )
         for batch in batches:
-            images = to_unit_range(batch["view"].to(device))
+            images = to_unit_range(batch["view"].to(device), config.student.image_size)  # (B, 3, S, S)
             emb = batch["teacher_emb"].to(device)  # (B, D)
             local = (
                 batch["teacher_local"].to(device).view(emb.shape[0], -1, emb.shape[1])
@@ -213,7 +213,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     checkpoint = None
                     if rank == 0:
                         if validation is not None:
-                            metrics.update(_validate(task, validation.result(), device))
+                            metrics.update(_validate(task, validation, device, config.student.image_size))
                         folder = _save(task, optimizer, scheduler, saved_config, step, tracker.run_id, Path(tmp))
                         checkpoint = ray.train.Checkpoint.from_directory(tmp)
                         tracker.metrics(metrics, step)

@@ -93,6 +93,11 @@ def test_views_and_unit_range():
     unit = to_unit_range(torch.from_numpy(batch))
     assert unit.shape == (3, 3, 32, 32) and unit.dtype == torch.float32
     torch.testing.assert_close(unit[2, 1], torch.from_numpy(batch[2, :, :, 1]).float() / 255)
+    # views smaller than the student's input are upsampled as PIL's bilinear resize would (within rounding)
+    larger = to_unit_range(torch.from_numpy(batch), 48)
+    assert larger.shape == (3, 3, 48, 48)
+    reference = np.asarray(Image.fromarray(batch[1]).resize((48, 48), Image.BILINEAR)).astype(np.float32) / 255
+    np.testing.assert_allclose(larger[1].permute(1, 2, 0).numpy(), reference, atol=1.5 / 255)
 
 
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])

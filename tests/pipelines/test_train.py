@@ -125,6 +125,10 @@ def test_one_stream_holds_every_pass_each_in_its_own_shard_order(train_cache, tm
     data = datasets(parts, config, passes=3)
     streamed = sum(len(batch["view"]) for batch in data["train"].iter_batches(batch_size=None))
     assert streamed == 3 * training_rows(config)  # every pass read in full: a path listed again is read again
+    # a student input larger than the cached images: views at the cached size (the worker resizes them)
+    larger = _config(train_cache, tmp_path / "run", "student.image_size=80")
+    for data in datasets(parts, larger, passes=1, cached_size=64).values():
+        assert data.take_batch(4)["view"].shape == (4, 64, 64, 3)
 
 
 def test_resume_continues_with_the_same_step_count(train_cache, tmp_path):
@@ -225,9 +229,11 @@ def test_two_workers_run_ddp(train_cache, tmp_path):
             "train.worker_cpus=0.5",
             "train.max_steps=4",
             "train.checkpoint_every=4",
+            "student.image_size=80",  # above the cache's 64 px: the workers resize the views
         )
     )
     assert result.metrics["step"] == 4 and torch.isfinite(torch.tensor(result.metrics["loss"]))
+    assert result.metrics["val_image_R1"] >= 0
 
 
 def test_clear_errors_before_training(ray_session, train_cache, tmp_path, world_images):
