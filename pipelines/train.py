@@ -107,10 +107,10 @@ def check_resources(config: Config) -> None:
         )
 
 
-def training_rows(config: Config) -> int:
-    """Rows of the cache outside the held-out split (read from the id column only)."""
-    fs, root = filesystem(config.train.cache)
-    ids = read_column_values(fs, list_parts(fs, root), ["id"])["id"].to_pylist()
+def training_rows(config: Config, parts: list[str]) -> int:
+    """Rows of the cache's shards ``parts`` outside the held-out split (read from the id column only)."""
+    fs, _ = filesystem(config.train.cache)
+    ids = read_column_values(fs, parts, ["id"])["id"].to_pylist()
     return sum(not is_validation(i, config.train.val_fraction) for i in ids)
 
 
@@ -179,7 +179,7 @@ def run(
     fingerprint = teacher_fingerprint(config.teacher)
     parts, manifest = check_cache(config, fingerprint)
     check_resources(config)
-    n_train = training_rows(config)
+    n_train = training_rows(config, parts)
     steps_per_epoch = n_train // config.train.global_batch_size
     total = config.train.max_steps or config.train.epochs * steps_per_epoch
     if steps_per_epoch <= 0 or total <= 0:

@@ -124,7 +124,7 @@ def test_one_stream_holds_every_pass_each_in_its_own_shard_order(train_cache, tm
     config = _config(train_cache, tmp_path / "run")
     data = datasets(parts, config, passes=3)
     streamed = sum(len(batch["view"]) for batch in data["train"].iter_batches(batch_size=None))
-    assert streamed == 3 * training_rows(config)  # every pass read in full: a path listed again is read again
+    assert streamed == 3 * training_rows(config, parts)  # every pass read in full: a path listed again is read again
     # a student input larger than the cached images: views at the cached size (the worker resizes them)
     larger = _config(train_cache, tmp_path / "run", "student.image_size=80")
     for data in datasets(parts, larger, passes=1, cached_size=64).values():
