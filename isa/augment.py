@@ -88,9 +88,9 @@ def to_unit_range(views: torch.Tensor, size: int | None = None) -> torch.Tensor:
     ``size`` other than S: bilinear resize on the views' device (the training views come no larger than the
     cached images, so upsampled pixels never cross the object store).
     """
-    from torch.nn.functional import interpolate  # here: the view tasks import this module without torch
-
     images = views.permute(0, 3, 1, 2).float().div(255)
     if size is not None and images.shape[-1] != size:
+        from torch.nn.functional import interpolate  # here: the view tasks import this module without torch
+
         images = interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
     return images

@@ -75,7 +75,7 @@ def teacher_fingerprint(config: TeacherConfig) -> dict[str, Any]:
     ask for every stage and run.
     """
     key = _fingerprint_key(config)
-    if key is None or key not in _FINGERPRINTS:
+    if key not in _FINGERPRINTS:  # None (never reused) is never stored
         task = ray.remote(num_cpus=0, max_calls=1)(_fingerprint)
         try:
             fingerprint = ray.get(task.remote(config))
@@ -84,7 +84,7 @@ def teacher_fingerprint(config: TeacherConfig) -> dict[str, Any]:
         if key is None:
             return fingerprint
         _FINGERPRINTS[key] = fingerprint
-    return copy.deepcopy(_FINGERPRINTS[key])
+    return copy.deepcopy(_FINGERPRINTS[key])  # each caller its own copy
 
 
 _FINGERPRINTS: dict[tuple, dict[str, Any]] = {}

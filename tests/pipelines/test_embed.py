@@ -284,8 +284,14 @@ def test_teacher_fingerprint_is_reused_until_its_weights_file_changes(ray_sessio
     assert first == load_teacher("isa-tiny-ViT", str(path)).fingerprint()
     first["weights_sha256"] = "changed by the caller"  # each caller gets its own copy
     assert teacher_fingerprint(config) == load_teacher("isa-tiny-ViT", str(path)).fingerprint()
-    write(2)
     stat = path.stat()
+    write(2)  # other weights of the same size: under the old mtime the process keeps its fingerprint
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (
+        teacher_fingerprint(config)["weights_sha256"]
+        == load_teacher("isa-tiny-ViT", "none", seed=1).fingerprint()["weights_sha256"]
+    )
+    assert path.stat().st_size == stat.st_size
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # a new file, whatever the clock
     second = teacher_fingerprint(config)
     assert second == load_teacher("isa-tiny-ViT", str(path)).fingerprint()

@@ -229,7 +229,7 @@ def test_two_workers_run_ddp(train_cache, tmp_path):
             "train.worker_cpus=0.5",
             "train.max_steps=4",
             "train.checkpoint_every=4",
-            "student.image_size=80",  # above the cache's 64 px: training and validation resize the views
+            "student.image_size=80",  # above the cache's 64 px: the run goes through the workers' resize
         )
     )
     assert result.metrics["step"] == 4 and torch.isfinite(torch.tensor(result.metrics["loss"]))
