@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The GPU figures of PERFORMANCE.md in one run (one GPU, random-init weights):
+#   isa embed, ViT-L-14 from 640x480 JPEGs, against the tower's own forward rate;
+#   isa train, efficientnet_b0 with M=4 and the ViT-L-14 text tower, batch 256.
+# Usage: bash benchmarks/gpu.sh [LOG_DIR]; the tables are printed again at the end.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+logs=${1:-$(mktemp -d)}
+mkdir -p "$logs"
+export PYTHONUNBUFFERED=1
+python=${PYTHON:-python3}
+stop_ray() { pkill -9 -f 'ray/core/src/ray|ray::|raylet|gcs_server' || true; }  # what a timed-out run left
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$logs/gpu.txt"
+timeout 320 "$python" benchmarks/embed_throughput.py --device cuda --teacher ViT-L-14 --images "${EMBED_IMAGES:-20000}" \
+    --plain-images 1024 --batch-size 256 --fast-decode --decode-batch-size 64 2>&1 | tee "$logs/embed.log" || stop_ray
+timeout 250 "$python" benchmarks/train_throughput.py --device cuda --make-cache --cache-images "${TRAIN_IMAGES:-8000}" \
+    --steps "${TRAIN_STEPS:-150}" --plain-steps 40 2>&1 | tee "$logs/train.log" || stop_ray
+echo
+cat "$logs/gpu.txt"
+for log in "$logs/embed.log" "$logs/train.log"; do
+    sed -n '/ · .* cores/,$p' "$log" | grep -v '^\s*$'
+done
