@@ -84,23 +84,33 @@ def plain_loop(paths: list[Path], name: str, pretrained: str, batch: int, device
     return len(paths) / (time.perf_counter() - started)
 
 
-def tower_forward(name: str, pretrained: str, batch: int, device: str, steps: int = 20) -> float:
-    """The image tower alone on ready-made tensors (bf16 on GPU): the ceiling. Returns images/s."""
+def tower_forward(name: str, pretrained: str, batch: int, steps: int = 20, device: str = "cuda") -> dict[str, float]:
+    """The image tower alone on ready-made tensors on the GPU: the ceiling, as the pipeline runs it (fp32
+    weights, bf16 autocast) and with its weights cast to bf16. Returns their images/s and the cosine of each
+    one's embeddings to the fp32 tower's."""
     teacher = load_teacher(name, pretrained, device=device)
     size = teacher.image_size
     pixels = torch.randn(batch, 3, size, size, device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
-    with torch.inference_mode(), autocast:
-        for _ in range(3):
-            teacher.model.encode_image(pixels)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        for _ in range(steps):
-            teacher.model.encode_image(pixels)
-        if device == "cuda":
-            torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - started)
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    with torch.inference_mode():
+        reference = F.normalize(teacher.model.encode_image(pixels).float(), dim=-1)
+        figures = {}
+        for mode in ("autocast", "bf16 weights"):
+            if mode == "bf16 weights":
+                teacher.model.to(torch.bfloat16)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=mode == "autocast"):
+                inputs = pixels.to(torch.bfloat16) if mode == "bf16 weights" else pixels
+                emb = F.normalize(teacher.model.encode_image(inputs).float(), dim=-1)
+                figures[f"cosine, {mode}"] = float((emb * reference).sum(-1).min())
+                for _ in range(3):
+                    teacher.model.encode_image(inputs)
+                sync()
+                started = time.perf_counter()
+                for _ in range(steps):
+                    teacher.model.encode_image(inputs)
+                sync()
+                figures[mode] = steps * batch / (time.perf_counter() - started)
+    return figures
 
 
 def pipeline(folder: Path, output: Path, args: argparse.Namespace) -> tuple[float, float]:
@@ -158,31 +168,43 @@ def main() -> None:
     parser.add_argument("--fast-decode", action="store_true", help="reduced-size JPEG decoding in the pipeline")
     parser.add_argument("--images-column", action="store_true", help="also cache student JPEGs (more work)")
     parser.add_argument("--plain-images", type=int, default=0, help="images for the plain loop (0: all)")
+    parser.add_argument("--no-plain", action="store_true", help="leave out the plain loop")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_jpegs(Path(tmp) / "images", args.images)
-        baseline = plain_loop(
-            paths[: args.plain_images or None], args.teacher, args.pretrained, args.batch_size, args.device
-        )
+        baseline = None
+        if not args.no_plain:
+            subset = paths[: args.plain_images or None]
+            baseline = plain_loop(subset, args.teacher, args.pretrained, args.batch_size, args.device)
         ours, steady = pipeline(Path(tmp) / "images", Path(tmp) / "cache", args)
         rows = [
             ("plain single-process loop", baseline),
             ("isa embed, end to end (start-up included)", ours),
             ("isa embed, steady state", steady),
         ]
-        if args.device == "cuda":
-            rows.insert(0, ("teacher tower forward only", tower_forward(args.teacher, args.pretrained, 256, "cuda")))
+        tower = tower_forward(args.teacher, args.pretrained, 256) if args.device == "cuda" else {}
+        if tower:
+            rows[:0] = [
+                ("teacher tower forward only (bf16 autocast, as the pipeline runs it)", tower["autocast"]),
+                ("teacher tower forward only, weights cast to bf16", tower["bf16 weights"]),
+            ]
     print(
         f"\n{args.teacher} · {args.images} JPEGs 640x480 · batch {args.batch_size} · {args.device} · "
         f"{os.cpu_count()} cores · fast_decode={args.fast_decode} · images column={args.images_column} · "
-        f"plain loop on {args.plain_images or args.images} images"
+        + ("no plain loop" if args.no_plain else f"plain loop on {args.plain_images or args.images} images")
     )
     print("| what | images/s |\n|---|---|")
     for label, rate in rows:
-        print(f"| {label} | {rate:,.1f} |")
-    print(f"ratio isa embed / plain loop: {ours / baseline:.2f}x end to end, {steady / baseline:.2f}x steady state")
-    if args.device == "cuda":
-        print(f"isa embed / tower forward: {ours / rows[0][1]:.0%} end to end, {steady / rows[0][1]:.0%} steady state")
+        print(f"| {label} | {'not run' if rate is None else f'{rate:,.1f}'} |")
+    if baseline:
+        print(f"ratio isa embed / plain loop: {ours / baseline:.2f}x end to end, {steady / baseline:.2f}x steady state")
+    if tower:
+        ceiling = tower["autocast"]
+        print(f"isa embed / tower forward: {ours / ceiling:.0%} end to end, {steady / ceiling:.0%} steady state")
+        print(
+            "smallest cosine to the fp32 tower (256 random inputs): "
+            f"{tower['cosine, autocast']:.5f} autocast, {tower['cosine, bf16 weights']:.5f} bf16 weights"
+        )
 
 
 if __name__ == "__main__":

@@ -151,7 +151,9 @@ def pipeline(input_uri: str, output: str, config: Config, manifest: Manifest, le
         )
         .map_batches(
             TeacherEmbedder,
-            compute=ray.data.ActorPoolStrategy(size=cache.num_actors),
+            # two calls in flight per actor: one batches its inputs/outputs while the other runs the tower (the
+            # tower itself runs one call at a time), so the GPU does not wait on batching
+            compute=ray.data.ActorPoolStrategy(size=cache.num_actors, max_concurrent_calls_per_actor=2),
             batch_size=cache.batch_size,
             num_cpus=cache.actor_cpus,
             num_gpus=1 if device == "cuda" else 0,
