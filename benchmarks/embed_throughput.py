@@ -110,6 +110,9 @@ def tower_forward(name: str, pretrained: str, batch: int, steps: int = 20, devic
                     teacher.model.encode_image(inputs)
                 sync()
                 figures[mode] = steps * batch / (time.perf_counter() - started)
+    del teacher
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the pipeline's actor needs the GPU next
     return figures
 
 
@@ -154,6 +157,11 @@ def pipeline(folder: Path, output: Path, args: argparse.Namespace) -> tuple[floa
     return first.cached / first.seconds, steady
 
 
+def measured(figures: dict[str, float]) -> None:
+    for label, value in figures.items():
+        print(f"measured: {label}: {value:,.5g}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="ViT-B-32")
@@ -172,17 +180,21 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_jpegs(Path(tmp) / "images", args.images)
+        # each figure is printed as soon as it is measured: a run cut short keeps what it got
+        tower = tower_forward(args.teacher, args.pretrained, 256) if args.device == "cuda" else {}
+        measured(tower)
         baseline = None
         if not args.no_plain:
             subset = paths[: args.plain_images or None]
             baseline = plain_loop(subset, args.teacher, args.pretrained, args.batch_size, args.device)
+            measured({"plain loop": baseline})
         ours, steady = pipeline(Path(tmp) / "images", Path(tmp) / "cache", args)
+        measured({"isa embed, end to end": ours, "isa embed, steady state": steady})
         rows = [
             ("plain single-process loop", baseline),
             ("isa embed, end to end (start-up included)", ours),
             ("isa embed, steady state", steady),
         ]
-        tower = tower_forward(args.teacher, args.pretrained, 256) if args.device == "cuda" else {}
         if tower:
             rows[:0] = [
                 ("teacher tower forward only (bf16 autocast, as the pipeline runs it)", tower["autocast"]),

@@ -71,16 +71,13 @@ def plain_loop(config: Config, cache: str, steps: int, device: str) -> float:
 
 
 def step_only(config: Config, steps: int, device: str, local_grid: int) -> float:
-    """The training step alone on random tensors already on the device (channels-last and bf16 on GPU, as
-    ``isa train`` runs it): the ceiling with no data loading. Returns samples/s."""
+    """The training step alone on random tensors already on the device (bf16 autocast on GPU, as ``isa train``
+    runs it): the ceiling with no data loading. Returns samples/s."""
     teacher = build_teacher(config.teacher, device)
     torch.manual_seed(0)
     task = build_task(config, teacher, build_student(config, teacher)).to(device)
     optimizer = torch.optim.AdamW(parameter_groups(task, config.train.lr, config.train.lr, 0.05, False))
     batch, size, dim = config.train.global_batch_size, config.student.image_size, teacher.embed_dim
-    layout = torch.channels_last if device == "cuda" else torch.contiguous_format
-    if device == "cuda":
-        task.student.to(memory_format=layout)
     images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device)  # as the views come
     emb = F.normalize(torch.randn(batch, dim, device=device), dim=-1)
     local = torch.randn(batch, local_grid**2, dim, device=device)
@@ -92,14 +89,18 @@ def step_only(config: Config, steps: int, device: str, local_grid: int) -> float
                 torch.cuda.synchronize()
             started = time.perf_counter()
         with autocast:
-            loss = task(to_unit_range(images).contiguous(memory_format=layout), emb, local)["loss"]
+            loss = task(to_unit_range(images), emb, local)["loss"]
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(task.trainable_parameters(), 1.0)
         optimizer.step()
     if device == "cuda":
         torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - started)
+    rate = steps * batch / (time.perf_counter() - started)
+    del task, teacher, optimizer
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the next measurement needs the GPU
+    return rate
 
 
 def isa_train(config: Config) -> float:
@@ -178,9 +179,12 @@ def main() -> None:
             *args.overrides,
         ]
         config = load_config(None, overrides)
-        plain = None if args.no_plain else plain_loop(config, cache, args.plain_steps or args.steps, args.device)
+        # each figure is printed as soon as it is measured: a run cut short keeps what it got
         grid = json.loads(Path(cache, "_isa_cache.json").read_text())["local_grid"]  # the cache's, as trained on
         ceiling = step_only(config, args.step_only, args.device, grid) if args.step_only else None
+        print(f"measured: training step only: {ceiling}", flush=True)
+        plain = None if args.no_plain else plain_loop(config, cache, args.plain_steps or args.steps, args.device)
+        print(f"measured: plain loop: {plain}", flush=True)
         ours = isa_train(config)
     print(
         f"\n{config.student.backbone} · M={config.token_learner.num_tokens} · teacher {config.teacher.name} · "

@@ -139,8 +139,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(config.train.seed + rank)
     teacher = build_teacher(config.teacher, device)
     task = build_task(config, teacher, build_student(config, teacher), rank, world).to(device)
-    if device.type == "cuda":  # convolutions in channels-last run faster under bf16 autocast
-        task.student.to(memory_format=torch.channels_last)
     groups = parameter_groups(
         task, config.train.lr, config.train.backbone_lr, config.train.weight_decay, config.student.pretrained
     )
@@ -180,8 +178,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         )
         for batch in batches:
             images = to_unit_range(batch["view"].to(device), config.student.image_size)  # (B, 3, S, S)
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
             emb = batch["teacher_emb"].to(device)  # (B, D)
             local = (
                 batch["teacher_local"].to(device).view(emb.shape[0], -1, emb.shape[1])
