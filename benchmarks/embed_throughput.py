@@ -85,7 +85,7 @@ def plain_loop(paths: list[Path], name: str, pretrained: str, batch: int, device
 
 
 def tower_forward(name: str, pretrained: str, batch: int, steps: int = 20, device: str = "cuda") -> dict[str, float]:
-    """The image tower alone on ready-made tensors on the GPU: the ceiling, as the pipeline runs it (fp32
+    """The image tower alone on ready-made tensors on ``device``: the ceiling, as the pipeline runs it (fp32
     weights, bf16 autocast) and with its weights cast to bf16. Returns their images/s and the cosine of each
     one's embeddings to the fp32 tower's."""
     teacher = load_teacher(name, pretrained, device=device)
