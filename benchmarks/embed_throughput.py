@@ -157,9 +157,10 @@ def pipeline(folder: Path, output: Path, args: argparse.Namespace) -> tuple[floa
     return first.cached / first.seconds, steady
 
 
-def measured(figures: dict[str, float]) -> None:
+def measured(figures: dict[str, float | None]) -> None:
+    """Print figures as soon as they are measured: a run cut short keeps what it got."""
     for label, value in figures.items():
-        print(f"measured: {label}: {value:,.5g}", flush=True)
+        print(f"measured: {label}: {'not run' if value is None else f'{value:,.5g}'}", flush=True)
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
 #   isa train, efficientnet_b0 with M=4 and the ViT-L-14 text tower, batch 256.
 # Usage: bash benchmarks/gpu.sh [LOG_DIR]; the tables are printed again at the end. An earlier version took
 # 7.4 minutes on one H100 with 16 cores, most of it building random-init ViT-L-14 models on the CPU; this
-# one adds the training-step ceiling and a second plain training loop (about 1.5 minutes more).
+# one adds the training-step ceiling and a second plain training loop.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 logs=${1:-$(mktemp -d)}

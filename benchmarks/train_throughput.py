@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
+from embed_throughput import make_jpegs, measured  # this folder's photo-like JPEGs and figure printing
 
 from isa.augment import to_unit_range, train_view, views
 from isa.build import build_student, build_task, build_teacher
@@ -34,18 +35,39 @@ from isa.task import parameter_groups
 TINY_TEACHER = "isa-tiny-ViT"
 
 
+class Trainee:
+    """The student task, teacher and AdamW of both in-process loops, and one training step (bf16 on GPU)."""
+
+    def __init__(self, config: Config, device: str):
+        self.teacher = build_teacher(config.teacher, device)
+        torch.manual_seed(0)
+        self.task = build_task(config, self.teacher, build_student(config, self.teacher)).to(device)
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.task, config.train.lr, config.train.lr, 0.05, False))
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+        self.task.train()
+
+    def step(self, images: torch.Tensor, emb: torch.Tensor, local: torch.Tensor) -> None:
+        """images (B, 3, S, S) in [0, 1], emb (B, D), local (B, G, D)."""
+        with self.autocast:
+            loss = self.task(images, emb, local)["loss"]
+        self.optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.task.trainable_parameters(), 1.0)
+        self.optimizer.step()
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def plain_loop(config: Config, cache: str, steps: int, device: str) -> float:
     """One process: pyarrow batches, PIL augmentation, forward/backward/step (bf16 on GPU). Returns samples/s."""
-    teacher = build_teacher(config.teacher, device)
-    torch.manual_seed(0)
-    task = build_task(config, teacher, build_student(config, teacher)).to(device)
-    optimizer = torch.optim.AdamW(parameter_groups(task, config.train.lr, config.train.lr, 0.05, False))
+    trainee = Trainee(config, device)
     transform = train_view(config.student.image_size, config.train.crop_scale_min, config.train.hflip)
     columns = ["image", "teacher_emb", "teacher_local"]
     files = sorted(glob.glob(os.path.join(cache, "part-*.parquet")))
     batch_size, size = config.train.global_batch_size, config.student.image_size
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
-    task.train()
     done, started = 0, None
     while done < steps:
         for batch in pq.ParquetDataset(files).read(columns=columns).to_batches(max_chunksize=batch_size):
@@ -57,51 +79,29 @@ def plain_loop(config: Config, cache: str, steps: int, device: str) -> float:
             emb = np.stack(batch["teacher_emb"].to_numpy(zero_copy_only=False)).astype(np.float32)
             local = np.stack(batch["teacher_local"].to_numpy(zero_copy_only=False)).astype(np.float32)
             emb, local = torch.from_numpy(emb).to(device), torch.from_numpy(local).to(device)
-            with autocast:
-                loss = task(images, emb, local.view(batch_size, -1, emb.shape[1]))["loss"]
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(task.trainable_parameters(), 1.0)
-            optimizer.step()
+            trainee.step(images, emb, local.view(batch_size, -1, emb.shape[1]))
             done += 1
             if done >= steps:
                 break
-    if device == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     return (steps - 1) * batch_size / (time.perf_counter() - started)
 
 
 def step_only(config: Config, steps: int, device: str, local_grid: int) -> float:
     """The training step alone on random tensors already on the device (bf16 autocast on GPU, as ``isa train``
     runs it): the ceiling with no data loading. Returns samples/s."""
-    teacher = build_teacher(config.teacher, device)
-    torch.manual_seed(0)
-    task = build_task(config, teacher, build_student(config, teacher)).to(device)
-    optimizer = torch.optim.AdamW(parameter_groups(task, config.train.lr, config.train.lr, 0.05, False))
-    batch, size, dim = config.train.global_batch_size, config.student.image_size, teacher.embed_dim
+    trainee = Trainee(config, device)
+    batch, size, dim = config.train.global_batch_size, config.student.image_size, trainee.teacher.embed_dim
     images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device)  # as the views come
     emb = F.normalize(torch.randn(batch, dim, device=device), dim=-1)
     local = torch.randn(batch, local_grid**2, dim, device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
-    task.train()
     for step in range(steps + 3):  # three warm-up steps
         if step == 3:
-            if device == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             started = time.perf_counter()
-        with autocast:
-            loss = task(to_unit_range(images), emb, local)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(task.trainable_parameters(), 1.0)
-        optimizer.step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    rate = steps * batch / (time.perf_counter() - started)
-    del task, teacher, optimizer
-    if device == "cuda":
-        torch.cuda.empty_cache()  # the next measurement needs the GPU
-    return rate
+        trainee.step(to_unit_range(images), emb, local)
+    synchronize(device)
+    return steps * batch / (time.perf_counter() - started)
 
 
 def isa_train(config: Config) -> tuple[float, float]:
@@ -144,8 +144,6 @@ def make_cache(folder: Path, images: int, teacher: str, device: str) -> str:
         write_world(generate_world(seed=0, num_images=images, num_triplets=20, image_size=64), folder / "world")
         source, cache = folder / "world" / "images", ["cache.local_grid=2", "cache.image_size=64"]
     else:
-        from embed_throughput import make_jpegs
-
         source, cache = folder / "jpegs", ["cache.batch_size=256", f"cache.fast_decode={device == 'cuda'}"]
         make_jpegs(source, images)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
@@ -198,16 +196,18 @@ def main() -> None:
         # each figure is printed as soon as it is measured: a run cut short keeps what it got
         grid = json.loads(Path(cache, "_isa_cache.json").read_text())["local_grid"]  # the cache's, as trained on
         ceiling = step_only(config, args.step_only, args.device, grid) if args.step_only else None
-        print(f"measured: training step only: {ceiling}", flush=True)
+        measured({"training step only": ceiling})
         plain_steps = args.plain_steps or args.steps
         plain = None if args.no_plain else plain_loop(config, cache, plain_steps, args.device)
-        print(f"measured: plain loop: {plain}", flush=True)
+        measured({"plain loop": plain})
+        if args.device == "cuda":
+            torch.cuda.empty_cache()  # the in-process loops' memory, for isa train's worker
         ours, second_half = isa_train(config)
-        print(f"measured: isa train: {ours}, second half {second_half}", flush=True)
+        measured({"isa train": ours, "isa train, second half": second_half})
         # the plain loop again after isa train: the ratio is to the mean of both, so a machine that speeds
         # up or slows down during the run does not favour either side
         again = None if args.no_plain else plain_loop(config, cache, plain_steps, args.device)
-        print(f"measured: plain loop again: {again}", flush=True)
+        measured({"plain loop again": again})
     print(
         f"\n{config.student.backbone} · M={config.token_learner.num_tokens} · teacher {config.teacher.name} · "
         f"batch {config.train.global_batch_size} · {args.steps} steps ({args.plain_steps or args.steps} plain) · "
@@ -218,14 +218,14 @@ def main() -> None:
         ("plain PyTorch loop, before isa train", plain),
         ("plain PyTorch loop, after isa train", again),
     ]
-    plain = None if plain is None else (plain + again) / 2
+    plain_mean = None if plain is None else (plain + again) / 2
     print("| what | samples/s |\n|---|---|")
     for label, rate in [*rows, ("isa train", ours), ("isa train, second half of the run", second_half)]:
         print(f"| {label} | {'not run' if rate is None else f'{rate:,.1f}'} |")
     for label, rate in (("whole run", ours), ("second half", second_half)):
-        if plain:
-            overhead = max(0.0, 1 - rate / plain)
-            print(f"isa train ({label}) / plain loop (mean of both): {rate / plain:.2f} (overhead {overhead:.0%})")
+        if plain_mean:
+            overhead = max(0.0, 1 - rate / plain_mean)
+            print(f"isa train ({label}) / plain loop (mean of both): {rate / plain_mean:.2f} (overhead {overhead:.0%})")
         if ceiling:
             print(f"isa train ({label}) / step only: {rate / ceiling:.0%}")
 
