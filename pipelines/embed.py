@@ -36,6 +36,8 @@ from pipelines.embed_ops import Ledger, decode_batch, write_shard
 from pipelines.embed_teacher import TeacherEmbedder, teacher_fingerprint
 from pipelines.sources import read_sources
 
+WRITERS = 2  # shard writers at a time
+
 
 @dataclass
 class Summary:
@@ -168,6 +170,7 @@ def pipeline(input_uri: str, output: str, config: Config, manifest: Manifest, le
             write_shard,
             batch_size=cache.rows_per_shard,
             num_cpus=0.25,  # serialisation and one upload: mostly waiting
+            compute=ray.data.TaskPoolStrategy(size=WRITERS),
             fn_kwargs={"output": output, "manifest": meta},
         )
     )
