@@ -157,14 +157,11 @@ def streaming_rate(cache: Path) -> float:
     the tower works off faster than decoding feeds it, which would flatter the figure).
     """
     shards = sorted((path.stat().st_mtime, pq.ParquetFile(path).metadata.num_rows) for path in cache.glob("part-*"))
-    total, done = sum(rows for _, rows in shards), 0
-    for index, (written, rows) in enumerate(shards):
-        done += rows
-        if done >= total / 2:
-            break
-    if len(shards) - index < 3:
+    done = np.cumsum([rows for _, rows in shards])  # rows written up to and including each shard
+    half = int(np.searchsorted(done, done[-1] / 2))  # the shard that completes the first half
+    if len(shards) - half < 3:
         raise SystemExit(f"{len(shards)} shards: too few to time the steady state (more --images)")
-    return (total - done) / (shards[-1][0] - written)
+    return float(done[-1] - done[half]) / (shards[-1][0] - shards[half][0])
 
 
 def measured(figures: dict[str, float | None]) -> None:
