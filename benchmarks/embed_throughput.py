@@ -21,7 +21,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
@@ -118,11 +117,12 @@ def tower_forward(name: str, pretrained: str, batch: int, steps: int = 20, devic
 
 
 def pipeline(folder: Path, output: Path, args: argparse.Namespace) -> tuple[float, float]:
-    """``isa embed`` on a fresh local Ray instance, one cold run.
+    """``isa embed`` on a local Ray instance.
 
     Returns:
-        images/s end to end (start-up of workers and actors included) and in steady state, over the second
-        half of the rows (:func:`streaming_rate`).
+        images/s end to end (the first run: start-up of workers and actors included) and in steady state:
+        the marginal rate between two later runs on the same instance, all images and a quarter of them,
+        ``(N - n) / (t_N - t_n)``, which takes out what every run pays once.
     """
     import ray
 
@@ -143,25 +143,18 @@ def pipeline(folder: Path, output: Path, args: argparse.Namespace) -> tuple[floa
         *([f"cache.decode_batch_size={args.decode_batch_size}"] if args.decode_batch_size else []),
         f"cache.rows_per_shard={args.batch_size * 4}",
     ]
-    summary = run(str(folder), str(output), load_config(None, overrides))
+    config = load_config(None, overrides)
+    first = run(str(folder), str(output / "first"), config)
+    quarter = folder.parent / "quarter"
+    quarter.mkdir()
+    for path in sorted(folder.iterdir())[: args.images // 4]:
+        os.link(path, quarter / path.name)
+    small = run(str(quarter), str(output / "quarter"), config)
+    full = run(str(folder), str(output / "again"), config)
     ray.shutdown()
-    assert summary.cached == args.images, summary
-    return summary.cached / summary.seconds, streaming_rate(output)
-
-
-def streaming_rate(cache: Path) -> float:
-    """Rows per second over the second half of the rows, timed by the cache shards' modification times.
-
-    Measured from the shard that completes the first half of the rows to the last shard: the start-up is
-    long over by then, and so are the crops decoded while the teacher actor was still starting (a backlog
-    the tower works off faster than decoding feeds it, which would flatter the figure).
-    """
-    shards = sorted((path.stat().st_mtime, pq.ParquetFile(path).metadata.num_rows) for path in cache.glob("part-*"))
-    done = np.cumsum([rows for _, rows in shards])  # rows written up to and including each shard
-    half = int(np.searchsorted(done, done[-1] / 2))  # the shard that completes the first half
-    if len(shards) - half < 3:
-        raise SystemExit(f"{len(shards)} shards: too few to time the steady state (more --images)")
-    return float(done[-1] - done[half]) / (shards[-1][0] - shards[half][0])
+    assert first.cached == full.cached == args.images and small.cached == args.images // 4, (first, small, full)
+    steady = (full.cached - small.cached) / (full.seconds - small.seconds)
+    return first.cached / first.seconds, steady
 
 
 def measured(figures: dict[str, float | None]) -> None:
