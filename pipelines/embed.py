@@ -37,6 +37,7 @@ from pipelines.embed_teacher import TeacherEmbedder, teacher_fingerprint
 from pipelines.sources import read_sources
 
 WRITERS = 2  # shard writers at a time
+DECODE_RETRIES = 3  # attempts of a decode task whose worker died
 
 
 @dataclass
@@ -121,11 +122,6 @@ def start_ledger(output: str) -> ray.actor.ActorHandle:
     return Ledger.remote(done, cached["id"].to_pylist())
 
 
-def decode_task_options() -> dict:
-    """Remote options of each decode task: retried when its worker dies."""
-    return {"max_retries": 3}
-
-
 def pipeline(input_uri: str, output: str, config: Config, manifest: Manifest, ledger) -> ray.data.Dataset:
     """sources -> decode (CPU tasks) -> teacher (actor pool) -> shard writers; yields rows written."""
     cache = config.cache
@@ -147,9 +143,9 @@ def pipeline(input_uri: str, output: str, config: Config, manifest: Manifest, le
             batch_size=cache.decode_batch_size,
             fn_kwargs={"ledger": ledger, "output": output, "manifest": meta, "settings": settings},
             num_cpus=cache.decode_cpus,
-            # per-task options; Ray Data never fuses an operator that has them, so decoding stays in CPU
-            # tasks of its own instead of running inside the teacher actors
-            ray_remote_args_fn=decode_task_options,
+            # retried when its worker dies; a remote option the actors lack, so Ray Data never fuses decoding
+            # into the teacher actors (operators fuse only with equal remote options): it stays in CPU tasks
+            max_retries=DECODE_RETRIES,
         )
         .map_batches(
             TeacherEmbedder,

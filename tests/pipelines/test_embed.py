@@ -22,12 +22,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from isa.cache import CacheError
+from isa.cache import CacheError, Manifest
 from isa.config import load_config
 from isa.data.synthetic import generate_world, render_scene
 from isa.images import content_id
 from isa.teacher import register_project_configs
-from pipelines.embed import run
+from pipelines.embed import pipeline, prepare_cache, run, start_ledger
+from pipelines.embed_teacher import teacher_fingerprint
 
 TEACHER = ["teacher.name=isa-tiny-ViT", "teacher.pretrained=none"]
 SMALL = ["cache.decode_batch_size=8", "cache.batch_size=8", "cache.rows_per_shard=16", "cache.local_grid=2"]
@@ -299,3 +300,20 @@ def test_teacher_fingerprint_is_reused_until_its_weights_file_changes(ray_sessio
     write(1)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2_000_000_000))
     assert teacher_fingerprint(config)["weights_sha256"] != second["weights_sha256"]
+
+
+def test_decoding_runs_in_tasks_of_its_own_beside_the_teacher_actors(ray_session, tmp_path, capsys):
+    """Equal CPUs per decode task and per actor (the defaults): Ray Data must still not fuse decoding into the
+    actor, where one actor would decode every image in turn."""
+    _write_scenes(tmp_path / "images", 4)
+    config = load_config(None, TEACHER)
+    assert config.cache.decode_cpus == config.cache.actor_cpus
+    fingerprint = teacher_fingerprint(config.teacher)
+    wanted = Manifest(fingerprint, fingerprint["embed_dim"], local_grid=0, dtype="float16", image_size=256)
+    manifest, _ = prepare_cache(str(tmp_path / "cache"), wanted)
+    ledger = start_ledger(str(tmp_path / "cache"))
+    capsys.readouterr()
+    pipeline(str(tmp_path / "images"), str(tmp_path / "cache"), config, manifest, ledger).explain()
+    optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "TaskPoolMapOperator[MapBatches(decode_batch)]" in optimized, optimized
+    assert "ActorPoolMapOperator[MapBatches(TeacherEmbedder)]" in optimized, optimized
