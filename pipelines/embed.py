@@ -36,7 +36,9 @@ from pipelines.embed_ops import Ledger, decode_batch, write_shard
 from pipelines.embed_teacher import TeacherEmbedder, teacher_fingerprint
 from pipelines.sources import read_sources
 
-WRITERS = 2  # shard writers at a time
+# Shard writers at a time. Ray Data hands the CPU budget no operator claims to the most downstream operator
+# without a cap; uncapped, that is the writer, which hardly uses it, and decoding is held back.
+WRITERS = 2
 DECODE_RETRIES = 3  # attempts of a decode task whose worker died
 
 

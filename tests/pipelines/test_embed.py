@@ -18,6 +18,7 @@ import open_clip
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
@@ -313,7 +314,10 @@ def test_decoding_runs_in_tasks_of_its_own_beside_the_teacher_actors(ray_session
     manifest, _ = prepare_cache(str(tmp_path / "cache"), wanted)
     ledger = start_ledger(str(tmp_path / "cache"))
     capsys.readouterr()
-    pipeline(str(tmp_path / "images"), str(tmp_path / "cache"), config, manifest, ledger).explain()
+    try:
+        pipeline(str(tmp_path / "images"), str(tmp_path / "cache"), config, manifest, ledger).explain()
+    finally:
+        ray.kill(ledger)
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "TaskPoolMapOperator[MapBatches(decode_batch)]" in optimized, optimized
     assert "ActorPoolMapOperator[MapBatches(TeacherEmbedder)]" in optimized, optimized
