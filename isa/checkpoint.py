@@ -5,12 +5,13 @@ checkpoint_000500/
   config.json           everything needed to rebuild the student, teacher fingerprint included
   student.safetensors   trainable weights (student and task parameters such as the temperature)
   optimizer.pt          optimizer and scheduler state, read with torch.load(weights_only=True)
-  state.json            step, epoch, RNG states, anything else the trainer records
+  state.json            step, epoch, RNG states, anything else the trainer records, and the other files' sizes
 ```
 
 Writes are atomic: files go to a hidden sibling directory that is renamed into place only when complete,
-so a crash during a save never leaves a directory that looks like a valid checkpoint. Loading never
-unpickles model weights.
+so a crash during a save never leaves a directory that looks like a valid checkpoint. A copy of a checkpoint
+cut short (Ray Train uploading it to storage when its worker dies) is recognised too: its ``state.json`` does
+not parse, or a file's size differs from the one recorded there. Loading never unpickles model weights.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import random
 import shutil
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ WEIGHTS_FILE = "student.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE)
+SIZES_KEY = "file_sizes"  # in state.json: bytes of each other file, so a copy cut short is recognised
 
 
 class CheckpointError(ValueError):
@@ -102,7 +105,8 @@ def save_checkpoint(
         if optimizer is not None:
             torch.save(optimizer, staging / OPTIMIZER_FILE)
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-        (staging / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+        sizes = {item.name: item.stat().st_size for item in staging.iterdir()}
+        (staging / STATE_FILE).write_text(json.dumps({**state, SIZES_KEY: sizes}, indent=2, sort_keys=True))
         _fsync_dir(staging)
         if final.exists():
             retired = final.parent / f".{final.name}.old-{uuid.uuid4().hex}"
@@ -123,9 +127,34 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(handle.fileno())
 
 
+def complete_state(state_text: str | bytes, sizes: Mapping[str, int]) -> dict[str, Any] | None:
+    """A checkpoint directory's state when the directory is complete, else None.
+
+    Args:
+        state_text: the contents of its ``state.json``.
+        sizes: the size in bytes of each file in the directory, by name (any filesystem).
+    """
+    try:
+        state = json.loads(state_text)
+    except ValueError:  # empty or cut short
+        return None
+    if not isinstance(state, dict) or any(name not in sizes for name in REQUIRED_FILES):
+        return None
+    if any(sizes.get(name) != size for name, size in state.get(SIZES_KEY, {}).items()):
+        return None
+    return state
+
+
+def _local_state(directory: Path) -> dict[str, Any] | None:
+    if not (directory / STATE_FILE).is_file():
+        return None
+    sizes = {item.name: item.stat().st_size for item in directory.iterdir() if item.is_file()}
+    return complete_state((directory / STATE_FILE).read_bytes(), sizes)
+
+
 def is_checkpoint(path: str | os.PathLike) -> bool:
     """True when ``path`` is a complete checkpoint directory."""
-    return all((Path(path) / name).is_file() for name in REQUIRED_FILES)
+    return _local_state(Path(path)) is not None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
@@ -140,6 +169,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {directory} is incomplete: missing {missing}")
+    if _local_state(directory) is None:
+        raise CheckpointError(
+            f"checkpoint {directory} is incomplete: {STATE_FILE} does not parse or a file's size differs from the "
+            "one it records (a copy cut short?)"
+        )
     try:
         config = json.loads((directory / CONFIG_FILE).read_text())
         state = json.loads((directory / STATE_FILE).read_text())
@@ -161,10 +195,11 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     directory = Path(path)
     if is_checkpoint(directory):
         return directory
-    found = [p.parent for p in directory.glob("checkpoint_*/*/" + CONFIG_FILE) if is_checkpoint(p.parent)]
+    states = {p.parent: _local_state(p.parent) for p in directory.glob("checkpoint_*/*/" + CONFIG_FILE)}
+    found = {folder: state for folder, state in states.items() if state is not None}
     if not found:
         raise CheckpointError(
             f"no checkpoint at {directory}: expected a checkpoint directory ({', '.join(REQUIRED_FILES)}) or a "
             "training run folder holding checkpoint_*/isa"
         )
-    return max(found, key=lambda p: (json.loads((p / STATE_FILE).read_text()).get("step", 0), p.parent.name))
+    return max(found, key=lambda p: (found[p].get("step", 0), p.parent.name))

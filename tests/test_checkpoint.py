@@ -89,9 +89,30 @@ def test_incomplete_or_missing_checkpoints_are_refused(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="state.json"):
         ckpt.load_checkpoint(path)
     path = ckpt.save_checkpoint(tmp_path / "d", config={}, weights={"w": torch.ones(1)}, state={"step": 0})
-    (path / ckpt.WEIGHTS_FILE).write_bytes(b"not safetensors")
+    size = (path / ckpt.WEIGHTS_FILE).stat().st_size
+    (path / ckpt.WEIGHTS_FILE).write_bytes(b"x" * size)  # the recorded size, not safetensors
     with pytest.raises(ckpt.CheckpointError, match="unreadable"):
         ckpt.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("cut", [ckpt.STATE_FILE, ckpt.WEIGHTS_FILE, ckpt.CONFIG_FILE, ckpt.OPTIMIZER_FILE])
+def test_a_copy_cut_short_is_not_a_checkpoint_and_never_the_latest(tmp_path, cut):
+    """Ray Train uploads a checkpoint file by file; a worker killed meanwhile leaves some files truncated."""
+    weights = {"w": torch.arange(6.0)}
+    older = ckpt.save_checkpoint(
+        tmp_path / "run" / "checkpoint_a" / "isa", config={}, weights=weights, state={"step": 10}, optimizer={"x": 1}
+    )
+    newer = ckpt.save_checkpoint(
+        tmp_path / "run" / "checkpoint_b" / "isa", config={}, weights=weights, state={"step": 20}, optimizer={"x": 1}
+    )
+    assert ckpt.find_checkpoint(tmp_path / "run") == newer
+    data = (newer / cut).read_bytes()
+    (newer / cut).write_bytes(data[: len(data) // 2])
+    assert not ckpt.is_checkpoint(newer)
+    with pytest.raises(ckpt.CheckpointError, match="incomplete"):
+        ckpt.load_checkpoint(newer)
+    assert ckpt.find_checkpoint(tmp_path / "run") == older
+    assert ckpt.load_checkpoint(older).state["step"] == 10
 
 
 def test_optimizer_state_is_read_without_unpickling_code(tmp_path):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from isa.build import build_student, build_task, build_teacher
-from isa.checkpoint import load_checkpoint
+from isa.checkpoint import is_checkpoint, load_checkpoint
 from isa.config import from_dict, load_config
 from isa.data.synthetic import generate_world, write_world
 from pipelines import embed
@@ -73,7 +73,8 @@ def _config(cache: str, output: Path, *overrides: str):
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
-    return sorted(Path(p) for p in glob.glob(str(run_dir / "checkpoint_*" / "isa")))
+    """The run's complete checkpoints (a worker killed while Ray Train uploads one leaves a partial copy)."""
+    return sorted(Path(p) for p in glob.glob(str(run_dir / "checkpoint_*" / "isa")) if is_checkpoint(p))
 
 
 def _steps(run_dir: Path) -> list[int]:
