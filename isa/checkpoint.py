@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import posixpath
 import random
 import shutil
 import uuid
@@ -143,6 +144,20 @@ def complete_state(state_text: str | bytes, sizes: Mapping[str, int]) -> dict[st
     if any(sizes.get(name) != size for name, size in state.get(SIZES_KEY, {}).items()):
         return None
     return state
+
+
+def complete_checkpoints(fs: Any, path: str) -> dict[str, int]:
+    """The step of each complete checkpoint at ``path`` on the fsspec filesystem ``fs``: ``path`` itself when
+    it is one, else the ``checkpoint_*/*`` folders of a run below it (copies cut short are left out)."""
+    direct = posixpath.join(path, STATE_FILE)
+    steps = {}
+    for state_file in [direct] if fs.exists(direct) else fs.glob(f"{path}/checkpoint_*/*/{STATE_FILE}"):
+        folder = posixpath.dirname(state_file)
+        sizes = {posixpath.basename(f["name"]): f["size"] for f in fs.ls(folder, detail=True) if f["type"] == "file"}
+        state = complete_state(fs.cat_file(state_file), sizes)
+        if state is not None:
+            steps[folder] = state.get("step", 0)
+    return steps
 
 
 def _local_state(directory: Path) -> dict[str, Any] | None:

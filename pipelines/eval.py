@@ -21,7 +21,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from isa.build import build_teacher
 from isa.cache import CacheError, filesystem
-from isa.checkpoint import STATE_FILE, CheckpointError, complete_state, find_checkpoint
+from isa.checkpoint import STATE_FILE, CheckpointError, complete_checkpoints, find_checkpoint
 from isa.config import Config
 from isa.data.benchmarks import Benchmark, BenchmarkFormatError, read_benchmark
 from isa.teacher import Teacher
@@ -45,15 +45,7 @@ def local_copy(uri: str, output: str) -> str:
     fs, path = filesystem(uri)
     if isinstance(fs, LocalFileSystem):
         return uri
-    direct = posixpath.join(path, STATE_FILE)
-    candidates = [direct] if fs.exists(direct) else fs.glob(f"{path}/checkpoint_*/*/{STATE_FILE}")
-    steps = {}  # folder -> step, complete checkpoints only (not a copy cut short)
-    for state_file in candidates:
-        folder = posixpath.dirname(state_file)
-        sizes = {posixpath.basename(f["name"]): f["size"] for f in fs.ls(folder, detail=True) if f["type"] == "file"}
-        state = complete_state(fs.cat_file(state_file), sizes)
-        if state is not None:
-            steps[folder] = state.get("step", 0)
+    steps = complete_checkpoints(fs, path)  # folder -> step
     if not steps:
         raise CheckpointError(f"no complete checkpoint at {uri}: expected checkpoint_*/isa/{STATE_FILE} below it")
     folder = max(steps, key=lambda f: (steps[f], f))

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import random
 
+import fsspec
 import numpy as np
 import pytest
 import torch
@@ -105,13 +106,16 @@ def test_a_copy_cut_short_is_not_a_checkpoint_and_never_the_latest(tmp_path, cut
     newer = ckpt.save_checkpoint(
         tmp_path / "run" / "checkpoint_b" / "isa", config={}, weights=weights, state={"step": 20}, optimizer={"x": 1}
     )
+    local = fsspec.filesystem("file")
     assert ckpt.find_checkpoint(tmp_path / "run") == newer
+    assert ckpt.complete_checkpoints(local, str(tmp_path / "run")) == {str(older): 10, str(newer): 20}
     data = (newer / cut).read_bytes()
     (newer / cut).write_bytes(data[: len(data) // 2])
     assert not ckpt.is_checkpoint(newer)
     with pytest.raises(ckpt.CheckpointError, match="incomplete"):
         ckpt.load_checkpoint(newer)
     assert ckpt.find_checkpoint(tmp_path / "run") == older
+    assert ckpt.complete_checkpoints(local, str(tmp_path / "run")) == {str(older): 10}  # any fsspec filesystem
     assert ckpt.load_checkpoint(older).state["step"] == 10
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from isa.cache import filesystem, write_bytes
+from isa.checkpoint import complete_checkpoints
 from isa.config import Config, ConfigError, flatten, from_dict, parse_overrides, to_dict
 from pipelines.embed_teacher import teacher_fingerprint
 from tune import tracking
@@ -254,7 +255,7 @@ def run_trial(
     if parent_run_id:
         tags[tracking.PARENT_TAG] = parent_run_id
         fs, path = filesystem(output)
-        if not fs.glob(posixpath.join(path, "checkpoint_*", "isa", "state.json")):  # a restart from scratch
+        if not complete_checkpoints(fs, path):  # a restart from scratch
             tracking.discard_children(config.train.tracking_uri, parent_run_id, trial_id)
     callbacks = [TuneReportCallback(), RecordPlacementGroups(posixpath.join(folder, trial_id))]
     train.run(config, callbacks=callbacks, run_name=row or trial_id, mlflow_tags=tags)
