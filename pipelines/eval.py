@@ -21,7 +21,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from isa.build import build_teacher
 from isa.cache import CacheError, filesystem
-from isa.checkpoint import STATE_FILE, CheckpointError, complete_checkpoints, find_checkpoint
+from isa.checkpoint import STATE_FILE, CheckpointError, find_checkpoint
+from isa.checkpoint_files import complete_checkpoints
 from isa.config import Config
 from isa.data.benchmarks import Benchmark, BenchmarkFormatError, read_benchmark
 from isa.teacher import Teacher

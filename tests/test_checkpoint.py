@@ -9,6 +9,7 @@ import torch
 
 from isa import checkpoint as ckpt
 from isa.build import build_student, build_task
+from isa.checkpoint_files import complete_checkpoints
 from isa.config import load_config, to_dict
 
 
@@ -108,14 +109,14 @@ def test_a_copy_cut_short_is_not_a_checkpoint_and_never_the_latest(tmp_path, cut
     )
     local = fsspec.filesystem("file")
     assert ckpt.find_checkpoint(tmp_path / "run") == newer
-    assert ckpt.complete_checkpoints(local, str(tmp_path / "run")) == {str(older): 10, str(newer): 20}
+    assert complete_checkpoints(local, str(tmp_path / "run")) == {str(older): 10, str(newer): 20}
     data = (newer / cut).read_bytes()
     (newer / cut).write_bytes(data[: len(data) // 2])
     assert not ckpt.is_checkpoint(newer)
     with pytest.raises(ckpt.CheckpointError, match="incomplete"):
         ckpt.load_checkpoint(newer)
     assert ckpt.find_checkpoint(tmp_path / "run") == older
-    assert ckpt.complete_checkpoints(local, str(tmp_path / "run")) == {str(older): 10}  # any fsspec filesystem
+    assert complete_checkpoints(local, str(tmp_path / "run")) == {str(older): 10}  # any fsspec filesystem
     assert ckpt.load_checkpoint(older).state["step"] == 10
 
 

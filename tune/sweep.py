@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from isa.cache import filesystem, write_bytes
-from isa.checkpoint import complete_checkpoints
+from isa.checkpoint_files import complete_checkpoints
 from isa.config import Config, ConfigError, flatten, from_dict, parse_overrides, to_dict
 from pipelines.embed_teacher import teacher_fingerprint
 from tune import tracking

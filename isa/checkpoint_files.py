@@ -1,0 +1,51 @@
+"""A checkpoint directory's files and how to tell a complete one (no torch: drivers read run folders too).
+
+A copy of a checkpoint cut short (Ray Train uploading it to storage when its worker dies) is told apart from
+a complete one: its ``state.json`` does not parse, or a file's size differs from the one recorded there.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Mapping
+from typing import Any
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "student.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "state.json"
+REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE)
+SIZES_KEY = "file_sizes"  # in state.json: bytes of each other file, so a copy cut short is recognised
+
+
+def complete_state(state_text: str | bytes, sizes: Mapping[str, int]) -> dict[str, Any] | None:
+    """A checkpoint directory's state when the directory is complete, else None.
+
+    Args:
+        state_text: the contents of its ``state.json``.
+        sizes: the size in bytes of each file in the directory, by name (any filesystem).
+    """
+    try:
+        state = json.loads(state_text)
+    except ValueError:  # empty or cut short
+        return None
+    if not isinstance(state, dict) or any(name not in sizes for name in REQUIRED_FILES):
+        return None
+    if any(sizes.get(name) != size for name, size in state.get(SIZES_KEY, {}).items()):
+        return None
+    return state
+
+
+def complete_checkpoints(fs: Any, path: str) -> dict[str, int]:
+    """The step of each complete checkpoint at ``path`` on the fsspec filesystem ``fs``: ``path`` itself when
+    it is one, else the ``checkpoint_*/*`` folders of a run below it (copies cut short are left out)."""
+    direct = posixpath.join(path, STATE_FILE)
+    steps = {}
+    for state_file in [direct] if fs.exists(direct) else fs.glob(f"{path}/checkpoint_*/*/{STATE_FILE}"):
+        folder = posixpath.dirname(state_file)
+        sizes = {posixpath.basename(f["name"]): f["size"] for f in fs.ls(folder, detail=True) if f["type"] == "file"}
+        state = complete_state(fs.cat_file(state_file), sizes)
+        if state is not None:
+            steps[folder] = state.get("step", 0)
+    return steps
