@@ -190,12 +190,15 @@ def run(input_uri: str, output: str, config: Config) -> Summary:
     for _ in pipeline(input_uri, output, config, manifest, ledger).iter_batches(batch_size=None):
         pass  # rows are written by the shard writers; only their counts come back
     seconds = time.perf_counter() - started
+    # every writer of this run has renamed its file by now; a temporary left is a killed earlier run's, whose
+    # last tasks can still be writing just after it dies (after this run's start removed the older ones)
+    fs, root = filesystem(output)
+    remove_staging(fs, root)
     after = disk_counts(output)
     seen = ray.get(ledger.counts.remote())
     ray.kill(ledger)  # its process and the URI set it holds go now, not when the driver exits
     if after != manifest.counts:
         manifest.counts = after
-        fs, root = filesystem(output)
         write_manifest(fs, root, manifest)
     return Summary(
         read=seen["read"],
