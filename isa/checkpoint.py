@@ -153,14 +153,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {directory} is incomplete: missing {missing}")
-    if _local_state(directory) is None:
+    state = _local_state(directory)  # parsed once, with the sizes checked
+    if state is None:
         raise CheckpointError(
             f"checkpoint {directory} is incomplete: {STATE_FILE} does not parse or a file's size differs from the "
             "one it records (a copy cut short?)"
         )
     try:
         config = json.loads((directory / CONFIG_FILE).read_text())
-        state = json.loads((directory / STATE_FILE).read_text())
         weights = load_file(directory / WEIGHTS_FILE, device=str(map_location))
     except (OSError, ValueError, SafetensorError) as error:
         raise CheckpointError(f"checkpoint {directory} is unreadable: {error}") from error
