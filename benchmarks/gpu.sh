@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 timeout 600 "$python" benchmarks/embed_throughput.py --device cuda --teacher ViT-L-14 --images "${EMBED_IMAGES:-20000}" \
     --plain-images 1024 --batch-size 256 --fast-decode 2>&1 | tee "$logs/embed.log"
 timeout 600 "$python" benchmarks/train_throughput.py --device cuda --make-cache --cache-images "${TRAIN_IMAGES:-8000}" \
-    --steps "${TRAIN_STEPS:-150}" --plain-steps 40 --step-only 30 2>&1 | tee "$logs/train.log"
+    --steps "${TRAIN_STEPS:-150}" --plain-steps 40 --step-only 30 --rounds 1 2>&1 | tee "$logs/train.log"
 echo
 cat "$logs/gpu.txt"
 for log in "$logs/embed.log" "$logs/train.log"; do

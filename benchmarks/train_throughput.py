@@ -2,13 +2,15 @@
 
 Both train the same student with the same teacher, batch and augmentation on the same teacher cache;
 the plain loop reads the cache with pyarrow and decodes/augments in its own process. The overhead is
-``1 - isa / plain``, with the plain loop run before and after ``isa train`` and averaged (target ≤ 15 % on
-CPU, PERFORMANCE.md). On a GPU the target is the rate itself:
+``1 - isa / plain``, with the plain loop run before and after each ``isa train`` run and averaged; ``--rounds``
+runs of ``isa train`` (default 3) give as many overheads and their median (target ≤ 15 % on CPU,
+PERFORMANCE.md). On a GPU the target is the rate itself:
 ≥ 3,000 samples/s at efficientnet_b0, M=4 and the ViT-L-14 text tower.
 
     python benchmarks/train_throughput.py --cache CACHE --steps 60
     python benchmarks/train_throughput.py --make-cache --steps 60          # synthetic world, tiny teacher
-    python benchmarks/train_throughput.py --device cuda --make-cache --cache-images 8000 --steps 150 --plain-steps 40
+    python benchmarks/train_throughput.py --device cuda --make-cache --cache-images 8000 --steps 150 \
+        --plain-steps 40 --rounds 1
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -42,7 +45,9 @@ class Trainee:
         self.teacher = build_teacher(config.teacher, device)
         torch.manual_seed(0)
         self.task = build_task(config, self.teacher, build_student(config, self.teacher)).to(device)
-        self.optimizer = torch.optim.AdamW(parameter_groups(self.task, config.train.lr, config.train.lr, 0.05, False))
+        groups = parameter_groups(self.task, config.train.lr, config.train.lr, 0.05, False)
+        self.optimizer = torch.optim.AdamW(groups, fused=device == "cuda")  # as isa train's worker
+        torch.backends.cudnn.benchmark = device == "cuda"
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
         self.task.train()
 
@@ -164,6 +169,7 @@ def main() -> None:
     parser.add_argument("--plain-steps", type=int, default=0, help="steps of the plain loop (0: --steps)")
     parser.add_argument("--no-plain", action="store_true", help="leave out the plain loop")
     parser.add_argument("--step-only", type=int, default=0, help="also time this many steps on random tensors")
+    parser.add_argument("--rounds", type=int, default=3, help="isa train runs, each between two plain loops")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. student.backbone=efficientnet_b0")
     args = parser.parse_args()
     teacher = args.teacher or (TINY_TEACHER if args.device == "cpu" else "ViT-L-14")
@@ -198,36 +204,51 @@ def main() -> None:
         ceiling = step_only(config, args.step_only, args.device, grid) if args.step_only else None
         measured({"training step only": ceiling})
         plain_steps = args.plain_steps or args.steps
-        plain = None if args.no_plain else plain_loop(config, cache, plain_steps, args.device)
-        measured({"plain loop": plain})
-        if args.device == "cuda":
-            torch.cuda.empty_cache()  # the in-process loops' memory, for isa train's worker
-        ours, second_half = isa_train(config)
-        measured({"isa train": ours, "isa train, second half": second_half})
-        # the plain loop again after isa train: the ratio is to the mean of both, so a machine that speeds
-        # up or slows down during the run does not favour either side
-        again = None if args.no_plain else plain_loop(config, cache, plain_steps, args.device)
-        measured({"plain loop again": again})
+        # the plain loop before and after each isa train run, each run compared with the mean of its two
+        # neighbours: a machine that speeds up or slows down during the run favours neither side
+        plain = [None if args.no_plain else plain_loop(config, cache, plain_steps, args.device)]
+        measured({"plain loop": plain[0]})
+        ours = []
+        for round_ in range(args.rounds):
+            if args.device == "cuda":
+                torch.cuda.empty_cache()  # the in-process loops' memory, for isa train's worker
+            ours.append(isa_train(load_config(None, [*overrides, f"train.output={Path(tmp) / f'run-{round_}'}"])))
+            measured({f"isa train, round {round_ + 1}": ours[-1][0], "second half": ours[-1][1]})
+            plain.append(None if args.no_plain else plain_loop(config, cache, plain_steps, args.device))
+            measured({f"plain loop after round {round_ + 1}": plain[-1]})
     print(
         f"\n{config.student.backbone} · M={config.token_learner.num_tokens} · teacher {config.teacher.name} · "
-        f"batch {config.train.global_batch_size} · {args.steps} steps ({args.plain_steps or args.steps} plain) · "
-        f"{args.device} · {os.cpu_count()} cores"
+        f"batch {config.train.global_batch_size} · {args.steps} steps ({plain_steps} plain) · "
+        f"{args.device} · {os.cpu_count()} cores · {args.rounds} round(s)"
     )
-    rows = [
-        ("training step only, random tensors on the device", ceiling),
-        ("plain PyTorch loop, before isa train", plain),
-        ("plain PyTorch loop, after isa train", again),
-    ]
-    plain_mean = None if plain is None else (plain + again) / 2
+    report(ceiling, plain, ours)
+
+
+def report(ceiling: float | None, plain: list[float | None], ours: list[tuple[float, float]]) -> None:
+    """The table of rates and each round's overhead against the mean of the plain loops around it."""
+
+    def rate(value: float | None) -> str:
+        return "not run" if value is None else f"{value:,.1f}"
+
     print("| what | samples/s |\n|---|---|")
-    for label, rate in [*rows, ("isa train", ours), ("isa train, second half of the run", second_half)]:
-        print(f"| {label} | {'not run' if rate is None else f'{rate:,.1f}'} |")
-    for label, rate in (("whole run", ours), ("second half", second_half)):
-        if plain_mean:
-            overhead = max(0.0, 1 - rate / plain_mean)
-            print(f"isa train ({label}) / plain loop (mean of both): {rate / plain_mean:.2f} (overhead {overhead:.0%})")
-        if ceiling:
-            print(f"isa train ({label}) / step only: {rate / ceiling:.0%}")
+    print(f"| training step only, random tensors on the device | {rate(ceiling)} |")
+    print(f"| plain PyTorch loop, before round 1 | {rate(plain[0])} |")
+    for number, ((whole, half), after) in enumerate(zip(ours, plain[1:]), start=1):
+        print(f"| isa train, round {number} (second half of the run) | {rate(whole)} ({rate(half)}) |")
+        print(f"| plain PyTorch loop, after round {number} | {rate(after)} |")
+    if plain[0] is not None:
+        overheads = {"whole run": [], "second half": []}
+        for number, (whole, half) in enumerate(ours):
+            around = (plain[number] + plain[number + 1]) / 2
+            overheads["whole run"].append(max(0.0, 1 - whole / around))
+            overheads["second half"].append(max(0.0, 1 - half / around))
+        for label, values in overheads.items():
+            each = " / ".join(f"{v:.0%}" for v in values)
+            middle = median(values)
+            print(f"isa train ({label}) overhead against the plain loops around each run: {each}; median {middle:.0%}")
+    if ceiling:
+        for number, (whole, half) in enumerate(ours, start=1):
+            print(f"isa train round {number} / step only: {whole / ceiling:.0%} (second half {half / ceiling:.0%})")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ after that is the teacher's own text tower.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,18 @@ import torch.nn.functional as F
 from isa.teacher import Teacher
 
 SENTENCE_FIELD = "{S}"
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Tokenized prompts ready for the text tower on one device (see :meth:`PromptComposer.prompts`)."""
+
+    ids: torch.Tensor  # (B or 1, context) token ids
+    slots: torch.Tensor  # (B or 1, M) the placeholders' positions in each row, ascending
+    needed: int  # positions the tower must run: up to the last pooled one (short context), else the context
+
+    def to(self, device: torch.device) -> Prompts:
+        return Prompts(self.ids.to(device), self.slots.to(device), self.needed)
 
 
 class PromptError(ValueError):
@@ -54,7 +67,8 @@ class PromptComposer:
         self.placeholder = placeholder
         self.placeholder_id = self._resolve_placeholder(placeholder)
         self.short_context = short_context and teacher.text_tower.truncatable
-        self._fixed_ids: dict[tuple[str, int], torch.Tensor] = {}
+        self._fixed: dict[tuple[str, int], Prompts] = {}  # on the host
+        self._fixed_on: dict[tuple[str, int, torch.device], Prompts] = {}  # the same, moved to a device
 
     def _resolve_placeholder(self, word: str) -> int:
         special = set(self.teacher.tokenize([""])[0].tolist())
@@ -78,9 +92,10 @@ class PromptComposer:
         words = " ".join([self.placeholder] * num_tokens)
         if texts is None:
             key = (template, num_tokens)
-            if key not in self._fixed_ids:
-                self._fixed_ids[key] = self._checked_ids([fill_template(template, words)], num_tokens)
-            return self._fixed_ids[key]
+            if key not in self._fixed:
+                ids = self._checked_ids([fill_template(template, words)], num_tokens)
+                self._fixed[key] = self.prompts(ids, num_tokens)
+            return self._fixed[key].ids
         return self._checked_ids([fill_template(template, words, **fields) for fields in texts], num_tokens)
 
     def _checked_ids(self, prompts: list[str], num_tokens: int) -> torch.Tensor:
@@ -95,6 +110,28 @@ class PromptComposer:
             )
         return ids
 
+    def prompts(self, ids: torch.Tensor, num_tokens: int) -> Prompts:
+        """Host ids with their placeholders' positions and the positions the tower must run.
+
+        Everything that reads the ids' values is done here, on the host, so that composing on a GPU never
+        waits for the device: no host read of a device value, no output whose size depends on values.
+        """
+        ids = ids.cpu()
+        rows, slots = (ids == self.placeholder_id).nonzero(as_tuple=True)
+        if not torch.equal(rows.bincount(minlength=ids.shape[0]), torch.full((ids.shape[0],), num_tokens)):
+            raise PromptError(f"every prompt must hold exactly {num_tokens} placeholder tokens {self.placeholder!r}")
+        needed = int(self.teacher.text_tower.pool_positions(ids).max()) + 1 if self.short_context else ids.shape[1]
+        return Prompts(ids, slots.view(ids.shape[0], num_tokens), needed)
+
+    def fixed_prompts(self, template: str, num_tokens: int, device: torch.device) -> Prompts:
+        """:meth:`prompts` of a template without other fields on ``device``, made once per template, M and device
+        (no copy from the host per call)."""
+        key = (template, num_tokens, torch.device(device))
+        if key not in self._fixed_on:
+            self.tokenize(template, num_tokens)
+            self._fixed_on[key] = self._fixed[(template, num_tokens)].to(device)
+        return self._fixed_on[key]
+
     def encode(self, sentence: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Splice the sentence into the prompts and run the text tower.
 
@@ -105,20 +142,44 @@ class PromptComposer:
         Returns:
             L2-normalized text embeddings (B, D).
         """
-        batch = sentence.shape[0]
-        ids = ids.to(sentence.device).expand(batch, -1)
-        if self.short_context:
-            needed = int(self.teacher.text_tower.pool_positions(ids).max()) + 1
-            ids = ids[:, :needed]
-        embeds = self.teacher.text_tower.token_embedding(ids)  # (B, L, w)
-        slots = (ids == self.placeholder_id).unsqueeze(-1)  # (B, L, 1)
-        embeds = embeds.masked_scatter(slots, sentence.to(embeds.dtype))
-        return F.normalize(self.teacher.encode_text_embeddings(embeds, ids), dim=-1)
+        return self.encode_prompts([sentence], [self.prompts(ids, sentence.shape[1]).to(sentence.device)])[0]
+
+    def encode_prompts(self, sentences: Sequence[torch.Tensor], prompts: Sequence[Prompts]) -> list[torch.Tensor]:
+        """Several sentences, each spliced into its prompts, through one pass of the text tower.
+
+        The prompts are cut to the longest one's needed positions, so every prompt's output is what a pass of its
+        own gives (a causal tower never looks past a prompt's pooled position).
+
+        Args:
+            sentences: (B_i, M_i, w) each.
+            prompts: for each sentence, its prompts on the sentences' device: B_i rows, or one row for all,
+                with M_i placeholders each.
+
+        Returns:
+            L2-normalized text embeddings, (B_i, D) each.
+        """
+        length = max(p.needed for p in prompts)
+        sizes = [s.shape[0] for s in sentences]
+        ids = torch.cat([p.ids[:, :length].expand(n, -1) for p, n in zip(prompts, sizes)])  # (N, L)
+        embeds = self.teacher.text_tower.token_embedding(ids).flatten(0, 1)  # (N*L, w)
+        # each word's row in the flattened embeddings; row-major, as the words are flattened
+        rows, first = [], 0
+        for p, n in zip(prompts, sizes):
+            prompt_rows = torch.arange(first, first + n, device=ids.device)[:, None]  # (n, 1)
+            rows.append((prompt_rows * length + p.slots.expand(n, -1)).flatten())  # (n*M_i,)
+            first += n
+        words = torch.cat([s.reshape(-1, s.shape[-1]) for s in sentences])  # (sum n*M_i, w)
+        embeds = embeds.index_copy(0, torch.cat(rows), words.to(embeds.dtype)).view(len(ids), length, -1)
+        encoded = F.normalize(self.teacher.encode_text_embeddings(embeds, ids), dim=-1)  # (N, D)
+        return list(encoded.split(sizes))
 
     def compose(
         self, sentence: torch.Tensor, template: str, texts: Sequence[dict[str, str]] | None = None
     ) -> torch.Tensor:
         """``encode(sentence, tokenize(template, M, texts))``: L2-normalized (B, D)."""
+        if texts is None:
+            prompts = self.fixed_prompts(template, sentence.shape[1], sentence.device)
+            return self.encode_prompts([sentence], [prompts])[0]
         return self.encode(sentence, self.tokenize(template, sentence.shape[1], texts))
 
     def encode_words(self, sentence: torch.Tensor, template: str) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from isa.losses import Gather, GCDLoss, attended_local_features, relational_kl, symmetric_info_nce, word_manifold
-from isa.prompt import PromptComposer
+from isa.prompt import PromptComposer, Prompts
 from isa.teacher import Teacher
 
 
@@ -120,12 +120,21 @@ class DistillTask(nn.Module):
         out = self.student(images)
         sentence = out.sentence  # (B, M, w)
         target = teacher_emb.float()  # caches may hold float16
-        query = self.query(sentence).float()  # (B, D)
         scale = self.current_logit_scale()
+        if self.weights.lar > 0:  # the query prompts and LAR's one-word prompts in one text-tower pass
+            words, maps = self._lar_words(sentence, out.attention, teacher_local)  # (B, k, w), (B, k, h, w)
+            query, said = self.composer.encode_prompts(
+                [sentence, words.flatten(0, 1)[:, None]],
+                [self._prompts(sentence.shape[1], sentence.device), self._prompts(1, sentence.device)],
+            )  # (B, D), (B*k, D)
+        else:
+            query, said = self.query(sentence), None
+        query = query.float()
         losses = {"gcd": self.gcd(query, target, scale)}
         total = losses["gcd"]
-        if self.weights.lar > 0:
-            losses["lar"] = self._lar(sentence, out.attention, teacher_local)
+        if said is not None:
+            seen = attended_local_features(maps, teacher_local).to(said.dtype).flatten(0, 1)  # (B*k, D)
+            losses["lar"] = symmetric_info_nce(said, seen, 1 / self.weights.lar_temperature)
             total = total + self.weights.lar * losses["lar"]
         if self.weights.rel > 0:
             all_target = self.gcd.gather(target) if self.gcd.world_size > 1 else target
@@ -138,8 +147,13 @@ class DistillTask(nn.Module):
         losses["temperature"] = (1 / scale).detach()
         return losses
 
-    def _lar(self, sentence: torch.Tensor, attention: torch.Tensor | None, local: torch.Tensor | None) -> torch.Tensor:
-        """Local alignment: each chosen word's text embedding against the teacher features it attends to."""
+    def _prompts(self, num_tokens: int, device: torch.device) -> Prompts:
+        return self.composer.fixed_prompts(self.train_template, num_tokens, device)
+
+    def _lar_words(
+        self, sentence: torch.Tensor, attention: torch.Tensor | None, local: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """LAR's chosen words of each sentence and their attention maps: (B, k, w), (B, k, h, w)."""
         if attention is None:
             raise ValueError(
                 "LAR needs a student with attention maps (the ATL); set loss.lar_weight=0 for this student"
@@ -153,9 +167,7 @@ class DistillTask(nn.Module):
         chosen = torch.rand(batch, tokens, device=sentence.device).argsort(dim=1)[:, :k]  # (B, k)
         words = torch.gather(sentence, 1, chosen[..., None].expand(-1, -1, sentence.shape[-1]))  # (B, k, w)
         maps = attention[torch.arange(batch, device=chosen.device)[:, None], chosen]  # (B, k, h, w)
-        said = self.composer.encode_words(words, self.train_template).flatten(0, 1)  # (B*k, D)
-        seen = attended_local_features(maps, local).to(said.dtype).flatten(0, 1)  # (B*k, D)
-        return symmetric_info_nce(said, seen, 1 / self.weights.lar_temperature)
+        return words, maps
 
 
 def parameter_groups(

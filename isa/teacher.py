@@ -38,17 +38,40 @@ class TeacherNotSupportedError(ValueError):
 
 @dataclass(frozen=True)
 class TextTower:
-    """The parts of an open_clip text transformer, whichever model class holds them."""
+    """The parts of an open_clip text transformer, whichever model class holds them.
 
-    token_embedding: nn.Embedding  # (V, w)
-    positional_embedding: nn.Parameter  # (context, w)
-    transformer: nn.Module
-    ln_final: nn.Module
-    text_projection: nn.Module | nn.Parameter | None  # (w, D) or Linear
-    attn_mask: torch.Tensor | None  # (context, context) additive causal mask; None = bidirectional
+    The modules, parameters and the mask are read from ``holder`` on each use, so they follow the model when
+    it moves to another device (``Module.to`` replaces buffers).
+    """
+
+    holder: nn.Module  # the module holding the parts: the TextTransformer, or the CLIP model itself
     pool_type: str  # 'argmax' | 'eos' | 'first' | 'last' | 'none'
     eos_id: int | None
     owner: nn.Module | None  # the TextTransformer (for its pad/cls masks), None for the CLIP class
+
+    @property
+    def token_embedding(self) -> nn.Embedding:  # (V, w)
+        return self.holder.token_embedding
+
+    @property
+    def positional_embedding(self) -> nn.Parameter:  # (context, w)
+        return self.holder.positional_embedding
+
+    @property
+    def transformer(self) -> nn.Module:
+        return self.holder.transformer
+
+    @property
+    def ln_final(self) -> nn.Module:
+        return self.holder.ln_final
+
+    @property
+    def text_projection(self) -> nn.Module | nn.Parameter | None:  # (w, D) or Linear
+        return self.holder.text_projection
+
+    @property
+    def attn_mask(self) -> torch.Tensor | None:  # (context, context) additive causal mask; None = bidirectional
+        return self.holder.attn_mask
 
     @property
     def cls_emb(self) -> torch.Tensor | None:
@@ -81,29 +104,9 @@ def _text_tower(model: nn.Module) -> TextTower:
                 f"teacher text tower {type(text).__name__} is not supported: the image sentence is spliced "
                 "into open_clip's own TextTransformer; choose a model whose text_cfg has no hf_model_name"
             )
-        return TextTower(
-            text.token_embedding,
-            text.positional_embedding,
-            text.transformer,
-            text.ln_final,
-            text.text_projection,
-            text.attn_mask,
-            text.pool_type,
-            text.eos_id,
-            text,
-        )
+        return TextTower(text, text.pool_type, text.eos_id, text)
     if type(model) is open_clip.CLIP:
-        return TextTower(
-            model.token_embedding,
-            model.positional_embedding,
-            model.transformer,
-            model.ln_final,
-            model.text_projection,
-            model.attn_mask,
-            model.text_pool_type,
-            getattr(model, "text_eos_id", None),
-            None,
-        )
+        return TextTower(model, model.text_pool_type, getattr(model, "text_eos_id", None), None)
     raise TeacherNotSupportedError(
         f"teacher model class {type(model).__name__} is not supported; use an open_clip CLIP or CustomTextCLIP model"
     )

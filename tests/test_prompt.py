@@ -84,12 +84,40 @@ def test_fashioniq_query_averages_both_caption_orders(teacher):
     torch.testing.assert_close(query, expected, rtol=0, atol=1e-6)
 
 
+def test_prompts_of_several_lengths_in_one_pass_equal_a_pass_each(teacher):
+    composer = PromptComposer(teacher)
+    torch.manual_seed(0)
+    query = torch.randn(3, 4, teacher.word_dim)  # (B, M, w): "a photo of * * * *"
+    words = torch.randn(5, 1, teacher.word_dim)  # one word each: a shorter prompt
+    edited = torch.randn(2, 2, teacher.word_dim)  # a modifier text per row: the longest prompts
+    texts = [{"c": "is blue"}, {"c": "has a much longer modifier than the other prompt of this batch"}]
+    long_ids = composer.tokenize("a photo of {S} that {c}", 2, texts)
+    parts = [
+        composer.fixed_prompts("a photo of {S}", 4, query.device),
+        composer.fixed_prompts("a photo of {S}", 1, words.device),
+        composer.prompts(long_ids, 2),
+    ]
+    assert len({p.needed for p in parts}) == 3
+    with torch.no_grad():
+        together = composer.encode_prompts([query, words, edited], parts)
+        apart = [
+            composer.compose(query, "a photo of {S}"),
+            composer.compose(words, "a photo of {S}"),
+            composer.compose(edited, "a photo of {S} that {c}", texts),
+        ]
+    for one_pass, own_pass in zip(together, apart):
+        torch.testing.assert_close(one_pass, own_pass, rtol=0, atol=1e-5)
+
+
 def test_errors_are_clear(teacher):
     with pytest.raises(PromptError, match="exactly one token"):
         PromptComposer(teacher, placeholder="photosynthesis-placeholder")
     composer = PromptComposer(teacher)
     with pytest.raises(PromptError, match="placeholder word"):
         composer.tokenize("a photo of {S} that {c}", 2, [{"c": "has a * on it"}])
+    ids = composer.tokenize("a photo of {S}", 2)
+    with pytest.raises(PromptError, match="exactly 3 placeholder tokens"):
+        composer.encode(torch.zeros(1, 3, teacher.word_dim), ids)
     with pytest.raises(PromptError, match="no \\{S\\} field"):
         fill_template("a photo", "*")
     assert fill_template("a {S} that {c}", "* *", c="has {braces}") == "a * * that has {braces}"

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from isa.build import build_student, build_task
 from isa.config import load_config
@@ -126,3 +129,61 @@ def test_symmetric_student_reads_the_frozen_teacher(clip_teacher):
     assert all(p.grad is None for p in clip_teacher.parameters())
     assert not any(n.startswith("teacher") or "visual" in n for n in task.trainable_state_dict())
     assert F.normalize(task.student(images).sentence, dim=-1).shape == (4, 4, clip_teacher.word_dim)
+
+
+# ops whose CUDA kernels hand a value or a size to the host, which then waits for the device to get there
+HOST_READS = {
+    "aten._local_scalar_dense",  # .item(), int(), bool()
+    "aten.is_nonzero",
+    "aten.equal",
+    "aten.nonzero",
+    "aten.masked_select",
+    "aten.masked_scatter_backward",  # a masked_select of the gradient
+    "aten._unique2",
+    "aten.unique_consecutive",
+    "aten.unique_dim",
+}
+
+
+class HostWaits(TorchDispatchMode):
+    """Records each op that would make the host wait for a GPU: a host read of a device value, an output whose
+    size depends on values (a boolean index too), or a tensor that lives on the host (copied over on each call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [a for a in tree_leaves((args, kwargs or {})) if isinstance(a, torch.Tensor)]
+        reads = str(func.overloadpacket) in HOST_READS or str(func) == "aten.repeat_interleave.Tensor"
+        boolean_index = func is torch.ops.aten.index.Tensor and any(
+            i is not None and i.dtype == torch.bool for i in args[1]
+        )
+        on_host = any(t.device.type == "cpu" and t.ndim > 0 for t in tensors)  # 0-d host scalars go as arguments
+        if reads or boolean_index or on_host:
+            self.ops.append(f"{func}{' (host tensor)' if on_host else ''}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("overrides", [(), ("loss.lar_weight=0", "loss.rel_weight=0.5", "loss.word_weight=0.2")])
+def test_a_training_step_never_makes_the_host_wait_for_the_device(teacher, overrides):
+    """On a GPU the host queues a step's kernels ahead of the device; any op above makes it wait until the queue
+    drains, and the GPU then idles while the next kernels are queued. The step (forward, backward, gradient
+    clipping) runs on the meta device, which holds no values anywhere, with the teacher moved there after it was
+    built (as ``isa train`` moves the task) and every op watched."""
+    task, _ = _task(teacher, *overrides)
+    images, g, local = _batch(teacher)
+    task(images, g, local)  # the prompts are tokenized on the host on first use
+    task = copy.deepcopy(task).to("meta")
+    inputs = [torch.empty(t.shape, device="meta") for t in (images, g, local)]
+
+    def step() -> None:
+        losses = task(*inputs)
+        assert losses["loss"].device.type == "meta"
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(task.trainable_parameters(), 1.0)
+
+    step()  # the first step on a device moves the prompts' ids there, once
+    with HostWaits() as waits:
+        step()
+    assert waits.ops == []
