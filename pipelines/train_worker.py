@@ -29,9 +29,10 @@ from isa.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state
 from isa.config import Config, flatten, from_dict, to_dict
 from isa.retrieval import image_retrieval_recall
 from isa.schedule import warmup_cosine
+from isa.shuffle import mixed_batches
 from isa.task import DistillTask, parameter_groups
 
-SHUFFLE_BATCHES = 4  # the local shuffle buffer, in batches
+SHUFFLE_BATCHES = 4  # the pool the rows of each batch are drawn from, in batches
 LOG_EVERY = 10  # steps between metric records (the losses are averaged over them)
 
 
@@ -174,10 +175,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     window_steps = 0
     shard = ray.train.get_dataset_shard("train")
     while step < total:
-        # rows mixed across a few batches, so batches (and their in-batch negatives) differ every pass
-        batches = shard.iter_torch_batches(
-            batch_size=local_batch, drop_last=True, local_shuffle_buffer_size=SHUFFLE_BATCHES * local_batch
-        )
+        # rows mixed across a few batches, so batches (and their in-batch negatives) differ every pass; mixed on
+        # the device the batches come to, not by Ray Data's local shuffle on the host (isa/shuffle.py)
+        batches = mixed_batches(shard.iter_torch_batches(batch_size=local_batch, drop_last=True), SHUFFLE_BATCHES)
         for batch in batches:
             images = to_unit_range(batch["view"].to(device), config.student.image_size)  # (B, 3, S, S)
             emb = batch["teacher_emb"].to(device)  # (B, D)
