@@ -1,8 +1,8 @@
-"""Rows mixed across batches where the batches already are: a pool on their device, no work on the host.
+"""Rows mixed across batches where the batches already are: a pool on their device (the GPU's, in training).
 
 ``isa train`` used Ray Data's local shuffle buffer for this. Ray does it on the host, in the training
-process, by concatenating and taking rows of its Arrow blocks: about 67 ms of CPU per batch of 256 views of
-224 px (measured on the 2-core CPU machine, against 13 ms for the same batches unshuffled), beside the
+process, by concatenating and taking rows of its Arrow blocks: 55-67 ms of CPU per batch of 256 views of
+224 px (measured on the 2-core CPU machine, against 12-13 ms for the same batches unshuffled), beside the
 thread that queues the GPU's kernels. Here each batch is drawn from a pool on the batches' own device, with a
 random permutation made there too: a gather and a scatter of one batch of rows per step.
 """
