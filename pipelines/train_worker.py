@@ -175,9 +175,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     window_steps = 0
     shard = ray.train.get_dataset_shard("train")
     while step < total:
-        # rows mixed across a few batches, so batches (and their in-batch negatives) differ every pass; mixed on
-        # the device the batches come to, not by Ray Data's local shuffle on the host (isa/shuffle.py)
-        batches = mixed_batches(shard.iter_torch_batches(batch_size=local_batch, drop_last=True), SHUFFLE_BATCHES)
+        # on a GPU the batches come in pinned host memory, so Ray's copy to the device (in its prefetch thread) runs
+        # asynchronously; their rows are mixed across a few batches, so batches (and their in-batch negatives)
+        # differ every pass, on the device they come to rather than by Ray Data's local shuffle on the host
+        stream = shard.iter_torch_batches(batch_size=local_batch, drop_last=True, pin_memory=device.type == "cuda")
+        batches = mixed_batches(stream, SHUFFLE_BATCHES)
         for batch in batches:
             images = to_unit_range(batch["view"].to(device), config.student.image_size)  # (B, 3, S, S)
             emb = batch["teacher_emb"].to(device)  # (B, D)
