@@ -8,6 +8,7 @@ pipeline is compared with (PERFORMANCE.md).
     python benchmarks/embed_throughput.py --teacher ViT-B-32 --images 512            # CPU
     python benchmarks/embed_throughput.py --teacher ViT-L-14 --images 20000 --device cuda --fast-decode \\
         --batch-size 256 --plain-images 1024                                            # one GPU
+    ... --tower-dtype bfloat16    # the tower's weights in bf16 too (cache.tower_dtype), in both loops
 """
 
 from __future__ import annotations
@@ -69,15 +70,17 @@ def _write_jpegs(folder: Path, start: int, stop: int, seed: int) -> list[Path]:
     return paths
 
 
-def plain_loop(paths: list[Path], name: str, pretrained: str, batch: int, device: str) -> float:
-    """Single process: decode, preprocess, forward in batches. Returns images/s (model load excluded)."""
+def plain_loop(paths: list[Path], name: str, pretrained: str, batch: int, device: str, dtype: str) -> float:
+    """Single process: decode, preprocess, forward in batches, the tower as the pipeline runs it (``dtype``:
+    ``cache.tower_dtype``). Returns images/s (model load excluded)."""
     teacher = load_teacher(name, pretrained, device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+    teacher.model.to(getattr(torch, dtype))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda" and dtype == "float32")
     started = time.perf_counter()
     with torch.inference_mode(), autocast:
         for start in range(0, len(paths), batch):
             images = [Image.open(p).convert("RGB") for p in paths[start : start + batch]]
-            pixels = torch.stack([teacher.preprocess(image) for image in images]).to(device)
+            pixels = torch.stack([teacher.preprocess(image) for image in images]).to(device, getattr(torch, dtype))
             F.normalize(teacher.model.encode_image(pixels).float(), dim=-1).cpu()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -138,6 +141,7 @@ def pipeline(folder: Path, output: Path, args: argparse.Namespace) -> tuple[floa
         f"cache.decode_cpus={args.decode_cpus}",
         f"cache.device={args.device}",
         f"cache.fast_decode={args.fast_decode}",
+        f"cache.tower_dtype={args.tower_dtype}",
         f"cache.store_images={args.images_column}",
         "cache.local_grid=0",
         *([f"cache.decode_batch_size={args.decode_batch_size}"] if args.decode_batch_size else []),
@@ -175,6 +179,7 @@ def main() -> None:
     parser.add_argument("--decode-cpus", type=float, default=1.0)
     parser.add_argument("--decode-batch-size", type=int, help="images per decode task (default: the config's)")
     parser.add_argument("--fast-decode", action="store_true", help="reduced-size JPEG decoding in the pipeline")
+    parser.add_argument("--tower-dtype", choices=["float32", "bfloat16"], default="float32", help="cache.tower_dtype")
     parser.add_argument("--images-column", action="store_true", help="also cache student JPEGs (more work)")
     parser.add_argument("--plain-images", type=int, default=0, help="images for the plain loop (0: all)")
     parser.add_argument("--no-plain", action="store_true", help="leave out the plain loop")
@@ -187,7 +192,7 @@ def main() -> None:
         baseline = None
         if not args.no_plain:
             subset = paths[: args.plain_images or None]
-            baseline = plain_loop(subset, args.teacher, args.pretrained, args.batch_size, args.device)
+            baseline = plain_loop(subset, args.teacher, args.pretrained, args.batch_size, args.device, args.tower_dtype)
             measured({"plain loop": baseline})
         ours, steady = pipeline(Path(tmp) / "images", Path(tmp) / "cache", args)
         measured({"isa embed, end to end": ours, "isa embed, steady state": steady})
@@ -203,7 +208,8 @@ def main() -> None:
             ]
     print(
         f"\n{args.teacher} · {args.images} JPEGs 640x480 · batch {args.batch_size} · {args.device} · "
-        f"{os.cpu_count()} cores · fast_decode={args.fast_decode} · images column={args.images_column} · "
+        f"{os.cpu_count()} cores · fast_decode={args.fast_decode} · tower {args.tower_dtype} · "
+        f"images column={args.images_column} · "
         + ("no plain loop" if args.no_plain else f"plain loop on {args.plain_images or args.images} images")
     )
     print("| what | images/s |\n|---|---|")
@@ -212,7 +218,9 @@ def main() -> None:
     if baseline:
         print(f"ratio isa embed / plain loop: {ours / baseline:.2f}x end to end, {steady / baseline:.2f}x steady state")
     if tower:
-        ceiling = tower["autocast"]
+        ceiling = tower[
+            "autocast" if args.tower_dtype == "float32" else "bf16 weights"
+        ]  # the tower as the pipeline ran it
         print(f"isa embed / tower forward: {ours / ceiling:.0%} end to end, {steady / ceiling:.0%} steady state")
         print(
             "smallest cosine to the fp32 tower (256 random inputs): "

@@ -6,7 +6,7 @@
 # Usage: bash benchmarks/gpu.sh [LOG_DIR] [all|embed|train]; the tables are printed again at the end.
 # Each part can take most of 10 minutes on one H100 with 16 cores (an earlier version of both took 7.4
 # minutes, most of it building random-init ViT-L-14 models on the CPU): under a per-call limit, run the
-# two parts as two calls.
+# two parts as two calls. EMBED_FLAGS adds flags to the embed benchmark, e.g. "--tower-dtype bfloat16".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 logs=${1:-$(mktemp -d)}
@@ -21,7 +21,7 @@ python=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$logs/gpu.txt"
 if [[ $part == all || $part == embed ]]; then
     timeout 600 "$python" benchmarks/embed_throughput.py --device cuda --teacher ViT-L-14 --images "${EMBED_IMAGES:-20000}" \
-        --plain-images 1024 --batch-size 256 --fast-decode 2>&1 | tee "$logs/embed.log"
+        --plain-images 1024 --batch-size 256 --fast-decode ${EMBED_FLAGS:-} 2>&1 | tee "$logs/embed.log"
 fi
 if [[ $part == all || $part == train ]]; then
     timeout 600 "$python" benchmarks/train_throughput.py --device cuda --make-cache --cache-images "${TRAIN_IMAGES:-8000}" \

@@ -64,6 +64,7 @@ class Manifest:
     local_grid: int  # g (0 = no teacher_local)
     dtype: str  # float16 | float32
     image_size: int | None  # short side of the cached JPEG; None = gallery-only cache
+    tower_dtype: str = "float32"  # the teacher image tower's weights when it embedded (cache.tower_dtype)
     schema_version: int = SCHEMA_VERSION
     counts: dict[str, int] = field(default_factory=dict)  # cached / rejected / duplicates after the last run
 
@@ -227,7 +228,8 @@ def check_same_settings(existing: Manifest, wanted: Manifest, root: str) -> None
     raise CacheError(
         f"cache {root} was written with other settings ({', '.join(differing)}): it holds teacher "
         f"{old.get('model')} ({old.get('pretrained')}, weights {str(old.get('weights_sha256'))[:12]}…), "
-        f"dtype {existing.dtype}, grid {existing.local_grid}, image size {existing.image_size}; this run uses "
-        f"{new.get('model')} ({new.get('pretrained')}, weights {str(new.get('weights_sha256'))[:12]}…), "
-        f"dtype {wanted.dtype}, grid {wanted.local_grid}, image size {wanted.image_size}. Use another output."
+        f"dtype {existing.dtype}, grid {existing.local_grid}, image size {existing.image_size}, tower "
+        f"{existing.tower_dtype}; this run uses {new.get('model')} ({new.get('pretrained')}, weights "
+        f"{str(new.get('weights_sha256'))[:12]}…), dtype {wanted.dtype}, grid {wanted.local_grid}, image size "
+        f"{wanted.image_size}, tower {wanted.tower_dtype}. Use another output."
     )

@@ -114,6 +114,9 @@ class CacheConfig:
     store_images: bool = True  # False: gallery-only cache without the image column
     local_grid: int = 4  # g of the LAR g x g local grid; 0 = no local features
     dtype: Literal["float16", "float32"] = "float16"  # embedding storage type
+    # the image tower's weights: float32 (under bf16 autocast on a GPU) or bfloat16 (weights and activations:
+    # the tower's fastest setting on a GPU, its embeddings further from the float32 model's)
+    tower_dtype: Literal["float32", "bfloat16"] = "float32"
     batch_size: int = 256  # images per teacher forward
     num_actors: int = 1  # teacher actors in the pool
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: one GPU per actor when the cluster has GPUs

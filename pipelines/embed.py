@@ -183,6 +183,7 @@ def run(input_uri: str, output: str, config: Config) -> Summary:
         local_grid=config.cache.local_grid,
         dtype=config.cache.dtype,
         image_size=config.cache.image_size if config.cache.store_images else None,
+        tower_dtype=config.cache.tower_dtype,
     )
     manifest, before = prepare_cache(output, wanted)
     ledger = start_ledger(output)

@@ -23,7 +23,8 @@ class TeacherEmbedder:
     Args:
         manifest: the cache manifest (teacher fingerprint, grid); the loaded weights must match it.
         cache_dir: open_clip download folder.
-        device: "cuda" (bf16 autocast) or "cpu" (fp32).
+        device: "cuda" or "cpu"; with the manifest's ``tower_dtype`` float32 the tower runs under bf16 autocast
+            on "cuda" and in fp32 on "cpu", with bfloat16 its weights and inputs are cast to bf16.
         threads: torch threads on CPU.
     """
 
@@ -37,6 +38,8 @@ class TeacherEmbedder:
         self.teacher = load_teacher(fingerprint["model"], fingerprint["pretrained"], cache_dir=cache_dir, device=device)
         if self.teacher.weights_sha256() != fingerprint["weights_sha256"]:
             raise RuntimeError(f"teacher weights on this worker differ from the driver's ({fingerprint['model']})")
+        self.dtype = getattr(torch, manifest.get("tower_dtype", "float32"))
+        self.teacher.model.to(self.dtype)  # after the check: the hash is of the weights as loaded
         self.preprocess = fingerprint["preprocess"]
         self.grid = manifest["local_grid"]
         self.device = torch.device(device)
@@ -47,8 +50,10 @@ class TeacherEmbedder:
         from isa.teacher import normalize_crops
 
         crops = torch.from_numpy(batch.pop("crop")).to(self.device)
-        pixels = normalize_crops(crops, self.preprocess)  # (B, 3, S, S)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        pixels = normalize_crops(crops, self.preprocess).to(self.dtype)  # (B, 3, S, S)
+        autocast = torch.autocast(
+            "cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.dtype == torch.float32
+        )
         with torch.inference_mode(), autocast:
             if self.grid:
                 emb, local = self.teacher.encode_image_local(pixels, self.grid)  # (B, D), (B, G, D)

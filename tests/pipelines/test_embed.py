@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import io
+import json
 import os
 import shutil
 import signal
@@ -206,6 +207,24 @@ def test_gallery_only_cache_and_settings_mismatch(ray_session, tmp_path):
             load_config(None, ["teacher.name=isa-tiny-ViT-custom-text", "teacher.pretrained=none", *SMALL]),
         )
     assert "isa-tiny-ViT-custom-text" in str(error.value) and "isa-tiny-ViT (" in str(error.value)
+
+
+def test_a_bfloat16_tower_stays_close_and_a_cache_keeps_one_tower_dtype(ray_session, tmp_path):
+    _write_scenes(tmp_path / "images", 6)
+    full, half = tmp_path / "float32", tmp_path / "bfloat16"
+    run(str(tmp_path / "images"), str(full), _config("cache.dtype=float32"))
+    run(str(tmp_path / "images"), str(half), _config("cache.dtype=float32", "cache.tower_dtype=bfloat16"))
+    assert json.loads((half / "_isa_cache.json").read_text())["tower_dtype"] == "bfloat16"
+    rows = {r["id"]: r for r in _cache(full).to_pylist()}
+    for row in _cache(half).to_pylist():
+        for column, cells in (("teacher_emb", 1), ("teacher_local", 4)):
+            got = torch.tensor(np.array(row[column], dtype=np.float32)).view(cells, -1)
+            expected = torch.tensor(np.array(rows[row["id"]][column], dtype=np.float32)).view(cells, -1)
+            assert F.cosine_similarity(got, expected, dim=-1).min() >= 0.999
+            assert (got - expected).abs().max() > 1e-4  # computed in bf16 indeed
+    with pytest.raises(CacheError, match="tower_dtype") as error:
+        run(str(tmp_path / "images"), str(half), _config("cache.dtype=float32"))
+    assert "tower bfloat16" in str(error.value) and "tower float32" in str(error.value)
 
 
 def test_killed_run_resumes_exactly_once(ray_session, tmp_path):
