@@ -166,7 +166,7 @@ class DistillTask(nn.Module):
         k = min(self.weights.lar_tokens_per_image, tokens)
         chosen = torch.rand(batch, tokens, device=sentence.device).argsort(dim=1)[:, :k]  # (B, k)
         words = torch.gather(sentence, 1, chosen[..., None].expand(-1, -1, sentence.shape[-1]))  # (B, k, w)
-        maps = attention[torch.arange(batch, device=chosen.device)[:, None], chosen]  # (B, k, h, w)
+        maps = attention.gather(1, chosen[..., None, None].expand(-1, -1, *attention.shape[2:]))  # (B, k, h, w)
         return words, maps
 
 
