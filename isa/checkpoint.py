@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -39,6 +40,7 @@ from isa.checkpoint_files import (
     STATE_FILE,
     WEIGHTS_FILE,
     complete_state,
+    latest_checkpoint,
 )
 
 
@@ -179,11 +181,10 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     directory = Path(path)
     if is_checkpoint(directory):
         return directory
-    states = {p.parent: _local_state(p.parent) for p in directory.glob("checkpoint_*/*/" + CONFIG_FILE)}
-    found = {folder: state for folder, state in states.items() if state is not None}
-    if not found:
+    latest = latest_checkpoint(LocalFileSystem(), str(directory))
+    if latest is None:
         raise CheckpointError(
             f"no checkpoint at {directory}: expected a checkpoint directory ({', '.join(REQUIRED_FILES)}) or a "
             "training run folder holding checkpoint_*/isa"
         )
-    return max(found, key=lambda p: (found[p].get("step", 0), p.parent.name))
+    return Path(latest)

@@ -49,3 +49,9 @@ def complete_checkpoints(fs: Any, path: str) -> dict[str, int]:
         if state is not None:
             steps[folder] = state.get("step", 0)
     return steps
+
+
+def latest_checkpoint(fs: Any, path: str) -> str | None:
+    """Of :func:`complete_checkpoints`, the one with the highest step (ties: the last folder name); None if none."""
+    steps = complete_checkpoints(fs, path)
+    return max(steps, key=lambda folder: (steps[folder], folder)) if steps else None

@@ -89,14 +89,18 @@ class PromptComposer:
             texts: one mapping of field values per prompt; None for a template without other fields
                 (the ids are then computed once and reused).
         """
-        words = " ".join([self.placeholder] * num_tokens)
         if texts is None:
-            key = (template, num_tokens)
-            if key not in self._fixed:
-                ids = self._checked_ids([fill_template(template, words)], num_tokens)
-                self._fixed[key] = self.prompts(ids, num_tokens)
-            return self._fixed[key].ids
+            return self._host_prompts(template, num_tokens).ids
+        words = " ".join([self.placeholder] * num_tokens)
         return self._checked_ids([fill_template(template, words, **fields) for fields in texts], num_tokens)
+
+    def _host_prompts(self, template: str, num_tokens: int) -> Prompts:
+        """:meth:`prompts` of a template without other fields, made once per template and M."""
+        key = (template, num_tokens)
+        if key not in self._fixed:
+            words = " ".join([self.placeholder] * num_tokens)
+            self._fixed[key] = self.prompts(self._checked_ids([fill_template(template, words)], num_tokens), num_tokens)
+        return self._fixed[key]
 
     def _checked_ids(self, prompts: list[str], num_tokens: int) -> torch.Tensor:
         ids = self.teacher.tokenize(prompts)
@@ -128,8 +132,7 @@ class PromptComposer:
         (no copy from the host per call)."""
         key = (template, num_tokens, torch.device(device))
         if key not in self._fixed_on:
-            self.tokenize(template, num_tokens)
-            self._fixed_on[key] = self._fixed[(template, num_tokens)].to(device)
+            self._fixed_on[key] = self._host_prompts(template, num_tokens).to(device)
         return self._fixed_on[key]
 
     def encode(self, sentence: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

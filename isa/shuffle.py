@@ -1,10 +1,11 @@
 """Rows mixed across batches where the batches already are: a pool on their device (the GPU's, in training).
 
 ``isa train`` used Ray Data's local shuffle buffer for this. Ray does it on the host, in the training
-process, by concatenating and taking rows of its Arrow blocks: 55-67 ms of CPU per batch of 256 views of
-224 px (measured on the 2-core CPU machine, against 12-13 ms for the same batches unshuffled), beside the
+process, by concatenating and taking rows of its Arrow blocks: 49 ms of CPU per batch of 256 views of
+224 px (``benchmarks/train_ingest.py`` on the 2-core CPU machine, against 16.8 ms unshuffled), beside the
 thread that queues the GPU's kernels. Here each batch is drawn from a pool on the batches' own device, with a
-random permutation made there too: a gather and a scatter of one batch of rows per step.
+random permutation made there too: a gather and a scatter of one batch of rows per step. On a CPU that costs
+more than Ray's buffer (``benchmarks/train_ingest.py``), so ``isa train`` uses the pool on a GPU only.
 """
 
 from __future__ import annotations
@@ -39,19 +40,16 @@ def mixed_batches(
     for batch in batches:
         if pool is None:
             pool = {name: rows.clone() for name, rows in batch.items()}  # ours to write into
-            size = _rows(batch)
-            continue
-        if _rows(pool) < pool_batches * size:  # filling
+            size, device = _rows(batch), next(iter(batch.values())).device
+        elif _rows(pool) < pool_batches * size:  # filling
             pool = {name: torch.cat([pool[name], batch[name]]) for name in pool}
-            continue
-        device = next(iter(pool.values())).device
-        drawn = torch.randperm(_rows(pool), device=device, generator=generator)[:size]  # (B,)
-        yield {name: rows.index_select(0, drawn) for name, rows in pool.items()}
-        for name, rows in pool.items():
-            rows.index_copy_(0, drawn, batch[name])
+        else:
+            drawn = torch.randperm(_rows(pool), device=device, generator=generator)[:size]  # (B,)
+            yield {name: rows.index_select(0, drawn) for name, rows in pool.items()}
+            for name, rows in pool.items():
+                rows.index_copy_(0, drawn, batch[name])
     if pool is None:
         return
-    device = next(iter(pool.values())).device
     order = torch.randperm(_rows(pool), device=device, generator=generator)
     for start in range(0, _rows(pool) - size + 1, size):
         yield {name: rows.index_select(0, order[start : start + size]) for name, rows in pool.items()}

@@ -38,7 +38,7 @@ class TeacherEmbedder:
         self.teacher = load_teacher(fingerprint["model"], fingerprint["pretrained"], cache_dir=cache_dir, device=device)
         if self.teacher.weights_sha256() != fingerprint["weights_sha256"]:
             raise RuntimeError(f"teacher weights on this worker differ from the driver's ({fingerprint['model']})")
-        self.dtype = getattr(torch, manifest.get("tower_dtype", "float32"))
+        self.dtype = getattr(torch, manifest["tower_dtype"])
         self.teacher.model.to(self.dtype)  # after the check: the hash is of the weights as loaded
         self.preprocess = fingerprint["preprocess"]
         self.grid = manifest["local_grid"]

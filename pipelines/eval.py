@@ -22,7 +22,7 @@ from fsspec.implementations.local import LocalFileSystem
 from isa.build import build_teacher
 from isa.cache import CacheError, filesystem
 from isa.checkpoint import STATE_FILE, CheckpointError, find_checkpoint
-from isa.checkpoint_files import complete_checkpoints
+from isa.checkpoint_files import latest_checkpoint
 from isa.config import Config
 from isa.data.benchmarks import Benchmark, BenchmarkFormatError, read_benchmark
 from isa.teacher import Teacher
@@ -46,10 +46,9 @@ def local_copy(uri: str, output: str) -> str:
     fs, path = filesystem(uri)
     if isinstance(fs, LocalFileSystem):
         return uri
-    steps = complete_checkpoints(fs, path)  # folder -> step
-    if not steps:
+    folder = latest_checkpoint(fs, path)
+    if folder is None:
         raise CheckpointError(f"no complete checkpoint at {uri}: expected checkpoint_*/isa/{STATE_FILE} below it")
-    folder = max(steps, key=lambda f: (steps[f], f))
     base = Path(output if "://" not in output else tempfile.mkdtemp())
     target = base / "checkpoints" / out.slug(fs.unstrip_protocol(folder))
     if not target.exists():

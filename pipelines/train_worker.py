@@ -32,7 +32,7 @@ from isa.schedule import warmup_cosine
 from isa.shuffle import mixed_batches
 from isa.task import DistillTask, parameter_groups
 
-SHUFFLE_BATCHES = 4  # the pool the rows of each batch are drawn from, in batches
+SHUFFLE_BATCHES = 4  # the batches each batch's rows are drawn from
 LOG_EVERY = 10  # steps between metric records (the losses are averaged over them)
 
 
@@ -175,11 +175,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     window_steps = 0
     shard = ray.train.get_dataset_shard("train")
     while step < total:
-        # on a GPU the batches come in pinned host memory, so Ray's copy to the device (in its prefetch thread) runs
-        # asynchronously; their rows are mixed across a few batches, so batches (and their in-batch negatives)
-        # differ every pass, on the device they come to rather than by Ray Data's local shuffle on the host
-        stream = shard.iter_torch_batches(batch_size=local_batch, drop_last=True, pin_memory=device.type == "cuda")
-        batches = mixed_batches(stream, SHUFFLE_BATCHES)
+        # rows mixed across a few batches, so batches (and their in-batch negatives) differ every pass. On a GPU
+        # they are mixed there (isa/shuffle.py) and come in pinned host memory, so Ray's copy to the device (in its
+        # prefetch thread) runs asynchronously; on a CPU Ray Data's local shuffle buffer costs less than the pool
+        # (benchmarks/train_ingest.py)
+        gpu = device.type == "cuda"
+        shuffle = None if gpu else SHUFFLE_BATCHES * local_batch
+        stream = shard.iter_torch_batches(
+            batch_size=local_batch, drop_last=True, local_shuffle_buffer_size=shuffle, pin_memory=gpu
+        )
+        batches = mixed_batches(stream, SHUFFLE_BATCHES) if gpu else stream
         for batch in batches:
             images = to_unit_range(batch["view"].to(device), config.student.image_size)  # (B, 3, S, S)
             emb = batch["teacher_emb"].to(device)  # (B, D)
