@@ -101,8 +101,9 @@ def test_short_run_learns_and_its_checkpoints_load(train_cache, tmp_path):
     ids = pq.read_table(train_cache, columns=["id"])["id"].to_pylist()
     val_count = sum(is_validation(i, 0.2) for i in ids)
     assert 20 <= val_count <= 80
-    assert result.metrics["val_image_R5"] >= 3 * 100 * 5 / val_count, result.metrics
-    assert result.metrics["val_image_R1"] >= 2 * 100 / val_count, result.metrics
+    # in hits, not percent: 2 of 55 is 3.6363635 in float32, below 200 / 55 in float64
+    assert round(result.metrics["val_image_R5"] * val_count / 100) >= 3 * 5, result.metrics  # three times chance
+    assert round(result.metrics["val_image_R1"] * val_count / 100) >= 2, result.metrics  # twice chance
     # the final checkpoint rebuilds the student and reproduces its outputs
     saved = load_checkpoint(_checkpoints(tmp_path / "run")[-1])
     rebuilt_config = from_dict(saved.config["config"])
