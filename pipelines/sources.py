@@ -102,7 +102,7 @@ def _from_uris(uris: list[str], rows_per_block: int) -> ray.data.Dataset:
 
 def _read_list(uri: str, path: str, cache: CacheConfig) -> ray.data.Dataset:
     if path.endswith(".parquet"):
-        ds = ray.data.read_parquet(uri, columns=[cache.uri_column])
+        ds = ray.data.read_parquet(uri).select_columns([cache.uri_column])
         column = cache.uri_column
     elif path.endswith(".csv"):
         ds = ray.data.read_csv(uri)
@@ -159,7 +159,8 @@ def _read_parquet(uri: str, cache: CacheConfig) -> ray.data.Dataset:
         raise InputError(f"parquet input {uri} has no column {cache.bytes_column!r} (columns: {schema_names})")
     has_uri = cache.uri_column in schema_names
     columns = [cache.bytes_column] + ([cache.uri_column] if has_uri else [])
-    ds = ray.data.read_parquet(uri, columns=columns, include_paths=not has_uri)
+    # the file of each row names a row without a URI column (see _parquet_rows)
+    ds = ray.data.read_parquet(uri, include_paths=not has_uri).select_columns(columns + ([] if has_uri else ["path"]))
     return ds.map_batches(
         _parquet_rows,
         batch_format="numpy",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import os
@@ -191,6 +192,13 @@ def test_other_input_kinds_list_tar_parquet(ray_session, tmp_path):
     table = _cache(tmp_path / "from-parquet")
     assert sorted(table["uri"].to_pylist()) == sorted(p.name for p in good)
     assert sorted(table["id"].to_pylist()) == sorted(content_id(p.read_bytes()) for p in good)
+
+    unnamed = tmp_path / "unnamed.parquet"  # no URI column: a row is named by its file and its bytes' hash
+    pq.write_table(pa.table({"image": [p.read_bytes() for p in good[:3]]}), unnamed)
+    assert run(str(unnamed), str(tmp_path / "from-unnamed"), _config()).cached == 3
+    uris = _cache(tmp_path / "from-unnamed")["uri"].to_pylist()
+    assert all(u.split("#sha256=")[0].endswith("unnamed.parquet") for u in uris)
+    assert {u.split("#sha256=")[1] for u in uris} == {hashlib.sha256(p.read_bytes()).hexdigest() for p in good[:3]}
 
 
 def test_gallery_only_cache_and_settings_mismatch(ray_session, tmp_path):
