@@ -2,7 +2,8 @@
 # The GPU figures of PERFORMANCE.md (one GPU, random-init weights):
 #   embed: isa embed, ViT-L-14 from 640x480 JPEGs, against the tower's own forward rate;
 #   train: isa train, efficientnet_b0 with M=4 and the ViT-L-14 text tower, batch 256, against the
-#          training step alone and a plain loop.
+#          training step alone (then 5 steps under torch.profiler: how busy its kernels keep the GPU)
+#          and a plain loop; isa train's wait for its input is printed beside its rate.
 # Usage: bash benchmarks/gpu.sh [LOG_DIR] [all|embed|train]; the tables are printed again at the end.
 # Each part can take most of 10 minutes on one H100 with 16 cores (an earlier version of both took 7.4
 # minutes, most of it building random-init ViT-L-14 models on the CPU): under a per-call limit, run the
@@ -25,11 +26,12 @@ if [[ $part == all || $part == embed ]]; then
 fi
 if [[ $part == all || $part == train ]]; then
     timeout 600 "$python" benchmarks/train_throughput.py --device cuda --make-cache --cache-images "${TRAIN_IMAGES:-8000}" \
-        --steps "${TRAIN_STEPS:-150}" --plain-steps 40 --step-only 30 --rounds 1 2>&1 | tee "$logs/train.log"
+        --steps "${TRAIN_STEPS:-150}" --plain-steps 40 --step-only 30 --profile 5 --rounds 1 2>&1 | tee "$logs/train.log"
 fi
 echo
 cat "$logs/gpu.txt"
 for log in "$logs"/embed.log "$logs"/train.log; do
     [[ -f $log ]] || continue
+    grep -h "keep the device busy\|kernel ms per step" "$log"
     sed -n '/ · .* cores/,$p' "$log" | grep -v '^\s*$'
 done

@@ -10,7 +10,11 @@ PERFORMANCE.md). On a GPU the target is the rate itself:
     python benchmarks/train_throughput.py --cache CACHE --steps 60
     python benchmarks/train_throughput.py --make-cache --steps 60          # synthetic world, tiny teacher
     python benchmarks/train_throughput.py --device cuda --make-cache --cache-images 8000 --steps 150 \
-        --plain-steps 40 --rounds 1
+        --plain-steps 40 --step-only 30 --profile 5 --rounds 1
+
+Where a rate falls short, two figures say why: the share of ``isa train``'s time its worker waited for
+input batches (its ``input_wait_fraction`` records), and with ``--profile`` the share of a step's time
+the step's kernels keep the GPU busy (well below 100 %: the host queueing kernels is the bound).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from statistics import median
 
@@ -92,30 +97,62 @@ def plain_loop(config: Config, cache: str, steps: int, device: str) -> float:
     return (steps - 1) * batch_size / (time.perf_counter() - started)
 
 
-def step_only(config: Config, steps: int, device: str, local_grid: int) -> float:
+def step_only(config: Config, steps: int, device: str, local_grid: int, profiled: int = 0) -> float:
     """The training step alone on random tensors already on the device (bf16 autocast on GPU, as ``isa train``
-    runs it): the ceiling with no data loading. Returns samples/s."""
+    runs it): the ceiling with no data loading. ``profiled`` more steps then run under torch.profiler, whose
+    table and device-busy share are printed (:func:`profile_steps`). Returns samples/s."""
     trainee = Trainee(config, device)
     batch, size, dim = config.train.global_batch_size, config.student.image_size, trainee.teacher.embed_dim
     images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device)  # as the views come
     emb = F.normalize(torch.randn(batch, dim, device=device), dim=-1)
     local = torch.randn(batch, local_grid**2, dim, device=device)
-    for step in range(steps + 3):  # three warm-up steps
-        if step == 3:
+
+    def step() -> None:
+        trainee.step(to_unit_range(images), emb, local)
+
+    for index in range(steps + 3):  # three warm-up steps
+        if index == 3:
             synchronize(device)
             started = time.perf_counter()
-        trainee.step(to_unit_range(images), emb, local)
+        step()
     synchronize(device)
-    return steps * batch / (time.perf_counter() - started)
+    seconds = (time.perf_counter() - started) / steps
+    if profiled:
+        profile_steps(step, profiled, device, seconds)
+    return batch / seconds
 
 
-def isa_train(config: Config) -> tuple[float, float]:
+def profile_steps(step: Callable[[], None], steps: int, device: str, seconds_per_step: float) -> None:
+    """Runs ``steps`` steps under torch.profiler; prints the ops that take the most time (the device's on a GPU)
+    and, on a GPU, the share of an unprofiled step's time its kernels keep the device busy: near 100 % the step
+    is bound by the device, well below it by the host queueing the kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as profiler:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    averages = profiler.key_averages()
+    print(averages.table(sort_by="self_device_time_total" if gpu else "self_cpu_time_total", row_limit=15))
+    if gpu:
+        device_events = [
+            e for e in averages if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+        ]
+        kernels = sum(e.self_device_time_total for e in device_events) / 1e6 / steps  # µs -> s per step
+        measured({"kernel ms per step": kernels * 1e3, "step ms unprofiled": seconds_per_step * 1e3})
+        print(f"the kernels keep the device busy {kernels / seconds_per_step:.0%} of an unprofiled step")
+
+
+def isa_train(config: Config) -> tuple[float, float, float]:
     """``isa train`` on a local Ray instance, as its worker measured it.
 
     Returns:
         samples/s over the whole run (from the end of the first step) and over its second half: the rate
         between the two records of ``samples_per_s`` in MLflow nearest the middle and the end, which leaves
-        out the data pipeline's ramp-up.
+        out the data pipeline's ramp-up; and the share of that second half the worker waited for its input
+        (the mean of its ``input_wait_fraction`` records there, each over the same number of steps).
     """
     import mlflow
     import ray
@@ -128,12 +165,22 @@ def isa_train(config: Config) -> tuple[float, float]:
     client = mlflow.MlflowClient(config.train.tracking_uri)
     experiment = client.get_experiment_by_name(config.train.experiment)
     (latest,) = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
-    history = sorted((m.step, m.value) for m in client.get_metric_history(latest.info.run_id, "samples_per_s"))
+
+    def history(metric: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in client.get_metric_history(latest.info.run_id, metric))
+
+    rates, waits = history("samples_per_s"), history("input_wait_fraction")
     batch = config.train.global_batch_size
     # a record at step s counts (s - 1) batches since the first step's end: its time is samples / rate
-    elapsed = [((s - 1) * batch, (s - 1) * batch / rate) for s, rate in history]
-    (middle_samples, middle_time), (end_samples, end_time) = elapsed[len(elapsed) // 2], elapsed[-1]
-    return history[-1][1], (end_samples - middle_samples) / (end_time - middle_time)
+    elapsed = [((s - 1) * batch, (s - 1) * batch / rate) for s, rate in rates]
+    middle = len(elapsed) // 2
+    (middle_samples, middle_time), (end_samples, end_time) = elapsed[middle], elapsed[-1]
+    late_waits = [wait for _, wait in waits[middle + 1 :]]  # the records after the middle one
+    return (
+        rates[-1][1],
+        (end_samples - middle_samples) / (end_time - middle_time),
+        (sum(late_waits) / len(late_waits) if late_waits else float("nan")),
+    )
 
 
 def make_cache(folder: Path, images: int, teacher: str, device: str) -> str:
@@ -169,6 +216,7 @@ def main() -> None:
     parser.add_argument("--plain-steps", type=int, default=0, help="steps of the plain loop (0: --steps)")
     parser.add_argument("--no-plain", action="store_true", help="leave out the plain loop")
     parser.add_argument("--step-only", type=int, default=0, help="also time this many steps on random tensors")
+    parser.add_argument("--profile", type=int, default=0, help="then profile this many steps (with --step-only)")
     parser.add_argument("--rounds", type=int, default=3, help="isa train runs, each between two plain loops")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. student.backbone=efficientnet_b0")
     args = parser.parse_args()
@@ -201,7 +249,7 @@ def main() -> None:
         config = load_config(None, overrides)
         # each figure is printed as soon as it is measured: a run cut short keeps what it got
         grid = json.loads(Path(cache, "_isa_cache.json").read_text())["local_grid"]  # the cache's, as trained on
-        ceiling = step_only(config, args.step_only, args.device, grid) if args.step_only else None
+        ceiling = step_only(config, args.step_only, args.device, grid, args.profile) if args.step_only else None
         measured({"training step only": ceiling})
         plain_steps = args.plain_steps or args.steps
         # the plain loop before and after each isa train run, each run compared with the mean of its two
@@ -213,7 +261,8 @@ def main() -> None:
             if args.device == "cuda":
                 torch.cuda.empty_cache()  # the in-process loops' memory, for isa train's worker
             ours.append(isa_train(load_config(None, [*overrides, f"train.output={Path(tmp) / f'run-{round_}'}"])))
-            measured({f"isa train, round {round_ + 1}": ours[-1][0], "second half": ours[-1][1]})
+            round_figures = {f"isa train, round {round_ + 1}": ours[-1][0], "second half": ours[-1][1]}
+            measured({**round_figures, "share of the second half waiting for input": ours[-1][2]})
             plain.append(None if args.no_plain else plain_loop(config, cache, plain_steps, args.device))
             measured({f"plain loop after round {round_ + 1}": plain[-1]})
     print(
@@ -224,7 +273,7 @@ def main() -> None:
     report(ceiling, plain, ours)
 
 
-def report(ceiling: float | None, plain: list[float | None], ours: list[tuple[float, float]]) -> None:
+def report(ceiling: float | None, plain: list[float | None], ours: list[tuple[float, float, float]]) -> None:
     """The table of rates and each round's overhead against the mean of the plain loops around it."""
 
     def rate(value: float | None) -> str:
@@ -233,12 +282,12 @@ def report(ceiling: float | None, plain: list[float | None], ours: list[tuple[fl
     print("| what | samples/s |\n|---|---|")
     print(f"| training step only, random tensors on the device | {rate(ceiling)} |")
     print(f"| plain PyTorch loop, before round 1 | {rate(plain[0])} |")
-    for number, ((whole, half), after) in enumerate(zip(ours, plain[1:]), start=1):
-        print(f"| isa train, round {number} (second half of the run) | {rate(whole)} ({rate(half)}) |")
+    for number, ((whole, half, wait), after) in enumerate(zip(ours, plain[1:]), start=1):
+        print(f"| isa train, round {number} (second half; its input wait) | {rate(whole)} ({rate(half)}; {wait:.0%}) |")
         print(f"| plain PyTorch loop, after round {number} | {rate(after)} |")
     if plain[0] is not None:
         overheads = {"whole run": [], "second half": []}
-        for number, (whole, half) in enumerate(ours):
+        for number, (whole, half, _) in enumerate(ours):
             around = (plain[number] + plain[number + 1]) / 2
             overheads["whole run"].append(max(0.0, 1 - whole / around))
             overheads["second half"].append(max(0.0, 1 - half / around))
@@ -247,7 +296,7 @@ def report(ceiling: float | None, plain: list[float | None], ours: list[tuple[fl
             middle = median(values)
             print(f"isa train ({label}) overhead against the plain loops around each run: {each}; median {middle:.0%}")
     if ceiling:
-        for number, (whole, half) in enumerate(ours, start=1):
+        for number, (whole, half, _) in enumerate(ours, start=1):
             print(f"isa train round {number} / step only: {whole / ceiling:.0%} (second half {half / ceiling:.0%})")
 
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import ray.train
 import ray.train.torch
@@ -34,6 +35,25 @@ from isa.task import DistillTask, parameter_groups
 
 SHUFFLE_BATCHES = 4  # the batches each batch's rows are drawn from
 LOG_EVERY = 10  # steps between metric records (the losses are averaged over them)
+Batch = TypeVar("Batch")
+
+
+class InputWait:
+    """The seconds a loop has spent waiting for its next batch: the share of the run its input held it back."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def timed(self, batches: Iterable[Batch]) -> Iterator[Batch]:
+        """The batches, each one's wait added to :attr:`seconds` (the loop's own time between them is not)."""
+        iterator = iter(batches)
+        while True:
+            began = time.perf_counter()
+            batch = next(iterator, None)
+            self.seconds += time.perf_counter() - began
+            if batch is None:
+                return
+            yield batch
 
 
 class Tracker:
@@ -171,6 +191,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     validated = rank == 0 and config.train.val_fraction > 0 and config.train.val_images > 0
     validation = _validation_batches(local_batch) if validated else None
     clock, samples = None, 0
+    input_wait, last_record = InputWait(), (0.0, time.perf_counter())  # (seconds waited, time) at the last record
     window: dict[str, torch.Tensor | float] = {}  # loss name -> sum over the steps since the last record
     window_steps = 0
     shard = ray.train.get_dataset_shard("train")
@@ -184,6 +205,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         stream = shard.iter_torch_batches(
             batch_size=local_batch, drop_last=True, local_shuffle_buffer_size=shuffle, pin_memory=gpu
         )
+        stream = input_wait.timed(stream)
         batches = mixed_batches(stream, SHUFFLE_BATCHES) if gpu else stream
         for batch in batches:
             images = to_unit_range(batch["view"].to(device), config.student.image_size)  # (B, 3, S, S)
@@ -216,7 +238,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             metrics = {name: float(total_value) / window_steps for name, total_value in window.items()}
             window, window_steps = {}, 0
             metrics["lr"] = scheduler.get_last_lr()[0]
-            metrics["samples_per_s"] = samples / max(time.perf_counter() - clock, 1e-9)
+            now = time.perf_counter()
+            metrics["samples_per_s"] = samples / max(now - clock, 1e-9)
+            # since the last record: on a GPU, an upper bound of the device's wait for input (it may still be
+            # running the steps queued ahead while the host waits)
+            metrics["input_wait_fraction"] = (input_wait.seconds - last_record[0]) / max(now - last_record[1], 1e-9)
+            last_record = (input_wait.seconds, now)
             if checkpoint_due:
                 with tempfile.TemporaryDirectory() as tmp:
                     checkpoint = None

@@ -30,6 +30,7 @@ from pipelines.train import (
     run,
     training_rows,
 )
+from pipelines.train_worker import InputWait
 
 TEACHER = ["teacher.name=isa-tiny-ViT", "teacher.pretrained=none"]
 STUDENT = [
@@ -213,9 +214,10 @@ def test_mlflow_server_records_params_metrics_and_artifacts(train_cache, tmp_pat
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     (found,) = client.search_runs([client.get_experiment_by_name("isa-test").experiment_id])
     assert found.data.params["train.lr"] == "0.001" and found.data.params["student.backbone"] == "mobilenetv3_large_100"
-    assert {"loss", "gcd", "lar", "lr", "temperature", "samples_per_s", "val_image_R1", "val_image_R5"} <= set(
-        found.data.metrics
-    )
+    logged = {"loss", "gcd", "lar", "lr", "temperature", "samples_per_s", "input_wait_fraction", "val_image_R1"}
+    assert logged | {"val_image_R5"} <= set(found.data.metrics)
+    waits = [m.value for m in client.get_metric_history(found.info.run_id, "input_wait_fraction")]
+    assert len(waits) == 2 and all(0 <= w <= 1 for w in waits)  # records at steps 10 and 20
     artifacts = {a.path for a in client.list_artifacts(found.info.run_id, "checkpoint")}
     assert "checkpoint/student.safetensors" in artifacts and "checkpoint/config.json" in artifacts
     version = client.get_model_version_by_alias("isa-student", "champion")
@@ -261,3 +263,18 @@ def test_clear_errors_before_training(ray_session, train_cache, tmp_path, world_
     (empty / "_isa_cache.json").write_text((Path(train_cache) / "_isa_cache.json").read_text())
     with pytest.raises(TrainError, match="is empty"):
         run(_config(str(empty), tmp_path / "run"))
+
+
+def test_input_wait_counts_the_waits_for_batches_not_the_loop_between_them():
+    def slow_batches():
+        for index in range(3):
+            time.sleep(0.05)  # the input producing a batch
+            yield index
+
+    wait = InputWait()
+    seen = []
+    for batch in wait.timed(slow_batches()):
+        seen.append(batch)
+        time.sleep(0.2)  # the loop's own step
+    assert seen == [0, 1, 2]
+    assert 0.15 <= wait.seconds < 0.4  # three waits of 0.05 s, none of the 0.6 s of steps
