@@ -16,7 +16,7 @@ import functools
 import hashlib
 import json
 import posixpath
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 import numpy as np
@@ -81,21 +81,47 @@ def decode_batch(batch: dict[str, np.ndarray], *, ledger, output: str, manifest:
     key = hashlib.sha256("\n".join(uris).encode()).hexdigest()
     admitted = ray.get(ledger.admit.remote(uris, key))
     rows = [(u, d, e) for (u, d, e, ok) in zip(uris, batch["data"], batch["error"], admitted) if ok]
+    decoded, errors = decode_rows(rows, manifest, settings)
+    duplicate_of = ray.get(ledger.claim.remote([d.id for d in decoded], [d.uri for d in decoded]))
+    _record(output, errors, [(d.uri, d.id, o) for d, o in zip(decoded, duplicate_of) if o is not None])
+    first = [d for d, o in zip(decoded, duplicate_of) if o is None]
+    return _decoded_columns(first, manifest)
+
+
+class Decoded(NamedTuple):
+    """One decoded input, reduced to what the cache keeps."""
+
+    uri: str
+    id: str  # content id of the file's bytes
+    width: int  # of the decoded image (EXIF orientation applied)
+    height: int
+    crop: np.ndarray  # (S, S, 3) uint8 teacher input
+    image: bytes  # student JPEG, or b"" for gallery-only caches
+
+
+def decode_rows(
+    rows: list[tuple[str, Any, Any]], manifest: dict, settings: dict
+) -> tuple[list[Decoded], list[tuple[str, str]]]:
+    """Decode ``(uri, bytes or None, listed error or None)`` rows into :class:`Decoded` rows and
+    ``(uri, reason)`` rejects. Each image is reduced to its crop and student JPEG as soon as it is decoded,
+    so a task holds one full-size image at a time, not a batch of them (256 photos of 12 MP are 9 GB)."""
+    crop = _crop_fn(json.dumps(manifest["teacher"]["preprocess"], sort_keys=True))
+    decoded: list[Decoded] = []
     errors: list[tuple[str, str]] = []
-    decoded: list[tuple[str, str, Any]] = []
     for uri, data, listed_error in rows:
         try:
             if isinstance(listed_error, str) and listed_error:
                 raise ImageRejected(listed_error)
             data = bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else _read(uri)
             image = decode_image(data, settings["max_pixels"], settings["draft_short_side"])
-            decoded.append((uri, content_id(data), image))
         except ImageRejected as error:
             errors.append((uri, str(error)))
-    duplicate_of = ray.get(ledger.claim.remote([d[1] for d in decoded], [d[0] for d in decoded]))
-    _record(output, errors, [(u, i, o) for (u, i, _), o in zip(decoded, duplicate_of) if o is not None])
-    first = [d for d, o in zip(decoded, duplicate_of) if o is None]
-    return _decoded_columns(first, manifest, settings)
+            continue
+        student = b""
+        if manifest["image_size"] is not None:
+            student = encode_jpeg(resize_short_side(image, manifest["image_size"]), settings["jpeg_quality"])
+        decoded.append(Decoded(uri, content_id(data), image.width, image.height, np.asarray(crop(image)), student))
+    return decoded, errors
 
 
 def _read(uri: str) -> bytes:
@@ -106,24 +132,18 @@ def _read(uri: str) -> bytes:
         raise ImageRejected(f"unreadable: {type(error).__name__}: {error}") from None
 
 
-def _decoded_columns(rows: list[tuple[str, str, Any]], manifest: dict, settings: dict) -> dict:
-    crop = _crop_fn(json.dumps(manifest["teacher"]["preprocess"], sort_keys=True))
-    size = manifest["teacher"]["preprocess"]["size"]
-    crops = np.zeros((len(rows), size[1], size[0], 3), dtype=np.uint8)  # (B, S, S, 3)
-    images = []
-    for index, (_, _, image) in enumerate(rows):
-        crops[index] = np.asarray(crop(image))
-        if manifest["image_size"] is None:
-            images.append(b"")
-        else:
-            images.append(encode_jpeg(resize_short_side(image, manifest["image_size"]), settings["jpeg_quality"]))
+def _decoded_columns(rows: list[Decoded], manifest: dict) -> dict:
+    width, height = manifest["teacher"]["preprocess"]["size"]
+    crops = np.zeros((len(rows), height, width, 3), dtype=np.uint8)  # (B, S, S, 3)
+    for index, row in enumerate(rows):
+        crops[index] = row.crop
     return {
-        "uri": np.array([r[0] for r in rows], dtype=object),
-        "id": np.array([r[1] for r in rows], dtype=object),
-        "width": np.array([r[2].width for r in rows], dtype=np.int32),
-        "height": np.array([r[2].height for r in rows], dtype=np.int32),
+        "uri": np.array([r.uri for r in rows], dtype=object),
+        "id": np.array([r.id for r in rows], dtype=object),
+        "width": np.array([r.width for r in rows], dtype=np.int32),
+        "height": np.array([r.height for r in rows], dtype=np.int32),
         "crop": crops,
-        "image": np.array(images, dtype=object),
+        "image": np.array([r.image for r in rows], dtype=object),
     }
 
 

@@ -348,3 +348,40 @@ def test_decoding_runs_in_tasks_of_its_own_beside_the_teacher_actors(ray_session
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "TaskPoolMapOperator[MapBatches(decode_batch)]" in optimized, optimized
     assert "ActorPoolMapOperator[MapBatches(TeacherEmbedder)]" in optimized, optimized
+
+
+# a child process decodes 16 photos of 12 MP (46 MiB each once decoded) and prints how far its resident memory
+# rose at its peak: a task that held the batch's decoded images would rise by more than 16 x 46 MiB
+DECODE_PEAK = """
+import io, json, sys
+from PIL import Image
+from pipelines.embed_ops import decode_rows
+
+def memory(field):  # KiB
+    return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1])
+
+manifest = json.loads(sys.argv[1])
+photo = Image.linear_gradient("L").resize((4000, 3000)).convert("RGB")
+buffer = io.BytesIO()
+photo.save(buffer, "JPEG", quality=90)
+del photo
+rows = [(f"photo-{index}.jpg", buffer.getvalue(), None) for index in range(16)]
+with open("/proc/self/clear_refs", "w") as refs:
+    refs.write("5")  # the peak (VmHWM) starts again from here: imports and the photo's making left it higher
+before = memory("VmRSS:")
+decoded, errors = decode_rows(rows, manifest, {"max_pixels": 10**8, "draft_short_side": None, "jpeg_quality": 90})
+assert len(decoded) == 16 and not errors and decoded[0].crop.shape == (32, 32, 3), (len(decoded), errors)
+assert (decoded[0].width, decoded[0].height) == (4000, 3000)
+print((memory("VmHWM:") - before) * 1024)
+"""
+
+
+def test_a_decode_task_holds_one_full_size_image_at_a_time():
+    from isa.teacher import load_teacher
+
+    preprocess = load_teacher("isa-tiny-ViT", "none").fingerprint()["preprocess"]
+    manifest = json.dumps({"teacher": {"preprocess": preprocess}, "image_size": 256})
+    child = subprocess.run([sys.executable, "-c", DECODE_PEAK, manifest], capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr
+    rise = int(child.stdout.split()[-1])
+    assert rise < 250 * 2**20, f"decoding 16 photos of 12 MP raised the peak by {rise / 2**20:.0f} MiB"
