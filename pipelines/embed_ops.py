@@ -104,7 +104,8 @@ def decode_rows(
 ) -> tuple[list[Decoded], list[tuple[str, str]]]:
     """Decode ``(uri, bytes or None, listed error or None)`` rows into :class:`Decoded` rows and
     ``(uri, reason)`` rejects. Each image is reduced to its crop and student JPEG as soon as it is decoded,
-    so a task holds one full-size image at a time, not a batch of them (256 photos of 12 MP are 9 GB)."""
+    so a task holds one full-size image at a time, not a batch of them (256 photos of 12 MP are 12 GB:
+    Pillow keeps 4 bytes a pixel)."""
     crop = _crop_fn(json.dumps(manifest["teacher"]["preprocess"], sort_keys=True))
     decoded: list[Decoded] = []
     errors: list[tuple[str, str]] = []
