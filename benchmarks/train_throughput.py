@@ -118,7 +118,10 @@ def step_only(config: Config, steps: int, device: str, local_grid: int, profiled
     synchronize(device)
     seconds = (time.perf_counter() - started) / steps
     if profiled:
-        profile_steps(step, profiled, device, seconds)
+        try:
+            profile_steps(step, profiled, device, seconds)
+        except Exception as error:  # a diagnostic: the measurements that follow still run
+            print(f"profiling failed: {type(error).__name__}: {error}")
     return batch / seconds
 
 
