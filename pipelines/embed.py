@@ -39,7 +39,10 @@ from pipelines.sources import read_sources
 # Shard writers at a time. Ray Data hands the CPU budget no operator claims to the most downstream operator
 # without a cap; uncapped, that is the writer, which hardly uses it, and decoding is held back.
 WRITERS = 2
-DECODE_RETRIES = 3  # attempts of a decode task whose worker died
+# Attempts of a decode task whose worker died. Ray Data's own default retries forever, so an image that
+# kills its decoding process would hold the job up for good. Ray 2.64 drops map_batches' free remote options
+# (max_retries among them; hence ray<2.64 in pyproject.toml).
+DECODE_RETRIES = 3
 
 
 @dataclass
