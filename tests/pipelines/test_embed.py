@@ -351,14 +351,16 @@ def test_decoding_runs_in_tasks_of_its_own_beside_the_teacher_actors(ray_session
 
 
 # a child process decodes 16 photos of 12 MP (46 MiB each once decoded) and prints how far its resident memory
-# rose at its peak: a task that held the batch's decoded images would rise by more than 16 x 46 MiB
+# rose at its peak, sampled every 2 ms: a task that held the batch's decoded images would rise by more than
+# 16 x 46 MiB (held images stay, so sampling cannot miss them)
 DECODE_PEAK = """
-import io, json, sys
+import io, json, os, sys, threading, time
 from PIL import Image
 from pipelines.embed_ops import decode_rows
 
-def memory(field):  # KiB
-    return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1])
+def resident():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 manifest = json.loads(sys.argv[1])
 photo = Image.linear_gradient("L").resize((4000, 3000)).convert("RGB")
@@ -366,13 +368,22 @@ buffer = io.BytesIO()
 photo.save(buffer, "JPEG", quality=90)
 del photo
 rows = [(f"photo-{index}.jpg", buffer.getvalue(), None) for index in range(16)]
-with open("/proc/self/clear_refs", "w") as refs:
-    refs.write("5")  # the peak (VmHWM) starts again from here: imports and the photo's making left it higher
-before = memory("VmRSS:")
+peak, done = [0], threading.Event()
+
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], resident())
+        time.sleep(0.002)
+
+before = resident()
+sampler = threading.Thread(target=sample)
+sampler.start()
 decoded, errors = decode_rows(rows, manifest, {"max_pixels": 10**8, "draft_short_side": None, "jpeg_quality": 90})
+done.set()
+sampler.join()
 assert len(decoded) == 16 and not errors and decoded[0].crop.shape == (32, 32, 3), (len(decoded), errors)
 assert (decoded[0].width, decoded[0].height) == (4000, 3000)
-print((memory("VmHWM:") - before) * 1024)
+print(max(peak[0], resident()) - before)
 """
 
 
