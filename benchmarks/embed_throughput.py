@@ -218,9 +218,7 @@ def main() -> None:
     if baseline:
         print(f"ratio isa embed / plain loop: {ours / baseline:.2f}x end to end, {steady / baseline:.2f}x steady state")
     if tower:
-        ceiling = tower[
-            "autocast" if args.tower_dtype == "float32" else "bf16 weights"
-        ]  # the tower as the pipeline ran it
+        ceiling = tower["autocast" if args.tower_dtype == "float32" else "bf16 weights"]  # as the pipeline ran it
         print(f"isa embed / tower forward: {ours / ceiling:.0%} end to end, {steady / ceiling:.0%} steady state")
         print(
             "smallest cosine to the fp32 tower (256 random inputs): "

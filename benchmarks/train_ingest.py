@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ def view_rate(images: int = 64, repeats: int = 4) -> float:
     return images * repeats / (time.perf_counter() - started)
 
 
-def cpu_per_batch(batches, count: int) -> float:
+def cpu_per_batch(batches: Iterable) -> float:
     """Milliseconds of this process's CPU per batch, from the end of the first batch."""
     done, started = 0, None
     for _ in batches:
@@ -72,9 +73,9 @@ def main() -> None:
             batch_size=BATCH, drop_last=True, local_shuffle_buffer_size=shuffle, device="cpu"
         )
 
-    plain = cpu_per_batch(stream(), args.batches)
-    ray_shuffle = cpu_per_batch(stream(POOL * BATCH), args.batches)
-    pool = cpu_per_batch(mixed_batches(stream(), POOL), args.batches)
+    plain = cpu_per_batch(stream())
+    ray_shuffle = cpu_per_batch(stream(POOL * BATCH))
+    pool = cpu_per_batch(mixed_batches(stream(), POOL))
     ray.shutdown()
     print(f"\nbatch {BATCH} of {VIEW} px views · {args.batches} batches · CPU time of the training process")
     print("| what | ms of CPU per batch | ratio to unshuffled |\n|---|---|---|")

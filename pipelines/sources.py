@@ -158,9 +158,9 @@ def _read_parquet(uri: str, cache: CacheConfig) -> ray.data.Dataset:
     if cache.bytes_column not in schema_names:
         raise InputError(f"parquet input {uri} has no column {cache.bytes_column!r} (columns: {schema_names})")
     has_uri = cache.uri_column in schema_names
-    columns = [cache.bytes_column] + ([cache.uri_column] if has_uri else [])
-    # the file of each row names a row without a URI column (see _parquet_rows)
-    ds = ray.data.read_parquet(uri, include_paths=not has_uri).select_columns(columns + ([] if has_uri else ["path"]))
+    # without a URI column a row is named by its file (see _parquet_rows)
+    columns = [cache.bytes_column, cache.uri_column if has_uri else "path"]
+    ds = ray.data.read_parquet(uri, include_paths=not has_uri).select_columns(columns)
     return ds.map_batches(
         _parquet_rows,
         batch_format="numpy",

@@ -43,6 +43,7 @@ class InputWait:
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self._mark = (0.0, time.perf_counter())  # (seconds waited, time) at the last share()
 
     def timed(self, batches: Iterable[Batch]) -> Iterator[Batch]:
         """The batches, each one's wait added to :attr:`seconds` (the loop's own time between them is not)."""
@@ -54,6 +55,13 @@ class InputWait:
             if batch is None:
                 return
             yield batch
+
+    def share(self) -> float:
+        """The share of the time since the last call (or since this was made) spent waiting for batches."""
+        now = time.perf_counter()
+        waited, since = self._mark
+        self._mark = (self.seconds, now)
+        return (self.seconds - waited) / max(now - since, 1e-9)
 
 
 class Tracker:
@@ -154,10 +162,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    gpu = device.type == "cuda"
     if device.type == "cpu" and config.train.torch_threads:
         # Ray sets one thread per reserved CPU; light data tasks can leave the rest of a small machine idle
         torch.set_num_threads(config.train.torch_threads)
-    if device.type == "cuda":
+    if gpu:
         torch.backends.cudnn.benchmark = True  # the step's shapes never change: the fastest convolutions, found once
     torch.manual_seed(config.train.seed + rank)
     teacher = build_teacher(config.teacher, device)
@@ -165,7 +174,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     groups = parameter_groups(
         task, config.train.lr, config.train.backbone_lr, config.train.weight_decay, config.student.pretrained
     )
-    optimizer = torch.optim.AdamW(groups, fused=device.type == "cuda")  # fused: one kernel for all parameters
+    optimizer = torch.optim.AdamW(groups, fused=gpu)  # fused: one kernel for all parameters
     total = loop_config["total_steps"]
     warmup = math.ceil(config.train.warmup_fraction * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
@@ -184,14 +193,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if step == 0:
         tracker.params(flatten(config))
     local_batch = config.train.global_batch_size // world
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu)
     task.train()
     # the held-out views, read before the training stream starts: at the end of a run they would start a data
     # task beside a worker that holds its largest memory (the peak of the quickstart)
     validated = rank == 0 and config.train.val_fraction > 0 and config.train.val_images > 0
     validation = _validation_batches(local_batch) if validated else None
     clock, samples = None, 0
-    input_wait, last_record = InputWait(), (0.0, time.perf_counter())  # (seconds waited, time) at the last record
+    input_wait = InputWait()
     window: dict[str, torch.Tensor | float] = {}  # loss name -> sum over the steps since the last record
     window_steps = 0
     shard = ray.train.get_dataset_shard("train")
@@ -200,7 +209,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         # they are mixed there (isa/shuffle.py) and come in pinned host memory, so Ray's copy to the device (in its
         # prefetch thread) runs asynchronously; on a CPU Ray Data's local shuffle buffer costs less than the pool
         # (benchmarks/train_ingest.py)
-        gpu = device.type == "cuda"
         shuffle = None if gpu else SHUFFLE_BATCHES * local_batch
         stream = shard.iter_torch_batches(
             batch_size=local_batch, drop_last=True, local_shuffle_buffer_size=shuffle, pin_memory=gpu
@@ -238,12 +246,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             metrics = {name: float(total_value) / window_steps for name, total_value in window.items()}
             window, window_steps = {}, 0
             metrics["lr"] = scheduler.get_last_lr()[0]
-            now = time.perf_counter()
-            metrics["samples_per_s"] = samples / max(now - clock, 1e-9)
+            metrics["samples_per_s"] = samples / max(time.perf_counter() - clock, 1e-9)
             # since the last record: on a GPU, an upper bound of the device's wait for input (it may still be
             # running the steps queued ahead while the host waits)
-            metrics["input_wait_fraction"] = (input_wait.seconds - last_record[0]) / max(now - last_record[1], 1e-9)
-            last_record = (input_wait.seconds, now)
+            metrics["input_wait_fraction"] = input_wait.share()
             if checkpoint_due:
                 with tempfile.TemporaryDirectory() as tmp:
                     checkpoint = None

@@ -214,8 +214,8 @@ def test_mlflow_server_records_params_metrics_and_artifacts(train_cache, tmp_pat
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     (found,) = client.search_runs([client.get_experiment_by_name("isa-test").experiment_id])
     assert found.data.params["train.lr"] == "0.001" and found.data.params["student.backbone"] == "mobilenetv3_large_100"
-    logged = {"loss", "gcd", "lar", "lr", "temperature", "samples_per_s", "input_wait_fraction", "val_image_R1"}
-    assert logged | {"val_image_R5"} <= set(found.data.metrics)
+    logged = {"loss", "gcd", "lar", "lr", "temperature", "samples_per_s", "input_wait_fraction"}
+    assert logged | {"val_image_R1", "val_image_R5"} <= set(found.data.metrics)
     waits = [m.value for m in client.get_metric_history(found.info.run_id, "input_wait_fraction")]
     assert len(waits) == 2 and all(0 <= w <= 1 for w in waits)  # records at steps 10 and 20
     artifacts = {a.path for a in client.list_artifacts(found.info.run_id, "checkpoint")}
@@ -278,3 +278,6 @@ def test_input_wait_counts_the_waits_for_batches_not_the_loop_between_them():
         time.sleep(0.2)  # the loop's own step
     assert seen == [0, 1, 2]
     assert 0.15 <= wait.seconds < 0.4  # three waits of 0.05 s, none of the 0.6 s of steps
+    assert 0.1 < wait.share() < 0.4  # about 0.15 s of 0.75 s
+    time.sleep(0.1)
+    assert wait.share() == 0  # a new interval: no batch was waited for in it
