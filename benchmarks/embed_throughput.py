@@ -3,7 +3,7 @@
 Both embed the same 640x480 JPEGs with the same teacher and batch size; the plain loop is what a user
 would otherwise write (PIL decode, open_clip's preprocess, ``encode_image`` in batches). On a GPU the
 script also measures the teacher tower's own forward rate on ready-made tensors, the ceiling the
-pipeline is compared with (PERFORMANCE.md).
+pipeline is compared with (benchmarks/RESULTS.md).
 
     python benchmarks/embed_throughput.py --teacher ViT-B-32 --images 512            # CPU
     python benchmarks/embed_throughput.py --teacher ViT-L-14 --images 20000 --device cuda --fast-decode \\

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of PERFORMANCE.md (one GPU, random-init weights):
+# The GPU figures of benchmarks/RESULTS.md (one GPU, random-init weights):
 #   embed: isa embed, ViT-L-14 from 640x480 JPEGs, against the tower's own forward rate;
 #   train: isa train, efficientnet_b0 with M=4 and the ViT-L-14 text tower, batch 256, against the
 #          training step alone (then 5 steps under torch.profiler: how busy its kernels keep the GPU)

@@ -4,7 +4,7 @@ Both train the same student with the same teacher, batch and augmentation on the
 the plain loop reads the cache with pyarrow and decodes/augments in its own process. The overhead is
 ``1 - isa / plain``, with the plain loop run before and after each ``isa train`` run and averaged; ``--rounds``
 runs of ``isa train`` (default 3) give as many overheads and their median (target ≤ 15 % on CPU,
-PERFORMANCE.md). On a GPU the target is the rate itself:
+benchmarks/RESULTS.md). On a GPU the target is the rate itself:
 ≥ 3,000 samples/s at efficientnet_b0, M=4 and the ViT-L-14 text tower.
 
     python benchmarks/train_throughput.py --cache CACHE --steps 60
@@ -232,7 +232,7 @@ def main() -> None:
             "token_learner.heads=4",
             "train.global_batch_size=32",
         ]
-    else:  # PERFORMANCE.md's GPU setting: efficientnet_b0 at 224 px, M=4 (the defaults), batch 256, bf16
+    else:  # benchmarks/RESULTS.md's GPU setting: efficientnet_b0 at 224 px, M=4 (the defaults), batch 256, bf16
         preset = ["train.global_batch_size=256", "train.use_gpu=true"]
     with tempfile.TemporaryDirectory() as tmp:
         cache = make_cache(Path(tmp), args.cache_images, teacher, args.device) if args.make_cache else args.cache

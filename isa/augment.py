@@ -1,4 +1,4 @@
-"""Student views of cached images: the mild training augmentation and the evaluation view (METHOD.md §4).
+"""Student views of cached images: the mild training augmentation and the evaluation view (docs/method.md §4).
 
 PIL and NumPy only, the same operations as torchvision's ``RandomResizedCrop``/``RandomHorizontalFlip`` and
 ``Resize``/``CenterCrop`` on PIL images (``tests/test_augment.py`` checks them against torchvision): the data

@@ -1,4 +1,4 @@
-"""The teacher cache: schema, shard files and the ``_isa_cache.json`` manifest (ARCHITECTURE.md).
+"""The teacher cache: schema, shard files and the ``_isa_cache.json`` manifest (docs/cache.md).
 
 ```
 CACHE/
@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -27,8 +26,9 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
+
+from isa.errors import IsaError
+from isa.storage import write_bytes
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "_isa_cache.json"
@@ -38,7 +38,7 @@ PART_PREFIX = "part-"
 DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 
 
-class CacheError(ValueError):
+class CacheError(IsaError):
     """A cache is missing, malformed, or was made by another teacher or with other settings."""
 
 
@@ -136,44 +136,6 @@ def shard_name(uris: Iterable[str]) -> str:
     return f"{PART_PREFIX}{digest}.parquet"
 
 
-def filesystem(uri: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem of a URI and the path within it."""
-    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
-    return fs, path.rstrip("/")
-
-
-def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """A path listed by ``fs`` as a URI other processes can open: ``s3://...`` kept, local paths as they are."""
-    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
-
-
-def write_table(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
-    """Write a Parquet file whole: readers never see a partial file under its final name."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    write_bytes(fs, path, sink.getvalue().to_pybytes())
-
-
-def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Atomic write: a hidden temporary renamed into place locally; one object upload elsewhere."""
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    if isinstance(fs, LocalFileSystem):
-        staging = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}")
-        with fs.open(staging, "wb") as handle:
-            handle.write(data)
-        fs.mv(staging, path)
-    else:
-        fs.pipe_file(path, data)
-
-
-def remove_staging(fs: fsspec.AbstractFileSystem, root: str) -> int:
-    """Delete temporaries a killed run left behind; returns how many."""
-    leftovers = [p for p in fs.find(root) if ".tmp-" in posixpath.basename(p)] if fs.exists(root) else []
-    for path in leftovers:
-        fs.rm(path)
-    return len(leftovers)
-
-
 def list_parts(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
     """The committed ``part-*.parquet`` files of a folder, sorted (never from a stale listing cache)."""
     fs.invalidate_cache(folder)
@@ -181,26 +143,6 @@ def list_parts(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
         return []
     names = fs.ls(folder, detail=False)
     return sorted(p for p in names if posixpath.basename(p).startswith(PART_PREFIX) and p.endswith(".parquet"))
-
-
-def read_column_values(fs: fsspec.AbstractFileSystem, files: Sequence[str], columns: Sequence[str]) -> pa.Table:
-    """Only the named columns of the given Parquet files (e.g. ids and URIs for resuming)."""
-    tables = []
-    for path in files:
-        with fs.open(path, "rb") as handle:
-            tables.append(pq.read_table(handle, columns=list(columns)))
-    if not tables:
-        return pa.table({name: pa.array([], pa.string()) for name in columns})
-    return pa.concat_tables(tables)
-
-
-def count_rows(fs: fsspec.AbstractFileSystem, files: Sequence[str]) -> int:
-    """Rows in Parquet files, from their footers."""
-    total = 0
-    for path in files:
-        with fs.open(path, "rb") as handle:
-            total += pq.ParquetFile(handle).metadata.num_rows
-    return total
 
 
 def read_manifest(fs: fsspec.AbstractFileSystem, root: str) -> Manifest | None:

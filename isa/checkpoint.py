@@ -1,4 +1,4 @@
-"""Checkpoints: a directory that describes itself (ARCHITECTURE.md).
+"""Checkpoints: a directory that describes itself (docs/checkpoints.md).
 
 ```
 checkpoint_000500/
@@ -42,9 +42,10 @@ from isa.checkpoint_files import (
     complete_state,
     latest_checkpoint,
 )
+from isa.errors import IsaError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(IsaError):
     """A checkpoint directory is missing, incomplete or unreadable."""
 
 

@@ -21,8 +21,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from isa.errors import IsaError
 
-class ConfigError(ValueError):
+
+class ConfigError(IsaError):
     """A configuration value or key is invalid; the message names the key and what is allowed."""
 
 
@@ -33,7 +35,7 @@ def _require(condition: bool, key: str, rule: str) -> None:
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    """The frozen open_clip teacher (METHOD.md §2)."""
+    """The frozen open_clip teacher (docs/method.md §2)."""
 
     name: str = "ViT-L-14"  # open_clip model name, as in open_clip.list_models()
     pretrained: str = "openai"  # open_clip pretrained tag, a local weights file, or "none" (random init)
@@ -42,7 +44,7 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class StudentConfig:
-    """The light query-side image encoder (METHOD.md §2)."""
+    """The light query-side image encoder (docs/method.md §2)."""
 
     backbone: str = "efficientnet_b0"  # student registry name: a timm backbone, or "symmetric"
     mapper: Literal["atl", "mlp"] = "atl"  # adaptive token learner or Pic2Word-style MLP mapper
@@ -52,7 +54,7 @@ class StudentConfig:
 
 @dataclass(frozen=True)
 class TokenLearnerConfig:
-    """The adaptive token learner (METHOD.md §2.1)."""
+    """The adaptive token learner (docs/method.md §2.1)."""
 
     num_tokens: int = 4  # M, words in the image sentence (the MLP mapper always makes 1)
     dim: int = 512  # d, internal width
@@ -68,7 +70,7 @@ class TokenLearnerConfig:
 
 @dataclass(frozen=True)
 class PromptConfig:
-    """Prompt composition (METHOD.md §3)."""
+    """Prompt composition (docs/method.md §3)."""
 
     placeholder: str = "*"  # a word the teacher's tokenizer maps to exactly one token
     train_template: str = "a photo of {S}"  # {S}: the image sentence
@@ -80,7 +82,7 @@ class PromptConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Training objective (METHOD.md §4)."""
+    """Training objective (docs/method.md §4)."""
 
     lar_weight: float = 0.3  # lambda, local alignment regularization
     rel_weight: float = 0.0  # beta, relational KL term
@@ -108,7 +110,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """The teacher-embedding cache written by ``isa embed`` (ARCHITECTURE.md)."""
+    """The teacher-embedding cache written by ``isa embed`` (docs/cache.md)."""
 
     image_size: int = 256  # short side of the student-ready JPEG kept in the cache
     store_images: bool = True  # False: gallery-only cache without the image column
@@ -148,7 +150,7 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Distillation run (METHOD.md §4 recipe)."""
+    """Distillation run (docs/method.md §4 recipe)."""
 
     cache: str = ""  # teacher cache URI (local path or fsspec URI)
     output: str = "isa-output/train"  # run directory URI
@@ -188,7 +190,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Evaluation (METHOD.md §5)."""
+    """Evaluation (docs/method.md §5)."""
 
     benchmark: Literal["cirr", "fashioniq", "circo", "images"] = "cirr"
     dataset_root: str = ""  # dataset root URI in the official layout
@@ -219,7 +221,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """Sweeps (``isa tune``) and ablation suites (``isa ablate``): Ray Tune over the train stage (METHOD.md §6)."""
+    """Sweeps (``isa tune``) and ablation suites (``isa ablate``): Ray Tune over the train stage (docs/method.md §6)."""
 
     metric: str = "val_image_R1"  # what a sweep optimizes: a metric the train stage reports at each checkpoint
     mode: Literal["max", "min"] = "max"  # whether a higher or a lower metric is better

@@ -1,4 +1,4 @@
-"""Query-side cost (METHOD.md §5): parameters, FLOPs and latency of a forward pass, pure torch."""
+"""Query-side cost (docs/method.md §5): parameters, FLOPs and latency of a forward pass, pure torch."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Distillation losses (METHOD.md §4): tensor in, tensor out.
+"""Distillation losses (docs/method.md §4): tensor in, tensor out.
 
 Rank and world size come from the caller. With ``world_size > 1`` features are all-gathered with
 autograd (:func:`all_gather_with_grad`), each rank scores its *local* rows against the
@@ -71,7 +71,7 @@ class GCDLoss(nn.Module):
 
 
 def attended_local_features(attention: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """What each token sees: ``u = normalize(Â · P)`` (METHOD.md §4, LAR).
+    """What each token sees: ``u = normalize(Â · P)`` (docs/method.md §4, LAR).
 
     Args:
         attention: (B, K, h, w) attention maps of K tokens over the student's feature grid.

@@ -1,4 +1,4 @@
-"""Official composed-image-retrieval metrics (METHOD.md §5) as pure functions over ranked lists of ids.
+"""Official composed-image-retrieval metrics (docs/method.md §5) as pure functions over ranked lists of ids.
 
 A ranking is a sequence of gallery ids (any hashable: image names or integer indices), best first;
 ``rankings[i]`` belongs to query ``i``. Tensors and arrays are accepted too (read through ``tolist()``).

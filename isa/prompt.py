@@ -1,4 +1,4 @@
-"""Prompt composition: splice the image sentence into a prompt for the frozen text tower (METHOD.md §3).
+"""Prompt composition: splice the image sentence into a prompt for the frozen text tower (docs/method.md §3).
 
 A template such as ``"a photo of {S} that {c}"`` is filled with the modifier text ``{c}`` and, for
 ``{S}``, ``M`` copies of one placeholder word. The placeholder's token id is resolved through the
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from isa.errors import IsaError
 from isa.teacher import Teacher
 
 SENTENCE_FIELD = "{S}"
@@ -32,7 +33,7 @@ class Prompts:
         return Prompts(self.ids.to(device), self.slots.to(device), self.needed)
 
 
-class PromptError(ValueError):
+class PromptError(IsaError):
     """A template, placeholder or modifier text cannot be composed into a prompt."""
 
 

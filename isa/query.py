@@ -1,8 +1,8 @@
-"""The query side at inference: a trained student and the teacher's text tower (METHOD.md §3, §5).
+"""The query side at inference: a trained student and the teacher's text tower (docs/method.md §3, §5).
 
 A :class:`QueryEncoder` turns reference images and modifier texts into composed query embeddings in the
 teacher's joint space, ready to rank a gallery the teacher's image tower embedded. It is rebuilt from a
-checkpoint directory (ARCHITECTURE.md) and checked against the teacher it is given. Query images go through
+checkpoint directory (docs/checkpoints.md) and checked against the teacher it is given. Query images go through
 the same path as training images: decoded, resized to the cache's short side, stored as JPEG, centre view.
 """
 

@@ -144,7 +144,7 @@ def _stable_row(row: torch.Tensor, threshold: torch.Tensor, k: int) -> torch.Ten
 
 
 def image_retrieval_recall(queries: torch.Tensor, gallery: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict:
-    """Image-only retrieval (METHOD.md §5): query ``i`` must find gallery row ``i``; R@k in percent."""
+    """Image-only retrieval (docs/method.md §5): query ``i`` must find gallery row ``i``; R@k in percent."""
     ranks = rank(queries, gallery, max(ks))  # (Q, K)
     hits = ranks == torch.arange(queries.shape[0], device=ranks.device)[:, None]
     return {f"R@{k}": float(hits[:, :k].any(dim=1).float().mean() * 100) for k in ks}

@@ -1,4 +1,4 @@
-"""Learning-rate schedule of the recipe (METHOD.md §4): linear warm-up, then cosine decay to zero."""
+"""Learning-rate schedule of the recipe (docs/method.md §4): linear warm-up, then cosine decay to zero."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ class LossWeights:
 
 
 class DistillTask(nn.Module):
-    """``L = L_GCD + λ·L_LAR + β·L_rel + γ·L_word`` (METHOD.md §4).
+    """``L = L_GCD + λ·L_LAR + β·L_rel + γ·L_word`` (docs/method.md §4).
 
     Args:
         student: maps ``[0, 1]`` images (B, 3, H, W) to a StudentOutput (sentence (B, M, w), attention).

@@ -1,4 +1,4 @@
-"""The frozen open_clip teacher (METHOD.md §2).
+"""The frozen open_clip teacher (docs/method.md §2).
 
 Wraps any open_clip model whose text tower is open_clip's own text transformer: the ``CLIP`` class, or
 ``CustomTextCLIP`` with a ``TextTransformer``. Provides the image side (global embedding, the LAR local
@@ -27,12 +27,14 @@ from torch import nn
 from torchvision.transforms import Compose
 from torchvision.transforms.functional import normalize
 
+from isa.errors import IsaError
+
 # Small open_clip configs shipped with the project (tests and the offline quickstart).
 _CONFIG_PACKAGE = "isa.model_configs"
 _NO_WEIGHTS = {"", "none", "null", "random"}
 
 
-class TeacherNotSupportedError(ValueError):
+class TeacherNotSupportedError(IsaError):
     """The open_clip model has a text tower this project cannot splice into (e.g. a Hugging Face one)."""
 
 
@@ -83,7 +85,7 @@ class TextTower:
 
     @property
     def truncatable(self) -> bool:
-        """Positions after the pooled EOT cannot change the output (METHOD.md §3, short context)."""
+        """Positions after the pooled EOT cannot change the output (docs/method.md §3, short context)."""
         uses_pad_mask = bool(getattr(self.owner, "use_pad_mask", False))
         return self.is_causal and self.cls_emb is None and not uses_pad_mask and self.pool_type in ("argmax", "eos")
 
@@ -215,7 +217,7 @@ class Teacher(nn.Module):
         return F.normalize(pooled, dim=-1), tokens
 
     def encode_image_local(self, pixels: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Global embedding and the LAR local grid (METHOD.md §4).
+        """Global embedding and the LAR local grid (docs/method.md §4).
 
         Returns:
             ``g`` (B, D) and ``P`` (B, grid*grid, D): patch tokens average-pooled to ``grid x grid``,
@@ -285,7 +287,7 @@ class Teacher(nn.Module):
         return self._weights_sha256
 
     def fingerprint(self) -> dict[str, Any]:
-        """What identifies this teacher's outputs: model, weights, preprocessing (ARCHITECTURE.md)."""
+        """What identifies this teacher's outputs: model, weights, preprocessing (docs/cache.md)."""
         cfg = self.preprocess_cfg
         size = cfg.get("size", self.image_size)
         return {

@@ -1,7 +1,9 @@
 """The ``isa`` command: ``isa STAGE [--config FILE.yaml] [key=value ...]``.
 
-Each stage lives in its own module with a ``main(argv)``; this file only dispatches, so ``isa --help`` and
-``isa STAGE --help`` stay fast and import nothing heavy.
+Each stage lives in its own module with a ``parser()`` and a ``main(argv)``; this file only dispatches, so
+``isa --help`` stays fast and imports nothing heavy. It sits above the packages (``isa`` <- ``pipelines`` <-
+``tune``): it names the stage modules as strings and imports only the one asked for. It is the one place
+that turns an :class:`~isa.errors.IsaError` into ``isa STAGE: error: MESSAGE`` and exit status 2.
 """
 
 from __future__ import annotations
@@ -10,17 +12,20 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from isa.errors import IsaError
+
 # stage name -> (module, one-line summary)
 STAGES: dict[str, tuple[str, str]] = {
     "embed": ("pipelines.embed", "cache teacher image embeddings with Ray Data (resumable, any fsspec URI)"),
     "train": ("pipelines.train", "distil the light query encoder with Ray Train (DDP, checkpoints, MLflow)"),
     "eval": ("pipelines.eval", "FashionIQ / CIRR / CIRCO / image-only metrics, baselines, test-server files, report"),
-    "tune": ("pipelines.tune", "sweep isa train with Ray Tune: ASHA, resumable, MLflow parent + nested trial runs"),
-    "ablate": ("pipelines.ablate", "ablation suite (tokens, losses, lambda, ...): train, evaluate, table, CSV, plot"),
+    "tune": ("tune.sweep", "sweep isa train with Ray Tune: ASHA, resumable, MLflow parent + nested trial runs"),
+    "ablate": ("tune.ablation", "ablation suite (tokens, losses, lambda, ...): train, evaluate, table, CSV, plot"),
     "quickstart": ("pipelines.quickstart", "the whole pipeline offline on the synthetic world, one table at the end"),
     "world": ("pipelines.world", "write the synthetic world (images, captions, CIRR/FashionIQ/CIRCO layouts)"),
     "config": ("pipelines.show_config", "validate a config file and overrides, print the resolved config"),
 }
+USAGE_ERROR = 2  # exit status of a refused input, config or cluster (argparse's own, too)
 
 
 def _usage() -> str:
@@ -31,6 +36,11 @@ def _usage() -> str:
     )
 
 
+def stage_module(stage: str):
+    """The module of a stage (its ``parser()``, ``main(argv)``, ...)."""
+    return importlib.import_module(STAGES[stage][0])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
@@ -39,9 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     stage, rest = args[0], args[1:]
     if stage not in STAGES:
         print(f"isa: unknown stage {stage!r}; valid stages: {', '.join(STAGES)}", file=sys.stderr)
-        return 2
-    module = importlib.import_module(STAGES[stage][0])
-    return int(module.main(rest) or 0)
+        return USAGE_ERROR
+    try:
+        return int(stage_module(stage).main(rest) or 0)
+    except IsaError as error:
+        print(f"isa {stage}: error: {error}", file=sys.stderr, flush=True)
+        return USAGE_ERROR
 
 
 if __name__ == "__main__":

@@ -20,41 +20,28 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from isa.config import Config, from_dict, load_config, parse_overrides
+from isa.config import Config, ConfigError, from_dict, load_config, parse_overrides
 from isa.data.synthetic import WORLD_TEACHER, generate_world, write_world
 from pipelines import embed, train
-from pipelines.common import init_ray
-from pipelines.eval_outputs import IMAGE_ONLY, IMAGE_TEXT, TEXT_ONLY
+from pipelines.stage import init_ray
 
 ISA_ROW, SYMMETRIC_ROW = "ISA student (asymmetric)", "symmetric variant"
 STEPS = 7  # progress lines
 
 
+SETTINGS = Path(__file__).with_name("quickstart.yaml")  # the default --config, shipped with the package
+
+
 def settings(output: Path, teacher_file: Path, train_steps: int) -> list[str]:
-    """The quickstart's config, as overrides any user override may follow."""
+    """What depends on OUTPUT and the options, as overrides on the settings file (user overrides follow)."""
+    tracking = f"sqlite:///{output.resolve() / 'mlflow.db'}"
     return [
-        f"teacher.name={WORLD_TEACHER}",
         f"teacher.pretrained={teacher_file}",
-        "student.backbone=mobilenetv3_large_100",
-        "student.image_size=96",  # the 64 px world upsampled: a 3x3 feature grid for the token learner
-        "token_learner.dim=128",
-        "token_learner.heads=4",
-        "cache.image_size=64",
-        "cache.local_grid=4",
-        "cache.decode_batch_size=64",
-        "train.global_batch_size=64",
         f"train.max_steps={train_steps}",
         f"train.checkpoint_every={train_steps}",
-        "train.lr=2e-3",
-        "train.val_fraction=0.1",
-        "train.use_gpu=false",
-        "train.worker_cpus=1",
-        "train.torch_threads=2",  # both cores for the student; the data tasks are light (64 px JPEGs)
-        f"train.tracking_uri=sqlite:///{output.resolve() / 'mlflow.db'}",
-        "eval.benchmark=cirr",
+        f"train.tracking_uri={tracking}",
         f"eval.dataset_root={output / 'world' / 'cirr'}",
-        "eval.split=val",
-        f"eval.tracking_uri=sqlite:///{output.resolve() / 'mlflow.db'}",
+        f"eval.tracking_uri={tracking}",
     ]
 
 
@@ -79,12 +66,29 @@ def make_world(output: Path, images: int, triplets: int, seed: int) -> Path:
     return root
 
 
+def teacher_file(output: Path) -> Path:
+    """Where the quickstart keeps the world teacher's weights."""
+    return output / "teacher" / f"{WORLD_TEACHER}.safetensors"
+
+
+def check(output: Path, args: argparse.Namespace, overrides: Sequence[str]) -> Config:
+    """The quickstart's config, checked before any work: the settings file, the overrides, the teacher.
+
+    Raises:
+        ConfigError: naming the key (or the teacher, which the quickstart trains itself).
+    """
+    config = load_config(args.config, [*settings(output, teacher_file(output), args.train_steps), *overrides])
+    if config.teacher.name != WORLD_TEACHER:
+        raise ConfigError(f"the quickstart trains its own teacher: keep teacher.name={WORLD_TEACHER} in {args.config}")
+    return config
+
+
 def make_teacher(output: Path, world: Path, steps: int, seed: int) -> Path:
     """Train the world teacher on the training split's images (skipped when its file exists).
 
     The training runs in a process of its own, so its memory goes back to the system before Ray starts.
     """
-    path = output / "teacher" / f"{WORLD_TEACHER}.safetensors"
+    path = teacher_file(output)
     if not path.exists():
         with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
             pool.submit(train_teacher, world, path, steps, seed).result()
@@ -118,6 +122,8 @@ def with_overrides(config: Config, *overrides: str) -> Config:
 
 def table(cir: dict, images: dict) -> dict[str, dict[str, float | None]]:
     """The quickstart rows: CIR R@K on the val split, image-only R@1 and the query image path's CPU latency."""
+    from pipelines.eval.outputs import IMAGE_ONLY, IMAGE_TEXT, TEXT_ONLY  # the eval package: torch, imported by now
+
     teacher_ms, isa_ms, symmetric_ms = (c["latency_ms"] for c in cir["cost"])
     isa_name, symmetric_name = list(cir["rows"])[:2]  # the checkpoints' rows come first, in order
     sources = {
@@ -152,12 +158,12 @@ def markdown(rows: dict, teacher_ms: float) -> str:
 
 def run(output: Path, args: argparse.Namespace, overrides: Sequence[str]) -> dict:
     """Every stage in turn; returns the quickstart document (also written as JSON and Markdown)."""
+    config = check(output, args, overrides)
     progress = Progress()
     progress("synthetic world")
     world = make_world(output, args.images, args.triplets, args.seed)
     progress(f"world teacher ({args.teacher_steps} contrastive steps with open_clip's ClipLoss)")
-    teacher_file = make_teacher(output, world, args.teacher_steps, args.seed)
-    config = load_config(args.config, [*settings(output, teacher_file, args.train_steps), *overrides])
+    make_teacher(output, world, args.teacher_steps, args.seed)
     init_ray(dashboard=False, single_machine=True)  # a local instance for a small machine: a smaller footprint
     progress("isa embed: teacher cache of the training images")
     cache = output / "cache"
@@ -201,17 +207,24 @@ def run(output: Path, args: argparse.Namespace, overrides: Sequence[str]) -> dic
     return document
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+def parser() -> argparse.ArgumentParser:
+    """``isa quickstart``'s arguments."""
     parser = argparse.ArgumentParser(prog="isa quickstart", description=__doc__.split("\n")[0])
     parser.add_argument("output", nargs="?", default="isa-output/quickstart", help="folder for everything")
-    parser.add_argument("--config", help="YAML on top of the quickstart settings")
+    parser.add_argument(
+        "--config", default=str(SETTINGS), help="settings file (default: the shipped quickstart.yaml; copy it to edit)"
+    )
     parser.add_argument("--images", type=int, default=2500, help="random base scenes of the world")
     parser.add_argument("--triplets", type=int, default=800, help="composed-retrieval triplets of the world")
     parser.add_argument("--teacher-steps", type=int, default=400, help="contrastive steps of the world teacher")
     parser.add_argument("--train-steps", type=int, default=300, help="distillation steps per student")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_intermixed_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    args = parser().parse_intermixed_args(argv)
     return args, args.overrides
 
 

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 
 import yaml
 
-from isa.config import to_dict
-from pipelines.common import config_parser, resolve_config
+from isa.config import load_config, to_dict
+from pipelines.stage import config_parser
+
+
+def parser() -> argparse.ArgumentParser:
+    """``isa config``'s arguments."""
+    return config_parser("isa config", "Validate a config and print it resolved (defaults filled in).")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = config_parser("isa config", "Validate a config and print it resolved (defaults filled in).")
-    args = parser.parse_intermixed_args(argv)
-    config = resolve_config(args.config, args.overrides)
+    args = parser().parse_intermixed_args(argv)
+    config = load_config(args.config, args.overrides)
     print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
     return 0

@@ -1,4 +1,4 @@
-"""Splice exactness and short-context equality (METHOD.md §3) on tiny random teachers, fp32."""
+"""Splice exactness and short-context equality (docs/method.md §3) on tiny random teachers, fp32."""
 
 from __future__ import annotations
 

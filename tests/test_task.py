@@ -1,4 +1,4 @@
-"""The distillation task: frozen teacher, trainable student only, named losses as METHOD.md §4 defines."""
+"""The distillation task: frozen teacher, trainable student only, named losses as docs/method.md §4 defines."""
 
 from __future__ import annotations
 

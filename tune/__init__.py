@@ -5,7 +5,7 @@
 - :mod:`tune.sweep`: ``isa tune``: a ``ray.tune.Tuner`` whose trials each run one Ray Train run (Ray Train V2's
   ``TuneReportCallback``), ASHA on the validation metric, ``Tuner.restore`` for ``--resume``.
 - :mod:`tune.tracking`: MLflow: one parent run per sweep, the trials' train runs nested under it, the best trial.
-- :mod:`tune.suites` and ``tune/suites/*.yaml``: the ablation suites of METHOD.md §6.
+- :mod:`tune.suites` and ``tune/suites/*.yaml``: the ablation suites of docs/method.md §6.
 - :mod:`tune.ablation`: ``isa ablate``: every row trained (as Tune trials), evaluated with ``isa eval``, costed,
   written as ``ablation_NAME.{md,csv,png}`` (:mod:`tune.plot`) and logged to MLflow.
 - :mod:`tune.cleanup`: removes the worker placement groups that a stopped trial's Train controller leaves behind.

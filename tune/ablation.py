@@ -4,12 +4,13 @@ The rows run as the trials of a Ray Tune grid over the row names (:mod:`tune.swe
 trains to its end), so they share the sweep's folder layout, concurrency, resume and MLflow nesting. Then each
 row's final checkpoint goes through ``isa eval``: image-only retrieval on the training cache's held-out split
 always, and the configured CIR benchmark when ``eval.dataset_root`` is set. The query-side cost of each row comes
-from ``pipelines.eval_cost``. Written to the suite folder and logged on the MLflow parent run:
+from :mod:`pipelines.eval.cost`. Written to the suite folder and logged on the MLflow parent run:
 ``ablation_NAME.md``, ``ablation_NAME.csv`` and ``ablation_NAME.png`` (the suite's metric per row).
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -22,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from isa.build import build_teacher
-from isa.cache import filesystem, write_bytes
 from isa.checkpoint import find_checkpoint
 from isa.config import Config, from_dict, to_dict
+from isa.storage import filesystem, write_bytes
+from pipelines.stage import config_parser, init_ray
 from tune import plot, tracking
 from tune.space import SweepError, check_students, nested
 from tune.suites import Suite, load_suite
@@ -73,7 +75,7 @@ def load(suite: str, config_path: str | None, overrides: Sequence[str]) -> tuple
     return found, config
 
 
-def plan_suite(suite: Suite, config: Config) -> Plan:
+def check(suite: Suite, config: Config) -> Plan:
     """Check every row against the config, the cache and the cluster before any row trains.
 
     Raises:
@@ -107,7 +109,7 @@ def plan_suite(suite: Suite, config: Config) -> Plan:
 
 def run(suite: Suite, config: Config) -> Ablation:
     """Train (or resume) every row, evaluate it, write and log the table, CSV and plot."""
-    plan = plan_suite(suite, config)
+    plan = check(suite, config)
     fs, path = filesystem(plan.folder)
     if fs.exists(posixpath.join(path, SWEEP_FILE)):  # the same suite again: finished rows are not retrained
         stored = load_plan(plan.folder)
@@ -196,7 +198,7 @@ def _only_row(document: dict) -> dict[str, float]:
 def row_costs(plan: Plan, trials: list[TrialRecord | None]) -> tuple[list[dict[str, float]], dict[str, float]]:
     """Query-side cost of each row's student at CPU batch 1 (empty for a row without a checkpoint), and the
     teacher image tower's, measured once for all rows."""
-    from pipelines.eval_cost import query_costs
+    from pipelines.eval.cost import query_costs
 
     done = [t for t in trials if t is not None and t.status == "completed"]
     teacher = build_teacher(plan.config.teacher)
@@ -286,6 +288,28 @@ def _finite(value: Any) -> bool:
 
 
 def _metric_key(name: str) -> str:
-    from pipelines.eval_outputs import metric_key
+    from pipelines.eval.outputs import metric_key
 
     return metric_key(name)
+
+
+def parser() -> argparse.ArgumentParser:
+    """``isa ablate``'s arguments."""
+    parser = config_parser("isa ablate", "Run an ablation suite: train, evaluate and tabulate every row.")
+    parser.add_argument("--suite", required=True, help="a suite in tune/suites (tokens, losses, ...) or a YAML path")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_intermixed_args(argv)
+    suite, config = load(args.suite, args.config, args.overrides)
+    init_ray()
+    result = run(suite, config)
+    table = result.files.get(f"ablation_{suite.name}.md")
+    if table:
+        fs, path = filesystem(table)
+        print(fs.cat_file(path).decode())
+    for name, uri in result.files.items():
+        print(f"{name}: {uri}")
+    print(f"MLflow: {result.outcome.plan.tracking_uri} · parent run {result.outcome.plan.parent_run_id}")
+    return 0

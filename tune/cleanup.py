@@ -19,10 +19,10 @@ import time
 from typing import Any
 
 import ray
-from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 from ray.tune import Callback
 
-from isa.cache import filesystem, write_bytes
+from isa.storage import filesystem, write_bytes
+from pipelines.ray_compat import ControllerCallback, WorkerGroupCallback, actor_dead, placement_group_of
 
 RECORDS = ".isa_placement_groups"  # in a trial folder
 CHECK_EVERY_S = 1.0  # how often the Tune driver looks for groups to release
@@ -39,7 +39,7 @@ class RecordPlacementGroups(ControllerCallback, WorkerGroupCallback):
         self.controller_id = ray.get_runtime_context().get_actor_id()
 
     def after_worker_group_start(self, worker_group: Any) -> None:
-        group = worker_group.get_worker_group_state().placement_group_handle.placement_group
+        group = placement_group_of(worker_group)
         fs, path = filesystem(posixpath.join(self.trial_folder, RECORDS, group.id.hex()))
         write_bytes(fs, path, (self.controller_id or "").encode())
 
@@ -72,18 +72,8 @@ def release(folder: str, trial_ids: list[str]) -> int:
             group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(posixpath.basename(record))))
             if placement_group_table(group).get("state") in (None, "REMOVED"):
                 fs.rm(record)
-            elif _dead(fs.cat_file(record).decode()):
+            elif actor_dead(fs.cat_file(record).decode()):
                 remove_placement_group(group)
                 fs.rm(record)
                 removed += 1
     return removed
-
-
-def _dead(actor_id: str) -> bool:
-    """Whether the GCS knows this actor as dead (False when it cannot tell)."""
-    from ray._private.state import actors
-
-    try:
-        return bool(actor_id) and actors(actor_id=actor_id).get("State") == "DEAD"
-    except Exception:
-        return False

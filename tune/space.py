@@ -25,20 +25,17 @@ from typing import Any
 import numpy as np
 
 from isa.config import Config, ConfigError, from_dict
+from isa.errors import IsaError
+from pipelines.train import metrics as train_metrics
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 LISTED = ("grid", "choice")  # kinds whose values are listed; the others take [low, high]
 MAX_CHECKED_COMBINATIONS = 4096  # listed-value combinations checked one by one (beyond that: each value alone)
 
-# What ``pipelines.train_worker.train_loop`` passes to ``ray.train.report`` at every checkpoint: the task's named
-# losses (``lar``, ``rel``, ``word`` only when their weight is > 0), the learning rate, the throughput, the
-# validation image-only recall (rank 0) and the step; Tune adds its own counters.
-TRAIN_METRICS = ("loss", "gcd", "temperature", "lr", "samples_per_s", "val_image_R1", "val_image_R5", "step")
-WEIGHTED_LOSSES = {"lar": "lar_weight", "rel": "rel_weight", "word": "word_weight"}
-TUNE_METRICS = ("training_iteration", "time_total_s", "time_this_iter_s")
+TUNE_METRICS = ("training_iteration", "time_total_s", "time_this_iter_s")  # Tune's own counters in every result
 
 
-class SweepError(ValueError):
+class SweepError(IsaError):
     """A sweep or suite that cannot start; the message names the problem."""
 
 
@@ -164,10 +161,7 @@ def param_space(params: list[Param], search: str) -> dict[str, dict[str, Any]]:
 
 def reported_metrics(config: Config) -> list[str]:
     """The metrics every trial of ``config`` reports to Tune (the train stage's, plus Tune's counters)."""
-    losses = [name for name, weight in WEIGHTED_LOSSES.items() if getattr(config.loss, weight) > 0]
-    validated = config.train.val_fraction > 0 and config.train.val_images > 0
-    train = [m for m in TRAIN_METRICS if validated or not m.startswith("val_")]
-    return [*train, *losses, *TUNE_METRICS]
+    return [*train_metrics.reported_metrics(config), *TUNE_METRICS]
 
 
 def check_metric(config: Config, params: list[Param]) -> None:
@@ -179,7 +173,7 @@ def check_metric(config: Config, params: list[Param]) -> None:
     metric = config.tune.metric
     always = set(reported_metrics(config))
     for param in params:  # a loss term reported only when its weight is > 0 must be on in every trial
-        name = next((n for n, w in WEIGHTED_LOSSES.items() if param.key == f"loss.{w}"), None)
+        name = next((n for n, w in train_metrics.WEIGHTED_LOSSES.items() if param.key == f"loss.{w}"), None)
         if name and min(param.values) <= 0:
             always.discard(name)
     if metric not in always:

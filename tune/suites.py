@@ -3,7 +3,7 @@
 A suite file::
 
     name: tokens                                  # the suite's name (default: the file name)
-    description: Sentence length M (METHOD.md §6)
+    description: Sentence length M (docs/method.md §6)
     swept: token_learner.num_tokens               # the plot's x axis: a dotted key the rows set, or a label
     metric: image_R@1                             # the plotted column of the table (default image_R@1)
     base:                                         # config sections under the user's --config and overrides

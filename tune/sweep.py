@@ -1,4 +1,5 @@
-"""Ray Tune over the train stage: one Ray Train run per trial, ASHA on the validation metric, MLflow nesting.
+"""``isa tune``: Ray Tune over the train stage, one Ray Train run per trial, ASHA on the validation metric,
+MLflow nesting.
 
 Each trial runs :func:`pipelines.train.run` (there is no second training loop) with Ray Train V2's
 ``TuneReportCallback``, so every ``ray.train.report`` of the trial's rank 0 reaches Tune and its scheduler.
@@ -18,6 +19,7 @@ reserve ``tune.cpus_per_trial`` / ``tune.gpus_per_trial`` when its trainer start
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -29,16 +31,17 @@ from typing import Any
 
 import yaml
 
-from isa.cache import filesystem, write_bytes
 from isa.checkpoint_files import complete_checkpoints
 from isa.config import Config, ConfigError, flatten, from_dict, parse_overrides, to_dict
-from pipelines.embed_teacher import teacher_fingerprint
+from isa.storage import filesystem, write_bytes
+from pipelines import train
+from pipelines.stage import config_parser, init_ray
+from pipelines.tracking import tracking_uri
+from pipelines.train import metrics as train_metrics
 from tune import tracking
 from tune.cleanup import RecordPlacementGroups, ReleasePlacementGroups, release
 from tune.space import (
-    TRAIN_METRICS,
     TUNE_METRICS,
-    WEIGHTED_LOSSES,
     SweepError,
     check_metric,
     nested,
@@ -131,9 +134,7 @@ def folder_of(config: Config, default_name: str) -> str:
 
 def tracking_uri_of(config: Config, folder: str) -> str:
     """train.tracking_uri, else MLFLOW_TRACKING_URI, else SQLite in the sweep folder (the train stage's rule)."""
-    from pipelines.train import tracking_uri
-
-    return tracking_uri(from_dict({"train": {"output": folder}}, base=config))
+    return tracking_uri(config.train.tracking_uri, folder)
 
 
 def trial_config(config: Config, tracking_uri: str) -> Config:
@@ -148,7 +149,7 @@ def trial_config(config: Config, tracking_uri: str) -> Config:
     return from_dict({"train": train}, base=config)
 
 
-def plan_sweep(config: Config, space: Any) -> Plan:
+def check(config: Config, space: Any) -> Plan:
     """Check a sweep completely, before Ray Tune starts anything.
 
     Raises:
@@ -174,11 +175,8 @@ def refuse_existing(folder: str) -> None:
 
 
 def check_training(config: Config) -> None:
-    """The train stage's own checks of the cache and the cluster, made once for the whole sweep."""
-    from pipelines import train
-
-    train.check_cache(config, teacher_fingerprint(config.teacher))
-    train.check_resources(config)
+    """The train stage's own checks (teacher, cache, cluster, steps), made once for the whole sweep."""
+    train.check(config)
 
 
 def searcher(config: Config, max_concurrent: int = 0) -> tuple[Any, int | None]:
@@ -242,8 +240,6 @@ def run_trial(
     """The Tune trainable: one train-stage run with the trial's overrides, reporting to Tune."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from pipelines import train
 
     trial_id = ray.tune.get_context().get_trial_id()
     row = params.get(ROW_KEY) if rows else None
@@ -396,7 +392,7 @@ def _record(plan: Plan, result: Any, runs: Mapping[str, Any]) -> TrialRecord:
     status = "failed" if result.error else "completed"
     if status == "completed" and run is not None and run.info.status == "RUNNING":
         status = "stopped early"  # the train stage closes its run at its last step; this one never got there
-    wanted = {*TRAIN_METRICS, *WEIGHTED_LOSSES, *TUNE_METRICS}
+    wanted = {*train_metrics.ALL, *TUNE_METRICS}
     row = (result.config or {}).get(ROW_KEY)
     return TrialRecord(
         trial_id=trial_id,
@@ -427,9 +423,9 @@ def best_trial(config: Config, trials: list[TrialRecord]) -> TrialRecord | None:
     return max(scored, key=lambda t: sign * t.metrics[metric], default=None)
 
 
-def run_sweep(config: Config, space: Any) -> Outcome:
+def run(config: Config, space: Any) -> Outcome:
     """Check, then run a sweep; the parent run's params include the space as written."""
-    plan = plan_sweep(config, space)
+    plan = check(config, space)
     return start(plan, {f"space.{k}": json.dumps(v) for k, v in plan.space.items()})
 
 
@@ -449,3 +445,34 @@ def summary(outcome: Outcome) -> str:
         cells.append("–" if value is None else f"{value:.4g}")
         lines.append(f"| {t.name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    """``isa tune``'s arguments."""
+    parser = config_parser(
+        "isa tune",
+        "Sweep hyperparameters of isa train with Ray Tune (ASHA, MLflow). --config takes a sweep file: any config "
+        "sections, tune: (metric, mode, search, scheduler, ...) and space: (dotted key: {grid|choice|uniform|"
+        "loguniform|randint: [...]}).",
+    )
+    parser.add_argument("--resume", metavar="DIR", help="continue the interrupted sweep in DIR (finished trials stay)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_intermixed_args(argv)
+    if args.resume and (args.config or args.overrides):
+        raise SweepError("--resume continues a sweep with its own settings; drop --config/overrides")
+    if args.resume:
+        init_ray()
+        outcome = resume(args.resume)
+    else:
+        config, space = load_sweep_file(args.config, args.overrides)
+        init_ray()
+        outcome = run(config, space)
+    print(summary(outcome))
+    if outcome.best is not None:
+        print(f"best trial: {outcome.best.trial_id} · {outcome.best.overrides} · config in MLflow best_config.json")
+    print(f"sweep folder: {outcome.plan.folder} (isa tune --resume {outcome.plan.folder} continues it)")
+    print(f"MLflow: {outcome.plan.tracking_uri} · parent run {outcome.plan.parent_run_id}")
+    return 0

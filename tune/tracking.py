@@ -14,25 +14,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pipelines.tracking import client, log_params, start_run
+
 TRIAL_TAG = "isa.trial_id"  # on every child run: the Tune trial id
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag
 STATUS_TAG = "isa.tune.status"  # completed | stopped early | failed
 
 
-def client(uri: str):
-    import mlflow
-
-    return mlflow.MlflowClient(tracking_uri=uri)
-
-
 def start_parent(uri: str, experiment: str, name: str, tags: Mapping[str, str], params: Mapping[str, Any]) -> str:
     """A new parent run named ``name`` (the sweep folder's name); returns its id."""
     mlflow = client(uri)
-    found = mlflow.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else mlflow.create_experiment(experiment)
-    run_id = mlflow.create_run(experiment_id, run_name=name, tags=dict(tags)).info.run_id
-    for key, value in params.items():
-        mlflow.log_param(run_id, key, str(value)[:500])
+    run_id = start_run(mlflow, experiment, name, tags)
+    log_params(mlflow, run_id, params)
     return run_id
 
 
@@ -114,7 +107,7 @@ def _log_checkpoint(mlflow: Any, run_id: str, checkpoint: str) -> None:
     """Upload ``CHECKPOINT/isa`` (a Ray Train checkpoint folder, local or remote) as the ``checkpoint`` artifact."""
     from fsspec.implementations.local import LocalFileSystem
 
-    from isa.cache import filesystem
+    from isa.storage import filesystem
 
     fs, path = filesystem(checkpoint.rstrip("/") + "/isa")
     if not fs.exists(path):

@@ -35,7 +35,8 @@ from typing import Any
 
 import fsspec
 
-from isa.cache import filesystem, full_uri
+from isa.errors import IsaError
+from isa.storage import filesystem, full_uri
 
 CIRR_SPLITS: dict[str, str] = {"train": "train", "val": "val", "test1": "test1", "test": "test1"}  # name -> file
 FASHIONIQ_SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -48,7 +49,7 @@ COCO_FOLDER = "COCO2017_unlabeled"
 ALL = "all"  # the gallery key of CIRR and CIRCO
 
 
-class BenchmarkFormatError(ValueError):
+class BenchmarkFormatError(IsaError):
     """A dataset file is missing or malformed; the message names the path and what was expected."""
 
 

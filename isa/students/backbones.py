@@ -9,7 +9,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-# The backbones of METHOD.md §2, all checked to return a (B, C, h, w) map from forward_features.
+# The backbones of docs/method.md §2, all checked to return a (B, C, h, w) map from forward_features.
 BACKBONES: tuple[str, ...] = (
     "efficientnet_b0",
     "efficientnet_b2",

@@ -1,4 +1,4 @@
-"""Pic2Word-style mapper (METHOD.md §2.2): pooled feature -> 3-layer MLP -> one pseudo-word."""
+"""Pic2Word-style mapper (docs/method.md §2.2): pooled feature -> 3-layer MLP -> one pseudo-word."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The adaptive token learner (ATL, METHOD.md §2.1): feature map -> sentence of M pseudo-words.
+"""The adaptive token learner (ATL, docs/method.md §2.1): feature map -> sentence of M pseudo-words.
 
 Notation: ``F`` (B, C, h, w) is the image feature map, ``N = h * w`` its positions, ``d`` the token
 width, ``M`` the number of tokens and ``word_dim`` the width ``w`` of the teacher's word embeddings.

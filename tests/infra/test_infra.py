@@ -3,7 +3,8 @@
 Manifests are validated against the KubeRay CRDs' own OpenAPI v3 schemas (``tests/infra/kuberay_crds``) with
 Kubernetes' semantics (unknown fields rejected as by ``kubectl --validate=strict``, int-or-string and int32
 formats, list-map keys, the CRDs' CEL rules translated); the VM config against the schema Ray ships and Ray's
-own ``prepare_config``/``validate_config``; job entrypoints with the ``isa`` stages' own argument parsers.
+own ``prepare_config``/``validate_config`` (through ``pipelines.ray_compat``); job entrypoints with the ``isa``
+stages' own argument parsers.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ import pytest
 import ray
 import ray.autoscaler
 import yaml
-from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.runtime_env import RuntimeEnv
 
 from isa.config import Config, load_config, parse_overrides
 from pipelines.cli import STAGES
 from pipelines.cli import main as isa_main
-from pipelines.common import config_parser, resolve_config
+from pipelines.ray_compat import check_cluster_config, working_dir_excludes
+from pipelines.stage import config_parser
 from tune.space import check_metric, param_space, parse_space
 from tune.sweep import load_sweep_file, scheduler, searcher, trial_config
 
@@ -443,7 +444,7 @@ def parse_stage(stage: str, args: list[str]):
         parsed = importlib.import_module(STAGES[stage][0]).parse_args(args)
     else:  # the stage contract until the module registers itself in pipelines.cli.STAGES
         namespace = config_parser(f"isa {stage}", stage).parse_intermixed_args(args)
-        parsed = resolve_config(namespace.config, namespace.overrides)
+        parsed = load_config(namespace.config, namespace.overrides)
     parsed = parsed if isinstance(parsed, tuple) else (parsed,)
     assert isinstance(parsed[-1], Config), f"isa {stage}: parse_args gave {parsed!r}"
     return parsed
@@ -527,7 +528,7 @@ def test_configs_are_the_real_gpu_setting_and_fit_the_gpu_group():
 
 
 def test_tune_sweep_passes_the_tune_stages_checks_before_any_trial():
-    """What ``tune.sweep.plan_sweep`` checks without Ray or the cache: every swept key and value (and each grid
+    """What ``tune.sweep.check`` checks without Ray or the cache: every swept key and value (and each grid
     combination) through the config, the metric every trial reports, the searcher, ASHA and Tune's space.
     (The cache fingerprint, the cluster's resources and an existing sweep folder are checked on the cluster.)"""
     space, sweep = _stage_config("tune")
@@ -559,7 +560,7 @@ def vm_config_errors(config: dict) -> list[str]:
               jsonschema.Draft7Validator(ray_cluster_schema()).iter_errors(config)]  # fmt: skip
     if not errors:
         try:
-            validate_config(prepare_config(copy.deepcopy(config)))
+            check_cluster_config(copy.deepcopy(config))
         except (ValueError, KeyError, jsonschema.ValidationError) as error:
             errors.append(f"prepare/validate_config: {error}")
     return errors
@@ -606,12 +607,10 @@ def test_vm_cluster_has_the_same_split_token_auth_and_installs_the_project():
 
 
 def test_runtime_env_is_valid_for_ray_and_leaves_local_state_out():
-    from ray._private.runtime_env.packaging import _get_excludes  # what `--working-dir` packaging applies
-
     data = load_yaml(INFRA / "runtime_env.yaml")
     RuntimeEnv(**data)
     assert "working_dir" not in data  # given by --working-dir on the command line
-    excluded = _get_excludes(REPO, data["excludes"])
+    excluded = working_dir_excludes(REPO, data["excludes"])  # what `--working-dir` packaging applies
     for path in (
         ".venv",
         "isa-output",

@@ -31,7 +31,7 @@ from isa.data.synthetic import generate_world, render_scene
 from isa.images import content_id
 from isa.teacher import register_project_configs
 from pipelines.embed import pipeline, prepare_cache, run, start_ledger
-from pipelines.embed_teacher import teacher_fingerprint
+from pipelines.teacher import teacher_fingerprint
 
 TEACHER = ["teacher.name=isa-tiny-ViT", "teacher.pretrained=none"]
 SMALL = ["cache.decode_batch_size=8", "cache.batch_size=8", "cache.rows_per_shard=16", "cache.local_grid=2"]
@@ -299,7 +299,7 @@ def test_teacher_fingerprint_is_reused_until_its_weights_file_changes(ray_sessio
 
     from isa.config import TeacherConfig
     from isa.teacher import load_teacher
-    from pipelines.embed_teacher import teacher_fingerprint
+    from pipelines.teacher import teacher_fingerprint
 
     path = tmp_path / "teacher.safetensors"
 
@@ -356,7 +356,7 @@ def test_decoding_runs_in_tasks_of_its_own_beside_the_teacher_actors(ray_session
 DECODE_PEAK = """
 import io, json, os, sys, threading, time
 from PIL import Image
-from pipelines.embed_ops import decode_rows
+from pipelines.embed.decode import decode_rows
 
 def resident():
     with open("/proc/self/statm") as statm:

@@ -28,7 +28,8 @@ from isa.prompt import PromptComposer
 from isa.teacher import register_project_configs
 from pipelines import embed
 from pipelines import eval as eval_stage
-from pipelines.eval_gallery import EvalError
+from pipelines.cli import main as isa
+from pipelines.eval.gallery import EvalError
 
 TEACHER = ["teacher.name=isa-tiny-ViT", "teacher.pretrained=none"]
 STUDENT = ["student.backbone=mobilenetv3_large_100", "student.image_size=64", "token_learner.dim=64"]
@@ -345,13 +346,13 @@ def test_mlflow_records_the_metrics_and_files(cirr_val, mlflow_server):
 
 
 def test_command_line_errors(ray_session, world, tmp_path, capsys):
-    assert eval_stage.main(["--benchmark", "cirr", f"eval.output={tmp_path}"]) == 2
-    assert "dataset_root" in capsys.readouterr().err
+    assert isa(["eval", "--benchmark", "cirr", f"eval.output={tmp_path}"]) == 2
+    assert capsys.readouterr().err.startswith("isa eval: error: set eval.dataset_root")
     broken = tmp_path / "cirr"
     shutil.copytree(world / "cirr", broken)
     (broken / "cirr" / "captions" / "cap.rc2.val.json").write_text('[{"pairid": 1}]')
-    code = eval_stage.main(["--benchmark", "cirr", "--dataset-root", str(broken), *TEACHER, f"eval.output={tmp_path}"])
+    code = isa(["eval", "--benchmark", "cirr", "--dataset-root", str(broken), *TEACHER, f"eval.output={tmp_path}"])
     assert code == 2 and "cap.rc2.val.json" in capsys.readouterr().err
     missing = ["--benchmark", "cirr", "--dataset-root", str(world / "cirr"), "--checkpoint", str(tmp_path / "none")]
-    assert eval_stage.main([*missing, *TEACHER, f"eval.output={tmp_path}"]) == 2
+    assert isa(["eval", *missing, *TEACHER, f"eval.output={tmp_path}"]) == 2
     assert "no checkpoint" in capsys.readouterr().err

@@ -16,10 +16,9 @@ SCRIPT = """
 import json, os, sys, time
 sys.path.insert(0, os.path.join(sys.argv[2], "benchmarks"))
 import ray
-from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from peak_memory import descendants, process_name
-from pipelines.common import init_ray
-from pipelines.train_backend import Trainer
+from pipelines.ray_compat import Trainer
+from pipelines.stage import init_ray
 
 single_machine = sys.argv[1] == "1"
 init_ray(dashboard=False if single_machine else None, single_machine=single_machine)
@@ -36,7 +35,7 @@ trainer = Trainer(lambda: None, scaling_config=ray.train.ScalingConfig(num_worke
 callbacks = trainer._create_default_callbacks()
 print(json.dumps({
     "idle_workers": len(workers),
-    "cleaner": any(isinstance(c, PlacementGroupCleanerCallback) for c in callbacks),
+    "cleaner": any(type(c).__name__ == "PlacementGroupCleanerCallback" for c in callbacks),
     "preemption_watcher": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"),
 }))
 ray.shutdown()

@@ -19,18 +19,11 @@ from isa.build import build_student, build_task, build_teacher
 from isa.checkpoint import is_checkpoint, load_checkpoint
 from isa.config import from_dict, load_config
 from isa.data.synthetic import generate_world, write_world
+from isa.split import is_validation
 from pipelines import embed
-from pipelines.train import (
-    RUN_CONFIG_FILE,
-    TrainError,
-    datasets,
-    is_validation,
-    parse_args,
-    pass_order,
-    run,
-    training_rows,
-)
-from pipelines.train_worker import InputWait
+from pipelines.train import RUN_CONFIG_FILE, TrainError, parse_args, run
+from pipelines.train.data import datasets, pass_order, training_rows
+from pipelines.train.loop import InputWait
 
 TEACHER = ["teacher.name=isa-tiny-ViT", "teacher.pretrained=none"]
 STUDENT = [

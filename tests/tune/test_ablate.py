@@ -12,7 +12,7 @@ from PIL import Image
 
 from isa.config import Config, from_dict
 from isa.students import BACKBONES, SYMMETRIC
-from pipelines import ablate as ablate_stage
+from pipelines.cli import main as isa
 from tune import plot
 from tune.space import check_students, nested
 from tune.suites import available, load_suite
@@ -39,7 +39,7 @@ def test_two_row_suite_writes_table_csv_png_and_logs_mlflow(ray_session, tune_ca
     config = tiny_config(tune_cache, tmp_path / "out", mlflow_server, train={"max_steps": 2, "checkpoint_every": 2})
     config["eval"] = {"latency_runs": 2}
     base = write_yaml(tmp_path / "base.yaml", config)
-    assert ablate_stage.main(["--suite", str(suite), "--config", str(base), "train.lr=1e-3"]) == 0
+    assert isa(["ablate", "--suite", str(suite), "--config", str(base), "train.lr=1e-3"]) == 0
     folder = tmp_path / "out" / "ablation-mini"
     rows = list(csv.DictReader(io.StringIO((folder / "ablation_mini.csv").read_text())))
     assert [r["row"] for r in rows] == ["M=1", "M=3"] and [r["value"] for r in rows] == ["1", "3"]
@@ -121,7 +121,7 @@ def test_bad_suites_fail_before_any_row_trains(ray_session, tune_cache, tmp_path
     if isinstance(suite, dict):
         suite = str(write_yaml(tmp_path / "suite.yaml", suite))
     base = write_yaml(tmp_path / "base.yaml", tiny_config(tune_cache, tmp_path / "out", "sqlite:///x.db"))
-    assert ablate_stage.main(["--suite", suite, "--config", str(base)]) == 2
+    assert isa(["ablate", "--suite", suite, "--config", str(base)]) == 2
     error = capsys.readouterr().err
     assert all(word in error for word in words), error
     assert not (tmp_path / "out").exists()

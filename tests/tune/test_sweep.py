@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from _tune_helpers import tiny_config, write_yaml
 
-from pipelines import tune as tune_stage
+from pipelines.cli import main as isa
 from tune.space import param_space as to_param_space
 from tune.space import parse_space
 
@@ -85,7 +85,7 @@ def interrupted_sweep(ray_session, tune_cache, mlflow_server, tmp_path_factory):
     assert first is not None, "no trial finished before the deadline"
     state_at_kill = _experiment_state(folder)
     snapshot = _files(folder / first)
-    assert tune_stage.main(["--resume", str(folder)]) == 0
+    assert isa(["tune", "--resume", str(folder)]) == 0
     return {"folder": folder, "first": first, "state_at_kill": state_at_kill, "snapshot": snapshot}
 
 
@@ -186,7 +186,7 @@ LR = {"train.lr": {"grid": [1e-3, 1e-2]}}
 )
 def test_bad_sweeps_fail_before_any_trial(ray_session, tune_cache, tmp_path, capsys, space, tune, overrides, words):
     args = _sweep_args(tmp_path, tune_cache, space, **tune)
-    assert tune_stage.main([*args, *overrides]) == 2
+    assert isa(["tune", *args, *overrides]) == 2
     error = capsys.readouterr().err
     assert all(word in error for word in words), error
     assert not (tmp_path / "sweeps").exists()  # nothing started: no sweep folder, no trial
@@ -194,7 +194,7 @@ def test_bad_sweeps_fail_before_any_trial(ray_session, tune_cache, tmp_path, cap
 
 def test_optuna_search_needs_optuna(ray_session, tune_cache, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)  # what an environment without optuna gives: ImportError
-    assert tune_stage.main(_sweep_args(tmp_path, tune_cache, LR, search="optuna")) == 2
+    assert isa(["tune", *_sweep_args(tmp_path, tune_cache, LR, search="optuna")]) == 2
     assert "tune.search=optuna needs the optuna package" in capsys.readouterr().err
     assert not (tmp_path / "sweeps").exists()
 
@@ -219,14 +219,14 @@ def test_existing_sweep_folder_and_resume_of_a_non_sweep_are_refused(ray_session
     args = _sweep_args(tmp_path, tune_cache, LR)
     (tmp_path / "sweeps" / "bad").mkdir(parents=True)
     (tmp_path / "sweeps" / "bad" / "isa_sweep.json").write_text("{}")
-    assert tune_stage.main(args) == 2
+    assert isa(["tune", *args]) == 2
     assert "already holds a sweep" in capsys.readouterr().err
-    assert tune_stage.main(["--resume", str(tmp_path)]) == 2
+    assert isa(["tune", "--resume", str(tmp_path)]) == 2
     assert "is not a sweep folder" in capsys.readouterr().err
-    assert tune_stage.main(["--resume", str(tmp_path), "train.lr=1"]) == 2
+    assert isa(["tune", "--resume", str(tmp_path), "train.lr=1"]) == 2
     suite = {"kind": "ablation", "config": {}, "tracking_uri": "sqlite:///x.db", "suite": "tokens"}
     (tmp_path / "isa_sweep.json").write_text(json.dumps(suite))
-    assert tune_stage.main(["--resume", str(tmp_path)]) == 2
+    assert isa(["tune", "--resume", str(tmp_path)]) == 2
     assert "run isa ablate --suite tokens again" in capsys.readouterr().err
 
 

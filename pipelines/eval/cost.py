@@ -1,6 +1,6 @@
 """The query-side cost table of ``isa eval``: each student's image path beside the teacher image tower.
 
-Measured in the driver process on the CPU at batch 1 (METHOD.md §5: parameters, FLOPs, latency).
+Measured in the driver process on the CPU at batch 1 (docs/method.md §5: parameters, FLOPs, latency).
 """
 
 from __future__ import annotations

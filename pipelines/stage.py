@@ -1,13 +1,15 @@
-"""Argument handling shared by the stages: ``--config FILE`` plus dotted ``key=value`` overrides."""
+"""What every stage shares: its arguments (``--config FILE`` plus dotted ``key=value`` overrides) and Ray.
+
+Each stage module has the same face: ``parser()`` (its arguments), ``check(...)`` (every refusal before work
+starts), ``run(...)`` (the work, returning its result) and ``main(argv)``; errors derive from
+:class:`isa.errors.IsaError` and reach the user through :mod:`pipelines.cli`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
-
-from isa.config import Config, ConfigError, load_config
 
 
 def config_parser(prog: str, description: str, positionals: Sequence[tuple[str, str]] = ()) -> argparse.ArgumentParser:
@@ -18,15 +20,6 @@ def config_parser(prog: str, description: str, positionals: Sequence[tuple[str, 
     parser.add_argument("--config", help="YAML file with any subset of the config sections")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.lr=1e-4")
     return parser
-
-
-def resolve_config(path: str | None, overrides: Sequence[str]) -> Config:
-    """The resolved config, or exit with status 2 and the error naming the key."""
-    try:
-        return load_config(path, overrides)
-    except ConfigError as error:
-        print(f"isa: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def init_ray(dashboard: bool | None = None, single_machine: bool = False) -> None:

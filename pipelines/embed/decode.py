@@ -23,8 +23,9 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from isa.cache import DUPLICATES_DIR, ERRORS_DIR, Manifest, filesystem, shard_name, shard_table, write_table
+from isa.cache import DUPLICATES_DIR, ERRORS_DIR, Manifest, shard_name, shard_table
 from isa.images import ImageRejected, content_id, decode_image, encode_jpeg, resize_short_side, teacher_crop
+from isa.storage import filesystem, write_table
 
 
 @ray.remote(num_cpus=0)

@@ -1,4 +1,4 @@
-"""Image-only retrieval for ``isa eval --benchmark images`` (METHOD.md §5, distillation fidelity).
+"""Image-only retrieval for ``isa eval --benchmark images`` (docs/method.md §5, distillation fidelity).
 
 The held-out images of a training cache (the same id-hash split ``isa train`` validates on) are queried as
 ``a photo of {S}`` against the teacher embeddings of the same images: R@1/5/10.
@@ -11,13 +11,14 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from isa.cache import filesystem, fingerprint_mismatch, list_parts, read_manifest
+from isa.cache import fingerprint_mismatch, list_parts, read_manifest
 from isa.config import Config
 from isa.retrieval import image_retrieval_recall
+from isa.split import is_validation
+from isa.storage import filesystem
 from isa.teacher import Teacher
-from pipelines.eval_gallery import EvalError
-from pipelines.eval_queries import encode_student, task_options
-from pipelines.train_remote import is_validation
+from pipelines.eval.gallery import EvalError
+from pipelines.eval.queries import encode_student, task_options
 
 
 def held_out(cache: str, fraction: float, limit: int) -> tuple[list[bytes], torch.Tensor]:

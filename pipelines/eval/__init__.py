@@ -7,9 +7,9 @@ test-server files, ``metrics.json``, ``table.md``, ``report.html``, the query-si
 
 from __future__ import annotations
 
+import argparse
 import json
 import posixpath
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,21 +20,22 @@ import torch.nn.functional as F
 from fsspec.implementations.local import LocalFileSystem
 
 from isa.build import build_teacher
-from isa.cache import CacheError, filesystem
 from isa.checkpoint import STATE_FILE, CheckpointError, find_checkpoint
 from isa.checkpoint_files import latest_checkpoint
-from isa.config import Config
-from isa.data.benchmarks import Benchmark, BenchmarkFormatError, read_benchmark
+from isa.config import Config, load_config
+from isa.data.benchmarks import Benchmark, read_benchmark
+from isa.storage import filesystem
 from isa.teacher import Teacher
-from pipelines import eval_outputs as out
-from pipelines import eval_report
-from pipelines.common import config_parser, init_ray, resolve_config
-from pipelines.eval_cost import query_costs
-from pipelines.eval_gallery import EvalError, embed_benchmark, gallery_uri, load_distractors, load_embeddings
-from pipelines.eval_images import image_only_document
-from pipelines.eval_outputs import IMAGE_ONLY, IMAGE_TEXT, TEXT_ONLY
-from pipelines.eval_queries import Encoded, encode_student, encode_text_baseline, task_options, unique_references
-from pipelines.eval_scoring import Ranked, metrics, rank_gallery, rank_members, submissions
+from pipelines.eval import outputs as out
+from pipelines.eval import report as eval_report
+from pipelines.eval.cost import query_costs
+from pipelines.eval.gallery import EvalError, embed_benchmark, gallery_uri, load_distractors, load_embeddings
+from pipelines.eval.images import image_only_document
+from pipelines.eval.outputs import IMAGE_ONLY, IMAGE_TEXT, TEXT_ONLY
+from pipelines.eval.queries import Encoded, encode_student, encode_text_baseline, task_options, unique_references
+from pipelines.eval.scoring import Ranked, metrics, rank_gallery, rank_members, submissions
+from pipelines.stage import config_parser, init_ray
+from pipelines.tracking import tracking_uri
 
 
 def local_copy(uri: str, output: str) -> str:
@@ -56,7 +57,8 @@ def local_copy(uri: str, output: str) -> str:
     return str(target)
 
 
-def parse_args(argv: Sequence[str] | None) -> Config:
+def parser() -> argparse.ArgumentParser:
+    """``isa eval``'s arguments."""
     parser = config_parser("isa eval", "Evaluate student checkpoints and baselines with the official protocols.")
     parser.add_argument("--benchmark", choices=["cirr", "fashioniq", "circo", "images"], help="eval.benchmark")
     parser.add_argument("--dataset-root", help="dataset root in the official layout; for 'images' a cache with images")
@@ -69,7 +71,11 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument("--no-baselines", action="store_true", help="skip the teacher-only baseline rows")
     parser.add_argument("--teacher", help="open_clip model name (teacher.name)")
     parser.add_argument("--pretrained", help="open_clip pretrained tag, weights file, or none (teacher.pretrained)")
-    args = parser.parse_intermixed_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> Config:
+    args = parser().parse_intermixed_args(argv)
     flags = {
         "eval.benchmark": args.benchmark,
         "eval.dataset_root": args.dataset_root,
@@ -84,7 +90,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         "teacher.pretrained": args.pretrained,
     }
     overrides = [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
-    return resolve_config(args.config, overrides)
+    return load_config(args.config, overrides)
 
 
 def encode_methods(benchmark: Benchmark, config: Config, checkpoints: list[str], reference_emb) -> list[Encoded]:
@@ -145,8 +151,19 @@ def rank_method(benchmark: Benchmark, emb, method: Encoded, extra: torch.Tensor 
     return ranked
 
 
+def check(config: Config) -> None:
+    """The refusals that need no model and no data read: a CIR benchmark needs its dataset root.
+
+    Raises:
+        EvalError: naming the missing setting.
+    """
+    if config.eval.benchmark != "images" and not config.eval.dataset_root:
+        raise EvalError("set eval.dataset_root (--dataset-root) to the benchmark's folder")
+
+
 def run(config: Config) -> dict:
     """Evaluate; returns the metrics document (also written to ``OUTPUT/metrics.json``)."""
+    check(config)
     teacher = build_teacher(config.teacher)
     checkpoints = [str(find_checkpoint(local_copy(path, config.eval.output))) for path in config.eval.checkpoints]
     if config.eval.benchmark == "images":
@@ -195,7 +212,7 @@ def cir_document(config: Config, teacher: Teacher, checkpoints: list[str]) -> tu
 
 
 def scaling(benchmark: Benchmark, config: Config, emb, methods: list[Encoded], teacher: Teacher) -> dict:
-    """The same metrics with N distractor images added to every gallery (METHOD.md §5, gallery scaling)."""
+    """The same metrics with N distractor images added to every gallery (docs/method.md §5, gallery scaling)."""
     largest = load_distractors(
         config.eval.distractors, teacher.fingerprint(), emb.ids, max(config.eval.distractor_counts)
     )
@@ -221,20 +238,14 @@ def report_samples(benchmark: Benchmark, methods: list[Encoded], rankings: dict,
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
-    if config.eval.benchmark != "images" and not config.eval.dataset_root:
-        print("isa eval: set eval.dataset_root (--dataset-root) to the benchmark's folder", file=sys.stderr)
-        return 2
+    check(config)
     init_ray()
-    try:
-        document = run(config)
-    except (BenchmarkFormatError, CacheError, CheckpointError, EvalError) as error:
-        print(f"isa eval: {error}", file=sys.stderr)
-        return 2
+    document = run(config)
     print(out.document_table(document))
     print(f"metrics: {posixpath.join(config.eval.output, out.METRICS_FILE)}")
     print(f"report:  {posixpath.join(config.eval.output, out.REPORT_FILE)}")
     for row, files in document.get("submissions", {}).items():
         print(f"test-server files ({row}): {', '.join(files)}")
     if document.get("mlflow_run_id"):
-        print(f"MLflow run: {document['mlflow_run_id']} at {out.tracking_uri(config)}")
+        print(f"MLflow run: {document['mlflow_run_id']} at {tracking_uri(config.eval.tracking_uri, None)}")
     return 0

@@ -23,15 +23,27 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from isa.cache import filesystem, full_uri
 from isa.config import CacheConfig
+from isa.errors import IsaError
+from isa.storage import filesystem, full_uri
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 LIST_SUFFIXES = (".txt", ".lst", ".csv", ".parquet")
 
 
-class InputError(ValueError):
+class InputError(IsaError):
     """The input URI cannot be read as the requested (or guessed) kind."""
+
+
+def check_input(uri: str) -> None:
+    """Refuse an input that does not exist.
+
+    Raises:
+        InputError: naming the URI.
+    """
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        raise InputError(f"input not found: {uri}")
 
 
 def guess_format(uri: str, cache: CacheConfig, listing: list[str] | None = None) -> str:
@@ -42,9 +54,8 @@ def guess_format(uri: str, cache: CacheConfig, listing: list[str] | None = None)
     """
     if cache.input_format != "auto":
         return cache.input_format
+    check_input(uri)
     fs, path = filesystem(uri)
-    if not fs.exists(path):
-        raise InputError(f"input not found: {uri}")
     if fs.isfile(path):
         if path.endswith(".tar"):
             return "tar"

@@ -1,4 +1,4 @@
-"""Ranking and the official metrics of ``isa eval``, per benchmark (METHOD.md §5).
+"""Ranking and the official metrics of ``isa eval``, per benchmark (docs/method.md §5).
 
 Rankings are lists of image names; the metric functions of :mod:`isa.metrics` take it from there. Gallery
 rows come first, distractor rows (named ``distractor:<i>``, never a ground truth) after them.

@@ -7,6 +7,7 @@ Resumable and idempotent: a rerun skips what the cache holds; bad inputs go to `
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import posixpath
@@ -22,19 +23,17 @@ from isa.cache import (
     ERRORS_DIR,
     Manifest,
     check_same_settings,
-    count_rows,
-    filesystem,
     list_parts,
-    read_column_values,
     read_manifest,
-    remove_staging,
     write_manifest,
 )
-from isa.config import Config
-from pipelines.common import config_parser, init_ray, resolve_config
-from pipelines.embed_ops import Ledger, decode_batch, write_shard
-from pipelines.embed_teacher import TeacherEmbedder, teacher_fingerprint
-from pipelines.sources import read_sources
+from isa.config import Config, load_config
+from isa.storage import count_rows, filesystem, read_column_values, remove_staging
+from pipelines.embed.decode import Ledger, decode_batch, write_shard
+from pipelines.embed.sources import check_input, read_sources
+from pipelines.embed.tower import TeacherEmbedder
+from pipelines.stage import config_parser, init_ray
+from pipelines.teacher import teacher_fingerprint
 
 # Shard writers at a time. Ray Data hands the CPU budget no operator claims to the most downstream operator
 # without a cap; uncapped, that is the writer, which hardly uses it, and decoding is held back.
@@ -64,7 +63,8 @@ class Summary:
         )
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[str, str, Config]:
+def parser() -> argparse.ArgumentParser:
+    """``isa embed``'s arguments."""
     parser = config_parser(
         "isa embed",
         "Cache teacher image embeddings (and student-ready JPEGs) as Parquet.",
@@ -81,7 +81,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[str, str, Config]:
     parser.add_argument("--dtype", choices=["float16", "float32"], help="embedding dtype (cache.dtype)")
     parser.add_argument("--batch-size", type=int, help="images per teacher forward (cache.batch_size)")
     parser.add_argument("--num-actors", type=int, help="teacher actors (cache.num_actors)")
-    args = parser.parse_intermixed_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[str, str, Config]:
+    args = parser().parse_intermixed_args(argv)
     flags = {
         "teacher.name": args.teacher,
         "teacher.pretrained": args.pretrained,
@@ -93,7 +97,32 @@ def parse_args(argv: Sequence[str] | None) -> tuple[str, str, Config]:
         "cache.num_actors": args.num_actors,
     }
     overrides = [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
-    return args.input, args.output, resolve_config(args.config, overrides)
+    return args.input, args.output, load_config(args.config, overrides)
+
+
+def check(input_uri: str, output: str, config: Config) -> Manifest:
+    """Every refusal before embedding starts; returns the manifest this run writes with.
+
+    Raises:
+        InputError: the input does not exist.
+        CacheError: the output is a cache made with another teacher or other settings.
+        TeacherNotSupportedError: the teacher cannot be loaded here (or the loader's own error).
+    """
+    check_input(input_uri)
+    fingerprint = teacher_fingerprint(config.teacher)  # the actors load the model
+    wanted = Manifest(
+        teacher=fingerprint,
+        embed_dim=fingerprint["embed_dim"],
+        local_grid=config.cache.local_grid,
+        dtype=config.cache.dtype,
+        image_size=config.cache.image_size if config.cache.store_images else None,
+        tower_dtype=config.cache.tower_dtype,
+    )
+    fs, root = filesystem(output)
+    existing = read_manifest(fs, root)
+    if existing is not None:
+        check_same_settings(existing, wanted, output)
+    return wanted
 
 
 def prepare_cache(output: str, wanted: Manifest) -> tuple[Manifest, dict[str, int]]:
@@ -179,16 +208,7 @@ def pipeline(input_uri: str, output: str, config: Config, manifest: Manifest, le
 
 def run(input_uri: str, output: str, config: Config) -> Summary:
     """Embed every new input of ``input_uri`` into the cache at ``output``."""
-    fingerprint = teacher_fingerprint(config.teacher)  # the actors load the model
-    wanted = Manifest(
-        teacher=fingerprint,
-        embed_dim=fingerprint["embed_dim"],
-        local_grid=config.cache.local_grid,
-        dtype=config.cache.dtype,
-        image_size=config.cache.image_size if config.cache.store_images else None,
-        tower_dtype=config.cache.tower_dtype,
-    )
-    manifest, before = prepare_cache(output, wanted)
+    manifest, before = prepare_cache(output, check(input_uri, output, config))
     ledger = start_ledger(output)
     started = time.perf_counter()
     for _ in pipeline(input_uri, output, config, manifest, ledger).iter_batches(batch_size=None):

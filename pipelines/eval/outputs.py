@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import posixpath
 import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from isa.cache import filesystem, write_bytes
 from isa.config import Config, flatten
+from isa.storage import filesystem, write_bytes
+from pipelines import tracking
 
 METRICS_FILE = "metrics.json"
 TABLE_FILE = "table.md"
@@ -99,28 +99,16 @@ def metric_key(name: str) -> str:
     return re.sub(r"[^\w\-./ ]", "_", name)
 
 
-def tracking_uri(config: Config) -> str | None:
-    """eval.tracking_uri, else MLFLOW_TRACKING_URI, else None (no MLflow logging)."""
-    return config.eval.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
-
-
 def log_mlflow(config: Config, document: Mapping, files: Mapping[str, str]) -> str | None:
     """Log metrics (``eval/BENCHMARK/row/metric``) and the output files to MLflow; the run id, None when disabled."""
-    uri = tracking_uri(config)
+    uri = tracking.tracking_uri(config.eval.tracking_uri, None)  # not tracked unless told where
     if uri is None and config.eval.run_id is None:
         return None
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=uri)
+    client = tracking.client(uri)
     run_id = config.eval.run_id
     if run_id is None:
-        experiment = client.get_experiment_by_name(config.eval.experiment)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.eval.experiment)
-        run_id = client.create_run(
-            experiment_id, run_name=f"eval-{config.eval.benchmark}-{config.eval.split}"
-        ).info.run_id
-        for key, value in flatten(config).items():
-            client.log_param(run_id, key, str(value)[:500])
+        run_id = tracking.start_run(client, config.eval.experiment, f"eval-{config.eval.benchmark}-{config.eval.split}")
+        tracking.log_params(client, run_id, flatten(config))
     prefix = f"eval/{config.eval.benchmark}/"
     for row, metrics in document["rows"].items():
         for name, value in metrics.items():

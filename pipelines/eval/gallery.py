@@ -15,21 +15,15 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from isa.cache import (
-    DUPLICATES_DIR,
-    ERRORS_DIR,
-    filesystem,
-    fingerprint_mismatch,
-    list_parts,
-    read_column_values,
-    read_manifest,
-)
+from isa.cache import DUPLICATES_DIR, ERRORS_DIR, fingerprint_mismatch, list_parts, read_manifest
 from isa.config import Config
 from isa.data.benchmarks import Benchmark
+from isa.errors import IsaError
+from isa.storage import filesystem, read_column_values
 from pipelines import embed
 
 
-class EvalError(ValueError):
+class EvalError(IsaError):
     """The evaluation cannot run as asked; the message says why."""
 
 

@@ -1,0 +1,245 @@
+"""``isa train``: distil the light query encoder from a teacher cache with Ray Train.
+
+cache (Parquet) -> Ray Data: split by id hash, decode and augment on CPU tasks (:mod:`pipelines.train.data`)
+-> per-worker shards -> Ray Train, DDP on the student beside a frozen teacher per worker
+(:mod:`pipelines.train.loop`) -> checkpoints + MLflow.
+
+Neither the driver nor Ray Train's controller imports torch (about 0.35 GB each, which the 2-core quickstart's
+4 GB cannot spare): the teacher's fingerprint comes from a one-off task (:mod:`pipelines.teacher`), and the
+trainer is Ray Train's ``DataParallelTrainer`` with :class:`TorchWorkers`, whose workers join their torch
+process group themselves (:func:`pipelines.train.loop.join_process_group`). ``TorchTrainer`` would hand its
+``TorchConfig`` to the controller, and unpickling it imports torch there and in the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+import signal
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.backend import Backend, BackendConfig
+
+from isa.cache import Manifest, fingerprint_mismatch, list_parts, read_manifest
+from isa.config import Config, ConfigError, from_dict, load_config, parse_overrides, to_dict
+from isa.errors import IsaError
+from isa.storage import filesystem, full_uri
+from pipelines import ray_compat
+from pipelines.stage import config_parser, init_ray
+from pipelines.teacher import teacher_fingerprint
+from pipelines.tracking import tracking_uri
+from pipelines.train.data import datasets, training_rows
+
+RUN_CONFIG_FILE = "isa_config.json"
+
+
+class SharedDevices(Backend):
+    """Every worker sees all the GPUs of its node and takes its own by local rank (``ray.train.torch.get_device``),
+    so NCCL between the workers of a node can use direct peer access, as under ``TorchTrainer``."""
+
+    share_cuda_visible_devices: bool = True
+
+
+@dataclass
+class TorchWorkers(BackendConfig):
+    """Ray Train's backend for ``isa train``'s workers; they set up torch.distributed in the training function."""
+
+    @property
+    def backend_cls(self) -> type[Backend]:
+        return SharedDevices
+
+
+class TrainError(IsaError):
+    """The run cannot start: a problem with the cache, the teacher or the cluster, named in the message."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What :func:`check` found: everything a run needs before it starts."""
+
+    config: Config
+    fingerprint: dict[str, Any]  # the configured teacher's
+    parts: list[str]  # the cache's shard URIs
+    manifest: Manifest  # the cache's
+    steps_per_epoch: int
+    total_steps: int
+    tracking_uri: str
+
+
+def parser() -> Any:
+    """``isa train``'s arguments."""
+    parser = config_parser("isa train", "Distil the light query encoder from a teacher cache (Ray Train).")
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last checkpoint (its config, plus any overrides)",
+    )
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> Config:
+    args = parser().parse_intermixed_args(argv)
+    if args.resume is None:
+        return load_config(args.config, args.overrides)
+    fs, path = filesystem(args.resume)
+    try:
+        saved = json.loads(fs.cat_file(posixpath.join(path, RUN_CONFIG_FILE)))
+    except FileNotFoundError:
+        raise ConfigError(f"{args.resume} is not an isa train run (no {RUN_CONFIG_FILE})") from None
+    # the run's own config, then the command line on top; the output stays the run directory
+    config = from_dict(parse_overrides(args.overrides), base=from_dict(saved))
+    return from_dict({"train": {"output": args.resume}}, base=config)
+
+
+def check_cache(config: Config, fingerprint: dict) -> tuple[list[str], Manifest]:
+    """The cache's shard URIs and manifest, or a TrainError naming what is wrong with the cache."""
+    uri = config.train.cache
+    if not uri:
+        raise TrainError("no teacher cache given: set train.cache=URI (made by isa embed)")
+    fs, root = filesystem(uri)
+    manifest = read_manifest(fs, root)
+    if manifest is None:
+        raise TrainError(f"no teacher cache at {uri}: it has no _isa_cache.json (make one with isa embed)")
+    parts = list_parts(fs, root)
+    if not parts:
+        raise TrainError(f"teacher cache {uri} is empty: no part-*.parquet shards")
+    if manifest.image_size is None:
+        raise TrainError(f"teacher cache {uri} has no image column (a gallery-only cache); embed without --no-images")
+    if config.loss.lar_weight > 0 and manifest.local_grid == 0:
+        raise TrainError(
+            f"LAR is on (loss.lar_weight={config.loss.lar_weight}) but cache {uri} has no teacher_local; "
+            "embed with cache.local_grid>0 or set loss.lar_weight=0"
+        )
+    mismatch = fingerprint_mismatch(fingerprint, manifest.teacher)
+    if mismatch:
+        raise TrainError(f"cache {uri} does not match the configured teacher: {mismatch}")
+    return [full_uri(fs, p) for p in parts], manifest
+
+
+def check_resources(config: Config) -> None:
+    """Refuse (instead of hanging) when the cluster cannot hold the workers plus one CPU for the data tasks."""
+    have = ray.cluster_resources()
+    workers = config.train.num_workers
+    need_cpu = workers * config.train.worker_cpus + 1
+    need_gpu = workers if config.train.use_gpu else 0
+    if have.get("CPU", 0) < need_cpu or have.get("GPU", 0) < need_gpu:
+        raise TrainError(
+            f"train.num_workers={workers} needs {need_cpu:g} CPUs ({config.train.worker_cpus:g} per worker "
+            f"(train.worker_cpus) + 1 for data loading) and {need_gpu} GPUs; the cluster has "
+            f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs"
+        )
+
+
+def check(config: Config) -> Plan:
+    """Every refusal before training starts: the teacher, the cache, the cluster, the steps, the tracking store.
+
+    Raises:
+        TrainError: the cache is missing, empty, gallery-only, without the LAR grid or from another teacher; the
+            cluster is too small; the cache makes no step of the global batch.
+        IsaError: no tracking store can be chosen for a remote output.
+    """
+    fingerprint = teacher_fingerprint(config.teacher)
+    parts, manifest = check_cache(config, fingerprint)
+    check_resources(config)
+    n_train = training_rows(config, parts)
+    steps_per_epoch = n_train // config.train.global_batch_size
+    total = config.train.max_steps or config.train.epochs * steps_per_epoch
+    if steps_per_epoch <= 0 or total <= 0:
+        raise TrainError(
+            f"{n_train} training images make no step of train.global_batch_size="
+            f"{config.train.global_batch_size}; lower the batch size or set train.max_steps"
+        )
+    uri = tracking_uri(config.train.tracking_uri, config.train.output)
+    return Plan(config, fingerprint, parts, manifest, steps_per_epoch, total, uri)
+
+
+def run(
+    config: Config,
+    *,
+    callbacks: Sequence[object] = (),
+    run_name: str | None = None,
+    mlflow_tags: Mapping[str, str] | None = None,
+) -> ray.train.Result:
+    """Check everything, then train; returns Ray Train's result (metrics and the last checkpoint).
+
+    Args:
+        config: the resolved config.
+        callbacks: extra Ray Train ``RunConfig`` callbacks (``isa tune`` passes Tune's ``TuneReportCallback``).
+        run_name: MLflow name of a new run; None: the run folder's name.
+        mlflow_tags: tags of a new MLflow run (``isa tune`` nests it with ``mlflow.parentRunId``).
+    """
+    plan = check(config)
+    passes = math.ceil(plan.total_steps / plan.steps_per_epoch)
+    data = datasets(plan.parts, config, passes=passes, cached_size=plan.manifest.image_size)
+    fs, run_dir = filesystem(config.train.output)
+    fs.makedirs(run_dir, exist_ok=True)
+    fs.pipe_file(posixpath.join(run_dir, RUN_CONFIG_FILE), json.dumps(to_dict(config), indent=2).encode())
+    storage, name = posixpath.split(config.train.output.rstrip("/"))
+    trainer = ray_compat.Trainer(
+        worker_loop,
+        train_loop_config={
+            "config": to_dict(config),
+            "fingerprint": plan.fingerprint,
+            "total_steps": plan.total_steps,
+            "tracking_uri": plan.tracking_uri,
+            "run_name": run_name or name,
+            "mlflow_tags": dict(mlflow_tags or {}),
+        },
+        backend_config=TorchWorkers(),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.train.num_workers,
+            use_gpu=config.train.use_gpu,
+            resources_per_worker={"CPU": config.train.worker_cpus, **({"GPU": 1} if config.train.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage if "://" in storage else str(Path(storage or ".").resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.num_to_keep),
+            callbacks=list(callbacks),
+        ),
+        datasets=data,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    return fit(trainer)
+
+
+def worker_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train's entry point in each worker: :func:`pipelines.train.loop.train_loop`, imported there (torch)."""
+    from pipelines.train.loop import train_loop
+
+    train_loop(loop_config)
+
+
+def fit(trainer: Any) -> ray.train.Result:
+    """``trainer.fit()``, then the SIGINT handler as it was before.
+
+    Ray Train's handler (to abort the run on Ctrl-C) keeps a handle to the run's controller, which keeps the
+    controller and its data coordinators alive (about 0.4 GB) until the next run replaces the handler.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return trainer.fit()
+    finally:
+        if handler is not None:  # None: a handler not installed from Python, nothing to put back
+            signal.signal(signal.SIGINT, handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(argv)
+    init_ray()
+    result = run(config)
+    metrics = {k: round(v, 4) for k, v in (result.metrics or {}).items() if isinstance(v, float)}
+    print(f"isa train: finished at step {result.metrics.get('step')} · {metrics}")
+    print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}/isa")
+    store = tracking_uri(config.train.tracking_uri, config.train.output)
+    print(f"MLflow: {store} (experiment {config.train.experiment})")
+    return 0

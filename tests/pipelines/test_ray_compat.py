@@ -1,0 +1,39 @@
+"""``pipelines.ray_compat``, the one module on Ray's private API: the Ray versions it was checked against, and
+what each of its pieces does on a real local Ray instance (the trainer's callbacks: ``test_local_ray.py``; the
+placement-group records of ``isa tune``: ``tests/tune``; the launcher and packaging rules: ``tests/infra``)."""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+from pipelines import ray_compat
+
+
+def test_the_installed_ray_is_one_this_module_was_checked_against():
+    assert ray.__version__ in ray_compat.CHECKED_RAY, (
+        f"Ray {ray.__version__} is installed; pipelines/ray_compat.py was checked against {ray_compat.CHECKED_RAY}: "
+        "check each private import there against this version, then add it"
+    )
+
+
+def test_actor_dead_tells_a_live_actor_from_a_killed_one(ray_session):
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def actor_id(self) -> str:
+            return ray.get_runtime_context().get_actor_id()
+
+    probe = Probe.remote()
+    actor_id = ray.get(probe.actor_id.remote())
+    assert ray_compat.actor_dead(actor_id) is False
+    ray.kill(probe)
+    deadline = time.monotonic() + 30
+    while not ray_compat.actor_dead(actor_id) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray_compat.actor_dead(actor_id) is True
+    assert ray_compat.actor_dead("") is False  # no id recorded: never taken for dead
+
+
+def test_without_a_dashboard_the_session_reports_none(ray_session):
+    assert ray_compat.has_dashboard() is False  # the test instance starts without one (conftest)
