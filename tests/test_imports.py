@@ -37,7 +37,7 @@ def test_isa_and_every_submodule_leave_ray_and_mlflow_out():
 
 def test_drivers_ray_helpers_and_data_tasks_leave_torch_out():
     # the drivers of embed, train, tune and the quickstart (before its evaluation); Ray Train's controller
-    # unpickles the backend and train_remote, Ray Data's coordinators train_remote and the teacher operator;
+    # unpickles the backend and the entry point (pipelines.train), Ray Data's coordinators the views and the tower;
     # data tasks run the views, the embed stage's decode and write tasks and its ledger actor
     modules = [
         "pipelines.embed",

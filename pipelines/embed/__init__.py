@@ -39,9 +39,13 @@ from pipelines.teacher import teacher_fingerprint
 # without a cap; uncapped, that is the writer, which hardly uses it, and decoding is held back.
 WRITERS = 2
 # Attempts of a decode task whose worker died. Ray Data's own default retries forever, so an image that
-# kills its decoding process would hold the job up for good. Ray 2.64 drops map_batches' free remote options
-# (max_retries among them; hence ray<2.64 in pyproject.toml).
+# kills its decoding process would hold the job up for good.
 DECODE_RETRIES = 3
+
+
+def decode_task_options() -> dict[str, int]:
+    """Remote options of every decode task (map_batches' ``ray_remote_args_fn``)."""
+    return {"max_retries": DECODE_RETRIES}
 
 
 @dataclass
@@ -177,9 +181,9 @@ def pipeline(input_uri: str, output: str, config: Config, manifest: Manifest, le
             batch_size=cache.decode_batch_size,
             fn_kwargs={"ledger": ledger, "output": output, "manifest": meta, "settings": settings},
             num_cpus=cache.decode_cpus,
-            # retried when its worker dies; a remote option the actors lack, so Ray Data never fuses decoding
-            # into the teacher actors (operators fuse only with equal remote options): it stays in CPU tasks
-            max_retries=DECODE_RETRIES,
+            # retried when its worker dies; and an operator with a remote-options function is never fused, so
+            # decoding stays in CPU tasks beside the teacher actors instead of running inside them
+            ray_remote_args_fn=decode_task_options,
         )
         .map_batches(
             TeacherEmbedder,

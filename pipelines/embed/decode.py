@@ -1,6 +1,6 @@
 """The CPU operators of ``isa embed``: the ledger actor, decode tasks and shard writers.
 
-None of them imports torch (the teacher actors live in ``pipelines/embed_teacher.py``), so the processes
+None of them imports torch (the teacher actors live in ``pipelines/embed/tower.py``), so the processes
 that run them stay small.
 
 Exactly once: the :class:`Ledger` knows which URIs the cache already holds (cached, rejected or

@@ -27,7 +27,7 @@ from isa.data.benchmarks import Benchmark, read_benchmark
 from isa.storage import filesystem
 from isa.teacher import Teacher
 from pipelines.eval import outputs as out
-from pipelines.eval import report as eval_report
+from pipelines.eval import report
 from pipelines.eval.cost import query_costs
 from pipelines.eval.gallery import EvalError, embed_benchmark, gallery_uri, load_distractors, load_embeddings
 from pipelines.eval.images import image_only_document
@@ -99,9 +99,9 @@ def encode_methods(benchmark: Benchmark, config: Config, checkpoints: list[str],
     modifiers = [q.modifiers for q in queries]
     refs, index = unique_references([q.reference for q in queries])
     uris = [benchmark.images[name] for name in refs]
-    batch, report = config.eval.batch_size, config.eval.report_queries
+    batch, reported = config.eval.batch_size, config.eval.report_queries
     options = task_options()
-    shown = max(index[:report], default=-1) + 1  # references whose attention maps the report shows
+    shown = max(index[:reported], default=-1) + 1  # references whose attention maps the report shows
     pending = [
         encode_student.options(**options).remote(path, config.teacher, uris, index, modifiers, batch, shown)
         for path in checkpoints
@@ -114,7 +114,7 @@ def encode_methods(benchmark: Benchmark, config: Config, checkpoints: list[str],
     methods = []
     for encoded in ray.get(pending):
         if encoded.attention is not None:  # keep the maps of the report's queries only, in query order
-            encoded.attention = encoded.attention[index[:report]]
+            encoded.attention = encoded.attention[index[:reported]]
         methods.append(encoded)
     if text is not None:
         text_emb = torch.tensor(ray.get(text))  # a copy: arrays from the object store are read-only
@@ -177,7 +177,7 @@ def run(config: Config) -> dict:
     files = {
         out.METRICS_FILE: json.dumps(document, indent=2),
         out.TABLE_FILE: table,
-        out.REPORT_FILE: eval_report.render(title, table, samples, images),
+        out.REPORT_FILE: report.render(title, table, samples, images),
     }
     for name, text in files.items():
         out.write_text(posixpath.join(config.eval.output, name), text)
@@ -231,7 +231,7 @@ def report_samples(benchmark: Benchmark, methods: list[Encoded], rankings: dict,
                 return samples
             results = {m.name: rankings[m.name][key].top[row][:5] for m in methods}
             attention = {m.name: m.attention[position] for m in methods if m.attention is not None}
-            samples.append(eval_report.Sample(query, results, attention))
+            samples.append(report.Sample(query, results, attention))
             position += 1
     return samples
 

@@ -413,7 +413,7 @@ def parse_sweep_stage(stage: str, args: list[str]) -> tuple:
     """(space, Config) as ``isa tune``'s own ``main`` parses and loads them, stopped before it starts Ray.
 
     The stage builds its parser inside ``main``; ``init_ray`` (called right after the sweep file loaded) is replaced
-    by an exception, so nothing runs. A config error makes ``main`` return 2 with the error on stderr instead.
+    by an exception, so nothing runs. A config error raises the stage's IsaError instead.
     """
     import tune.sweep
 

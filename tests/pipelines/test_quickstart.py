@@ -124,3 +124,30 @@ def test_quickstart_as_a_ray_job_on_a_head_node_with_token_auth(ray_session, hea
     assert "succeeded" in (job.stdout + job.stderr).lower()
     _check_outputs(output)
     assert time.monotonic() - started < 900
+
+
+def test_settings_come_from_the_shipped_file_and_a_copy_of_it_changes_them(tmp_path):
+    import yaml
+
+    from isa.config import ConfigError
+
+    args, overrides = quickstart.parse_args([str(tmp_path / "out"), "train.seed=7"])
+    config = quickstart.check(tmp_path / "out", args, overrides)
+    shipped = yaml.safe_load(quickstart.SETTINGS.read_text())
+    assert config.student.backbone == shipped["student"]["backbone"] == "mobilenetv3_large_100"
+    assert config.cache.local_grid == shipped["cache"]["local_grid"] and config.train.seed == 7
+    assert config.teacher.pretrained == str(quickstart.teacher_file(tmp_path / "out"))
+    assert config.train.max_steps == config.train.checkpoint_every == 300  # --train-steps' default
+    assert (
+        config.train.tracking_uri == config.eval.tracking_uri == f"sqlite:///{(tmp_path / 'out').resolve()}/mlflow.db"
+    )
+
+    edited = {**shipped, "train": {**shipped["train"], "lr": 5e-4}}
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(edited))
+    args, overrides = quickstart.parse_args([str(tmp_path / "out"), "--config", str(tmp_path / "mine.yaml")])
+    assert quickstart.check(tmp_path / "out", args, overrides).train.lr == 5e-4
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump({**shipped, "teacher": {"name": "ViT-B-32"}}))
+    args, overrides = quickstart.parse_args([str(tmp_path / "out"), "--config", str(tmp_path / "other.yaml")])
+    with pytest.raises(ConfigError, match="trains its own teacher"):
+        quickstart.check(tmp_path / "out", args, overrides)
+    assert not (tmp_path / "out").exists()  # refused before any work
