@@ -177,7 +177,7 @@ class TrainConfig:
     tracking_uri: str | None = None  # MLflow; None = MLFLOW_TRACKING_URI or SQLite in the output folder
     experiment: str = "isa"  # MLflow experiment name
     register_model: str | None = None  # register the final checkpoint under this MLflow model name
-    model_alias: str = "latest"  # alias given to the registered version
+    model_alias: str = "candidate"  # alias given to the registered version ("latest" is MLflow's own)
 
     def __post_init__(self) -> None:
         for key in ("global_batch_size", "num_workers", "checkpoint_every", "num_to_keep"):

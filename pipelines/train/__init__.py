@@ -142,9 +142,11 @@ def check(config: Config) -> Plan:
 
     Raises:
         TrainError: the cache is missing, empty, gallery-only, without the LAR grid or from another teacher; the
-            cluster is too small; the cache makes no step of the global batch.
+            cluster is too small; the cache makes no step of the global batch; MLflow's reserved model alias.
         IsaError: no tracking store can be chosen for a remote output.
     """
+    if config.train.register_model and config.train.model_alias.lower() == "latest":
+        raise TrainError("train.model_alias must not be 'latest': MLflow reserves that alias; choose another")
     fingerprint = teacher_fingerprint(config.teacher)
     parts, manifest = check_cache(config, fingerprint)
     check_resources(config)

@@ -56,3 +56,13 @@ def test_world_stage_writes_the_library_world(tmp_path):
     write_world(generate_world(3, 40, 12, 64), tmp_path / "lib")
     cli, lib = _digest(tmp_path / "cli"), _digest(tmp_path / "lib")
     assert cli == lib and "cirr/cirr/captions/cap.rc2.val.json" in cli
+
+
+def test_a_stage_error_is_one_line_and_exit_2_and_leaves_no_output(ray_session, tmp_path, capsys):
+    out = tmp_path / "cache"
+    code = main(
+        ["embed", str(tmp_path / "no-such-folder"), str(out), "--teacher", "isa-tiny-ViT", "--pretrained", "none"]
+    )
+    error = capsys.readouterr().err
+    assert code == 2 and error == f"isa embed: error: input not found: {tmp_path / 'no-such-folder'}\n"
+    assert not out.exists()  # refused before anything was written

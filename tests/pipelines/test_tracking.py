@@ -7,6 +7,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from isa.config import Config
 from isa.errors import IsaError
 from pipelines import tracking
 
@@ -46,14 +47,16 @@ def test_runs_params_and_the_rank_zero_tracker(tmp_path: Path):
     folder = tmp_path / "checkpoint"
     folder.mkdir()
     (folder / "state.json").write_text("{}")
-    tracker.finish(folder, {"config": {}}, "isa-student", "candidate")
+    alias = Config().train.model_alias  # the default alias is one MLflow accepts
+    tracker.finish(folder, {"config": {}}, "isa-student", alias)
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "train" and run.data.tags["t"] == "1"
     assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "loss")] == [(10, 2.5), (20, 1.5)]
     assert {f.path for f in client.list_artifacts(tracker.run_id)} == {"checkpoint", "config.json"}
-    version = client.get_model_version_by_alias("isa-student", "candidate")
+    version = client.get_model_version_by_alias("isa-student", alias)
     assert version.run_id == tracker.run_id and version.source.endswith("/checkpoint")
 
     again = tracking.RankZeroTracker(True, uri, "isa-test", "ignored", tracker.run_id)  # a resumed run
     assert again.run_id == tracker.run_id and client.get_run(tracker.run_id).info.status == "RUNNING"
     assert mlflow.active_run() is None  # no fluent state left behind
+

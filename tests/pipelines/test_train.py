@@ -256,6 +256,10 @@ def test_clear_errors_before_training(ray_session, train_cache, tmp_path, world_
     (empty / "_isa_cache.json").write_text((Path(train_cache) / "_isa_cache.json").read_text())
     with pytest.raises(TrainError, match="is empty"):
         run(_config(str(empty), tmp_path / "run"))
+    reserved = ["train.register_model=isa-student", "train.model_alias=Latest"]
+    with pytest.raises(TrainError, match="MLflow reserves that alias"):
+        run(_config(train_cache, tmp_path / "run", *reserved))
+    assert not (tmp_path / "run").exists()  # every refusal came before the run folder was made
 
 
 def test_input_wait_counts_the_waits_for_batches_not_the_loop_between_them():
