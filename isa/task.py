@@ -98,10 +98,20 @@ class DistillTask(nn.Module):
         with torch.no_grad():
             self.logit_scale.copy_(state["logit_scale"])
 
+    def _logit_scale_bounds(self) -> tuple[float, float]:
+        """log(1/τ) for τ at max_temperature and at min_temperature."""
+        return math.log(1 / self.weights.max_temperature), math.log(1 / self.weights.min_temperature)
+
     def current_logit_scale(self) -> torch.Tensor:
         """1/τ with τ clamped to [min_temperature, max_temperature]."""
-        low, high = math.log(1 / self.weights.max_temperature), math.log(1 / self.weights.min_temperature)
-        return self.logit_scale.clamp(low, high).exp()
+        return self.logit_scale.clamp(*self._logit_scale_bounds()).exp()
+
+    def clamp_temperature_(self) -> None:
+        """Bring the learned temperature back into [min_temperature, max_temperature], after each optimizer step
+        (as open_clip clamps its logit scale). Past a bound the clamped forward passes no gradient, so the raw
+        parameter would otherwise stay stuck wherever the step left it."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(*self._logit_scale_bounds())
 
     def query(self, sentence: torch.Tensor) -> torch.Tensor:
         """q = normalize(text_tower(train_prompt(S))): (B, D)."""

@@ -83,10 +83,10 @@ class Worker:
     task: DistillTask
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    tracker: RankZeroTracker
-    saved_config: dict  # a checkpoint's config.json: the config and the teacher's fingerprint
     total: int  # the run's optimizer steps
     step: int = 0
+    tracker: RankZeroTracker = field(default_factory=lambda: RankZeroTracker(False, "", "", "", None))
+    saved_config: dict = field(default_factory=dict)  # a checkpoint's config.json: config and teacher fingerprint
     window: dict[str, torch.Tensor] = field(default_factory=dict)  # loss name -> sum since the last record
     window_steps: int = 0
     clock: float | None = None  # end of this process's first step
@@ -121,33 +121,22 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
 
 def start(config: Config, loop_config: dict[str, Any]) -> Worker:
-    """Join the process group; build the teacher, student, task, optimizer and schedule; restore the last
-    checkpoint; open the record."""
+    """Join the process group; build the worker; restore the last checkpoint; wrap the student in DDP; open the
+    record."""
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    gpu = device.type == "cuda"
     if device.type == "cpu" and config.train.torch_threads:
         # Ray sets one thread per reserved CPU; light data tasks can leave the rest of a small machine idle
         torch.set_num_threads(config.train.torch_threads)
-    if gpu:
+    if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # the step's shapes never change: the fastest convolutions, found once
-    join_process_group("nccl" if gpu else "gloo", rank, world)
-    torch.manual_seed(config.train.seed + rank)
-    teacher = build_teacher(config.teacher, device)
-    task = build_task(config, teacher, build_student(config, teacher), rank, world).to(device)
-    groups = parameter_groups(
-        task, config.train.lr, config.train.backbone_lr, config.train.weight_decay, config.student.pretrained
-    )
-    optimizer = torch.optim.AdamW(groups, fused=gpu)  # fused: one kernel for all parameters
-    total = loop_config["total_steps"]
-    warmup = math.ceil(config.train.warmup_fraction * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
-    step, run_id = restore(task, optimizer, scheduler)
-    if world > 1:
-        task.student = ray.train.torch.prepare_model(task.student)  # DDP on the student only
-    tracker = RankZeroTracker(
+    join_process_group("nccl" if device.type == "cuda" else "gloo", rank, world)
+    worker = build(config, rank, world, device, loop_config["total_steps"])
+    worker.step, run_id = restore(worker.task, worker.optimizer, worker.scheduler)
+    distribute(worker)
+    worker.tracker = RankZeroTracker(
         rank == 0,
         loop_config["tracking_uri"],
         config.train.experiment,
@@ -155,11 +144,34 @@ def start(config: Config, loop_config: dict[str, Any]) -> Worker:
         run_id,
         loop_config.get("mlflow_tags"),
     )
-    if step == 0:
-        tracker.params(flatten(config))
-    task.train()
-    saved_config = {"config": to_dict(config), "teacher": loop_config["fingerprint"]}
-    return Worker(config, rank, world, device, task, optimizer, scheduler, tracker, saved_config, total, step)
+    if worker.step == 0:
+        worker.tracker.params(flatten(config))
+    worker.task.train()
+    worker.saved_config = {"config": to_dict(config), "teacher": loop_config["fingerprint"]}
+    return worker
+
+
+def build(config: Config, rank: int, world: int, device: torch.device, total: int) -> Worker:
+    """One worker's teacher, student, task, optimizer and schedule, before any checkpoint or DDP."""
+    torch.manual_seed(config.train.seed + rank)
+    teacher = build_teacher(config.teacher, device)
+    task = build_task(config, teacher, build_student(config, teacher), rank, world).to(device)
+    groups = parameter_groups(
+        task, config.train.lr, config.train.backbone_lr, config.train.weight_decay, config.student.pretrained
+    )
+    optimizer = torch.optim.AdamW(groups, fused=device.type == "cuda")  # fused: one kernel for all parameters
+    warmup = math.ceil(config.train.warmup_fraction * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
+    return Worker(config, rank, world, device, task, optimizer, scheduler, total)
+
+
+def distribute(worker: Worker) -> None:
+    """DDP on the student only (the teacher stays frozen outside it), on more than one worker: it starts every
+    rank from rank 0's weights and averages the student's gradients; :func:`step` does the same for the
+    temperature, which lives in the task."""
+    if worker.world > 1:
+        device_ids = [worker.device.index] if worker.gpu else None
+        worker.task.student = torch.nn.parallel.DistributedDataParallel(worker.task.student, device_ids=device_ids)
 
 
 def join_process_group(backend: str, rank: int, world: int) -> None:
@@ -230,10 +242,12 @@ def step(worker: Worker, batch: dict[str, torch.Tensor]) -> None:
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=worker.gpu):
         losses = worker.task(images, emb, local)
     worker.optimizer.zero_grad(set_to_none=True)
-    losses["loss"].backward()
-    if worker.config.train.grad_clip > 0:
+    losses["loss"].backward()  # DDP averages the student's gradients across the workers
+    average_temperature_gradient(worker)
+    if worker.config.train.grad_clip > 0:  # the same gradients on every rank: the same clipping
         torch.nn.utils.clip_grad_norm_(worker.task.trainable_parameters(), worker.config.train.grad_clip)
     worker.optimizer.step()
+    worker.task.clamp_temperature_()
     worker.scheduler.step()
     worker.step += 1
     if worker.clock is None:  # the rate counts from the end of this process's first step (start-up excluded)
@@ -243,6 +257,15 @@ def step(worker: Worker, batch: dict[str, torch.Tensor]) -> None:
     for name, value in losses.items():
         worker.window[name] = worker.window.get(name, 0.0) + value.detach().float()
     worker.window_steps += 1
+
+
+def average_temperature_gradient(worker: Worker) -> None:
+    """The temperature's gradient averaged over the workers, as DDP averages the student's, so every rank takes
+    the same step and holds the same temperature."""
+    grad = worker.task.logit_scale.grad
+    if worker.world > 1 and grad is not None:
+        torch.distributed.all_reduce(grad)
+        grad /= worker.world
 
 
 def record(worker: Worker) -> dict[str, float]:

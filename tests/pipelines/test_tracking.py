@@ -59,4 +59,3 @@ def test_runs_params_and_the_rank_zero_tracker(tmp_path: Path):
     again = tracking.RankZeroTracker(True, uri, "isa-test", "ignored", tracker.run_id)  # a resumed run
     assert again.run_id == tracker.run_id and client.get_run(tracker.run_id).info.status == "RUNNING"
     assert mlflow.active_run() is None  # no fluent state left behind
-
