@@ -202,6 +202,7 @@ class EvalConfig:
     batch_size: int = 256  # queries per forward
     report_queries: int = 8  # sample queries shown in report.html
     latency_runs: int = 20  # batch-1 CPU forwards timed per model for the cost table (0 = skip the cost table)
+    latency_threads: int = 2  # CPU threads while the cost table is timed (fixed, so tables compare)
     distractors: str | None = None  # cache of distractor images for gallery scaling
     distractor_counts: tuple[int, ...] = ()  # e.g. 1000,10000
     tracking_uri: str | None = None  # MLflow; None = MLFLOW_TRACKING_URI if set, else no logging
@@ -213,6 +214,7 @@ class EvalConfig:
         _require(
             self.report_queries >= 0 and self.latency_runs >= 0, "eval.report_queries", "and latency_runs must be >= 0"
         )
+        _require(self.latency_threads >= 1, "eval.latency_threads", "must be >= 1")
         _require(all(n >= 1 for n in self.distractor_counts), "eval.distractor_counts", "must be >= 1 each")
         _require(
             not self.distractor_counts or bool(self.distractors), "eval.distractors", "is needed with distractor_counts"

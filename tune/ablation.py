@@ -203,7 +203,9 @@ def row_costs(plan: Plan, trials: list[TrialRecord | None]) -> tuple[list[dict[s
     done = [t for t in trials if t is not None and t.status == "completed"]
     teacher = build_teacher(plan.config.teacher)
     runs = max(1, plan.config.eval.latency_runs)
-    measured = query_costs(teacher, [str(find_checkpoint(t.run_dir)) for t in done], runs)
+    measured = query_costs(
+        teacher, [str(find_checkpoint(t.run_dir)) for t in done], runs, plan.config.eval.latency_threads
+    )
     by_trial = {t.trial_id: c for t, c in zip(done, measured[1:])}
     costs = [by_trial.get(t.trial_id) if t is not None else None for t in trials]
     return [_cost_columns(c) if c else {} for c in costs], _cost_columns(measured[0])

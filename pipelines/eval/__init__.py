@@ -8,6 +8,7 @@ test-server files, ``metrics.json``, ``table.md``, ``report.html``, the query-si
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import posixpath
 import tempfile
@@ -171,7 +172,8 @@ def run(config: Config) -> dict:
     else:
         document, samples, images = cir_document(config, teacher, checkpoints)
     if config.eval.latency_runs:
-        document["cost"] = [c.__dict__ for c in query_costs(teacher, checkpoints, config.eval.latency_runs)]
+        costs = query_costs(teacher, checkpoints, config.eval.latency_runs, config.eval.latency_threads)
+        document["cost"] = [dataclasses.asdict(c) for c in costs]
     table = out.document_table(document)
     title = f"isa eval · {config.eval.benchmark} {config.eval.split}"
     files = {

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from isa.config import Config, flatten
+from isa.cost import GPU_BATCH
 from isa.storage import filesystem, write_bytes
 from pipelines import tracking
 
@@ -62,22 +63,29 @@ def metrics_table(rows: Mapping[str, Mapping[str, float]], columns: Sequence[str
 
 
 def cost_table(costs: Sequence[Mapping]) -> str:
-    """Markdown: query-image path parameters, GFLOPs and batch-1 CPU latency, with the speed-up over the first.
+    """Markdown: each query image path's parameters, GFLOPs, CPU batch-1 latency (median and fastest, all paths
+    timed interleaved) and its ratio to the first path's, and the GPU batch latency where one was measured.
 
     ``costs``: ``isa.cost.Cost`` fields as dicts (a metrics document's ``cost``).
     """
     if not costs:
         return ""
     base = costs[0]["latency_ms"]
-    lines = [
-        "| query image path | params (M) | GFLOPs | CPU latency, batch 1 (ms) | vs teacher |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    lines += [
-        f"| {c['name']} | {c['params'] / 1e6:.2f} | {c['gflops']:.3f} | {c['latency_ms']:.1f} | "
-        f"{base / c['latency_ms']:.1f}× |"
-        for c in costs
-    ]
+    threads = costs[0].get("threads")
+    cpu = f"CPU batch 1, {threads} threads" if threads else "CPU batch 1"
+    gpu = any(c.get("gpu_batch_ms") is not None for c in costs)
+    header = f"| query image path | params (M) | GFLOPs | {cpu}: median ms | fastest ms | vs teacher (median) |"
+    rule = "|---|---:|---:|---:|---:|---:|"
+    if gpu:
+        header += f" GPU batch {GPU_BATCH}, bf16 (ms) |"
+        rule += "---:|"
+    lines = [header, rule]
+    for c in costs:
+        line = (
+            f"| {c['name']} | {c['params'] / 1e6:.2f} | {c['gflops']:.3f} | {c['latency_ms']:.2f} | "
+            f"{_cell(c.get('latency_min_ms'))} | {base / c['latency_ms']:.1f}× |"
+        )
+        lines.append(line + (f" {_cell(c.get('gpu_batch_ms'))} |" if gpu else ""))
     return "\n".join(lines)
 
 

@@ -194,11 +194,15 @@ def test_cost_table_report_and_files(cirr_val):
     symmetric = build_student(_with(config, "student.backbone=symmetric"), teacher)
     assert symmetric_cost["params"] == tower + sum(p.numel() for p in symmetric.parameters())
     assert symmetric_cost["gflops"] > teacher_cost["gflops"]  # the teacher tower runs inside it
+    for cost in (teacher_cost, student_cost, symmetric_cost):  # timed interleaved, on a fixed thread count
+        assert 0 < cost["latency_min_ms"] <= cost["latency_ms"] and cost["threads"] == config.eval.latency_threads
+        assert cost["gpu_batch_ms"] is None  # no GPU here: no GPU row
     assert set(document["rows"]) >= {"mobilenetv3_large_100 + atl", "symmetric"}
     output = Path(config.eval.output)
     assert json.loads((output / "metrics.json").read_text())["rows"] == document["rows"]
     table = (output / "table.md").read_text()
     assert all(name in table for name in document["rows"]) and "R@50" in table
+    assert f"CPU batch 1, {config.eval.latency_threads} threads: median ms | fastest ms | vs teacher" in table
     report = (output / "report.html").read_text()
     assert report.count("data:image/jpeg;base64,") > 8 * 6  # reference, attention maps and top-5 per method
     assert "token 4" in report  # M = 4 attention maps of the checkpoint
