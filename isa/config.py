@@ -76,7 +76,6 @@ class PromptConfig:
     train_template: str = "a photo of {S}"  # {S}: the image sentence
     query_template: str = "a photo of {S} that {c}"  # {c}: the user's modifier text
     fashioniq_template: str = "a photo of {S} that {c1} and {c2}"  # both caption orders are averaged
-    domain_template: str = "a {domain} of {S}"  # domain conversion
     short_context: bool = True  # run only the positions a causal text tower needs
 
 
@@ -335,10 +334,17 @@ def _section_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+# keys no longer used that saved configs (checkpoints, run folders) may still hold: read and ignored, so those
+# configs load
+RETIRED_KEYS = frozenset({"prompt.domain_template"})
+
+
 def _build_section(name: str, cls: type, values: Mapping[str, Any], base: Any) -> Any:
     hints = _section_types(cls)
     changes = {}
     for key, value in values.items():
+        if f"{name}.{key}" in RETIRED_KEYS:
+            continue
         if key not in hints:
             raise ConfigError(f"unknown config key '{name}.{key}'; valid keys of '{name}': {sorted(hints)}")
         changes[key] = _coerce(f"{name}.{key}", value, hints[key])

@@ -38,7 +38,7 @@ class PromptError(IsaError):
 
 
 def fill_template(template: str, sentence_words: str, **fields: str) -> str:
-    """Replace ``{S}`` and named fields (``{c}``, ``{c1}``, ``{domain}`` ...) without ``str.format``.
+    """Replace ``{S}`` and named fields (``{c}``, ``{c1}``, ``{c2}`` ...) without ``str.format``.
 
     User text may hold braces, so only the known fields are replaced, each exactly once.
     """

@@ -98,3 +98,13 @@ def test_yaml_type_errors_and_bad_files(tmp_path):
     broken.write_text("train: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(broken)
+
+
+def test_a_saved_config_with_a_retired_key_still_loads():
+    from isa.config import RETIRED_KEYS, from_dict, to_dict
+
+    saved = to_dict(Config())
+    saved["prompt"]["domain_template"] = "a {domain} of {S}"  # what older checkpoints' config.json hold
+    assert "prompt.domain_template" in RETIRED_KEYS and from_dict(saved) == Config()
+    with pytest.raises(ConfigError, match="'prompt.domain_templat'"):
+        from_dict({"prompt": {"domain_templat": "x"}})  # a key that never existed is still refused

@@ -41,6 +41,7 @@ from isa.storage import filesystem, full_uri
 CIRR_SPLITS: dict[str, str] = {"train": "train", "val": "val", "test1": "test1", "test": "test1"}  # name -> file
 FASHIONIQ_SPLITS: tuple[str, ...] = ("train", "val", "test")
 FASHIONIQ_CATEGORIES: tuple[str, ...] = ("dress", "shirt", "toptee")
+FASHIONIQ_STRIP = ".?, "  # stripped from both ends of each caption (Pic2Word and SEARLE do the same)
 CIRCO_SPLITS: tuple[str, ...] = ("val", "test")
 TEST_SPLITS: frozenset[str] = frozenset({"test", "test1"})  # splits without targets
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -265,6 +266,15 @@ def read_fashioniq(root: str, split: str, categories: Sequence[str] = FASHIONIQ_
     has_targets = split not in TEST_SPLITS
     galleries = {category: _fashioniq_gallery(fs, base, category, split, files) for category in categories}
     queries = {category: _fashioniq_queries(fs, base, category, split, files, has_targets) for category in categories}
+    for category in categories:  # a target outside its gallery could never be found: a broken split, not a miss
+        gallery = set(galleries[category])
+        for query in queries[category]:
+            if query.target is not None and query.target not in gallery:
+                raise BenchmarkFormatError(
+                    f"{full_uri(fs, posixpath.join(base, 'captions', f'cap.{category}.{split}.json'))}: the target "
+                    f"{query.target!r} of query {query.query_id} is not in the {category} gallery "
+                    f"(image_splits/split.{category}.{split}.json)"
+                )
     used = [name for gallery in galleries.values() for name in gallery]
     used += [name for group in queries.values() for query in group for name in (query.reference, query.target)]
     images = {name: files[name] for name in dict.fromkeys(used) if name is not None}
@@ -328,8 +338,9 @@ def _fashioniq_query(
 ) -> Query:
     reference = _known(entry.get("candidate", str), files, entry.where, "candidate", listing)
     target = _known(entry.get("target", str), files, entry.where, "target", listing) if has_targets else None
-    modifiers = entry.get_list("captions", str)
-    if not modifiers:
+    # stripped of surrounding punctuation and spaces before they are joined, as the reference implementations do
+    modifiers = tuple(caption.strip(FASHIONIQ_STRIP) for caption in entry.get_list("captions", str))
+    if not modifiers or not all(modifiers):
         raise BenchmarkFormatError(f"{entry.where}: 'captions' is empty (expected [caption1, caption2])")
     return Query(
         query_id=query_id,

@@ -143,7 +143,7 @@ def test_fashioniq_matches_the_world(paths: WorldPaths, manifest: dict, split: s
             reference, target = _names(manifest, "fashioniq", [triplet["reference"], triplet["target"]])
             assert query.query_id == f"{category}/{index}" and query.category == category
             assert (query.reference, query.target, query.ground_truths) == (reference, target, (target,))
-            assert query.modifiers == (triplet["modifier"], triplet["modifier_alt"])
+            assert query.modifiers == (triplet["modifier"].strip(".?, "), triplet["modifier_alt"].strip(".?, "))
             assert query.reference in benchmark.galleries[category]  # the reference stays in the gallery
     _check_images(benchmark)
 
@@ -178,6 +178,31 @@ def test_fashioniq_image_without_a_file(paths: WorldPaths, tmp_path: Path) -> No
     (root / "images" / f"{asin}.png").unlink()
     with pytest.raises(BenchmarkFormatError, match=re.escape(asin)):
         read_fashioniq(str(root), "val")
+
+
+def test_fashioniq_captions_are_stripped_of_surrounding_punctuation(paths: WorldPaths, tmp_path: Path) -> None:
+    root = Path(shutil.copytree(paths.fashioniq, tmp_path / "fashioniq"))
+    captions = root / "captions" / "cap.dress.val.json"
+    entries = _load(captions)
+    entries[0]["captions"] = [" is red and shorter. ", "has long sleeves?,"]
+    captions.write_text(json.dumps(entries))
+    query = read_fashioniq(str(root), "val", categories=("dress",)).queries["dress"][0]
+    assert query.modifiers == ("is red and shorter", "has long sleeves")
+    entries[0]["captions"] = ["is red", " .? "]  # nothing left of a caption: refused, naming the entry
+    captions.write_text(json.dumps(entries))
+    with pytest.raises(BenchmarkFormatError, match="'captions' is empty"):
+        read_fashioniq(str(root), "val", categories=("dress",))
+
+
+def test_fashioniq_target_outside_its_category_gallery_is_refused(paths: WorldPaths, tmp_path: Path) -> None:
+    root = Path(shutil.copytree(paths.fashioniq, tmp_path / "fashioniq"))
+    target = _load(root / "captions" / "cap.dress.val.json")[0]["target"]
+    split = root / "image_splits" / "split.dress.val.json"
+    split.write_text(json.dumps([name for name in _load(split) if name != target]))  # its file stays in images/
+    with pytest.raises(
+        BenchmarkFormatError, match=rf"target '{re.escape(target)}' of query dress/0 is not in the dress"
+    ):
+        read_fashioniq(str(root), "val", categories=("dress",))
 
 
 # ------------------------------------------------------------------------------------------------ CIRCO
