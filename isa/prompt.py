@@ -1,14 +1,15 @@
 """Prompt composition: splice the image sentence into a prompt for the frozen text tower (docs/method.md §3).
 
-A template such as ``"a photo of {S} that {c}"`` is filled with the modifier text ``{c}`` and, for
-``{S}``, ``M`` copies of one placeholder word. The placeholder's token id is resolved through the
-teacher's tokenizer (never hard-coded); its ``M`` positions in the tokenized prompt receive the sentence
-``S (B, M, w)`` in place of their token embeddings, before positional embeddings are added. Everything
-after that is the teacher's own text tower.
+A template such as ``"a photo of {S} that {c}"`` becomes token ids piece by piece: the literal text and the
+modifier text ``{c}`` tokenized each on its own, and for ``{S}`` ``M`` slots holding one placeholder word's id
+(resolved through the teacher's tokenizer, never hard-coded). The slots' positions are known from the assembly,
+never searched for, and receive the sentence ``S (B, M, w)`` in place of their token embeddings, before
+positional embeddings are added. Everything after that is the teacher's own text tower.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,28 +38,41 @@ class PromptError(IsaError):
     """A template, placeholder or modifier text cannot be composed into a prompt."""
 
 
-def fill_template(template: str, sentence_words: str, **fields: str) -> str:
-    """Replace ``{S}`` and named fields (``{c}``, ``{c1}``, ``{c2}`` ...) without ``str.format``.
+FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")  # a template's fields: {S}, {c}, {c1} ...
 
-    User text may hold braces, so only the known fields are replaced, each exactly once.
+
+def template_parts(template: str) -> list[tuple[str, str]]:
+    """A template as its pieces in order: ``("text", literal)``, ``("sentence", "S")`` or ``("field", name)``.
+
+    Raises:
+        PromptError: no ``{S}``, or more than one.
     """
-    if SENTENCE_FIELD not in template:
-        raise PromptError(f"template {template!r} has no {SENTENCE_FIELD} field for the image sentence")
-    text = template.replace(SENTENCE_FIELD, sentence_words)
-    for name, value in fields.items():
-        field = "{" + name + "}"
-        if field not in template:
-            raise PromptError(f"template {template!r} has no {field} field")
-        text = text.replace(field, value)
-    return text
+    parts: list[tuple[str, str]] = []
+    at = 0
+    for match in FIELD.finditer(template):
+        parts.append(("text", template[at : match.start()]))
+        name = match.group(1)
+        parts.append(("sentence", name) if "{" + name + "}" == SENTENCE_FIELD else ("field", name))
+        at = match.end()
+    parts.append(("text", template[at:]))
+    sentences = sum(kind == "sentence" for kind, _ in parts)
+    if sentences != 1:
+        raise PromptError(f"template {template!r} must hold one {SENTENCE_FIELD} field for the image sentence")
+    return parts
 
 
 class PromptComposer:
     """Composes prompts with spliced image sentences and encodes them with the teacher's text tower.
 
+    A prompt's token ids are assembled piece by piece: each literal piece of the template and each field's text
+    is tokenized on its own, and the sentence's ``M`` slots are placed between them by position. So the slots
+    never depend on how the tokenizer treats the characters next to them (BPE would merge ``*,`` into one
+    token), and no text can create or remove a slot, whatever it holds (``*``, braces, any language).
+
     Args:
         teacher: the frozen teacher whose tokenizer and text tower are used.
-        placeholder: a word the tokenizer maps to exactly one token.
+        placeholder: a word the tokenizer maps to exactly one token; its id fills the slots (their embeddings
+            are replaced by the sentence's).
         short_context: run only as many positions as the longest prompt needs (causal towers with
             EOT/EOS pooling only; the result is the same as with the full context).
     """
@@ -66,14 +80,39 @@ class PromptComposer:
     def __init__(self, teacher: Teacher, placeholder: str = "*", short_context: bool = True):
         self.teacher = teacher
         self.placeholder = placeholder
+        self.prefix, self.suffix, self.pad = self._frame()
+        self.context = int(teacher.tokenize([""]).shape[1])  # positions of the text tower
         self.placeholder_id = self._resolve_placeholder(placeholder)
         self.short_context = short_context and teacher.text_tower.truncatable
         self._fixed: dict[tuple[str, int], Prompts] = {}  # on the host
         self._fixed_on: dict[tuple[str, int, torch.device], Prompts] = {}  # the same, moved to a device
 
+    def _frame(self) -> tuple[list[int], list[int], int]:
+        """The ids the tokenizer puts before and after every text (CLIP: start and end of text) and its padding."""
+        empty, word = (row.tolist() for row in self.teacher.tokenize(["", "a"]))
+        pad = empty[-1]
+        frame = empty[: max(i for i, token in enumerate(empty) if token != pad) + 1]
+        common = 0
+        while common < len(frame) and frame[common] == word[common]:
+            common += 1
+        prefix, suffix = frame[:common], frame[common:]
+        if not suffix or suffix[-1] == pad:
+            raise PromptError(f"the tokenizer of teacher {self.teacher.name} ends a text with no token of its own")
+        return prefix, suffix, pad
+
+    def _pieces(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's own token ids, without the frame (any frame token inside a text is left out)."""
+        if not texts:
+            return []
+        frame = set(self.prefix) | set(self.suffix)
+        pieces = []
+        for row in self.teacher.tokenize(list(texts)).tolist():
+            end = max(i for i, token in enumerate(row) if token != self.pad) + 1 - len(self.suffix)
+            pieces.append([token for token in row[len(self.prefix) : end] if token not in frame])
+        return pieces
+
     def _resolve_placeholder(self, word: str) -> int:
-        special = set(self.teacher.tokenize([""])[0].tolist())
-        ids = [i for i in self.teacher.tokenize([word])[0].tolist() if i not in special]
+        (ids,) = self._pieces([word])
         if len(ids) != 1:
             raise PromptError(
                 f"placeholder {word!r} is {len(ids)} tokens for teacher {self.teacher.name}; choose a word "
@@ -81,72 +120,68 @@ class PromptComposer:
             )
         return ids[0]
 
-    def tokenize(self, template: str, num_tokens: int, texts: Sequence[dict[str, str]] | None = None) -> torch.Tensor:
-        """Token ids of filled prompts, each holding exactly ``num_tokens`` placeholders: (B, context).
+    def prompts(self, template: str, num_tokens: int, texts: Sequence[dict[str, str]] | None = None) -> Prompts:
+        """Token ids of the filled prompts (on the host), each with ``num_tokens`` slots for the sentence.
 
         Args:
-            template: a template with ``{S}`` and optionally other fields.
+            template: a template with one ``{S}`` and optionally other fields.
             num_tokens: M, the sentence length.
-            texts: one mapping of field values per prompt; None for a template without other fields
-                (the ids are then computed once and reused).
+            texts: one mapping of field values per prompt; None for a template without other fields (the
+                prompt is made once and reused).
+
+        Raises:
+            PromptError: a field without a value or a value without its field, or a prompt so long that the
+                sentence would be cut at the context length.
         """
         if texts is None:
-            return self._host_prompts(template, num_tokens).ids
-        words = " ".join([self.placeholder] * num_tokens)
-        return self._checked_ids([fill_template(template, words, **fields) for fields in texts], num_tokens)
+            key = (template, num_tokens)
+            if key not in self._fixed:
+                self._fixed[key] = self._assemble(template, num_tokens, [{}])
+            return self._fixed[key]
+        return self._assemble(template, num_tokens, texts)
 
-    def _host_prompts(self, template: str, num_tokens: int) -> Prompts:
-        """:meth:`prompts` of a template without other fields, made once per template and M."""
-        key = (template, num_tokens)
-        if key not in self._fixed:
-            words = " ".join([self.placeholder] * num_tokens)
-            self._fixed[key] = self.prompts(self._checked_ids([fill_template(template, words)], num_tokens), num_tokens)
-        return self._fixed[key]
-
-    def _checked_ids(self, prompts: list[str], num_tokens: int) -> torch.Tensor:
-        ids = self.teacher.tokenize(prompts)
-        counts = (ids == self.placeholder_id).sum(dim=1)
-        bad = (counts != num_tokens).nonzero().flatten().tolist()
-        if bad:
-            first = prompts[bad[0]]
-            raise PromptError(
-                f"prompt {first!r} holds {int(counts[bad[0]])} placeholder tokens instead of {num_tokens}: the "
-                f"text contains the placeholder word {self.placeholder!r} or was cut at the context length"
-            )
-        return ids
-
-    def prompts(self, ids: torch.Tensor, num_tokens: int) -> Prompts:
-        """Host ids with their placeholders' positions and the positions the tower must run.
-
-        Everything that reads the ids' values is done here, on the host, so that composing on a GPU never
-        waits for the device: no host read of a device value, no output whose size depends on values.
-        """
-        ids = ids.cpu()
-        rows, slots = (ids == self.placeholder_id).nonzero(as_tuple=True)
-        if not torch.equal(rows.bincount(minlength=ids.shape[0]), torch.full((ids.shape[0],), num_tokens)):
-            raise PromptError(f"every prompt must hold exactly {num_tokens} placeholder tokens {self.placeholder!r}")
-        needed = int(self.teacher.text_tower.pool_positions(ids).max()) + 1 if self.short_context else ids.shape[1]
-        return Prompts(ids, slots.view(ids.shape[0], num_tokens), needed)
+    def _assemble(self, template: str, num_tokens: int, texts: Sequence[dict[str, str]]) -> Prompts:
+        parts = template_parts(template)
+        fields = [name for kind, name in parts if kind == "field"]
+        for values in texts:
+            if set(values) != set(fields):
+                missing, extra = sorted(set(fields) - set(values)), sorted(set(values) - set(fields))
+                raise PromptError(f"template {template!r} has fields {fields}: missing {missing}, unknown {extra}")
+        literals = self._pieces([text for kind, text in parts if kind == "text"])
+        values = iter(self._pieces([row[name] for row in texts for name in fields]))
+        context = self.context
+        room = context - len(self.prefix) - len(self.suffix)
+        rows, slots = [], []
+        for _ in texts:
+            body: list[int] = []
+            literal = iter(literals)
+            for kind, _name in parts:
+                if kind == "text":
+                    body += next(literal)
+                elif kind == "field":
+                    body += next(values)
+                else:
+                    start = len(body)
+                    body += [self.placeholder_id] * num_tokens
+                    slots.append(list(range(len(self.prefix) + start, len(self.prefix) + start + num_tokens)))
+            if slots[-1] and len(self.prefix) + room <= slots[-1][-1]:
+                raise PromptError(
+                    f"a prompt of template {template!r} is longer than the text tower's {context} positions before "
+                    "the end of the image sentence: shorten its text"
+                )
+            row = self.prefix + body[:room] + self.suffix
+            rows.append(row + [self.pad] * (context - len(row)))
+        ids = torch.tensor(rows, dtype=torch.long)  # (B, context)
+        needed = int(self.teacher.text_tower.pool_positions(ids).max()) + 1 if self.short_context else context
+        return Prompts(ids, torch.tensor(slots, dtype=torch.long).view(len(rows), num_tokens), needed)
 
     def fixed_prompts(self, template: str, num_tokens: int, device: torch.device) -> Prompts:
         """:meth:`prompts` of a template without other fields on ``device``, made once per template, M and device
         (no copy from the host per call)."""
         key = (template, num_tokens, torch.device(device))
         if key not in self._fixed_on:
-            self._fixed_on[key] = self._host_prompts(template, num_tokens).to(device)
+            self._fixed_on[key] = self.prompts(template, num_tokens).to(device)
         return self._fixed_on[key]
-
-    def encode(self, sentence: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Splice the sentence into the prompts and run the text tower.
-
-        Args:
-            sentence: (B, M, w) pseudo-word embeddings.
-            ids: (B, context) or (1, context) token ids from :meth:`tokenize` with M placeholders per row.
-
-        Returns:
-            L2-normalized text embeddings (B, D).
-        """
-        return self.encode_prompts([sentence], [self.prompts(ids, sentence.shape[1]).to(sentence.device)])[0]
 
     def encode_prompts(self, sentences: Sequence[torch.Tensor], prompts: Sequence[Prompts]) -> list[torch.Tensor]:
         """Several sentences, each spliced into its prompts, through one pass of the text tower.
@@ -162,6 +197,11 @@ class PromptComposer:
         Returns:
             L2-normalized text embeddings, (B_i, D) each.
         """
+        for sentence, p in zip(sentences, prompts):
+            if p.slots.shape[1] != sentence.shape[1]:
+                raise PromptError(
+                    f"prompts with {p.slots.shape[1]} slots cannot take a sentence of {sentence.shape[1]}"
+                )
         length = max(p.needed for p in prompts)
         sizes = [s.shape[0] for s in sentences]
         ids = torch.cat([p.ids[:, :length].expand(n, -1) for p, n in zip(prompts, sizes)])  # (N, L)
@@ -180,11 +220,12 @@ class PromptComposer:
     def compose(
         self, sentence: torch.Tensor, template: str, texts: Sequence[dict[str, str]] | None = None
     ) -> torch.Tensor:
-        """``encode(sentence, tokenize(template, M, texts))``: L2-normalized (B, D)."""
+        """The sentence spliced into the template's prompts (one per ``texts`` row) and encoded: (B, D), normalized."""
         if texts is None:
             prompts = self.fixed_prompts(template, sentence.shape[1], sentence.device)
-            return self.encode_prompts([sentence], [prompts])[0]
-        return self.encode(sentence, self.tokenize(template, sentence.shape[1], texts))
+        else:
+            prompts = self.prompts(template, sentence.shape[1], texts).to(sentence.device)
+        return self.encode_prompts([sentence], [prompts])[0]
 
     def encode_words(self, sentence: torch.Tensor, template: str) -> torch.Tensor:
         """Each word of each sentence alone in a template (LAR's ``a photo of {s_im}``).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from isa.prompt import PromptComposer, PromptError, fill_template
+from isa.prompt import PromptComposer, PromptError, template_parts
 
 
 def _word_embedding(teacher, word: str) -> torch.Tensor:
@@ -25,6 +25,9 @@ def _word_embedding(teacher, word: str) -> torch.Tensor:
             "a photo of dog that is red and has long sleeves",
         ),
         ("{S}", None, "dog"),
+        ("a photo of {S}, {c}", {"c": "is red"}, "a photo of dog, is red"),  # Pic2Word's: BPE merges "*,"
+        ("{S}. {c}?", {"c": "ist rot und hat lange Ärmel"}, "dog. ist rot und hat lange Ärmel?"),
+        ("a {domain} of {S}", {"domain": "sketch"}, "a sketch of dog"),  # domain conversion's form
     ],
 )
 def test_real_word_in_place_of_placeholder_reproduces_encode_text(teacher, short_context, template, fields, reference):
@@ -47,7 +50,7 @@ def test_short_context_equals_full_context(teacher):
         a = short.compose(sentence, "a photo of {S} that {c}", texts)
         b = full.compose(sentence, "a photo of {S} that {c}", texts)
     assert (a - b).abs().max().item() <= 1e-5
-    ids = short.tokenize("a photo of {S} that {c}", 4, texts)
+    ids = short.prompts("a photo of {S} that {c}", 4, texts).ids
     assert int(teacher.text_tower.pool_positions(ids).max()) + 1 < ids.shape[1]  # really shorter
 
 
@@ -61,8 +64,9 @@ def test_gradient_reaches_the_sentence_but_not_the_teacher(teacher):
 
 def test_placeholder_positions_and_words(teacher):
     composer = PromptComposer(teacher)
-    ids = composer.tokenize("a photo of {S}", 4)
-    assert int((ids == composer.placeholder_id).sum()) == 4
+    prompts = composer.prompts("a photo of {S}", 4)
+    assert int((prompts.ids == composer.placeholder_id).sum()) == 4
+    assert prompts.slots.tolist() == [[4, 5, 6, 7]]  # after the start token and "a photo of"
     assert composer.placeholder_id == teacher.tokenize(["*"])[0, 1].item()  # resolved, not hard-coded
     words = torch.randn(2, 3, teacher.word_dim)
     with torch.no_grad():
@@ -91,11 +95,10 @@ def test_prompts_of_several_lengths_in_one_pass_equal_a_pass_each(teacher):
     words = torch.randn(5, 1, teacher.word_dim)  # one word each: a shorter prompt
     edited = torch.randn(2, 2, teacher.word_dim)  # a modifier text per row: the longest prompts
     texts = [{"c": "is blue"}, {"c": "has a much longer modifier than the other prompt of this batch"}]
-    long_ids = composer.tokenize("a photo of {S} that {c}", 2, texts)
     parts = [
         composer.fixed_prompts("a photo of {S}", 4, query.device),
         composer.fixed_prompts("a photo of {S}", 1, words.device),
-        composer.prompts(long_ids, 2),
+        composer.prompts("a photo of {S} that {c}", 2, texts),
     ]
     assert len({p.needed for p in parts}) == 3
     with torch.no_grad():
@@ -113,11 +116,46 @@ def test_errors_are_clear(teacher):
     with pytest.raises(PromptError, match="exactly one token"):
         PromptComposer(teacher, placeholder="photosynthesis-placeholder")
     composer = PromptComposer(teacher)
-    with pytest.raises(PromptError, match="placeholder word"):
-        composer.tokenize("a photo of {S} that {c}", 2, [{"c": "has a * on it"}])
-    ids = composer.tokenize("a photo of {S}", 2)
-    with pytest.raises(PromptError, match="exactly 3 placeholder tokens"):
-        composer.encode(torch.zeros(1, 3, teacher.word_dim), ids)
-    with pytest.raises(PromptError, match="no \\{S\\} field"):
-        fill_template("a photo", "*")
-    assert fill_template("a {S} that {c}", "* *", c="has {braces}") == "a * * that has {braces}"
+    prompts = composer.prompts("a photo of {S}", 2)
+    with pytest.raises(PromptError, match="2 slots cannot take a sentence of 3"):
+        composer.encode_prompts([torch.zeros(1, 3, teacher.word_dim)], [prompts])
+    with pytest.raises(PromptError, match="one \\{S\\} field"):
+        template_parts("a photo")
+    with pytest.raises(PromptError, match="one \\{S\\} field"):
+        template_parts("{S} and {S}")
+    with pytest.raises(PromptError, match=r"missing \['c'\], unknown \['d'\]"):
+        composer.prompts("a photo of {S} that {c}", 2, [{"d": "x"}])
+    with pytest.raises(PromptError, match="longer than the text tower's"):
+        composer.prompts("{c} {S}", 2, [{"c": "word " * composer.context}])  # the text would push the slots out
+    long = composer.prompts("{S} {c}", 2, [{"c": "word " * composer.context}])  # a long text after them is cut
+    assert long.slots.tolist() == [[1, 2]] and long.ids.shape[1] == composer.context
+
+
+# modifier texts that must neither create nor remove a slot, in any script; each keeps its own tokens
+TRICKY = [
+    "has a * on it",
+    "{c} and {S} in braces",
+    "*,*, **",
+    "is red!?.,",
+    "ist rot, mit Ärmeln",
+    "赤いドレス",
+    "🙂 *",
+]
+
+
+@pytest.mark.parametrize("modifier", TRICKY)
+def test_user_text_never_makes_or_breaks_a_slot(teacher, modifier):
+    composer = PromptComposer(teacher)
+    prompts = composer.prompts("a photo of {S}, {c}", 3, [{"c": modifier}])
+    assert prompts.slots.tolist() == [[4, 5, 6]]
+    ids = prompts.ids[0].tolist()
+    end = teacher.tokenize([""])[0, 1].item()  # the end-of-text token
+    row = teacher.tokenize([modifier])[0].tolist()
+    own = row[1 : row.index(end)]  # the text tokenized alone
+    comma = teacher.tokenize([","])[0, 1].item()
+    assert ids[7] == comma and ids[8 : 8 + len(own) + 1] == [*own, end]  # "," then the text's own tokens
+    sentence = _word_embedding(teacher, "dog").view(1, 1, -1).expand(1, 3, -1)
+    with torch.no_grad():
+        got = composer.compose(sentence, "a photo of {S}, {c}", [{"c": modifier}])
+        expected = teacher.encode_text(teacher.tokenize([f"a photo of dog dog dog, {modifier}"]))
+    assert (got - expected).abs().max().item() <= 1e-5  # the text's "*" keeps its own embedding
