@@ -105,6 +105,23 @@ def teacher_crop(preprocess: dict[str, Any]) -> Callable[[Image.Image], Image.Im
     return crop_transform(preprocess)
 
 
+def teacher_frame(width: int, height: int, preprocess: dict[str, Any]) -> tuple[float, float, float, float]:
+    """What :func:`teacher_crop` sees of a ``width`` x ``height`` image: ``(x0, y0, x1, y1)`` as fractions of
+    the image's width and height (beyond [0, 1] where the teacher pads).
+
+    The teacher's local grid (``teacher_local``, g x g cells, row-major) tiles this frame; a student view of
+    the same image at any size and aspect (the cached JPEG keeps the original's) locates the cells with it.
+    """
+    target_width, target_height = preprocess["size"]
+    mode = preprocess["resize_mode"]
+    if mode == "squash":
+        return 0.0, 0.0, 1.0, 1.0
+    # shortest: scaled to cover the target, centre-cropped; longest: scaled to fit inside it, padded
+    scale = (max if mode == "shortest" else min)(target_width / width, target_height / height)
+    frame_width, frame_height = target_width / scale / width, target_height / scale / height
+    return (1 - frame_width) / 2, (1 - frame_height) / 2, (1 + frame_width) / 2, (1 + frame_height) / 2
+
+
 def encode_jpeg(image: Image.Image, quality: int = 90) -> bytes:
     """JPEG bytes of an RGB image."""
     buffer = io.BytesIO()

@@ -32,11 +32,22 @@ def all_gather_with_grad(features: torch.Tensor) -> torch.Tensor:
     return gather(features.contiguous(), 0, dist.group.WORLD)
 
 
-def symmetric_info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
-    """Symmetric InfoNCE of matching rows of ``a`` (N, D) and ``b`` (N, D), both L2-normalized."""
+def symmetric_info_nce(
+    a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Symmetric InfoNCE of matching rows of ``a`` (N, D) and ``b`` (N, D), both L2-normalized.
+
+    ``valid`` (N,) bool leaves pairs out, both as positives and as negatives (without a host sync: the rows
+    stay, masked); the loss is the mean over the valid pairs, 0 when there is none.
+    """
     logits = logit_scale * a @ b.T  # (N, N)
     labels = torch.arange(a.shape[0], device=a.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    if valid is None:
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    keep = valid[:, None] & valid[None, :]
+    logits = logits.float().masked_fill(~keep, -1e9)  # a masked pair weighs exp(-1e9) = 0
+    rows = F.cross_entropy(logits, labels, reduction="none") + F.cross_entropy(logits.T, labels, reduction="none")
+    return (rows * valid).sum() / (2 * valid.sum().clamp_min(1))
 
 
 class GCDLoss(nn.Module):
@@ -70,22 +81,50 @@ class GCDLoss(nn.Module):
         return (F.cross_entropy(query_logits, labels) + F.cross_entropy(target_logits, labels)) / 2
 
 
-def attended_local_features(attention: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """What each token sees: ``u = normalize(Â · P)`` (docs/method.md §4, LAR).
+def attended_local_features(
+    attention: torch.Tensor, local: torch.Tensor, cells: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What each token sees: ``u = normalize(Â · P)`` (docs/method.md §4, LAR), with ``Â`` the token's attention
+    brought onto the teacher's cells.
+
+    Each teacher cell receives the attention mass of the part of the view it covers (student grid cells
+    weighted by the share of them inside it), so a flipped or off-centre view compares the regions that
+    correspond, and cells the view does not show receive none.
 
     Args:
-        attention: (B, K, h, w) attention maps of K tokens over the student's feature grid.
+        attention: (B, K, h, w) attention maps of K tokens over the student's feature grid (each sums to 1).
         local: (B, G, D) teacher local features on a ``g x g`` grid, ``G = g*g``, row-major.
+        cells: (B, G, 4) each teacher cell in the view, ``(u0, v0, u1, v1)`` fractions of its width and height
+            (:func:`isa.augment.teacher_cells_in_view`); None: the view is the teacher's own frame.
 
     Returns:
-        (B, K, D) L2-normalized.
+        (B, K, D) L2-normalized features and (B, K) the share of each map's attention on the teacher's cells
+        (0 where the view shows none of them: such a feature is meaningless).
     """
     grid = math.isqrt(local.shape[1])
     if grid * grid != local.shape[1]:
         raise ValueError(f"teacher_local has {local.shape[1]} cells, not a square grid")
-    resized = F.adaptive_avg_pool2d(attention.float(), grid).flatten(2)  # (B, K, G): area resize
-    resized = resized / resized.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-    return F.normalize(resized @ local.float(), dim=-1)
+    if cells is None:
+        edges = torch.arange(grid + 1, device=attention.device, dtype=torch.float32) / grid  # made on the device
+        low, high = edges[:-1], edges[1:]  # (g,): cell (i, j) spans columns j and rows i, row-major
+        own = torch.stack(
+            [low.repeat(grid), low.repeat_interleave(grid), high.repeat(grid), high.repeat_interleave(grid)], -1
+        )
+        cells = own.expand(attention.shape[0], -1, -1)  # (B, G, 4)
+    cells = cells.float()
+    across = _coverage(cells[..., 0], cells[..., 2], attention.shape[3])  # (B, G, w)
+    down = _coverage(cells[..., 1], cells[..., 3], attention.shape[2])  # (B, G, h)
+    mass = torch.einsum("bkhw,bgh,bgw->bkg", attention.float(), down, across)  # (B, K, G)
+    share = mass.sum(dim=-1)  # (B, K)
+    weights = mass / share[..., None].clamp_min(1e-12)
+    return F.normalize(weights @ local.float(), dim=-1), share
+
+
+def _coverage(low: torch.Tensor, high: torch.Tensor, cells: int) -> torch.Tensor:
+    """Which share of each of ``cells`` equal intervals of [0, 1] lies inside [low, high]: (..., cells)."""
+    edges = torch.arange(cells + 1, device=low.device, dtype=low.dtype) / cells
+    inside = torch.minimum(high[..., None], edges[1:]) - torch.maximum(low[..., None], edges[:-1])
+    return inside.clamp_min(0) * cells
 
 
 def relational_kl(

@@ -118,7 +118,11 @@ class DistillTask(nn.Module):
         return self.composer.compose(sentence, self.train_template)
 
     def forward(
-        self, images: torch.Tensor, teacher_emb: torch.Tensor, teacher_local: torch.Tensor | None = None
+        self,
+        images: torch.Tensor,
+        teacher_emb: torch.Tensor,
+        teacher_local: torch.Tensor | None = None,
+        cells: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Named losses of one local batch.
 
@@ -126,6 +130,8 @@ class DistillTask(nn.Module):
             images: (B, 3, H, W) student views in [0, 1].
             teacher_emb: (B, D) cached L2-normalized teacher embeddings g.
             teacher_local: (B, G, D) cached teacher local grid; required when λ > 0.
+            cells: (B, G, 4) where each teacher cell lies in each view (:func:`isa.augment.teacher_cells_in_view`);
+                None: every view is the teacher's own frame.
         """
         out = self.student(images)
         sentence = out.sentence  # (B, M, w)
@@ -143,8 +149,10 @@ class DistillTask(nn.Module):
         losses = {"gcd": self.gcd(query, target, scale)}
         total = losses["gcd"]
         if said is not None:
-            seen = attended_local_features(maps, teacher_local).to(said.dtype).flatten(0, 1)  # (B*k, D)
-            losses["lar"] = symmetric_info_nce(said, seen, 1 / self.weights.lar_temperature)
+            seen, share = attended_local_features(maps, teacher_local, cells)  # (B, k, D), (B, k)
+            seen = seen.to(said.dtype).flatten(0, 1)  # (B*k, D)
+            valid = share.flatten() > 0  # a view that shows none of the teacher's cells has nothing to align
+            losses["lar"] = symmetric_info_nce(said, seen, 1 / self.weights.lar_temperature, valid)
             total = total + self.weights.lar * losses["lar"]
         if self.weights.rel > 0:
             all_target = self.gcd.gather(target) if self.gcd.world_size > 1 else target

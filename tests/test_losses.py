@@ -97,7 +97,8 @@ def test_attended_local_features_matches_explicit_pooling():
     torch.manual_seed(1)
     attention = torch.softmax(torch.randn(2, 3, 16), dim=-1).view(2, 3, 4, 4)  # student grid 4x4
     local = _unit(2, 4, 6)  # teacher grid 2x2
-    got = attended_local_features(attention, local)
+    got, share = attended_local_features(attention, local)
+    torch.testing.assert_close(share, torch.ones(2, 3))  # the view is the teacher frame: all attention lands
     for b in range(2):
         for m in range(3):
             cells = torch.stack(

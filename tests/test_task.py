@@ -74,7 +74,7 @@ def test_losses_match_their_definitions(teacher):
         scale = 1 / 0.07
         gcd = symmetric_info_nce(q, g, scale)
         said = task.composer.encode_words(out.sentence, "a photo of {S}").flatten(0, 1)  # every token, in order
-        seen = attended_local_features(out.attention, local).flatten(0, 1)
+        seen = attended_local_features(out.attention, local)[0].flatten(0, 1)
         lar = symmetric_info_nce(said, seen, 1 / 0.07)
     assert set(losses) == {"loss", "gcd", "lar", "rel", "word", "temperature"}
     torch.testing.assert_close(losses["gcd"], gcd, rtol=0, atol=1e-5)
@@ -82,6 +82,21 @@ def test_losses_match_their_definitions(teacher):
     total = losses["gcd"] + 0.3 * losses["lar"] + 0.5 * losses["rel"] + 0.2 * losses["word"]
     torch.testing.assert_close(losses["loss"], total, rtol=0, atol=1e-6)
     assert float(losses["temperature"]) == pytest.approx(0.07)
+
+
+def test_lar_leaves_out_a_view_that_shows_no_teacher_cell(teacher):
+    task, _ = _task(teacher, "loss.lar_tokens_per_image=4")
+    task.eval()
+    images, g, local = _batch(teacher)  # 4 views, a 2x2 teacher grid
+    own = torch.tensor([[0, 0, 0.5, 0.5], [0.5, 0, 1, 0.5], [0, 0.5, 0.5, 1], [0.5, 0.5, 1, 1]])  # the frame itself
+    cells = own.expand(4, -1, -1).clone()
+    cells[0] += 3.0  # view 0 shows none of the teacher's cells
+    with torch.no_grad():
+        lar = task(images, g, local, cells)["lar"]
+        out = task.student(images)
+        said = task.composer.encode_words(out.sentence, "a photo of {S}")[1:].flatten(0, 1)  # views 1-3
+        seen = attended_local_features(out.attention, local, cells)[0][1:].flatten(0, 1)
+    torch.testing.assert_close(lar, symmetric_info_nce(said, seen, 1 / 0.07), rtol=0, atol=1e-5)
 
 
 def test_temperature_is_learnable_and_clamped(teacher):

@@ -179,7 +179,7 @@ def run(
     """
     plan = check(config)
     passes = math.ceil(plan.total_steps / plan.steps_per_epoch)
-    data = datasets(plan.parts, config, passes=passes, cached_size=plan.manifest.image_size)
+    data = datasets(plan.parts, config, passes=passes, manifest=plan.manifest)
     fs, run_dir = filesystem(config.train.output)
     fs.makedirs(run_dir, exist_ok=True)
     fs.pipe_file(posixpath.join(run_dir, RUN_CONFIG_FILE), json.dumps(to_dict(config), indent=2).encode())

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import ray.data
 
+from isa.cache import Manifest
 from isa.config import Config
 from isa.split import is_validation
 from isa.storage import filesystem, read_column_values
@@ -25,14 +26,31 @@ VIEW_ROWS = 256  # rows per call of the decode-and-view tasks: bounded memory pe
 
 
 def split_and_view(
-    batch: dict[str, Any], *, validation: bool, fraction: float, size: int, scale_min: float, hflip: bool
+    batch: dict[str, Any],
+    *,
+    validation: bool,
+    fraction: float,
+    size: int,
+    scale_min: float,
+    hflip: bool,
+    preprocess: dict | None = None,
+    grid: int = 0,
 ) -> dict[str, np.ndarray]:
-    """CPU task: keep one split's rows, decode and view their JPEGs, embeddings as float32 rows."""
-    from isa.augment import eval_view, train_view, views
+    """CPU task: keep one split's rows, decode and view their JPEGs, embeddings as float32 rows.
+
+    With the teacher's ``preprocess`` and local ``grid`` (training views for LAR), each row also gets ``cells``:
+    where the teacher's local cells lie in its view, (n, G*4) float32.
+    """
+    from isa.augment import eval_view, train_view, views, views_and_cells
 
     rows = np.flatnonzero([is_validation(str(i), fraction) == validation for i in batch["id"]])
-    transform = eval_view(size) if validation else train_view(size, scale_min, hflip)
-    out = {"view": views([batch["image"][i] for i in rows], transform, size)}  # (n, S, S, 3) uint8
+    images = [batch["image"][i] for i in rows]
+    if validation or not grid:
+        transform = eval_view(size) if validation else train_view(size, scale_min, hflip)
+        out = {"view": views(images, transform, size)}  # (n, S, S, 3) uint8
+    else:
+        view, cells = views_and_cells(images, train_view(size, scale_min, hflip), preprocess, grid)
+        out = {"view": view, "cells": cells.reshape(len(rows), -1)}  # (n, S, S, 3) uint8, (n, G*4)
     for column in ("teacher_emb", "teacher_local"):
         if column in batch:
             out[column] = np.array([np.asarray(batch[column][i], np.float32) for i in rows], np.float32)  # (n, K)
@@ -53,22 +71,28 @@ def pass_order(parts: list[str], passes: int, seed: int) -> list[str]:
 
 
 def datasets(
-    parts: list[str], config: Config, passes: int, cached_size: int | None = None
+    parts: list[str], config: Config, passes: int, manifest: Manifest | None = None
 ) -> dict[str, ray.data.Dataset]:
     """The train dataset (``passes`` passes in one stream) and the validation dataset.
+
+    With the cache's ``manifest``, the training views carry where the teacher's local cells lie in them (for
+    LAR) and are no larger than the cached images (see below).
 
     One stream for the whole run, rather than one per pass: each new stream would wait a few seconds for
     Ray Data to list, open and decode its first shards (about 4 s per pass on 2 CPUs). The views are no
     larger than the cached images' short side ``cached_size``; the worker resizes them to the student's
     input, so no upsampled pixels fill the object store (the quickstart's 64 px cache feeds a 96 px student).
     """
-    columns = ["id", "image", "teacher_emb"] + (["teacher_local"] if config.loss.lar_weight > 0 else [])
+    lar = config.loss.lar_weight > 0
+    columns = ["id", "image", "teacher_emb"] + (["teacher_local"] if lar else [])
+    cached_size = manifest.image_size if manifest is not None else None
     split = {
         "fraction": config.train.val_fraction,
         "size": min(config.student.image_size, cached_size or config.student.image_size),
         "scale_min": config.train.crop_scale_min,
         "hflip": config.train.hflip,
     }
+    geometry = {"preprocess": manifest.teacher["preprocess"], "grid": manifest.local_grid} if lar and manifest else {}
     context = ray.data.DataContext.get_current()
     v2 = context.use_datasource_v2
     context.use_datasource_v2 = False  # reader V2 reads a path listed twice only once; V1 reads every entry
@@ -77,7 +101,7 @@ def datasets(
     finally:
         context.use_datasource_v2 = v2
     views = {"batch_size": VIEW_ROWS}
-    train = train.map_batches(split_and_view, fn_kwargs={"validation": False, **split}, **views)
+    train = train.map_batches(split_and_view, fn_kwargs={"validation": False, **split, **geometry}, **views)
     val = ray.data.read_parquet(parts).select_columns(columns)
     val = val.map_batches(split_and_view, fn_kwargs={"validation": True, **split}, **views)
     val = val.limit(config.train.val_images)

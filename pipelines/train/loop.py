@@ -236,11 +236,13 @@ def step(worker: Worker, batch: dict[str, torch.Tensor]) -> None:
     """One optimizer step on a batch; its losses are summed on the device (no host sync per step)."""
     images = to_unit_range(batch["view"].to(worker.device), worker.config.student.image_size)  # (B, 3, S, S)
     emb = batch["teacher_emb"].to(worker.device)  # (B, D)
-    local = batch.get("teacher_local")
+    local, cells = batch.get("teacher_local"), batch.get("cells")
     if local is not None:
         local = local.to(worker.device).view(emb.shape[0], -1, emb.shape[1])  # (B, G, D)
+    if cells is not None:
+        cells = cells.to(worker.device).view(emb.shape[0], -1, 4)  # (B, G, 4): the teacher's cells in each view
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=worker.gpu):
-        losses = worker.task(images, emb, local)
+        losses = worker.task(images, emb, local, cells)
     worker.optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()  # DDP averages the student's gradients across the workers
     average_temperature_gradient(worker)

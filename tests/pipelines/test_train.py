@@ -16,10 +16,12 @@ import pytest
 import torch
 
 from isa.build import build_student, build_task, build_teacher
+from isa.cache import read_manifest
 from isa.checkpoint import is_checkpoint, load_checkpoint
 from isa.config import from_dict, load_config
 from isa.data.synthetic import generate_world, write_world
 from isa.split import is_validation
+from isa.storage import filesystem
 from pipelines import embed
 from pipelines.train import RUN_CONFIG_FILE, TrainError, parse_args, run
 from pipelines.train.data import datasets, pass_order, training_rows
@@ -123,8 +125,14 @@ def test_one_stream_holds_every_pass_each_in_its_own_shard_order(train_cache, tm
     assert streamed == 3 * training_rows(config, parts)  # every pass read in full: a path listed again is read again
     # a student input larger than the cached images: views at the cached size (the worker resizes them)
     larger = _config(train_cache, tmp_path / "run", "student.image_size=80")
-    for data in datasets(parts, larger, passes=1, cached_size=64).values():
-        assert data.take_batch(4)["view"].shape == (4, 64, 64, 3)
+    manifest = read_manifest(*filesystem(train_cache))
+    assert manifest.image_size == 64 and larger.loss.lar_weight > 0
+    data = datasets(parts, larger, passes=1, manifest=manifest)
+    for split in ("train", "val"):
+        assert data[split].take_batch(4)["view"].shape == (4, 64, 64, 3)
+    cells = data["train"].take_batch(4)["cells"].reshape(4, manifest.local_grid**2, 4)  # for LAR: training views
+    assert "cells" not in data["val"].take_batch(4)
+    assert ((cells[..., 2] > cells[..., 0]) & (cells[..., 3] > cells[..., 1])).all()
 
 
 def test_resume_continues_with_the_same_step_count(train_cache, tmp_path):
