@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 import torch.distributed as dist
+from _gloo import exit_rank, gloo_group
 
 from isa.build import build_student, build_task, build_teacher
 from isa.config import load_config
@@ -41,19 +41,16 @@ def losses_and_grads(rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def main(init_file: str, rank: int, out_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    loss, grad = losses_and_grads(rank, 2)
-    dist.all_reduce(grad)
-    grad /= 2  # DDP's average
-    losses = [torch.zeros(()) for _ in range(2)]
-    dist.all_gather(losses, loss)
-    if rank == 0:
-        torch.save({"loss": torch.stack(losses).mean(), "grad": grad}, out_file)
-    dist.barrier()
-    dist.destroy_process_group()
+    with gloo_group(init_file, rank, 2):
+        loss, grad = losses_and_grads(rank, 2)
+        dist.all_reduce(grad)
+        grad /= 2  # DDP's average
+        losses = [torch.zeros(()) for _ in range(2)]
+        dist.all_gather(losses, loss)
+        if rank == 0:
+            torch.save({"loss": torch.stack(losses).mean(), "grad": grad}, out_file)
 
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
-    sys.stdout.flush()
-    os._exit(0)  # gloo threads can abort during interpreter teardown; the result is already saved
+    exit_rank()

@@ -8,11 +8,11 @@ Train, ``join_process_group`` finds the address through Ray).
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 import torch.distributed as dist
+from _gloo import exit_rank, gloo_group
 
 from isa.config import load_config
 from pipelines.train.loop import build, distribute, record, step
@@ -61,16 +61,13 @@ def run(rank: int, world: int) -> dict[str, object]:
 
 
 def main(init_file: str, rank: int, out_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    found = [None, None]
-    dist.all_gather_object(found, run(rank, 2))
-    if rank == 0:
-        torch.save(found, out_file)
-    dist.barrier()
-    dist.destroy_process_group()
+    with gloo_group(init_file, rank, 2):
+        found = [None, None]
+        dist.all_gather_object(found, run(rank, 2))
+        if rank == 0:
+            torch.save(found, out_file)
 
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
-    sys.stdout.flush()
-    os._exit(0)  # gloo threads can abort during interpreter teardown; the result is already saved
+    exit_rank()

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _gloo import run_ranks  # tests/ is this file's folder, on the path
 
 from isa.losses import GCDLoss, attended_local_features, relational_kl, symmetric_info_nce, word_manifold
 
@@ -69,24 +67,11 @@ def test_gcd_simulated_two_workers_equals_single_process():
 def test_gcd_two_real_processes_equal_single_process(tmp_path: Path):
     data = _problem(seed=3)
     torch.save(data, tmp_path / "inputs.pt")
-    worker = Path(__file__).with_name("_gcd_worker.py")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(worker),
-                str(tmp_path / "init"),
-                str(rank),
-                "2",
-                str(tmp_path / "inputs.pt"),
-                str(tmp_path / f"out{rank}.pt"),
-            ],
-            env=env,
-        )
-        for rank in range(2)
-    ]
-    assert [p.wait(timeout=240) for p in procs] == [0, 0]
+    files = [str(tmp_path / "init"), "2", str(tmp_path / "inputs.pt")]
+    run_ranks(
+        Path(__file__).with_name("_gcd_worker.py"),
+        lambda rank: [files[0], str(rank), *files[1:], str(tmp_path / f"out{rank}.pt")],
+    )
     result = torch.load(tmp_path / "out0.pt", weights_only=True)
     expected_loss, expected_grad = _single_process(data)
     torch.testing.assert_close(result["loss"], expected_loss, rtol=0, atol=1e-6)

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _gloo import run_ranks  # noqa: E402
 from _task_worker import losses_and_grads  # noqa: E402
 
 
 def test_two_processes_give_the_single_process_loss_and_gradients(tmp_path):
     worker = Path(__file__).with_name("_task_worker.py")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(worker), str(tmp_path / "init"), str(rank), str(tmp_path / "out.pt")], env=env
-        )
-        for rank in range(2)
-    ]
-    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    run_ranks(worker, lambda rank: [str(tmp_path / "init"), str(rank), str(tmp_path / "out.pt")])
     two = torch.load(tmp_path / "out.pt", weights_only=True)
     loss, grad = losses_and_grads(rank=0, world=1)
     torch.testing.assert_close(two["loss"], loss, rtol=0, atol=1e-5)

@@ -265,16 +265,10 @@ def read_fashioniq(root: str, split: str, categories: Sequence[str] = FASHIONIQ_
     files = _image_files(fs, posixpath.join(base, "images"))
     has_targets = split not in TEST_SPLITS
     galleries = {category: _fashioniq_gallery(fs, base, category, split, files) for category in categories}
-    queries = {category: _fashioniq_queries(fs, base, category, split, files, has_targets) for category in categories}
-    for category in categories:  # a target outside its gallery could never be found: a broken split, not a miss
-        gallery = set(galleries[category])
-        for query in queries[category]:
-            if query.target is not None and query.target not in gallery:
-                raise BenchmarkFormatError(
-                    f"{full_uri(fs, posixpath.join(base, 'captions', f'cap.{category}.{split}.json'))}: the target "
-                    f"{query.target!r} of query {query.query_id} is not in the {category} gallery "
-                    f"(image_splits/split.{category}.{split}.json)"
-                )
+    queries = {
+        category: _fashioniq_queries(fs, base, category, split, files, galleries[category], has_targets)
+        for category in categories
+    }
     used = [name for gallery in galleries.values() for name in gallery]
     used += [name for group in queries.values() for query in group for name in (query.reference, query.target)]
     images = {name: files[name] for name in dict.fromkeys(used) if name is not None}
@@ -322,15 +316,23 @@ def _fashioniq_queries(
     category: str,
     split: str,
     files: Mapping[str, str],
+    gallery: Sequence[str],
     has_targets: bool,
 ) -> tuple[Query, ...]:
     path = posixpath.join(base, "captions", f"cap.{category}.{split}.json")
     expected = ("candidate", "target", "captions") if has_targets else ("candidate", "captions")
     listing = full_uri(fs, posixpath.join(base, "images"))
-    return tuple(
-        _fashioniq_query(entry, f"{category}/{index}", category, files, has_targets, listing)
-        for index, entry in enumerate(_read_entries(fs, path, expected))
-    )
+    members = frozenset(gallery)
+    queries = []
+    for index, entry in enumerate(_read_entries(fs, path, expected)):
+        query = _fashioniq_query(entry, f"{category}/{index}", category, files, has_targets, listing)
+        if query.target is not None and query.target not in members:  # it could never be found: a broken split
+            raise BenchmarkFormatError(
+                f"{entry.where}: the target {query.target!r} of query {query.query_id} is not in the {category} "
+                f"gallery (image_splits/split.{category}.{split}.json)"
+            )
+        queries.append(query)
+    return tuple(queries)
 
 
 def _fashioniq_query(

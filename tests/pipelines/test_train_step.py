@@ -4,8 +4,6 @@ same temperature and student weights, and the loss is the single-process loss.""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import torch
 
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
+from _gloo import run_ranks  # noqa: E402
 from _train_step_worker import STEPS, run  # noqa: E402
 
 from isa.config import load_config  # noqa: E402
@@ -21,15 +20,8 @@ from pipelines.train.loop import build  # noqa: E402
 
 
 def test_two_workers_step_as_one_process_on_the_whole_batch(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(TESTS.parent), "OMP_NUM_THREADS": "1"}
     worker = TESTS / "_train_step_worker.py"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(worker), str(tmp_path / "init"), str(rank), str(tmp_path / "out.pt")], env=env
-        )
-        for rank in range(2)
-    ]
-    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    run_ranks(worker, lambda rank: [str(tmp_path / "init"), str(rank), str(tmp_path / "out.pt")])
     rank0, rank1 = torch.load(tmp_path / "out.pt", weights_only=True)
     torch.set_num_threads(1)
     single = run(rank=0, world=1)
