@@ -1,0 +1,86 @@
+"""Deployment artifacts (an exported encoder, a gallery index): a folder that describes itself.
+
+A folder holds data files and one JSON manifest, written last, that records every data file's size and
+SHA-256 beside whatever the artifact needs to say about itself. A folder whose manifest is missing, does not
+parse, or names a file whose size differs is not an artifact: a run killed half-way, or a copy cut short,
+never looks valid. Rewriting a folder removes its manifest first. Any fsspec URI (local paths, ``s3://``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from collections.abc import Mapping
+from typing import Any
+
+from isa.errors import IsaError
+from isa.storage import filesystem, write_bytes
+
+FILES_KEY = "files"  # in the manifest: {name: {"bytes": size, "sha256": hex}}
+
+
+class ArtifactError(IsaError):
+    """A deployment artifact is missing, incomplete or of another kind; the message says which."""
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_artifact(uri: str, manifest_name: str, files: Mapping[str, bytes], manifest: Mapping[str, Any]) -> str:
+    """Write ``files`` into the folder ``uri``, then ``manifest`` (with each file's size and digest) last.
+
+    Returns:
+        The manifest's path within its filesystem.
+    """
+    fs, root = filesystem(uri)
+    path = posixpath.join(root, manifest_name)
+    if fs.exists(path):
+        fs.rm(path)  # from here on the folder is not a valid artifact until the new manifest lands
+    for name, data in files.items():
+        write_bytes(fs, posixpath.join(root, name), data)
+    recorded = {name: {"bytes": len(data), "sha256": digest(data)} for name, data in files.items()}
+    write_bytes(fs, path, json.dumps({**manifest, FILES_KEY: recorded}, indent=2, sort_keys=True).encode())
+    return path
+
+
+def read_artifact(uri: str, manifest_name: str, kind: str) -> dict[str, Any]:
+    """The manifest of a complete artifact folder.
+
+    Args:
+        kind: what the folder should hold, for messages ("exported query encoder", "gallery index").
+
+    Raises:
+        ArtifactError: no manifest, a manifest that does not parse, or a recorded file missing or of another size.
+    """
+    fs, root = filesystem(uri)
+    path = posixpath.join(root, manifest_name)
+    if not fs.exists(path):
+        raise ArtifactError(f"{uri} is not a {kind}: it has no {manifest_name} (not made, or its writer was stopped)")
+    try:
+        manifest = json.loads(fs.cat_file(path))
+        recorded = manifest[FILES_KEY]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ArtifactError(f"{kind} {uri}: {manifest_name} is unreadable ({error})") from None
+    fs.invalidate_cache(root)
+    for name, entry in recorded.items():
+        file = posixpath.join(root, name)
+        if not fs.exists(file) or fs.size(file) != entry["bytes"]:
+            raise ArtifactError(
+                f"{kind} {uri} is incomplete: {name} is missing or not {entry['bytes']} bytes (a copy cut short?)"
+            )
+    return manifest
+
+
+def read_file(uri: str, name: str, manifest: Mapping[str, Any]) -> bytes:
+    """One data file of an artifact read by :func:`read_artifact`, checked against its recorded digest.
+
+    Raises:
+        ArtifactError: the file's contents differ from the ones recorded.
+    """
+    fs, root = filesystem(uri)
+    data = fs.cat_file(posixpath.join(root, name))
+    if digest(data) != manifest[FILES_KEY][name]["sha256"]:
+        raise ArtifactError(f"{uri}/{name} differs from the digest its manifest records: the artifact was altered")
+    return data
