@@ -39,14 +39,10 @@ from isa.checkpoint_files import (
     SIZES_KEY,
     STATE_FILE,
     WEIGHTS_FILE,
+    CheckpointError,
     complete_state,
     latest_checkpoint,
 )
-from isa.errors import IsaError
-
-
-class CheckpointError(IsaError):
-    """A checkpoint directory is missing, incomplete or unreadable."""
 
 
 @dataclass

@@ -11,12 +11,18 @@ import posixpath
 from collections.abc import Mapping
 from typing import Any
 
+from isa.errors import IsaError
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "student.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE)
 SIZES_KEY = "file_sizes"  # in state.json: bytes of each other file, so a copy cut short is recognised
+
+
+class CheckpointError(IsaError):
+    """A checkpoint directory is missing, incomplete or unreadable."""
 
 
 def complete_state(state_text: str | bytes, sizes: Mapping[str, int]) -> dict[str, Any] | None:

@@ -17,7 +17,7 @@ from typing import Any
 from isa.errors import IsaError
 from isa.storage import filesystem, write_bytes
 
-FILES_KEY = "files"  # in the manifest: {name: {"bytes": size, "sha256": hex}}
+FILES_KEY = "files"  # in the manifest: {name: {"bytes": size, "sha256": hex, or None where not recorded}}
 
 
 class ArtifactError(IsaError):
@@ -43,6 +43,25 @@ def write_artifact(uri: str, manifest_name: str, files: Mapping[str, bytes], man
     recorded = {name: {"bytes": len(data), "sha256": digest(data)} for name, data in files.items()}
     write_bytes(fs, path, json.dumps({**manifest, FILES_KEY: recorded}, indent=2, sort_keys=True).encode())
     return path
+
+
+def seal_artifact(uri: str, manifest_name: str, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """Write the manifest of a folder whose data files another writer has put there (Ray Data's writes): every
+    file not hidden, not ``_``-prefixed and not the manifest, recorded by size (no digest: they may be large).
+
+    Returns:
+        The manifest as written.
+    """
+    fs, root = filesystem(uri)
+    fs.invalidate_cache(root)
+    recorded = {
+        posixpath.relpath(path, root): {"bytes": info["size"], "sha256": None}
+        for path, info in sorted(fs.find(root, detail=True).items())
+        if not posixpath.basename(path).startswith((".", "_"))
+    }
+    written = {**manifest, FILES_KEY: recorded}
+    write_bytes(fs, posixpath.join(root, manifest_name), json.dumps(written, indent=2, sort_keys=True).encode())
+    return written
 
 
 def read_artifact(uri: str, manifest_name: str, kind: str) -> dict[str, Any]:
@@ -81,6 +100,7 @@ def read_file(uri: str, name: str, manifest: Mapping[str, Any]) -> bytes:
     """
     fs, root = filesystem(uri)
     data = fs.cat_file(posixpath.join(root, name))
-    if digest(data) != manifest[FILES_KEY][name]["sha256"]:
+    expected = manifest[FILES_KEY][name]["sha256"]
+    if expected is not None and digest(data) != expected:
         raise ArtifactError(f"{uri}/{name} differs from the digest its manifest records: the artifact was altered")
     return data

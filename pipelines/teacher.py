@@ -57,3 +57,33 @@ def _fingerprint_key(config: TeacherConfig) -> tuple | None:
     if "://" in config.pretrained or os.sep in config.pretrained:  # a remote or missing file: read it every time
         return None
     return config, None, None  # an open_clip tag or "none"
+
+
+def checkpoint_teacher(uri: str) -> tuple[TeacherConfig, dict[str, Any], str]:
+    """The teacher a checkpoint (or a run folder's latest complete checkpoint) was trained against, read from its
+    ``config.json`` on any fsspec filesystem without loading a model: its config, its fingerprint and the
+    checkpoint folder's URI.
+
+    Raises:
+        CheckpointError: no complete checkpoint at ``uri``.
+    """
+    import json
+    import posixpath
+
+    from isa.checkpoint_files import CONFIG_FILE, REQUIRED_FILES, CheckpointError, latest_checkpoint
+    from isa.config import from_dict
+    from isa.errors import IsaError
+    from isa.storage import filesystem, full_uri
+
+    fs, path = filesystem(uri)
+    folder = latest_checkpoint(fs, path)
+    if folder is None:
+        raise CheckpointError(
+            f"no complete checkpoint at {uri}: expected a checkpoint folder ({', '.join(REQUIRED_FILES)}) or a "
+            "training run folder holding checkpoint_*/isa"
+        )
+    saved = json.loads(fs.cat_file(posixpath.join(folder, CONFIG_FILE)))
+    try:
+        return from_dict(saved["config"]).teacher, saved["teacher"], full_uri(fs, folder)
+    except (KeyError, TypeError, IsaError) as error:
+        raise CheckpointError(f"checkpoint {full_uri(fs, folder)} has an unreadable {CONFIG_FILE}: {error}") from None
