@@ -34,7 +34,7 @@ from pipelines.artifact import digest
 from pipelines.index.store import apply_search_params, shard_files
 
 RECALL_K = 50
-NPROBE_SCAN = 8  # nprobe is tuned up to nlist / NPROBE_SCAN lists (an eighth of the gallery)
+NPROBE_SCAN = 8  # nprobe is tuned up to nlist / NPROBE_SCAN lists (an eighth of the gallery), or 64
 EF_CANDIDATES = (64, 96, 128, 192, 256, 384, 512)  # efSearch below k would act as k
 SATURATED = 0.999  # a shard stops trying larger search parameters once its own recall reaches this
 SHARD_BITS = 40  # probe results name a vector as shard << SHARD_BITS | row
@@ -106,7 +106,7 @@ def search_values(kind: str, params: dict[str, Any]) -> list[int]:
     if kind == "ivfpq":
         if params.get("nprobe"):
             return [params["nprobe"]]
-        top = max(1, params["nlist"] // NPROBE_SCAN) if params["nlist"] >= 4 * NPROBE_SCAN else params["nlist"]
+        top = max(params["nlist"] // NPROBE_SCAN, min(params["nlist"], 64))
         values = [2**i for i in range(int(math.log2(top)) + 1)]
         return values if values[-1] == top else [*values, top]
     if kind == "hnsw":

@@ -213,7 +213,7 @@ class GalleryIndex:
         """The ``k`` best gallery images per query (Q, D), best first."""
         return merge_hits([shard.hits(queries, k) for shard in self.shards], k)
 
-    def uri(self, image_id: str) -> str | None:
+    def image_uri(self, image_id: str) -> str | None:
         """The URI of a gallery image by id, None when the index has no such image."""
         if self._uris is None:
             self._uris = {i: u for shard in self.shards for i, u in zip(shard.ids, shard.uris)}
