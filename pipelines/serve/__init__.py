@@ -20,7 +20,7 @@ from isa.cache import fingerprint_mismatch
 from pipelines.serve.app import ServeError, ServeSettings, build_app
 from pipelines.stage import init_ray
 
-__all__ = ["Prepared", "ServeError", "ServeSettings", "build_app", "check", "main", "parser", "run"]
+__all__ = ["Prepared", "ServeError", "ServeSettings", "build_app", "check", "check_limits", "main", "parser", "run"]
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ServeSettings, bool]:
     return settings, not args.no_block
 
 
-def _check_limits(settings: ServeSettings) -> None:
+def check_limits(settings: ServeSettings) -> None:
     rules = [
         (settings.encoder_replicas >= 1, "--encoder-replicas must be at least 1"),
         (settings.max_batch >= 1, "--max-batch must be at least 1"),
@@ -146,7 +146,7 @@ def check(settings: ServeSettings, check_port_free: bool = True) -> Prepared:
     from pipelines.index.store import read_index_manifest
     from pipelines.teacher import checkpoint_teacher
 
-    _check_limits(settings)
+    check_limits(settings)
     teacher, fingerprint, folder = checkpoint_teacher(settings.checkpoint)
     manifest = read_index_manifest(settings.index)
     mismatch = fingerprint_mismatch(manifest["teacher"], fingerprint)

@@ -22,6 +22,7 @@ import io
 import json
 import math
 import tempfile
+import typing
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -92,15 +93,14 @@ class ServeSettings:
         missing = [name for name in ("checkpoint", "index") if not args.get(name)]
         if missing:
             raise ServeError(f"serve settings need {missing}")
+        hints = typing.get_type_hints(cls)
         values = {}
         for name, value in args.items():
-            kind = known[name].type
-            if value is None or "str" in kind:
-                values[name] = value
-            elif "int" in kind and "float" not in kind:
-                values[name] = int(value)
-            else:
-                values[name] = float(value)
+            kinds = [t for t in typing.get_args(hints[name]) or (hints[name],) if t is not type(None)]
+            try:
+                values[name] = None if value is None else kinds[0](value)
+            except (TypeError, ValueError):
+                raise ServeError(f"serve setting {name} must be a {kinds[0].__name__}, got {value!r}") from None
         return cls(**values)
 
 

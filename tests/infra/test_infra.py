@@ -37,7 +37,11 @@ REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 KUBERAY_DIR = INFRA / "kuberay"
 KUBERAY_SCHEMAS = Path(__file__).parent / "kuberay_crds"  # the operator's CRDs, vendored (see its README)
-CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
+CRD_FILES = {
+    "RayCluster": "ray.io_rayclusters.yaml",
+    "RayJob": "ray.io_rayjobs.yaml",
+    "RayService": "ray.io_rayservices.yaml",
+}
 STAGE_JOBS = {"embed", "train", "eval", "tune"}  # one RayJob each: infra/kuberay/rayjob-STAGE.yaml
 # Stages whose --config takes a sweep file (config sections + tune: + space:), not a plain config.
 SWEEP_STAGES = frozenset({"tune"})
@@ -220,7 +224,7 @@ def test_kuberay_folder_holds_the_cluster_and_one_job_per_stage():
     jobs = ray_manifests("RayJob")
     assert set(jobs) == {f"rayjob-{stage}.yaml" for stage in STAGE_JOBS}
     assert {job["metadata"]["name"] for job in jobs.values()} == {f"isa-{stage}" for stage in STAGE_JOBS}
-    others = {kind for _, kind in kinds} - {"RayCluster", "RayJob"}
+    others = {kind for _, kind in kinds} - {"RayCluster", "RayJob", "RayService"}  # rayservice.yaml: isa serve
     assert others <= {"PersistentVolumeClaim", "Deployment", "Service"}, others  # mlflow.yaml
 
 
