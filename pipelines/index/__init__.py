@@ -27,7 +27,7 @@ from isa.storage import count_rows, filesystem, full_uri, write_bytes
 from pipelines.artifact import FILES_KEY
 from pipelines.index.store import FORMAT, FORMAT_VERSION, KINDS, MANIFEST, shard_files
 
-DEFAULTS = {"nbits": 8, "refine": 4.0, "hnsw_m": 32, "ef_construction": 80}
+DEFAULTS = {"nbits": 8, "refine": 10.0, "hnsw_m": 32, "ef_construction": 80}
 KIND_OPTIONS = {
     "ivfpq": ("nlist", "pq_m", "nbits", "nprobe", "refine", "train_size"),
     "hnsw": ("hnsw_m", "ef_search", "ef_construction"),
@@ -324,9 +324,10 @@ def run(cache: str, out: str, options: Options) -> dict[str, Any]:
         trained, queries = ray.get(
             prepare.remote(plan.parts, plan.part_rows, kind, dim, params, dataclasses.asdict(options))
         )
+    trained, queries_ref = ray.put(trained), ray.put(queries)  # stored once, read by every shard task
     tasks = [
         build_shard.remote(
-            shard, [plan.parts[p] for p in members], out, kind, dim, params, trained, queries, options.recall_target
+            shard, [plan.parts[p] for p in members], out, kind, dim, params, trained, queries_ref, options.recall_target
         )
         for shard, members in enumerate(plan.shards)
     ]
