@@ -228,7 +228,7 @@ def run(plan: Plan) -> dict:
     fs.makedirs(root, exist_ok=True)
     if plan.output_format == "parquet":
         results.write_parquet(plan.output)
-        written = ray.data.read_parquet(plan.output, columns=["error"])
+        written = ray.data.read_parquet(plan.output)
     else:
         results.write_json(plan.output)
         written = ray.data.read_json(plan.output, lines=True)
