@@ -58,11 +58,15 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--default-k", type=int, default=defaults.default_k, help="k of a request naming none")
     parser.add_argument("--num-cpus", type=float, default=defaults.num_cpus, help="CPUs reserved by each replica")
     parser.add_argument(
+        "--encoder-cpus", type=float, default=None, help="CPUs (torch threads) per encoder replica (default: num-cpus)"
+    )
+    parser.add_argument(
         "--encoder-gpus",
         type=float,
         default=None,
         help="GPUs per encoder replica (default: 1 when the cluster has a GPU at deploy time, else 0)",
     )
+    parser.add_argument("--access-log", action="store_true", help="log every request in the replicas' logs")
     parser.add_argument("--name", default=defaults.name, help="the Serve application's name")
     parser.add_argument("--route-prefix", default=defaults.route_prefix, help="where the application is mounted")
     parser.add_argument("--no-block", action="store_true", help="return once the application is up")
@@ -84,7 +88,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ServeSettings, bool]:
         max_k=args.max_k,
         default_k=args.default_k,
         num_cpus=args.num_cpus,
+        encoder_cpus=args.encoder_cpus,
         encoder_gpus=args.encoder_gpus,
+        access_log=args.access_log,
         name=args.name,
         route_prefix=args.route_prefix,
     )
@@ -100,6 +106,7 @@ def check_limits(settings: ServeSettings) -> None:
         (settings.max_k >= 1, "--max-k must be at least 1"),
         (1 <= settings.default_k <= settings.max_k, "--default-k must be between 1 and --max-k"),
         (settings.num_cpus > 0, "--num-cpus must be positive (a replica needs some CPU)"),
+        (settings.encoder_cpus is None or settings.encoder_cpus > 0, "--encoder-cpus must be positive"),
         (settings.encoder_gpus is None or settings.encoder_gpus >= 0, "--encoder-gpus must not be negative"),
         (16 <= settings.thumbnail <= 1024, "thumbnail must be between 16 and 1024 pixels"),
         (settings.route_prefix.startswith("/"), "--route-prefix must start with '/'"),

@@ -59,10 +59,12 @@ class ServeSettings:
         batch_wait_ms: how long a batch waits for more requests once its first arrived.
         max_upload_mb: the largest request body accepted (an upload or a JSON body).
         max_k: the largest ``k`` a request may ask for.
-        num_cpus: CPUs each replica reserves (its torch / FAISS threads).
+        num_cpus: CPUs each replica reserves (its FAISS threads).
+        encoder_cpus: CPUs each encoder replica reserves (its torch threads); None: ``num_cpus``.
         encoder_gpus: GPUs per encoder replica; None: 1 when the cluster has a GPU at deploy time, else 0.
         default_k: ``k`` when a request names none.
         thumbnail: the longest side of ``GET /images/{id}`` thumbnails unless the request asks for another.
+        access_log: log every request in the replicas' logs (INFO); off: warnings and errors only.
         name: the Serve application's name.
         route_prefix: where the application is mounted on the proxy.
     """
@@ -77,9 +79,11 @@ class ServeSettings:
     max_upload_mb: float = 10.0
     max_k: int = 200
     num_cpus: float = 1.0
+    encoder_cpus: float | None = None
     encoder_gpus: float | None = None
     default_k: int = 20
     thumbnail: int = 256
+    access_log: bool = False
     name: str = "isa"
     route_prefix: str = "/"
 
@@ -97,6 +101,8 @@ class ServeSettings:
         values = {}
         for name, value in args.items():
             kinds = [t for t in typing.get_args(hints[name]) or (hints[name],) if t is not type(None)]
+            if kinds[0] is bool and not isinstance(value, bool):
+                raise ServeError(f"serve setting {name} must be true or false, got {value!r}")
             try:
                 values[name] = None if value is None else kinds[0](value)
             except (TypeError, ValueError):
@@ -126,7 +132,7 @@ class QueryEncoderDeployment:
         max_batch, batch_wait_ms: the batching of :meth:`encode`.
     """
 
-    def __init__(self, checkpoint: str, teacher: dict, max_batch: int, batch_wait_ms: float):
+    def __init__(self, checkpoint: str, teacher: dict, max_batch: int, batch_wait_ms: float, threads: int = 1):
         import torch
 
         from isa.build import build_teacher
@@ -135,6 +141,7 @@ class QueryEncoderDeployment:
         from isa.query import QueryEncoder
         from pipelines.eval import local_copy
 
+        torch.set_num_threads(threads)
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         path = find_checkpoint(local_copy(checkpoint, tempfile.mkdtemp(prefix="isa-serve-")))
         model = build_teacher(TeacherConfig(**teacher), self.device)
@@ -521,9 +528,14 @@ class SearchIngress:
 # ------------------------------------------------------------------------------------------ the builder
 
 
-def replica_options(settings: ServeSettings, gpus: float = 0) -> dict:
-    """Ray actor options of a replica: its CPUs (and GPUs)."""
-    options: dict[str, Any] = {"num_cpus": settings.num_cpus}
+def logging_config(settings: ServeSettings) -> dict:
+    """Serve's logging of every replica: per-request access lines only when asked for."""
+    return {"log_level": "INFO" if settings.access_log else "WARNING", "enable_access_log": settings.access_log}
+
+
+def replica_options(settings: ServeSettings, gpus: float = 0, cpus: float | None = None) -> dict:
+    """Ray actor options of a replica: its CPUs (``num_cpus`` unless given) and GPUs."""
+    options: dict[str, Any] = {"num_cpus": settings.num_cpus if cpus is None else cpus}
     if gpus:
         options["num_gpus"] = gpus
     return options
@@ -546,22 +558,24 @@ def build_app(settings: ServeSettings, prepared: Any = None) -> Application:
 
     prepared = prepared or check(settings, check_port_free=False)
     threads = max(1, math.floor(settings.num_cpus))
+    cpus = settings.num_cpus if settings.encoder_cpus is None else settings.encoder_cpus
     encoder = QueryEncoderDeployment.options(
         num_replicas=settings.encoder_replicas,
-        ray_actor_options=replica_options(settings, encoder_gpus(settings)),
+        ray_actor_options=replica_options(settings, encoder_gpus(settings), cpus),
         max_ongoing_requests=max(64, 4 * settings.max_batch),
-    ).bind(settings.checkpoint, prepared.teacher_config, settings.max_batch, settings.batch_wait_ms)
+    ).bind(settings.checkpoint, prepared.teacher_config, settings.max_batch, settings.batch_wait_ms, max(1, int(cpus)))
     shards = [
         IndexShardDeployment.options(
             name=f"IndexShard{shard}",
             ray_actor_options=replica_options(settings),
             max_ongoing_requests=max(64, 4 * settings.max_batch),
+            logging_config=logging_config(settings),
         ).bind(settings.index, shard, threads, settings.max_batch, settings.batch_wait_ms)
         for shard in range(len(prepared.index_manifest["shards"]))
     ]
-    return SearchIngress.options(ray_actor_options=replica_options(settings)).bind(
-        encoder, shards, dataclasses.asdict(settings), prepared.config, prepared.index_manifest
-    )
+    logs = logging_config(settings)
+    ingress = SearchIngress.options(ray_actor_options=replica_options(settings), logging_config=logs)
+    return ingress.bind(encoder, shards, dataclasses.asdict(settings), prepared.config, prepared.index_manifest)
 
 
 def app_builder(args: dict) -> Application:
