@@ -207,7 +207,7 @@ def run(options: ExportOptions) -> dict[str, Any]:
     from pipelines.export import convert
 
     folder, saved = check(options)
-    local = _local_checkpoint(folder)
+    local = local_checkpoint(folder)
     config = from_dict(saved["config"])
     teacher = build_teacher(config.teacher)
     encoder = QueryEncoder.from_checkpoint(local, teacher)  # checks the teacher's fingerprint
@@ -287,7 +287,7 @@ def run(options: ExportOptions) -> dict[str, Any]:
     return manifest
 
 
-def _local_checkpoint(folder: str) -> str:
+def local_checkpoint(folder: str) -> str:
     """A local copy of a remote checkpoint folder (as ``isa eval`` makes it); a local one as it is."""
     fs, _ = filesystem(folder)
     if isinstance(fs, LocalFileSystem):

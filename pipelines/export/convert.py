@@ -93,10 +93,16 @@ def to_onnx(path: QueryPath, size: int, opset: int) -> bytes:
     return program.model_proto.SerializeToString()
 
 
-def session(model: bytes, threads: int = 0) -> ort.InferenceSession:
-    """A CPU onnxruntime session of a serialized model; ``threads`` 0: onnxruntime's default."""
+def session(model: bytes, threads: int = 0, spin: bool = True) -> ort.InferenceSession:
+    """A CPU onnxruntime session of a serialized model; ``threads`` 0: onnxruntime's default.
+
+    ``spin`` False: idle intra-op threads sleep instead of busy-waiting for the next run (for timing it beside
+    other work on the same cores).
+    """
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
