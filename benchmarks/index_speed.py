@@ -88,38 +88,48 @@ def same_top(found: np.ndarray, exact: np.ndarray) -> float:
     return recall_at(np.asarray(found), exact)
 
 
-def approximate(args, kind, flat, sample, tune_queries, tune_exact):
-    """Build ``kind`` (the index stage's functions), tune its search parameter; returns index, params, seconds."""
+def build(args, kind, flat, sample):
+    """Build ``kind`` with the index stage's functions; returns the index, its params, build and training seconds.
+
+    IVF-PQ comes back without refinement (``refine`` 0): :func:`variants` wraps it.
+    """
     vectors = stored(flat)
     started = time.perf_counter()
+    trained = 0.0
     if kind == "ivfpq":
         params = {"nlist": args.nlist, "m": args.pq_m, "nbits": args.nbits, "nprobe": None, "refine": 0}
-        base = faiss.deserialize_index(np.frombuffer(train_ivfpq(sample, params, args.seed), dtype=np.uint8))
+        index = faiss.deserialize_index(np.frombuffer(train_ivfpq(sample, params, args.seed), dtype=np.uint8))
         trained = time.perf_counter() - started
-        for start in range(0, flat.ntotal, BLOCK):
-            base.add(vectors[start : start + BLOCK])
-        index = base
-        if args.refine:
-            index = faiss.IndexRefine(base, flat)  # shares the flat storage: what IndexRefineFlat does, no copy
-            params["refine"] = args.refine
     else:
         params = {"hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction, "ef_search": None}
         index = empty_index("hnsw", args.dim, params)
-        for start in range(0, flat.ntotal, BLOCK):
-            index.add(vectors[start : start + BLOCK])
-        trained = 0.0
-    built = time.perf_counter() - started
+    for start in range(0, flat.ntotal, BLOCK):
+        index.add(vectors[start : start + BLOCK])
+    return index, params, time.perf_counter() - started, trained
+
+
+def variants(args, kind, index, params, flat):
+    """(index, params) per ``--refine`` value for IVF-PQ (one build), else the index itself."""
+    if kind != "ivfpq":
+        return [(index, dict(params))]
+    out = []
+    for refine in (float(r) for r in args.refine.split(",")):
+        # IndexRefine over the flat index shares its storage: it searches as IndexRefineFlat does, without a copy
+        out.append((faiss.IndexRefine(index, flat) if refine else index, {**params, "refine": refine}))
+    return out
+
+
+def tune(args, kind, index, params, tune_queries, tune_exact):
+    """The smallest search value reaching ``--target`` on the tuning queries (as isa index tunes); applied."""
     tuning = {}
-    chosen = None
     for value in search_values(kind, params):
         apply_search_params(index, kind, {**params, search_key(kind): value})
         tuning[value] = recall_at(index.search(tune_queries, K)[1], tune_exact)
-        chosen = value
+        params[search_key(kind)] = value
         if tuning[value] >= args.target:
             break
-    params[search_key(kind)] = chosen
     apply_search_params(index, kind, params)
-    return index, params, built, trained, tuning
+    return tuning
 
 
 def main() -> None:
@@ -137,7 +147,9 @@ def main() -> None:
     parser.add_argument("--nlist", type=int, default=1024)
     parser.add_argument("--pq-m", type=int, default=96)
     parser.add_argument("--nbits", type=int, default=8)
-    parser.add_argument("--refine", type=float, default=DEFAULTS["refine"], help="0: PQ only")
+    parser.add_argument(
+        "--refine", default=str(DEFAULTS["refine"]), help="comma-separated refine factors, one IVF-PQ build; 0: PQ only"
+    )
     parser.add_argument("--train-size", type=int, default=0, help="0: 64·nlist")
     parser.add_argument("--hnsw-m", type=int, default=DEFAULTS["hnsw_m"])
     parser.add_argument("--ef-construction", type=int, default=DEFAULTS["ef_construction"])
@@ -175,13 +187,15 @@ def main() -> None:
         del half, gallery
     tune_exact = flat.search(tune_queries, K)[1]
     for kind in args.kinds.split(","):
-        index, params, built, trained, tuning = approximate(args, kind, flat, sample, tune_queries, tune_exact)
-        print(
-            f"{kind}: built in {built:.1f} s (training {trained:.1f} s on {len(sample)}); "
-            f"tuning recall@50 {', '.join(f'{v}: {r:.3f}' for v, r in tuning.items())}; params {params}"
-        )
-        wall, cpu, (_, found) = timed(index.search, queries, K)
-        rows.append((f"{kind} ({search_key(kind)} {params[search_key(kind)]})", wall, cpu, same_top(found, exact)))
+        index, params, built, trained = build(args, kind, flat, sample)
+        print(f"{kind}: built in {built:.1f} s (training {trained:.1f} s on {len(sample)})")
+        for variant, settings in variants(args, kind, index, params, flat):
+            tuning = tune(args, kind, variant, settings, tune_queries, tune_exact)
+            print(f"  tuning recall@50 {', '.join(f'{v}: {r:.3f}' for v, r in tuning.items())}; params {settings}")
+            wall, cpu, (_, found) = timed(variant.search, queries, K)
+            extra = f", refine {settings['refine']:g}" if kind == "ivfpq" else ""
+            name = f"{kind} ({search_key(kind)} {settings[search_key(kind)]}{extra})"
+            rows.append((name, wall, cpu, same_top(found, exact)))
         del index
 
     exact_wall, exact_cpu = rows[0][1], rows[0][2]

@@ -309,12 +309,14 @@ def measure(kind: str, results: Sequence[Any], target: float) -> tuple[int, floa
 
 
 def run(cache: str, out: str, options: Options) -> dict[str, Any]:
-    """Build the index; returns its manifest. Ray must be running (``main`` starts or joins it)."""
+    """Build the index; returns its manifest. Joins the running Ray instance, else starts or joins one."""
     import ray
 
     from pipelines.index.build import build_shard, prepare, search_key
+    from pipelines.stage import init_ray
 
     plan = check(cache, out, options)
+    init_ray()  # after every refusal
     started = time.perf_counter()
     if plan.replace:
         _clear(out)
@@ -382,12 +384,8 @@ def summary_line(manifest: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pipelines.stage import init_ray
-
     cache, out, options = parse_args(argv)
-    check(cache, out, options)
-    init_ray()
-    manifest = run(cache, out, options)
+    manifest = run(cache, out, options)  # refusals first, then Ray
     print(f"isa index: {summary_line(manifest)}")
     print(f"index: {out}")
     return 0
