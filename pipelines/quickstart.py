@@ -3,8 +3,9 @@
 world -> a tiny teacher aligned on the world (trained here with open_clip's own loss) -> ``isa embed`` of
 the world's training images -> ``isa train`` of the ISA student and of the symmetric variant -> ``isa
 eval`` on the world's CIRR-format val split (with the teacher-only baselines) and image-only retrieval on
-held-out images -> one table in ``OUTPUT/quickstart.json`` and ``.md``. Every step runs the real stage code
-on a local Ray instance, local storage and an embedded MLflow (SQLite in OUTPUT).
+held-out images -> the deployment: ``isa index`` of the val gallery and ``isa export`` of the ISA student ->
+one table in ``OUTPUT/quickstart.json`` and ``.md``, and the ``isa serve`` command that serves them. Every step
+runs the real stage code on a local Ray instance, local storage and an embedded MLflow (SQLite in OUTPUT).
 
 This process imports torch only for the evaluation, after training: the teacher trains in a process of
 its own, and embed and train keep torch in Ray's workers.
@@ -26,7 +27,7 @@ from pipelines import embed, train
 from pipelines.stage import init_ray
 
 ISA_ROW, SYMMETRIC_ROW = "ISA student (asymmetric)", "symmetric variant"
-STEPS = 7  # progress lines
+STEPS = 8  # progress lines
 
 
 SETTINGS = Path(__file__).with_name("quickstart.yaml")  # the default --config, shipped with the package
@@ -190,6 +191,8 @@ def run(output: Path, args: argparse.Namespace, overrides: Sequence[str]) -> dic
             f"eval.output={output / 'eval' / 'images'}",
         )
     )
+    progress("deployment: isa index of the val gallery, isa export of the ISA student")
+    index, exported = deploy(output, cir["gallery_cache"], isa_checkpoint)
     rows = table(cir, images)
     document = {
         "rows": rows,
@@ -198,6 +201,9 @@ def run(output: Path, args: argparse.Namespace, overrides: Sequence[str]) -> dic
         "queries": cir["queries"],
         "report": str(output / "eval" / "cirr" / "report.html"),
         "checkpoints": {ISA_ROW: str(isa_checkpoint), SYMMETRIC_ROW: str(symmetric_checkpoint)},
+        "index": index,
+        "export": exported,
+        "serve": serve_command(output / "runs" / "isa", index),
         "mlflow": config.train.tracking_uri,
         "seconds": round(time.monotonic() - progress.started, 1),
         "stages": [{"stage": what, "started_s": at} for what, at in progress.stages],
@@ -205,6 +211,22 @@ def run(output: Path, args: argparse.Namespace, overrides: Sequence[str]) -> dic
     (output / "quickstart.json").write_text(json.dumps(document, indent=2))
     (output / "quickstart.md").write_text(markdown(rows, document["teacher_image_tower_ms"]))
     return document
+
+
+def deploy(output: Path, gallery_cache: str, checkpoint: Path) -> tuple[str, str]:
+    """The asymmetric split of what was just trained: an exact index of the gallery the evaluation embedded, and
+    the ISA student's query path as ONNX (with int8). Returns the index and export folders."""
+    from pipelines import export, index
+
+    folders = str(output / "index"), str(output / "export")
+    index.run(gallery_cache, folders[0], index.Options(overwrite=True))
+    export.run(export.ExportOptions(str(checkpoint), folders[1], int8=True, overwrite=True))
+    return folders
+
+
+def serve_command(run_dir: Path, index: str) -> str:
+    """The one command that serves the quickstart's student over its index."""
+    return f"isa serve --checkpoint {run_dir} --index {index}"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -238,4 +260,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"report:      {document['report']}")
     print(f"checkpoints: {', '.join(document['checkpoints'].values())}")
     print(f"MLflow UI:   mlflow ui --backend-store-uri {document['mlflow']}")
+    print(f"ONNX query encoder: {document['export']}")
+    print(f"serve it:    {document['serve']}")
     return 0

@@ -43,6 +43,28 @@ def _check_outputs(output: Path) -> None:
     assert all(name in table for name in ROWS)
     assert (output / "eval" / "cirr" / "report.html").is_file() and (output / "mlflow.db").is_file()
     assert all(Path(p, "student.safetensors").is_file() for p in document["checkpoints"].values())
+    _check_deployment(output, document)
+
+
+def _check_deployment(output: Path, document: dict) -> None:
+    """The index holds the evaluated gallery; the export is the ISA student's; the printed command parses."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from pipelines.cli import stage_module
+    from pipelines.export.client import ExportedEncoder
+    from pipelines.index.store import GalleryIndex
+
+    index = GalleryIndex.load(document["index"])
+    gallery = pq.read_table(output / "eval" / "cirr" / "gallery-cirr-val", columns=["id"])
+    assert index.manifest["count"] == gallery.num_rows and index.manifest["kind"] == "exact"
+    encoder = ExportedEncoder.load(document["export"], int8=True)
+    assert encoder.manifest["checkpoint"]["uri"] == str(Path(document["checkpoints"][quickstart.ISA_ROW]).resolve())
+    image = next((output / "world" / "images").glob("*.png")).read_bytes()
+    assert np.isfinite(encoder.pseudo_words([image])).all()
+    words, *serve = document["serve"].split()
+    assert words == "isa" and serve[0] == "serve"
+    stage_module("serve").parser().parse_args(serve[1:])
 
 
 def _free_port() -> int:
