@@ -27,7 +27,7 @@ from isa.storage import count_rows, filesystem, full_uri, write_bytes
 from pipelines.artifact import FILES_KEY
 from pipelines.index.store import FORMAT, FORMAT_VERSION, KINDS, MANIFEST, shard_files
 
-DEFAULTS = {"nbits": 8, "refine": 10.0, "hnsw_m": 32, "ef_construction": 80}
+DEFAULTS = {"nbits": 8, "refine": 40.0, "hnsw_m": 32, "ef_construction": 80}
 KIND_OPTIONS = {
     "ivfpq": ("nlist", "pq_m", "nbits", "nprobe", "refine", "train_size"),
     "hnsw": ("hnsw_m", "ef_search", "ef_construction"),
@@ -377,6 +377,10 @@ def run(cache: str, out: str, options: Options) -> dict[str, Any]:
 def summary_line(manifest: dict[str, Any]) -> str:
     params = ", ".join(f"{k} {v}" for k, v in manifest["params"].items())
     recall = "" if manifest["recall_at_50"] is None else f" · recall@50 {manifest['recall_at_50']:.4f}"
+    probe = manifest.get("recall_probe") or {}
+    if probe.get("tuned") and max(probe["tuned"].values()) < probe["target"]:
+        more = "--refine or --pq-m" if manifest["kind"] == "ivfpq" else "--hnsw-m or --ef-construction"
+        recall += f" (no value tried reached the target {probe['target']}: raise {more})"
     return (
         f"{manifest['kind']} · {len(manifest['shards'])} shard(s) · {manifest['count']} vectors of "
         f"{manifest['dim']}{f' · {params}' if params else ''}{recall} · {manifest['build_seconds']:.1f} s"
