@@ -28,21 +28,45 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_artifact(uri: str, manifest_name: str, files: Mapping[str, bytes], manifest: Mapping[str, Any]) -> str:
-    """Write ``files`` into the folder ``uri``, then ``manifest`` (with each file's size and digest) last.
+def record(data: bytes) -> dict[str, Any]:
+    """What a manifest records of one data file: its size and digest."""
+    return {"bytes": len(data), "sha256": digest(data)}
+
+
+def write_manifest(uri: str, manifest_name: str, recorded: Mapping[str, Any], manifest: Mapping[str, Any]) -> str:
+    """Write the manifest of a folder whose data files are in place (written here or by other processes).
+
+    Args:
+        recorded: each data file's :func:`record` (or ``{"bytes": size, "sha256": None}``), by name in the folder.
 
     Returns:
         The manifest's path within its filesystem.
     """
     fs, root = filesystem(uri)
     path = posixpath.join(root, manifest_name)
+    write_bytes(fs, path, json.dumps({**manifest, FILES_KEY: dict(recorded)}, indent=2, sort_keys=True).encode())
+    return path
+
+
+def remove_manifest(uri: str, manifest_name: str) -> None:
+    """Make a folder stop being an artifact before its files are rewritten."""
+    fs, root = filesystem(uri)
+    path = posixpath.join(root, manifest_name)
     if fs.exists(path):
-        fs.rm(path)  # from here on the folder is not a valid artifact until the new manifest lands
+        fs.rm(path)
+
+
+def write_artifact(uri: str, manifest_name: str, files: Mapping[str, bytes], manifest: Mapping[str, Any]) -> str:
+    """Write ``files`` into the folder ``uri``, then ``manifest`` (with each file's size and digest) last.
+
+    Returns:
+        The manifest's path within its filesystem.
+    """
+    remove_manifest(uri, manifest_name)  # from here on the folder is not a valid artifact until the new one lands
+    fs, root = filesystem(uri)
     for name, data in files.items():
         write_bytes(fs, posixpath.join(root, name), data)
-    recorded = {name: {"bytes": len(data), "sha256": digest(data)} for name, data in files.items()}
-    write_bytes(fs, path, json.dumps({**manifest, FILES_KEY: recorded}, indent=2, sort_keys=True).encode())
-    return path
+    return write_manifest(uri, manifest_name, {name: record(data) for name, data in files.items()}, manifest)
 
 
 def seal_artifact(uri: str, manifest_name: str, manifest: Mapping[str, Any]) -> dict[str, Any]:
@@ -59,9 +83,8 @@ def seal_artifact(uri: str, manifest_name: str, manifest: Mapping[str, Any]) -> 
         for path, info in sorted(fs.find(root, detail=True).items())
         if not posixpath.basename(path).startswith((".", "_"))
     }
-    written = {**manifest, FILES_KEY: recorded}
-    write_bytes(fs, posixpath.join(root, manifest_name), json.dumps(written, indent=2, sort_keys=True).encode())
-    return written
+    write_manifest(uri, manifest_name, recorded, manifest)
+    return {**manifest, FILES_KEY: recorded}
 
 
 def read_artifact(uri: str, manifest_name: str, kind: str) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import posixpath
 import re
@@ -23,8 +22,8 @@ import numpy as np
 
 from isa.cache import MANIFEST_FILE, Manifest, list_parts, read_manifest
 from isa.errors import IsaError
-from isa.storage import count_rows, filesystem, full_uri, write_bytes
-from pipelines.artifact import FILES_KEY
+from isa.storage import count_rows, filesystem, full_uri
+from pipelines.artifact import write_manifest
 from pipelines.index.store import FORMAT, FORMAT_VERSION, KINDS, MANIFEST, shard_files
 
 DEFAULTS = {"nbits": 8, "refine": 40.0, "hnsw_m": 32, "ef_construction": 80}
@@ -368,9 +367,7 @@ def run(cache: str, out: str, options: Options) -> dict[str, Any]:
         "build_seconds": round(time.perf_counter() - started, 3),
     }
     recorded = {name: entry for r in results for name, entry in r.files.items()}
-    fs, root = filesystem(out)
-    document = json.dumps({**manifest, FILES_KEY: recorded}, indent=2, sort_keys=True)
-    write_bytes(fs, posixpath.join(root, MANIFEST), document.encode())  # last: the folder is now an index
+    write_manifest(out, MANIFEST, recorded, manifest)  # last: the folder is now an index
     return manifest
 
 

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import ray
 
 from isa.storage import filesystem, write_bytes
-from pipelines.artifact import digest
+from pipelines.artifact import record
 from pipelines.index.store import apply_search_params, shard_files
 
 RECALL_K = 50
@@ -206,7 +206,7 @@ def build_shard(
     fs, root = filesystem(out)
     for name, data in files.items():
         write_bytes(fs, posixpath.join(root, name), data)
-    result = ShardResult(shard, len(ids), {n: {"bytes": len(d), "sha256": digest(d)} for n, d in files.items()})
+    result = ShardResult(shard, len(ids), {n: record(d) for n, d in files.items()})
     if queries is None:
         return result
     tag = np.int64(shard) << SHARD_BITS
