@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from isa.build import build_teacher
+from isa.checkpoint_files import saved_checkpoint
 from isa.config import from_dict
 from isa.data.synthetic import generate_world, render_scene
 from isa.query import QueryEncoder, student_views
@@ -53,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
 
-    folder, saved = export.resolve_checkpoint(args.checkpoint)
+    folder, saved = saved_checkpoint(args.checkpoint)
     config = from_dict(saved["config"])
     teacher = build_teacher(config.teacher)
     encoder = QueryEncoder.from_checkpoint(export.local_checkpoint(folder), teacher)

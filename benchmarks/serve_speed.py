@@ -1,11 +1,12 @@
 """Queries per second and latency of ``isa serve``'s ``POST /search`` against the same encoder and index in-process.
 
-Serve: the application of ``isa serve`` on a local Ray instance, asked over HTTP (multipart upload + text) by
-``--concurrency`` client threads, each with its own connection. In-process: :class:`isa.query.QueryEncoder` and
-:class:`pipelines.index.store.GalleryIndex` called by the same number of threads in one process (decode,
-student, composition, search, per query). Query images are the first gallery images of the index (read from
-their URIs). Prints queries/s, p50 and p99 latency per path and concurrency, and Serve's share of in-process
-throughput.
+Serve: the application of ``isa serve`` on a local Ray instance started as ``isa serve`` starts one, asked over
+HTTP (multipart upload + text) by ``--concurrency`` client threads, each with its own connection. In-process:
+:class:`isa.query.QueryEncoder` and :class:`pipelines.index.store.GalleryIndex` called by the same number of
+threads in one process (decode, student, composition, search, per query). Both paths run the encoder with the
+same number of torch threads, for each value of ``--threads``. Query images are the first gallery images of the
+index (read from their URIs). Prints queries/s, p50 and p99 latency per path, threads and concurrency, and
+Serve's share of in-process throughput: at equal threads, and each path at its best.
 
     python benchmarks/serve_speed.py --checkpoint RUN_OR_CHECKPOINT --index INDEX
     python benchmarks/serve_speed.py --tiny          # builds a tiny checkpoint and index itself (a smoke run)
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=32, help="distinct query images (the first gallery images)")
     parser.add_argument("--text", default="is red and larger", help="the modifier text of every query")
     parser.add_argument("--k", type=int, default=20)
-    parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="torch threads of both paths' encoder")
+    parser.add_argument("--threads", default="1,2", help="torch threads of both paths' encoder, comma-separated")
     parser.add_argument("--port", type=int, default=8765)
     args = parser.parse_args(argv)
     if not args.tiny and not (args.checkpoint and args.index):
@@ -109,8 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.eval import local_copy
     from pipelines.index.store import GalleryIndex
 
-    # the encoder replica's CPUs, plus a little for the proxy, the ingress and the index shard
-    ray.init(num_cpus=args.cpus + 1, include_dashboard=False, log_to_driver=False)
+    # isa serve's own settings for a local instance; CPUs for the encoder replica and a little for the others
+    for key, value in serve_stage.throughput_environment().items():
+        os.environ.setdefault(key, value)
+    threads = [int(t) for t in args.threads.split(",")]
+    ray.init(num_cpus=max(threads) + 1, include_dashboard=False, log_to_driver=False)
     workdir = Path(tempfile.mkdtemp(prefix="isa-serve-speed-"))
     checkpoint, index_uri = build_tiny(workdir) if args.tiny else (args.checkpoint, args.index)
 
@@ -123,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
 
     # ---- in-process: the same encoder and index, called by threads
-    torch.set_num_threads(args.cpus)
     prepared = serve_stage.check(serve_stage.ServeSettings(checkpoint=checkpoint, index=index_uri), False)
     teacher = build_teacher(TeacherConfig(**prepared.teacher_config))
     path = find_checkpoint(local_copy(checkpoint, str(workdir)))
@@ -135,20 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         query = encoder.compose(sentence, [(args.text,)]) if args.text else encoder.image_only(sentence)
         index.search(query.float().numpy(), args.k)
 
-    local = {c: measure(in_process, c, args.requests) for c in concurrencies}
-
-    # ---- Serve over HTTP
-    settings = serve_stage.ServeSettings(
-        checkpoint=checkpoint,
-        index=index_uri,
-        port=args.port,
-        num_cpus=0.25,
-        encoder_cpus=args.cpus,
-        max_batch=16,
-        batch_wait_ms=2,
-    )
-    url = serve_stage.run(settings)
     sessions = threading.local()
+    url = ""
 
     def over_http(i: int) -> None:
         if not hasattr(sessions, "session"):
@@ -160,21 +151,34 @@ def main(argv: list[str] | None = None) -> int:
         )
         response.raise_for_status()
 
-    served = {c: measure(over_http, c, args.requests) for c in concurrencies}
+    results: dict[tuple[str, int, int], dict] = {}  # (path, threads, concurrency) -> figures
+    for count in threads:
+        torch.set_num_threads(count)
+        for c in concurrencies:
+            results["in-process", count, c] = measure(in_process, c, args.requests)
+        settings = serve_stage.ServeSettings(
+            checkpoint=checkpoint, index=index_uri, port=args.port, num_cpus=0.25, encoder_cpus=count, batch_wait_ms=2
+        )
+        url = serve_stage.run(settings, serve_stage.check(settings, check_port_free=False))  # the proxy stays up
+        for c in concurrencies:
+            results["Serve (HTTP)", count, c] = measure(over_http, c, args.requests)
+        serve.delete(settings.name)
     serve.shutdown()
     ray.shutdown()
 
     gallery = f"{index.count} images, {index.manifest['kind']}, {len(index.shards)} shard(s)"
-    print(f"isa serve speed · {encoder.name} · gallery {gallery} · {args.cpus} encoder threads · k={args.k}")
-    print("| path | concurrency | queries/s | p50 ms | p99 ms |")
-    print("|---|---:|---:|---:|---:|")
-    for name, table in (("in-process", local), ("Serve (HTTP)", served)):
-        for c in concurrencies:
-            row = table[c]
-            print(f"| {name} | {c} | {row['qps']:.1f} | {row['p50']:.1f} | {row['p99']:.1f} |")
+    print(f"isa serve speed · {encoder.name} · gallery {gallery} · k={args.k}")
+    print("| path | torch threads | concurrency | queries/s | p50 ms | p99 ms |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for (name, count, c), row in results.items():
+        print(f"| {name} | {count} | {c} | {row['qps']:.1f} | {row['p50']:.1f} | {row['p99']:.1f} |")
     for c in concurrencies:
-        ratio = served[c]["qps"] / local[c]["qps"]
-        print(f"concurrency {c}: Serve / in-process throughput = {ratio:.2f}")
+        for count in threads:
+            ratio = results["Serve (HTTP)", count, c]["qps"] / results["in-process", count, c]["qps"]
+            print(f"concurrency {c}, {count} thread(s): Serve / in-process throughput = {ratio:.2f}")
+        best = {name: max(results[name, t, c]["qps"] for t in threads) for name in ("in-process", "Serve (HTTP)")}
+        ratio = best["Serve (HTTP)"] / best["in-process"]
+        print(f"concurrency {c}, each at its best: Serve / in-process throughput = {ratio:.2f}")
     return 0
 
 

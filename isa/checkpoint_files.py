@@ -57,6 +57,33 @@ def complete_checkpoints(fs: Any, path: str) -> dict[str, int]:
     return steps
 
 
+def saved_checkpoint(uri: str) -> tuple[str, dict[str, Any]]:
+    """The checkpoint folder ``uri`` names (itself, or a run folder's latest complete checkpoint) as a URI, and
+    its ``config.json`` (the resolved config and the teacher fingerprint), on any fsspec filesystem, without
+    loading a model.
+
+    Raises:
+        CheckpointError: nothing complete that looks like a checkpoint there, or an unreadable config.json.
+    """
+    from isa.storage import filesystem, full_uri
+
+    fs, path = filesystem(uri)
+    found = latest_checkpoint(fs, path)
+    if found is None:
+        raise CheckpointError(
+            f"no complete checkpoint at {uri}: expected a checkpoint folder ({', '.join(REQUIRED_FILES)}) or a "
+            "training run folder holding checkpoint_*/isa"
+        )
+    folder = full_uri(fs, found)
+    try:
+        saved = json.loads(fs.cat_file(posixpath.join(found, CONFIG_FILE)))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {folder}: {CONFIG_FILE} is unreadable ({error})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict) or "teacher" not in saved:
+        raise CheckpointError(f"checkpoint {folder}: {CONFIG_FILE} lacks the training config or teacher fingerprint")
+    return folder, saved
+
+
 def latest_checkpoint(fs: Any, path: str) -> str | None:
     """Of :func:`complete_checkpoints`, the one with the highest step (ties: the last folder name); None if none."""
     steps = complete_checkpoints(fs, path)

@@ -65,25 +65,14 @@ def checkpoint_teacher(uri: str) -> tuple[TeacherConfig, dict[str, Any], str]:
     checkpoint folder's URI.
 
     Raises:
-        CheckpointError: no complete checkpoint at ``uri``.
+        CheckpointError: no complete checkpoint at ``uri``, or an unreadable config.
     """
-    import json
-    import posixpath
-
-    from isa.checkpoint_files import CONFIG_FILE, REQUIRED_FILES, CheckpointError, latest_checkpoint
+    from isa.checkpoint_files import CheckpointError, saved_checkpoint
     from isa.config import from_dict
     from isa.errors import IsaError
-    from isa.storage import filesystem, full_uri
 
-    fs, path = filesystem(uri)
-    folder = latest_checkpoint(fs, path)
-    if folder is None:
-        raise CheckpointError(
-            f"no complete checkpoint at {uri}: expected a checkpoint folder ({', '.join(REQUIRED_FILES)}) or a "
-            "training run folder holding checkpoint_*/isa"
-        )
-    saved = json.loads(fs.cat_file(posixpath.join(folder, CONFIG_FILE)))
+    folder, saved = saved_checkpoint(uri)
     try:
-        return from_dict(saved["config"]).teacher, saved["teacher"], full_uri(fs, folder)
-    except (KeyError, TypeError, IsaError) as error:
-        raise CheckpointError(f"checkpoint {full_uri(fs, folder)} has an unreadable {CONFIG_FILE}: {error}") from None
+        return from_dict(saved["config"]).teacher, saved["teacher"], folder
+    except IsaError as error:
+        raise CheckpointError(f"checkpoint {folder} has an unreadable config: {error}") from None

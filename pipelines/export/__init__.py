@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import json
 import posixpath
 import tempfile
 from collections.abc import Sequence
@@ -21,7 +20,7 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-from isa.checkpoint_files import CONFIG_FILE, CheckpointError, latest_checkpoint
+from isa.checkpoint_files import saved_checkpoint
 from isa.errors import IsaError
 from isa.storage import filesystem
 
@@ -95,36 +94,6 @@ def parse_args(argv: Sequence[str] | None) -> ExportOptions:
 # ---- refusals ----------------------------------------------------------------------------------------------
 
 
-def resolve_checkpoint(uri: str) -> tuple[str, dict[str, Any]]:
-    """The checkpoint folder ``uri`` names (itself, or a run folder's latest complete checkpoint), as a URI, and
-    its ``config.json``.
-
-    Raises:
-        CheckpointError: nothing complete that looks like a checkpoint there.
-    """
-    fs, path = filesystem(uri)
-    if isinstance(fs, LocalFileSystem):
-        from isa.checkpoint import find_checkpoint  # torch, only once a local export goes ahead
-
-        folder = str(find_checkpoint(path).resolve())
-    else:
-        found = latest_checkpoint(fs, path)
-        if found is None:
-            raise CheckpointError(
-                f"no checkpoint at {uri}: expected a complete checkpoint folder or a run folder holding "
-                "checkpoint_*/isa"
-            )
-        folder = fs.unstrip_protocol(found)
-    fs, path = filesystem(folder)
-    try:
-        config = json.loads(fs.cat_file(posixpath.join(path, CONFIG_FILE)))
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"checkpoint {folder}: {CONFIG_FILE} is unreadable ({error})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("config"), dict) or "teacher" not in config:
-        raise CheckpointError(f"checkpoint {folder}: {CONFIG_FILE} lacks the training config or teacher fingerprint")
-    return folder, config
-
-
 def check(options: ExportOptions) -> tuple[str, dict[str, Any]]:
     """Every refusal that needs no model: the checkpoint, its student, the output folder, the options.
 
@@ -143,7 +112,7 @@ def check(options: ExportOptions) -> tuple[str, dict[str, Any]]:
         raise ExportError("--calibration calibrates the int8 model: add --int8, or leave --calibration out")
     if options.calibration_images < 1:
         raise ExportError(f"--calibration-images must be at least 1, got {options.calibration_images}")
-    folder, config = resolve_checkpoint(options.checkpoint)
+    folder, config = saved_checkpoint(options.checkpoint)
     student = config["config"].get("student", {})
     if student.get("backbone") == SYMMETRIC:
         raise ExportError(

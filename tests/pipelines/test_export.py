@@ -177,8 +177,8 @@ def symmetric_checkpoint(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("missing", "no checkpoint at"),
-        ("not a checkpoint", "no checkpoint at"),
+        ("missing", "no complete checkpoint at"),
+        ("not a checkpoint", "no complete checkpoint at"),
         ("symmetric", "runs the teacher's own image tower"),
         ("foreign files in OUT", "holds no export"),
         ("previous export", "pass --overwrite"),

@@ -188,9 +188,10 @@ def test_pseudo_words_over_json_give_the_results_of_the_upload(app, world, refer
 
 def test_edge_flow_exported_encoder_on_the_client(app, world, run_dir, tmp_path):
     """The exported encoder on the client, its pseudo-words over JSON: the same answer as an upload."""
-    client = pytest.importorskip("pipelines.export.client")
+    from pipelines.export.client import ExportedEncoder
+
     assert isa(["export", str(run_dir), str(tmp_path / "export")]) == 0
-    encoder = client.ExportedEncoder.load(str(tmp_path / "export"))
+    encoder = ExportedEncoder.load(str(tmp_path / "export"))
     for path in _images(world)[:2]:
         _same_as_upload(app, path, encoder.pseudo_words([_png(path)])[0])
 
