@@ -20,7 +20,18 @@ from isa.cache import fingerprint_mismatch
 from pipelines.serve.app import ServeError, ServeSettings, build_app
 from pipelines.stage import init_ray
 
-__all__ = ["Prepared", "ServeError", "ServeSettings", "build_app", "check", "check_limits", "main", "parser", "run"]
+__all__ = [
+    "Prepared",
+    "ServeError",
+    "ServeSettings",
+    "build_app",
+    "check",
+    "check_limits",
+    "main",
+    "parser",
+    "run",
+    "throughput_environment",
+]
 
 
 @dataclass(frozen=True)

@@ -263,8 +263,7 @@ def test_bad_requests_are_refused_and_the_app_keeps_serving(app, world, referenc
 def test_search_page_in_a_browser_shows_the_api_results_and_attention(app, world, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("no chromium on this machine (.ci/run installs Debian's)")
+    assert chromium, "the search page's test needs Debian's chromium: apt-get install chromium (.ci/run does)"
     query = tmp_path / "query.png"
     query.write_bytes(_png(_images(world)[5]))
     expected = _post_image(app, query.read_bytes(), "has two of them", 12).json()
