@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import signal
 import socket
 import time
 from collections.abc import Sequence
@@ -67,9 +68,11 @@ def parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-k", type=int, default=defaults.max_k, help="largest k a request may ask for")
     parser.add_argument("--default-k", type=int, default=defaults.default_k, help="k of a request naming none")
-    parser.add_argument("--num-cpus", type=float, default=defaults.num_cpus, help="CPUs reserved by each replica")
     parser.add_argument(
-        "--encoder-cpus", type=float, default=None, help="CPUs (torch threads) per encoder replica (default: num-cpus)"
+        "--num-cpus", type=float, default=defaults.num_cpus, help="CPUs of the ingress and of each index shard"
+    )
+    parser.add_argument(
+        "--encoder-cpus", type=float, default=defaults.encoder_cpus, help="CPUs (torch threads) per encoder replica"
     )
     parser.add_argument(
         "--encoder-gpus",
@@ -117,7 +120,7 @@ def check_limits(settings: ServeSettings) -> None:
         (settings.max_k >= 1, "--max-k must be at least 1"),
         (1 <= settings.default_k <= settings.max_k, "--default-k must be between 1 and --max-k"),
         (settings.num_cpus > 0, "--num-cpus must be positive (a replica needs some CPU)"),
-        (settings.encoder_cpus is None or settings.encoder_cpus > 0, "--encoder-cpus must be positive"),
+        (settings.encoder_cpus > 0, "--encoder-cpus must be positive"),
         (settings.encoder_gpus is None or settings.encoder_gpus >= 0, "--encoder-gpus must not be negative"),
         (16 <= settings.thumbnail <= 1024, "thumbnail must be between 16 and 1024 pixels"),
         (settings.route_prefix.startswith("/"), "--route-prefix must start with '/'"),
@@ -144,6 +147,18 @@ def check_port(host: str, port: int) -> None:
                 f"cannot listen on {host}:{port} ({error.strerror or error}): is another server (or isa serve) "
                 "using it? Choose another --port"
             ) from None
+
+
+def check_fits(settings: ServeSettings, prepared: Prepared, cpus: float) -> None:
+    """Refuse an application a machine of ``cpus`` CPUs cannot place (it would wait for them for good)."""
+    shards = len(prepared.index_manifest["shards"])
+    needed = settings.encoder_replicas * settings.encoder_cpus + (1 + shards) * settings.num_cpus
+    if needed > cpus:
+        raise ServeError(
+            f"the application needs {needed:g} CPUs ({settings.encoder_replicas} encoder replica(s) × --encoder-cpus "
+            f"{settings.encoder_cpus:g}, the ingress and {shards} index shard(s) × --num-cpus {settings.num_cpus:g}) "
+            f"and this machine's Ray has {cpus:g}: lower them"
+        )
 
 
 def check(settings: ServeSettings, check_port_free: bool = True) -> Prepared:
@@ -195,10 +210,13 @@ def run(settings: ServeSettings, prepared: Prepared | None = None) -> str:
     from ray import serve
 
     prepared = prepared or check(settings)
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+    local = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    if local:
         for key, value in throughput_environment().items():  # a local instance this process starts
             os.environ.setdefault(key, value)
     init_ray()
+    if local:
+        check_fits(settings, prepared, ray.cluster_resources().get("CPU", 0))
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(build_app(settings, prepared), name=settings.name, route_prefix=settings.route_prefix, blocking=False)
     return url(settings)
@@ -215,10 +233,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from ray import serve
 
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # `kill`, a container stopping: the same as Ctrl-C
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("isa serve: stopping", flush=True)
-        serve.delete(settings.name)
+        if os.environ.get("RAY_ADDRESS"):
+            serve.delete(settings.name)  # a cluster's Serve: this application only, its requests drained
+        else:
+            import ray
+
+            ray.shutdown()  # the local instance, Serve and its proxy with it (Serve's own shutdown drains for 30 s)
     return 0

@@ -59,8 +59,8 @@ class ServeSettings:
         batch_wait_ms: how long a batch waits for more requests once its first arrived.
         max_upload_mb: the largest request body accepted (an upload or a JSON body).
         max_k: the largest ``k`` a request may ask for.
-        num_cpus: CPUs each replica reserves (its FAISS threads).
-        encoder_cpus: CPUs each encoder replica reserves (its torch threads); None: ``num_cpus``.
+        num_cpus: CPUs the ingress and each index-shard replica reserve (FAISS threads: this, at least 1).
+        encoder_cpus: CPUs each encoder replica reserves (its torch threads, at least 1).
         encoder_gpus: GPUs per encoder replica; None: 1 when the cluster has a GPU at deploy time, else 0.
         default_k: ``k`` when a request names none.
         thumbnail: the longest side of ``GET /images/{id}`` thumbnails unless the request asks for another.
@@ -78,8 +78,8 @@ class ServeSettings:
     batch_wait_ms: float = 5.0
     max_upload_mb: float = 10.0
     max_k: int = 200
-    num_cpus: float = 1.0
-    encoder_cpus: float | None = None
+    num_cpus: float = 0.25
+    encoder_cpus: float = 1.0
     encoder_gpus: float | None = None
     default_k: int = 20
     thumbnail: int = 256
@@ -568,7 +568,7 @@ def build_app(settings: ServeSettings, prepared: Any = None) -> Application:
 
     prepared = prepared or check(settings, check_port_free=False)
     threads = max(1, math.floor(settings.num_cpus))
-    cpus = settings.num_cpus if settings.encoder_cpus is None else settings.encoder_cpus
+    cpus = settings.encoder_cpus
     logs = logging_config(settings)
     shards = [
         IndexShardDeployment.options(

@@ -360,3 +360,51 @@ def test_a_port_in_use_is_refused(gallery, run_dir):
         port = taken.getsockname()[1]
         with pytest.raises(ServeError, match=f"cannot listen on 127.0.0.1:{port}"):
             serve_stage.check(ServeSettings(checkpoint=str(run_dir), index=gallery["index"], port=port))
+
+
+def test_an_application_larger_than_the_machine_is_refused(gallery, run_dir):
+    defaults = ServeSettings(checkpoint=str(run_dir), index=gallery["index"])
+    prepared = serve_stage.check(defaults, check_port_free=False)
+    assert len(prepared.index_manifest["shards"]) == 2
+    serve_stage.check_fits(defaults, prepared, 2)  # the defaults fit a 2-core laptop: 1 + 3 × 0.25
+    larger = ServeSettings(checkpoint=str(run_dir), index=gallery["index"], encoder_replicas=2)
+    with pytest.raises(ServeError, match=r"needs 2.75 CPUs .* has 2: lower them"):
+        serve_stage.check_fits(larger, prepared, 2)
+
+
+def test_isa_serve_from_the_command_line_serves_until_stopped(gallery, run_dir, tmp_path):
+    """The command a user types: its own local Ray instance (Serve's throughput mode: HAProxy, direct gRPC),
+    the page and the API up, then Ctrl-C (or a container's SIGTERM) stops it and its Ray."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_SERVE_"))}
+    command = [str(Path(sys.executable).with_name("isa")), "serve", "--checkpoint", str(run_dir)]
+    command += ["--index", gallery["index"], "--port", str(port)]
+    server = subprocess.Popen(
+        command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        lines = []
+        for line in server.stdout:
+            lines.append(line)
+            if "search page and API at" in line:
+                break
+        assert f"http://127.0.0.1:{port}/" in lines[-1], "".join(lines[-20:])
+        assert "Throughput optimized Ray Serve enabled" in "".join(lines)
+        health = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json()
+        assert health["status"] == "ok" and health["index"]["shards"] == 2
+        assert requests.get(f"http://127.0.0.1:{port}/", timeout=10).status_code == 200
+        server.send_signal(signal.SIGINT)
+        rest = server.communicate(timeout=60)[0]
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert server.returncode == 0 and "isa serve: stopping" in rest
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
