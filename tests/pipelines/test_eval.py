@@ -16,13 +16,13 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from _students import TEACHER, TINY, save_student
 from PIL import Image
 from torchvision.transforms import CenterCrop, Compose, Resize
 
 from isa.build import build_student, build_task, build_teacher
 from isa.cache import CacheError
-from isa.checkpoint import save_checkpoint
-from isa.config import Config, from_dict, load_config, parse_overrides, to_dict
+from isa.config import Config, from_dict, load_config, parse_overrides
 from isa.data.synthetic import generate_world, write_world
 from isa.prompt import PromptComposer
 from isa.teacher import register_project_configs
@@ -30,10 +30,6 @@ from pipelines import embed
 from pipelines import eval as eval_stage
 from pipelines.cli import main as isa
 from pipelines.eval.gallery import EvalError
-
-TEACHER = ["teacher.name=isa-tiny-ViT", "teacher.pretrained=none"]
-STUDENT = ["student.backbone=mobilenetv3_large_100", "student.image_size=64", "token_learner.dim=64"]
-STUDENT += ["token_learner.heads=4", "cache.image_size=64"]
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +41,7 @@ def world(tmp_path_factory) -> Path:
 
 def _save_student(folder: Path, *overrides: str) -> Path:
     """A (random-init) student checkpoint in the training stage's format."""
-    config = load_config(None, [*TEACHER, *STUDENT, *overrides])
-    teacher = build_teacher(config.teacher)
-    torch.manual_seed(1)
-    task = build_task(config, teacher, build_student(config, teacher))
-    saved = {"config": to_dict(config), "teacher": teacher.fingerprint()}
-    return save_checkpoint(folder, config=saved, weights=task.trainable_state_dict(), state={"step": 0})
+    return save_student(folder, *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +57,7 @@ def symmetric_checkpoint(tmp_path_factory) -> Path:
 def _config(world: Path, output: Path, *overrides: str):
     return load_config(
         None,
-        [*TEACHER, *STUDENT, "cache.dtype=float32", f"eval.output={output}", "eval.latency_runs=2", *overrides],
+        [*TINY, "cache.dtype=float32", f"eval.output={output}", "eval.latency_runs=2", *overrides],
     )
 
 

@@ -12,12 +12,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from _students import TEACHER, save_student
 from PIL import Image
 
 from isa.augment import to_unit_range
-from isa.build import build_student, build_task, build_teacher
-from isa.checkpoint import save_checkpoint
-from isa.config import load_config, to_dict
+from isa.build import build_teacher
+from isa.config import load_config
 from isa.data.synthetic import generate_world, render_scene
 from isa.query import QueryEncoder, student_views
 from isa.students import BACKBONES, SYMMETRIC, create_student, list_students
@@ -27,20 +27,13 @@ from pipelines.cli import main as isa
 from pipelines.export import convert
 from pipelines.export.client import ExportedEncoder
 
-TEACHER = ["teacher.name=isa-tiny-ViT", "teacher.pretrained=none"]
-STUDENT = ["student.image_size=64", "token_learner.dim=64", "token_learner.heads=4", "cache.image_size=72"]
 TOLERANCE = 1e-4
 INT8_COSINE = 0.99  # measured: >= 0.9998 for these tiny random-init students on synthetic scenes
 
 
 def _save_student(folder: Path, step: int, *overrides: str) -> Path:
-    """A (random-init) student checkpoint in the training stage's format."""
-    config = load_config(None, [*TEACHER, *STUDENT, *overrides])
-    teacher = build_teacher(config.teacher)
-    torch.manual_seed(step + 1)
-    task = build_task(config, teacher, build_student(config, teacher))
-    saved = {"config": to_dict(config), "teacher": teacher.fingerprint()}
-    return save_checkpoint(folder, config=saved, weights=task.trainable_state_dict(), state={"step": step})
+    """A (random-init) student checkpoint in the training stage's format; its cache JPEGs larger than its input."""
+    return save_student(folder, "cache.image_size=72", *overrides, seed=step + 1, step=step)
 
 
 @pytest.fixture(scope="module")

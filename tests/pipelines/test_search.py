@@ -10,19 +10,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
+from _students import TINY, save_student
 
-from isa.build import build_student, build_task, build_teacher
+from isa.build import build_teacher
 from isa.cache import Manifest, shard_table, write_manifest
-from isa.checkpoint import save_checkpoint
-from isa.config import load_config, to_dict
+from isa.config import load_config
 from isa.data.synthetic import generate_world, write_world
 from isa.query import QueryEncoder, student_views
 from isa.storage import filesystem, write_table
 from pipelines.cli import main as isa
 
-TINY = ["teacher.name=isa-tiny-ViT", "teacher.pretrained=none", "student.backbone=mobilenetv3_large_100"]
-TINY += ["student.image_size=64", "token_learner.dim=64", "token_learner.heads=4", "cache.image_size=64"]
 GALLERY = 60
 
 
@@ -35,14 +32,8 @@ def world(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    config = load_config(None, TINY)
-    teacher = build_teacher(config.teacher)
-    torch.manual_seed(2)
-    task = build_task(config, teacher, build_student(config, teacher))
     run = tmp_path_factory.mktemp("search-run")
-    saved = {"config": to_dict(config), "teacher": teacher.fingerprint()}
-    save_checkpoint(run / "checkpoint_000004" / "isa", config=saved, weights=task.trainable_state_dict(),
-                    state={"step": 4})  # fmt: skip
+    save_student(run / "checkpoint_000004" / "isa", seed=2, step=4)
     return run
 
 

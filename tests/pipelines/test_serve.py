@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import requests
 import torch
+from _students import TEACHER, save_student
 from PIL import Image
 
-from isa.build import build_student, build_task, build_teacher
+from isa.build import build_teacher
 from isa.cache import MANIFEST_FILE, list_parts
-from isa.checkpoint import find_checkpoint, save_checkpoint
-from isa.config import load_config, to_dict
+from isa.checkpoint import find_checkpoint
+from isa.config import load_config
 from isa.data.synthetic import generate_world, write_world
 from isa.query import QueryEncoder, student_views
 from isa.retrieval import rank
@@ -30,9 +31,6 @@ from pipelines import serve as serve_stage
 from pipelines.cli import main as isa
 from pipelines.serve import ServeError, ServeSettings
 
-TEACHER = ["teacher.name=isa-tiny-ViT", "teacher.pretrained=none"]
-STUDENT = ["student.backbone=mobilenetv3_large_100", "student.image_size=64", "token_learner.dim=64"]
-STUDENT += ["token_learner.heads=4", "cache.image_size=64"]
 MAX_K = 50
 MAX_UPLOAD_MB = 0.5
 TEXTS = ["is red", "has two of them and is larger", ""]  # "" : image-only retrieval
@@ -48,14 +46,8 @@ def world(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A training run folder holding one random-init checkpoint in the training stage's format."""
-    config = load_config(None, [*TEACHER, *STUDENT])
-    teacher = build_teacher(config.teacher)
-    torch.manual_seed(3)
-    task = build_task(config, teacher, build_student(config, teacher))
     run = tmp_path_factory.mktemp("serve-run")
-    saved = {"config": to_dict(config), "teacher": teacher.fingerprint()}
-    save_checkpoint(run / "checkpoint_000002" / "isa", config=saved, weights=task.trainable_state_dict(),
-                    state={"step": 2})  # fmt: skip
+    save_student(run / "checkpoint_000002" / "isa", seed=3, step=2)
     return run
 
 
