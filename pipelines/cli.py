@@ -21,7 +21,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "eval": ("pipelines.eval", "FashionIQ / CIRR / CIRCO / image-only metrics, baselines, test-server files, report"),
     "tune": ("tune.sweep", "sweep isa train with Ray Tune: ASHA, resumable, MLflow parent + nested trial runs"),
     "ablate": ("tune.ablation", "ablation suite (tokens, losses, lambda, ...): train, evaluate, table, CSV, plot"),
-    "export": ("pipelines.export", "the query encoder (student + token learner) as ONNX for onnxruntime, optional int8"),
+    "export": ("pipelines.export", "the query encoder (student + token learner) as ONNX for onnxruntime, int8 too"),
     "index": ("pipelines.index", "a FAISS index of an isa embed cache: exact or approximate (IVF-PQ, HNSW), sharded"),
     "serve": ("pipelines.serve", "composed search over an index on Ray Serve: HTTP API and a search page"),
     "search": ("pipelines.search", "many composed queries at once through Ray Data, top-k per query to Parquet/JSONL"),
