@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _ports import free_port
 
 from isa.teacher import Teacher, load_teacher
 
@@ -27,12 +28,6 @@ def teacher(request) -> Teacher:
 @pytest.fixture(scope="session")
 def clip_teacher() -> Teacher:
     return load_teacher("isa-tiny-ViT", "none", seed=0)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import requests
 import torch
+from _ports import free_port
 from _students import TEACHER, save_student
 from PIL import Image
 
@@ -71,7 +72,6 @@ def gallery(ray_session, world, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def app(gallery, run_dir):
     """One Serve application for the module, on a free port; deleted (and Serve shut down) at the end."""
-    from conftest import free_port
     from ray import serve
 
     settings = ServeSettings(
@@ -371,8 +371,6 @@ def test_isa_serve_from_the_command_line_serves_until_stopped(gallery, run_dir, 
     import signal
     import subprocess
     import sys
-
-    from conftest import free_port
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_SERVE_"))}
