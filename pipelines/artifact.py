@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from isa.errors import IsaError
@@ -26,6 +26,37 @@ class ArtifactError(IsaError):
 
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def check_output(uri: str, manifest_name: str, kind: str, own: Callable[[str], bool], overwrite: bool) -> bool:
+    """The rule for a stage's output folder: new, empty, or an earlier artifact of the same kind that ``overwrite``
+    replaces; never a folder holding anything else.
+
+    Args:
+        own: whether a file name in the folder is one the artifact writes (its manifest always is).
+
+    Returns:
+        True when the folder holds an earlier artifact to replace.
+
+    Raises:
+        ArtifactError: OUT is a file, holds other files (named), or holds an artifact and ``overwrite`` is off.
+    """
+    fs, root = filesystem(uri)
+    fs.invalidate_cache(root)
+    if not fs.exists(root):
+        return False
+    if not fs.isdir(root):
+        raise ArtifactError(f"OUT {uri} is a file: name a folder to create")
+    names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
+    foreign = [name for name in names if name != manifest_name and not own(name)]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ArtifactError(
+            f"OUT {uri} is not empty and holds no {kind} (it holds {shown}): name a new or empty folder"
+        )
+    if names and not overwrite:
+        raise ArtifactError(f"OUT {uri} already holds a {kind}: --overwrite replaces it")
+    return bool(names)
 
 
 def record(data: bytes) -> dict[str, Any]:

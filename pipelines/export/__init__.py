@@ -23,13 +23,14 @@ from fsspec.implementations.local import LocalFileSystem
 from isa.checkpoint_files import saved_checkpoint
 from isa.errors import IsaError
 from isa.storage import filesystem
+from pipelines.artifact import check_output, write_artifact
 
 MANIFEST = "query_encoder.json"
 MODEL = "query_encoder.onnx"
 INT8_MODEL = "query_encoder.int8.onnx"
 FORMAT = "isa-query-encoder"
 FORMAT_VERSION = 1
-KIND = "exported query encoder"  # what read_artifact's messages call the folder
+KIND = "query-encoder export"  # what pipelines.artifact's messages call the folder
 PARITY_TOLERANCE = 1e-4  # float32: largest |onnxruntime - torch| accepted on any output
 OPSETS = range(18, 26)  # what torch's ONNX exporter writes (18 and above) and onnxruntime runs
 DEFAULT_OPSET = 18  # the oldest of them: the widest choice of runtimes (onnxruntime-web, mobile builds)
@@ -120,26 +121,10 @@ def check(options: ExportOptions) -> tuple[str, dict[str, Any]]:
             "query side (it is the heavy baseline the light students are measured against, not a light query "
             "encoder): export a checkpoint of an asymmetric student (student.backbone one of the light backbones)"
         )
-    _check_output(options.output, options.overwrite)
+    check_output(options.output, MANIFEST, KIND, {MODEL, INT8_MODEL}.__contains__, options.overwrite)
     if options.calibration:
         _check_calibration(options.calibration)
     return folder, config
-
-
-def _check_output(uri: str, overwrite: bool) -> None:
-    fs, root = filesystem(uri)
-    fs.invalidate_cache(root)
-    if not fs.exists(root):
-        return
-    if not fs.isdir(root):
-        raise ExportError(f"OUT {uri} is a file: name a folder to create")
-    names = {posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)}
-    foreign = sorted(names - {MODEL, INT8_MODEL, MANIFEST})
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-        raise ExportError(f"OUT {uri} is not empty and holds no export ({shown}): name a new or empty folder")
-    if names and not overwrite:
-        raise ExportError(f"OUT {uri} already holds an export: pass --overwrite to replace it, or name a new folder")
 
 
 def _check_calibration(uri: str) -> None:
@@ -172,7 +157,6 @@ def run(options: ExportOptions) -> dict[str, Any]:
     from isa.build import build_teacher
     from isa.config import from_dict
     from isa.query import QueryEncoder
-    from pipelines.artifact import write_artifact
     from pipelines.export import convert
 
     folder, saved = check(options)

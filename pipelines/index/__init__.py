@@ -23,7 +23,7 @@ import numpy as np
 from isa.cache import MANIFEST_FILE, Manifest, list_parts, read_manifest
 from isa.errors import IsaError
 from isa.storage import count_rows, filesystem, full_uri
-from pipelines.artifact import write_manifest
+from pipelines.artifact import check_output, write_manifest
 from pipelines.index.store import FORMAT, FORMAT_VERSION, KINDS, MANIFEST, shard_files
 
 DEFAULTS = {"nbits": 8, "refine": 40.0, "hnsw_m": 32, "ef_construction": 80}
@@ -202,23 +202,9 @@ def _check_folders(cache: str, out: str, overwrite: bool) -> bool:
             raise IndexBuildError(f"OUT {out} is the cache or lies inside it ({cache}): write the index elsewhere")
         if cache_path.startswith(out_path + "/"):
             raise IndexBuildError(f"the cache {cache} lies inside OUT {out}: write the index elsewhere")
-    out_fs.invalidate_cache(out_path)
-    if not out_fs.exists(out_path):
-        return False
-    if not out_fs.isdir(out_path):
-        raise IndexBuildError(f"OUT {out} is a file, not a folder")
-    names = sorted(posixpath.basename(p.rstrip("/")) for p in out_fs.ls(out_path, detail=False))
-    if MANIFEST_FILE in names:
+    if out_fs.exists(posixpath.join(out_path, MANIFEST_FILE)):
         raise IndexBuildError(f"OUT {out} is an isa embed cache ({MANIFEST_FILE}), not an index folder")
-    foreign = [n for n in names if n != MANIFEST and not OWN_FILE.match(n)]
-    if foreign:
-        raise IndexBuildError(
-            f"OUT {out} is not empty and is not a gallery index (it holds {', '.join(foreign[:3])}"
-            f"{', ...' if len(foreign) > 3 else ''}): choose an empty or new folder"
-        )
-    if MANIFEST in names and not overwrite:
-        raise IndexBuildError(f"OUT {out} already holds a gallery index: --overwrite replaces it")
-    return bool(names)
+    return check_output(out, MANIFEST, "gallery index", lambda name: bool(OWN_FILE.match(name)), overwrite)
 
 
 def check(cache: str, out: str, options: Options) -> Plan:

@@ -24,7 +24,7 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipelines.artifact import FILES_KEY, ArtifactError, read_artifact, read_file
+from pipelines.artifact import ArtifactError, read_artifact, read_file
 
 MANIFEST = "_isa_index.json"
 FORMAT = "isa-gallery-index"
@@ -95,6 +95,7 @@ class IndexShard:
         self.uris = uris
         self.shard = shard
         self.manifest = manifest
+        self._rows: dict[str, int] | None = None  # id -> row, made on first use
 
     @classmethod
     def load(cls, uri: str, shard: int, threads: int = 0, manifest: dict[str, Any] | None = None) -> IndexShard:
@@ -155,6 +156,13 @@ class IndexShard:
         scores = np.where(rows < 0, -np.inf, scores).astype(np.float32)
         return order_results(scores, rows.astype(np.int64))
 
+    def image_uri(self, image_id: str) -> str | None:
+        """The URI of a gallery image of this shard by id, None when the shard does not hold it."""
+        if self._rows is None:
+            self._rows = {image_id: row for row, image_id in enumerate(self.ids)}
+        row = self._rows.get(image_id)
+        return None if row is None else self.uris[row]
+
     def hits(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
         """:meth:`search` as ids, URIs and scores: one list per query, best first."""
         scores, rows = self.search(queries, k)
@@ -192,7 +200,6 @@ class GalleryIndex:
         self.uri = uri
         self.manifest = manifest
         self.shards = shards
-        self._uris: dict[str, str] | None = None
 
     @classmethod
     def load(cls, uri: str, threads: int = 0) -> GalleryIndex:
@@ -215,29 +222,4 @@ class GalleryIndex:
 
     def image_uri(self, image_id: str) -> str | None:
         """The URI of a gallery image by id, None when the index has no such image."""
-        if self._uris is None:
-            self._uris = {i: u for shard in self.shards for i, u in zip(shard.ids, shard.uris)}
-        return self._uris.get(image_id)
-
-
-_URI_TABLES: dict[tuple[str, tuple[str, ...]], dict[str, str]] = {}
-
-
-def uri_table(index_uri: str) -> dict[str, str]:
-    """id -> URI of every gallery image of an index (its Parquet files only; reread when the index changes)."""
-    manifest = read_index_manifest(index_uri)
-    names = [entry["rows"] for entry in manifest["shards"]]
-    key = (index_uri, tuple(manifest[FILES_KEY][name]["sha256"] for name in names))
-    if key not in _URI_TABLES:
-        table: dict[str, str] = {}
-        for name in names:
-            rows = pq.read_table(io.BytesIO(read_file(index_uri, name, manifest)), columns=["id", "uri"])
-            table.update(zip(rows["id"].to_pylist(), rows["uri"].to_pylist()))
-        _URI_TABLES.clear()  # one index at a time
-        _URI_TABLES[key] = table
-    return _URI_TABLES[key]
-
-
-def uri_of(index_uri: str, image_id: str) -> str | None:
-    """The URI of gallery image ``image_id`` in the index at ``index_uri``, None when it holds no such image."""
-    return uri_table(index_uri).get(image_id)
+        return next((uri for shard in self.shards if (uri := shard.image_uri(image_id)) is not None), None)

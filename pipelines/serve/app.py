@@ -254,18 +254,14 @@ class IndexShardDeployment:
         from pipelines.index.store import IndexShard
 
         self.shard = IndexShard.load(index, shard, threads=threads)
-        self._rows: dict[str, int] | None = None
 
     async def search(self, queries: np.ndarray, k: int) -> list[list]:
         """The best ``k`` hits of each of the (B, D) float32 queries: [[Hit, ...]] * B."""
         return await asyncio.to_thread(self.shard.hits, queries.astype(np.float32, copy=False), k)
 
-    def uri_of(self, image_id: str) -> str | None:
+    def image_uri(self, image_id: str) -> str | None:
         """The URI of a gallery image of this shard, None when the shard does not hold it."""
-        if self._rows is None:
-            self._rows = {image_id: row for row, image_id in enumerate(self.shard.ids)}
-        row = self._rows.get(image_id)
-        return None if row is None else self.shard.uris[row]
+        return self.shard.image_uri(image_id)
 
     def first_ids(self, count: int) -> list[str]:
         return list(self.shard.ids[:count])
@@ -425,7 +421,7 @@ class SearchIngress:
         key = (image_id, side)
         data = self.thumbnails.get(key)
         if data is None:
-            found = [u for u in await asyncio.gather(*(s.uri_of.remote(image_id) for s in self.shards)) if u]
+            found = [u for u in await asyncio.gather(*(s.image_uri.remote(image_id) for s in self.shards)) if u]
             if not found:
                 raise HTTPException(404, f"no gallery image with id {image_id!r} in the index")
             try:

@@ -173,8 +173,8 @@ def symmetric_checkpoint(tmp_path_factory) -> Path:
         ("missing", "no complete checkpoint at"),
         ("not a checkpoint", "no complete checkpoint at"),
         ("symmetric", "runs the teacher's own image tower"),
-        ("foreign files in OUT", "holds no export"),
-        ("previous export", "pass --overwrite"),
+        ("foreign files in OUT", "is not empty and holds no query-encoder export (it holds keep.txt)"),
+        ("previous export", "already holds a query-encoder export: --overwrite replaces it"),
         ("opset", "--opset 11 is not supported"),
         ("calibration without --int8", "add --int8"),
     ],
@@ -231,7 +231,7 @@ def test_a_copy_cut_short_or_altered_is_refused(atl_export, tmp_path):
     with pytest.raises(ArtifactError, match="digest"):
         ExportedEncoder.load(str(altered))
     (altered / export.MANIFEST).unlink()
-    with pytest.raises(ArtifactError, match="not a exported query encoder|has no"):
+    with pytest.raises(ArtifactError, match="is not a query-encoder export: it has no query_encoder.json"):
         ExportedEncoder.load(str(altered))
 
 

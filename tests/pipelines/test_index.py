@@ -19,7 +19,7 @@ from isa.storage import filesystem, write_table
 from pipelines.artifact import ArtifactError
 from pipelines.cli import main as cli
 from pipelines.index import Options, run
-from pipelines.index.store import MANIFEST, GalleryIndex, IndexShard, merge_hits, read_index_manifest, uri_of
+from pipelines.index.store import MANIFEST, GalleryIndex, IndexShard, merge_hits, read_index_manifest
 
 DIM = 32
 PART_SIZES = (400, 250, 520, 180, 330)  # 1680 vectors in 5 parts
@@ -106,7 +106,7 @@ def test_exact_index_equals_brute_force_and_rank(gallery, exact_indexes, shards)
     scores = np.array([[h.score for h in row] for row in hits])
     assert np.abs(scores - np.take_along_axis(queries @ vectors.T, expected, axis=1)).max() < 1e-5
     assert index.image_uri(ids[3]) == f"s3://photos/{ids[3][:8]}.jpg" and index.image_uri("unknown") is None
-    assert uri_of(exact_indexes[shards], ids[1000]) == f"s3://photos/{ids[1000][:8]}.jpg"
+    assert index.image_uri(ids[1000]) == f"s3://photos/{ids[1000][:8]}.jpg"
 
 
 def test_shards_hold_whole_parts_balanced_and_rows_in_vector_order(gallery, exact_indexes):
@@ -221,7 +221,7 @@ def test_refusals(ray_session, gallery, tmp_path, capsys):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     _refused(
-        capsys, [cache, str(out), "--overwrite"], "is not empty and is not a gallery index (it holds notes.txt)", out
+        capsys, [cache, str(out), "--overwrite"], "is not empty and holds no gallery index (it holds notes.txt)", out
     )
     assert (out / "notes.txt").read_text() == "mine"
 
