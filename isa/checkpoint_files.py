@@ -7,8 +7,11 @@ a complete one: its ``state.json`` does not parse, or a file's size differs from
 from __future__ import annotations
 
 import json
+import os
 import posixpath
+import shutil
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from isa.errors import IsaError
@@ -19,6 +22,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE)
 SIZES_KEY = "file_sizes"  # in state.json: bytes of each other file, so a copy cut short is recognised
+TRAINING_STATE_KEYS = ("rng",)  # in state.json: what only a resumed run needs (a model leaves it out)
 
 
 class CheckpointError(IsaError):
@@ -88,3 +92,25 @@ def latest_checkpoint(fs: Any, path: str) -> str | None:
     """Of :func:`complete_checkpoints`, the one with the highest step (ties: the last folder name); None if none."""
     steps = complete_checkpoints(fs, path)
     return max(steps, key=lambda folder: (steps[folder], folder)) if steps else None
+
+
+def write_model(checkpoint: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """The model of a local checkpoint folder, written to ``target``: its weights and config, and a ``state.json``
+    with its step and MLflow run id but without the RNG states; the optimizer and schedule (``optimizer.pt``) stay
+    out. A checkpoint folder itself, which ``isa.checkpoint.load_checkpoint`` reads (its optimizer None).
+
+    Raises:
+        CheckpointError: ``checkpoint`` is not a complete checkpoint folder.
+    """
+    source, folder = Path(checkpoint), Path(target)
+    sizes = {item.name: item.stat().st_size for item in source.iterdir() if item.is_file()}
+    state = complete_state((source / STATE_FILE).read_bytes(), sizes) if (source / STATE_FILE).is_file() else None
+    if state is None:
+        raise CheckpointError(f"{source} is not a complete checkpoint folder ({', '.join(REQUIRED_FILES)})")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        shutil.copyfile(source / name, folder / name)
+    kept = {key: value for key, value in state.items() if key not in (*TRAINING_STATE_KEYS, SIZES_KEY)}
+    kept[SIZES_KEY] = {name: (folder / name).stat().st_size for name in (CONFIG_FILE, WEIGHTS_FILE)}
+    (folder / STATE_FILE).write_text(json.dumps(kept, indent=2, sort_keys=True))
+    return folder
