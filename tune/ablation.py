@@ -27,6 +27,7 @@ from isa.checkpoint import find_checkpoint
 from isa.config import Config, from_dict, to_dict
 from isa.storage import filesystem, write_bytes
 from pipelines.stage import config_parser, init_ray
+from pipelines.tracking import ui_command
 from tune import plot, tracking
 from tune.space import SweepError, check_students, nested
 from tune.suites import Suite, load_suite
@@ -313,5 +314,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(fs.cat_file(path).decode())
     for name, uri in result.files.items():
         print(f"{name}: {uri}")
-    print(f"MLflow: {result.outcome.plan.tracking_uri} · parent run {result.outcome.plan.parent_run_id}")
+    uri = result.outcome.plan.tracking_uri
+    print(f"MLflow: parent run {result.outcome.plan.parent_run_id} in {uri}; see it with: {ui_command(uri)}")
     return 0

@@ -36,7 +36,7 @@ from isa.config import Config, ConfigError, flatten, from_dict, parse_overrides,
 from isa.storage import filesystem, write_bytes
 from pipelines import train
 from pipelines.stage import config_parser, init_ray
-from pipelines.tracking import tracking_uri
+from pipelines.tracking import tracking_uri, ui_command
 from pipelines.train import metrics as train_metrics
 from tune import tracking
 from tune.cleanup import RecordPlacementGroups, ReleasePlacementGroups, release
@@ -390,8 +390,8 @@ def _record(plan: Plan, result: Any, runs: Mapping[str, Any]) -> TrialRecord:
     trial_id = posixpath.basename(str(result.path).rstrip("/"))
     run = runs.get(trial_id)
     status = "failed" if result.error else "completed"
-    if status == "completed" and run is not None and run.info.status == "RUNNING":
-        status = "stopped early"  # the train stage closes its run at its last step; this one never got there
+    if status == "completed" and run is not None and run.info.status != "FINISHED":
+        status = "stopped early"  # the train stage finishes its run at its last step; this one never got there
     wanted = {*train_metrics.ALL, *TUNE_METRICS}
     row = (result.config or {}).get(ROW_KEY)
     return TrialRecord(
@@ -474,5 +474,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if outcome.best is not None:
         print(f"best trial: {outcome.best.trial_id} · {outcome.best.overrides} · config in MLflow best_config.json")
     print(f"sweep folder: {outcome.plan.folder} (isa tune --resume {outcome.plan.folder} continues it)")
-    print(f"MLflow: {outcome.plan.tracking_uri} · parent run {outcome.plan.parent_run_id}")
+    uri = outcome.plan.tracking_uri
+    print(f"MLflow: parent run {outcome.plan.parent_run_id} in {uri}; see it with: {ui_command(uri)}")
     return 0

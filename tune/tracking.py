@@ -2,7 +2,7 @@
 
 The child runs are the train stage's own runs: each trial passes ``mlflow.parentRunId`` and its trial id to the
 train stage, whose rank-0 tracker creates the run with those tags (params, per-report metrics, and at the end the
-checkpoint). This module makes the parent, closes children whose trial ASHA stopped (their train run never
+model: the final checkpoint's weights and config, without the optimizer). This module makes the parent, closes children whose trial ASHA stopped (their train run never
 reached its end), and records the best trial on the parent. Only ``MlflowClient`` calls: no active-run state.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipelines.tracking import client, log_params, start_run
+from pipelines.tracking import MODEL_ARTIFACT, client, log_model, log_params, start_run
 
 TRIAL_TAG = "isa.trial_id"  # on every child run: the Tune trial id
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag
@@ -86,25 +86,25 @@ def numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def close_child(uri: str, run: Any, status: str, metrics: Mapping[str, float], checkpoint: str | None) -> None:
-    """Record a trial's final metrics and status on its child run; close it when its train run could not.
+    """Record a trial's final metrics and status on its child run; close it when its train run did not finish.
 
-    A trial stopped by ASHA (or failed) leaves its train run open: its last checkpoint becomes the ``checkpoint``
-    artifact and the run ends as KILLED (stopped early) or FAILED.
+    A trial stopped by ASHA (or failed) leaves its train run open (or ended by the trial's driver): its last
+    checkpoint's model becomes the ``model`` artifact and the run ends as KILLED (stopped early) or FAILED.
     """
     mlflow = client(uri)
     run_id = run.info.run_id
     for key, value in metrics.items():
         mlflow.log_metric(run_id, f"final/{key}", value)
     mlflow.set_tag(run_id, STATUS_TAG, status)
-    if run.info.status != "RUNNING":
+    if run.info.status == "FINISHED":  # the train run reached its end: model and status are its own
         return
-    if checkpoint and status != "failed":
-        _log_checkpoint(mlflow, run_id, checkpoint)
+    if checkpoint and status != "failed" and not mlflow.list_artifacts(run_id, MODEL_ARTIFACT):
+        _log_model(mlflow, run_id, checkpoint)
     mlflow.set_terminated(run_id, "FAILED" if status == "failed" else "KILLED")
 
 
-def _log_checkpoint(mlflow: Any, run_id: str, checkpoint: str) -> None:
-    """Upload ``CHECKPOINT/isa`` (a Ray Train checkpoint folder, local or remote) as the ``checkpoint`` artifact."""
+def _log_model(mlflow: Any, run_id: str, checkpoint: str) -> None:
+    """The model of ``CHECKPOINT/isa`` (a Ray Train checkpoint folder, local or remote) as the ``model`` artifact."""
     from fsspec.implementations.local import LocalFileSystem
 
     from isa.storage import filesystem
@@ -113,11 +113,11 @@ def _log_checkpoint(mlflow: Any, run_id: str, checkpoint: str) -> None:
     if not fs.exists(path):
         return
     if isinstance(fs, LocalFileSystem):
-        mlflow.log_artifacts(run_id, path, artifact_path="checkpoint")
+        log_model(mlflow, run_id, path)
         return
     with tempfile.TemporaryDirectory() as folder:
         fs.get(path, str(Path(folder) / "isa"), recursive=True)
-        mlflow.log_artifacts(run_id, str(Path(folder) / "isa"), artifact_path="checkpoint")
+        log_model(mlflow, run_id, Path(folder) / "isa")
 
 
 def log_best(uri: str, parent_run_id: str, trial_id: str, run_id: str | None, metrics: dict, config: dict) -> None:

@@ -27,6 +27,7 @@ from isa.config import Config, load_config
 from isa.data.benchmarks import Benchmark, read_benchmark
 from isa.storage import filesystem
 from isa.teacher import Teacher
+from pipelines import tracking
 from pipelines.eval import outputs as out
 from pipelines.eval import report
 from pipelines.eval.cost import query_costs
@@ -36,7 +37,6 @@ from pipelines.eval.outputs import IMAGE_ONLY, IMAGE_TEXT, TEXT_ONLY
 from pipelines.eval.queries import Encoded, encode_student, encode_text_baseline, task_options, unique_references
 from pipelines.eval.scoring import Ranked, metrics, rank_gallery, rank_members, submissions
 from pipelines.stage import config_parser, init_ray
-from pipelines.tracking import tracking_uri
 
 
 def local_copy(uri: str, output: str) -> str:
@@ -163,27 +163,31 @@ def check(config: Config) -> None:
 
 
 def run(config: Config) -> dict:
-    """Evaluate; returns the metrics document (also written to ``OUTPUT/metrics.json``)."""
+    """Evaluate; returns the metrics document (also written to ``OUTPUT/metrics.json``), with the MLflow run and
+    store it was recorded into (``mlflow_run_id``, ``mlflow_tracking_uri``; None when not tracked)."""
     check(config)
     teacher = build_teacher(config.teacher)
     checkpoints = [str(find_checkpoint(local_copy(path, config.eval.output))) for path in config.eval.checkpoints]
-    if config.eval.benchmark == "images":
-        document, samples, images = image_only_document(config, teacher, checkpoints), [], {}
-    else:
-        document, samples, images = cir_document(config, teacher, checkpoints)
-    if config.eval.latency_runs:
-        costs = query_costs(teacher, checkpoints, config.eval.latency_runs, config.eval.latency_threads)
-        document["cost"] = [dataclasses.asdict(c) for c in costs]
-    table = out.document_table(document)
-    title = f"isa eval · {config.eval.benchmark} {config.eval.split}"
-    files = {
-        out.METRICS_FILE: json.dumps(document, indent=2),
-        out.TABLE_FILE: table,
-        out.REPORT_FILE: report.render(title, table, samples, images),
-    }
-    for name, text in files.items():
-        out.write_text(posixpath.join(config.eval.output, name), text)
-    document["mlflow_run_id"] = out.log_mlflow(config, document, files)
+    with out.mlflow_run(config) as record:  # from here on a failure ends the run FAILED (Ctrl-C: KILLED)
+        if config.eval.benchmark == "images":
+            document, samples, images = image_only_document(config, teacher, checkpoints), [], {}
+        else:
+            document, samples, images = cir_document(config, teacher, checkpoints)
+        if config.eval.latency_runs:
+            costs = query_costs(teacher, checkpoints, config.eval.latency_runs, config.eval.latency_threads)
+            document["cost"] = [dataclasses.asdict(c) for c in costs]
+        table = out.document_table(document)
+        title = f"isa eval · {config.eval.benchmark} {config.eval.split}"
+        files = {
+            out.METRICS_FILE: json.dumps(document, indent=2),
+            out.TABLE_FILE: table,
+            out.REPORT_FILE: report.render(title, table, samples, images),
+        }
+        for name, text in files.items():
+            out.write_text(posixpath.join(config.eval.output, name), text)
+        out.log_mlflow(config, record, document, files)
+    document["mlflow_run_id"] = record.run_id if record else None
+    document["mlflow_tracking_uri"] = record.uri if record else None
     return document
 
 
@@ -248,6 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"report:  {posixpath.join(config.eval.output, out.REPORT_FILE)}")
     for row, files in document.get("submissions", {}).items():
         print(f"test-server files ({row}): {', '.join(files)}")
-    if document.get("mlflow_run_id"):
-        print(f"MLflow run: {document['mlflow_run_id']} at {tracking_uri(config.eval.tracking_uri, None)}")
+    if document["mlflow_run_id"]:
+        uri = document["mlflow_tracking_uri"]
+        print(f"MLflow: run {document['mlflow_run_id']} in {uri}; see it with: {tracking.ui_command(uri)}")
+    else:
+        print("MLflow: not recorded (a remote eval.output): set eval.tracking_uri or MLFLOW_TRACKING_URI to record")
     return 0

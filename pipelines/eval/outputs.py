@@ -6,7 +6,9 @@ import json
 import posixpath
 import re
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from isa.config import Config, flatten
@@ -107,23 +109,50 @@ def metric_key(name: str) -> str:
     return re.sub(r"[^\w\-./ ]", "_", name)
 
 
-def log_mlflow(config: Config, document: Mapping, files: Mapping[str, str]) -> str | None:
-    """Log metrics (``eval/BENCHMARK/row/metric``) and the output files to MLflow; the run id, None when disabled."""
-    uri = tracking.tracking_uri(config.eval.tracking_uri, None)  # not tracked unless told where
-    if uri is None and config.eval.run_id is None:
-        return None
-    client = tracking.client(uri)
-    run_id = config.eval.run_id
-    if run_id is None:
-        run_id = tracking.start_run(client, config.eval.experiment, f"eval-{config.eval.benchmark}-{config.eval.split}")
+@dataclass(frozen=True)
+class Record:
+    """The MLflow run ``isa eval`` records into, and its store."""
+
+    uri: str
+    run_id: str
+
+
+@contextmanager
+def mlflow_run(config: Config) -> Iterator[Record | None]:
+    """The run the evaluation records into, for the block that evaluates (None: not tracked).
+
+    The store is :func:`pipelines.tracking.eval_tracking`'s. ``eval.run_id`` (e.g. the training run) is recorded
+    into and left as it is; else a new run in ``eval.experiment``, tagged with the first checkpoint's training
+    run (``isa.training_run_id``) and its parameters, ends with the block: FINISHED, FAILED or KILLED.
+    """
+    where = tracking.eval_tracking(config.eval.tracking_uri, config.eval.checkpoints, config.eval.output)
+    if where.uri is None:
+        yield None
+        return
+    if config.eval.run_id is not None:
+        yield Record(where.uri, config.eval.run_id)
+        return
+    client = tracking.client(where.uri)
+    tags = {tracking.TRAINING_RUN_TAG: where.run_id} if where.run_id else {}
+    name = f"eval-{config.eval.benchmark}-{config.eval.split}"
+    run_id = tracking.start_run(client, config.eval.experiment, name, tags)
+    with tracking.ending(client, run_id):
         tracking.log_params(client, run_id, flatten(config))
+        yield Record(where.uri, run_id)
+
+
+def log_mlflow(config: Config, record: Record | None, document: Mapping, files: Mapping[str, str]) -> None:
+    """Log metrics (``eval/BENCHMARK/row/metric``) and the output files into the run (nothing when not tracked)."""
+    if record is None:
+        return
+    client = tracking.client(record.uri)
     prefix = f"eval/{config.eval.benchmark}/"
     for row, metrics in document["rows"].items():
         for name, value in metrics.items():
-            client.log_metric(run_id, metric_key(f"{prefix}{slug(row)}/{name}"), float(value))
+            client.log_metric(record.run_id, metric_key(f"{prefix}{slug(row)}/{name}"), float(value))
     with tempfile.TemporaryDirectory() as folder:
         for name, text in files.items():
             local = Path(folder) / name
             local.write_text(text)
-            client.log_artifact(run_id, str(local), artifact_path=f"eval-{config.eval.benchmark}-{config.eval.split}")
-    return run_id
+            artifact_path = f"eval-{config.eval.benchmark}-{config.eval.split}"
+            client.log_artifact(record.run_id, str(local), artifact_path=artifact_path)

@@ -31,10 +31,9 @@ from isa.cache import Manifest, fingerprint_mismatch, list_parts, read_manifest
 from isa.config import Config, ConfigError, from_dict, load_config, parse_overrides, to_dict
 from isa.errors import IsaError
 from isa.storage import filesystem, full_uri
-from pipelines import ray_compat
+from pipelines import ray_compat, tracking
 from pipelines.stage import config_parser, init_ray
 from pipelines.teacher import teacher_fingerprint
-from pipelines.tracking import tracking_uri
 from pipelines.train.data import datasets, training_rows
 
 RUN_CONFIG_FILE = "isa_config.json"
@@ -158,7 +157,7 @@ def check(config: Config) -> Plan:
             f"{n_train} training images make no step of train.global_batch_size="
             f"{config.train.global_batch_size}; lower the batch size or set train.max_steps"
         )
-    uri = tracking_uri(config.train.tracking_uri, config.train.output)
+    uri = tracking.tracking_uri(config.train.tracking_uri, tracking.store_folder(config.train.output))
     return Plan(config, fingerprint, parts, manifest, steps_per_epoch, total, uri)
 
 
@@ -192,7 +191,7 @@ def run(
             "total_steps": plan.total_steps,
             "tracking_uri": plan.tracking_uri,
             "run_name": run_name or name,
-            "mlflow_tags": dict(mlflow_tags or {}),
+            "mlflow_tags": {**(mlflow_tags or {}), tracking.RUN_DIR_TAG: run_dir_uri(config.train.output)},
         },
         backend_config=TorchWorkers(),
         scaling_config=ray.train.ScalingConfig(
@@ -210,7 +209,22 @@ def run(
         datasets=data,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    return fit(trainer)
+    try:
+        return fit(trainer)
+    except BaseException as error:  # the workers could not end their run: it ends here, FAILED or KILLED
+        status = "FAILED" if isinstance(error, Exception) else "KILLED"
+        tags = {tracking.RUN_DIR_TAG: run_dir_uri(config.train.output)}
+        try:
+            tracking.end_open_runs(plan.tracking_uri, config.train.experiment, tags, status)
+        except Exception as failure:  # the run's own error stays the one raised
+            error.add_note(f"its MLflow run could not be ended: {failure}")
+        raise
+
+
+def run_dir_uri(output: str) -> str:
+    """A run folder as one string wherever it is given from: a URI, or an absolute local path."""
+    output = output.rstrip("/")
+    return output if "://" in output else str(Path(output).resolve())
 
 
 def worker_loop(loop_config: dict[str, Any]) -> None:
@@ -242,6 +256,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = {k: round(v, 4) for k, v in (result.metrics or {}).items() if isinstance(v, float)}
     print(f"isa train: finished at step {result.metrics.get('step')} · {metrics}")
     print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}/isa")
-    store = tracking_uri(config.train.tracking_uri, config.train.output)
-    print(f"MLflow: {store} (experiment {config.train.experiment})")
+    store = tracking.tracking_uri(config.train.tracking_uri, tracking.store_folder(config.train.output))
+    print(f"MLflow: experiment {config.train.experiment} in {store}; see it with: {tracking.ui_command(store)}")
     return 0
