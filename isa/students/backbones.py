@@ -9,16 +9,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-# The backbones of docs/method.md §2, all checked to return a (B, C, h, w) map from forward_features.
-BACKBONES: tuple[str, ...] = (
-    "efficientnet_b0",
-    "efficientnet_b2",
-    "mobilenetv3_large_100",
-    "mobilenetv2_100",
-    "efficientvit_m2",
-    "efficientvit_b1",
-)
-DEFAULT_BACKBONE = "efficientnet_b0"
+from isa.names import BACKBONES, DEFAULT_BACKBONE  # the names, known to the config without torch
 
 # timm families whose classifier head keeps parameters that forward_features never uses, even with
 # num_classes=0. Left in place they would get no gradient (DDP's unused-parameter error) and cost

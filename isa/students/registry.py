@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 from torch import nn
 
+from isa.names import SYMMETRIC
+
 from .asymmetric import MAPPERS, build_asymmetric_student
 from .backbones import BACKBONES
 from .symmetric import ImageFeatureFn, SymmetricStudent
@@ -25,7 +27,6 @@ from .token_learner import AdaptiveTokenLearner
 
 StudentBuilder = Callable[..., nn.Module]
 
-SYMMETRIC = "symmetric"
 _REGISTRY: dict[str, StudentBuilder] = {}
 
 

@@ -22,6 +22,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from isa.checkpoint_files import saved_checkpoint
 from isa.errors import IsaError
+from isa.names import SYMMETRIC
 from isa.storage import filesystem
 from pipelines.artifact import check_output, write_artifact
 
@@ -34,7 +35,6 @@ KIND = "query-encoder export"  # what pipelines.artifact's messages call the fol
 PARITY_TOLERANCE = 1e-4  # float32: largest |onnxruntime - torch| accepted on any output
 OPSETS = range(18, 26)  # what torch's ONNX exporter writes (18 and above) and onnxruntime runs
 DEFAULT_OPSET = 18  # the oldest of them: the widest choice of runtimes (onnxruntime-web, mobile builds)
-SYMMETRIC = "symmetric"
 DECODE = "any format PIL reads; EXIF orientation applied; converted to RGB"
 RESIZE_FILTER = "bicubic, antialiased; never enlarges"
 CROP_FILTER = "bilinear: short side to size, then the centre size x size square"
