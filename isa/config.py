@@ -21,6 +21,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from isa import names
 from isa.errors import IsaError
 
 
@@ -33,6 +34,14 @@ def _require(condition: bool, key: str, rule: str) -> None:
         raise ConfigError(f"config key '{key}' {rule}")
 
 
+def _looks_like_tag(weights: str) -> bool:
+    """Whether a ``teacher.pretrained`` value is a pretrained tag rather than a weights file (a path or URI)."""
+    return not ("/" in weights or "\\" in weights or "." in weights or Path(weights).exists())
+
+
+NO_WEIGHTS = frozenset({"", "none", "null", "random"})  # teacher.pretrained values that mean random init
+
+
 @dataclass(frozen=True)
 class TeacherConfig:
     """The frozen open_clip teacher (docs/method.md §2)."""
@@ -40,6 +49,29 @@ class TeacherConfig:
     name: str = "ViT-L-14"  # open_clip model name, as in open_clip.list_models()
     pretrained: str = "openai"  # open_clip pretrained tag, a local weights file, or "none" (random init)
     cache_dir: str | None = None  # where open_clip keeps downloaded weights (None: its default)
+
+    def __post_init__(self) -> None:
+        if self.name.startswith(names.SCHEMA_PREFIXES):
+            return  # hf-hub:ORG/REPO or local-dir:PATH, resolved by open_clip when the model is loaded
+        model = names.teacher_model_config(self.name)
+        if model is None:
+            raise ConfigError(
+                f"config key 'teacher.name': {self.name!r} is not an open_clip model or a project model config"
+                f"{names.close_matches(self.name, names.teacher_names())}; see open_clip.list_models() and "
+                "isa/model_configs, or name hf-hub:ORG/REPO or local-dir:PATH"
+            )
+        text_tower = model.get("text_cfg", {}).get("hf_model_name")
+        if text_tower:
+            raise ConfigError(
+                f"config key 'teacher.name': {self.name!r} has a Hugging Face text tower ({text_tower}), which is "
+                "not supported: the image sentence goes into open_clip's own text transformer; choose another model"
+            )
+        weights = self.pretrained
+        if names.is_project_config(self.name) and weights.lower() not in NO_WEIGHTS and _looks_like_tag(weights):
+            raise ConfigError(
+                f"config key 'teacher.pretrained': {weights!r}: {self.name} is a project model config without "
+                "pretrained tags; use teacher.pretrained=none (random init) or a weights file"
+            )
 
 
 @dataclass(frozen=True)
@@ -50,6 +82,20 @@ class StudentConfig:
     mapper: Literal["atl", "mlp"] = "atl"  # adaptive token learner or Pic2Word-style MLP mapper
     pretrained: bool = False  # load timm ImageNet weights for the backbone (needs them downloaded)
     image_size: int = 224  # student input resolution (square)
+
+    def __post_init__(self) -> None:
+        known = names.student_names()
+        if self.backbone not in known:
+            raise ConfigError(
+                f"config key 'student.backbone': {self.backbone!r} is not a registered student; "
+                f"choose one of: {', '.join(known)}"
+            )
+        _require(
+            self.backbone != names.SYMMETRIC or self.mapper == "atl",
+            "student.mapper",
+            f"must be 'atl' with student.backbone={names.SYMMETRIC} (the symmetric student has no MLP mapper)",
+        )
+        _require(self.image_size >= 1, "student.image_size", "must be >= 1")
 
 
 @dataclass(frozen=True)

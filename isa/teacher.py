@@ -13,6 +13,7 @@ Gradients still flow *through* the text tower to its inputs (the student's sente
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -27,11 +28,9 @@ from torch import nn
 from torchvision.transforms import Compose
 from torchvision.transforms.functional import normalize
 
+from isa import names
+from isa.config import NO_WEIGHTS, ConfigError
 from isa.errors import IsaError
-
-# Small open_clip configs shipped with the project (tests and the offline quickstart).
-_CONFIG_PACKAGE = "isa.model_configs"
-_NO_WEIGHTS = {"", "none", "null", "random"}
 
 
 class TeacherNotSupportedError(IsaError):
@@ -338,7 +337,7 @@ def normalize_crops(crops: torch.Tensor, preprocess: dict[str, Any]) -> torch.Te
 
 def register_project_configs() -> None:
     """Make the small open_clip configs shipped in ``isa/model_configs`` known to open_clip."""
-    folder = Path(str(resources.files(_CONFIG_PACKAGE)))
+    folder = Path(str(resources.files(names.PROJECT_CONFIGS)))
     if folder not in open_clip.factory._MODEL_CONFIG_PATHS:
         open_clip.add_model_config(folder)
 
@@ -355,6 +354,20 @@ def _check_text_config(name: str) -> None:
             f"teacher {name!r} has a Hugging Face text tower ({hf_name}); not supported: the image sentence is "
             "spliced into open_clip's own TextTransformer"
         )
+
+
+def _check_weights(name: str, weights: str | None) -> None:
+    """Refuse weights that are neither a pretrained tag of the model nor a file (offline: open_clip's own list)."""
+    if weights is None or name.startswith(names.SCHEMA_PREFIXES) or os.path.isfile(weights):
+        return
+    if open_clip.get_pretrained_cfg(name, weights):
+        return
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    raise ConfigError(
+        f"teacher.pretrained {weights!r} is neither a pretrained tag of {name} "
+        f"({'its tags: ' + ', '.join(tags) if tags else 'it has none'}) nor a weights file; "
+        "name one of them, a weights file, or none (random init)"
+    )
 
 
 def load_teacher(
@@ -382,7 +395,8 @@ def load_teacher(
     """
     register_project_configs()
     _check_text_config(name)
-    weights = None if pretrained.lower() in _NO_WEIGHTS else pretrained
+    weights = None if pretrained.lower() in NO_WEIGHTS else pretrained
+    _check_weights(name, weights)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model, _, preprocess = open_clip.create_model_and_transforms(
