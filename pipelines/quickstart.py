@@ -25,6 +25,7 @@ from isa.config import Config, ConfigError, from_dict, load_config, parse_overri
 from isa.data.synthetic import WORLD_TEACHER, generate_world, write_world
 from pipelines import embed, train
 from pipelines.stage import init_ray
+from pipelines.tracking import ui_command
 
 ISA_ROW, SYMMETRIC_ROW = "ISA student (asymmetric)", "symmetric variant"
 STEPS = 8  # progress lines
@@ -259,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"done in {document['seconds']:.0f} s")
     print(f"report:      {document['report']}")
     print(f"checkpoints: {', '.join(document['checkpoints'].values())}")
-    print(f"MLflow UI:   mlflow ui --backend-store-uri {document['mlflow']}")
+    print(f"MLflow UI:   {ui_command(document['mlflow'])}")
     print(f"ONNX query encoder: {document['export']}")
     print(f"serve it:    {document['serve']}")
     return 0
