@@ -332,6 +332,7 @@ def test_mlflow_records_the_metrics_and_files(cirr_val, mlflow_server):
     _, document = cirr_val
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     run = client.get_run(document["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and document["mlflow_tracking_uri"] == mlflow_server
     for row, slug in [("text only (teacher)", "text-only-teacher"), ("symmetric", "symmetric")]:
         for name, key in [("R@1", "R_at_1"), ("(R@5+Rs@1)/2", "R_at_5_plus_Rs_at_1/2")]:
             assert run.data.metrics[f"eval/cirr/{slug}/{key}"] == pytest.approx(document["rows"][row][name])
@@ -340,14 +341,25 @@ def test_mlflow_records_the_metrics_and_files(cirr_val, mlflow_server):
     assert files == {"metrics.json", "table.md", "report.html"}
 
 
-def test_command_line_errors(ray_session, world, tmp_path, capsys):
+def test_command_line_errors(ray_session, world, tmp_path, capsys, monkeypatch):
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert isa(["eval", "--benchmark", "cirr", f"eval.output={tmp_path}"]) == 2
     assert capsys.readouterr().err.startswith("isa eval: error: set eval.dataset_root")
     broken = tmp_path / "cirr"
     shutil.copytree(world / "cirr", broken)
     (broken / "cirr" / "captions" / "cap.rc2.val.json").write_text('[{"pairid": 1}]')
+    assert not (tmp_path / "mlflow.db").exists()  # refused before any record was opened
     code = isa(["eval", "--benchmark", "cirr", "--dataset-root", str(broken), *TEACHER, f"eval.output={tmp_path}"])
     assert code == 2 and "cap.rc2.val.json" in capsys.readouterr().err
+    # tracked by default (no checkpoint: the output's own store); the run opened before the file was read: FAILED
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("isa-eval")
+    (failed,) = client.search_runs([experiment.experiment_id])
+    assert failed.info.status == "FAILED" and failed.info.run_name == "eval-cirr-val"
+    assert experiment.artifact_location == (tmp_path / "mlartifacts" / "isa-eval").as_uri()
     missing = ["--benchmark", "cirr", "--dataset-root", str(world / "cirr"), "--checkpoint", str(tmp_path / "none")]
     assert isa(["eval", *missing, *TEACHER, f"eval.output={tmp_path}"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+    assert len(client.search_runs([experiment.experiment_id])) == 1  # refused before a run was opened

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 
+from isa.checkpoint import capture_rng_state, load_checkpoint, save_checkpoint
 from isa.config import Config
 from isa.errors import IsaError
 from pipelines import tracking
@@ -25,7 +27,101 @@ def test_tracking_uri_rule(tmp_path, monkeypatch):
     assert tracking.tracking_uri("sqlite:///x.db", None) == "sqlite:///x.db"
 
 
-def test_runs_params_and_the_rank_zero_tracker(tmp_path: Path):
+def _checkpoint(folder: Path, run_id: str | None = None, tracking_uri: str | None = None) -> Path:
+    """A small checkpoint folder in the training stage's format: weights, optimizer state, config, state."""
+    weights = {"student.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "logit_scale": torch.ones(())}
+    config = {"config": {"train": {"tracking_uri": tracking_uri}}, "teacher": {"name": "isa-tiny-ViT"}}
+    state = {"step": 7, "rng": capture_rng_state(), **({"mlflow_run_id": run_id} if run_id else {})}
+    optimizer = {"optimizer": {"state": {0: {"exp_avg": torch.zeros(1000)}}, "param_groups": []}, "scheduler": {}}
+    return save_checkpoint(folder, config=config, weights=weights, state=state, optimizer=optimizer)
+
+
+def test_store_folder_artifact_location_and_ui_command(tmp_path, monkeypatch):
+    assert tracking.store_folder("runs/a") == tracking.store_folder("runs/a/") == "runs"
+    assert tracking.store_folder("a") == "." and tracking.store_folder("s3://bucket/runs/a") == "s3://bucket/runs"
+    monkeypatch.chdir(tmp_path)
+    assert tracking.sqlite_file("sqlite:///runs/mlflow.db") == tmp_path / "runs" / "mlflow.db"  # from the cwd
+    assert tracking.sqlite_file(f"sqlite:///{tmp_path}/x.db") == tmp_path / "x.db"
+    assert tracking.sqlite_file("http://mlflow:5000") is None and tracking.sqlite_file(None) is None
+    location = tracking.artifact_location(f"sqlite:///{tmp_path}/runs/mlflow.db", "isa eval/2")
+    assert location == (tmp_path / "runs" / "mlartifacts" / "isa_eval_2").as_uri()
+    assert tracking.artifact_location("http://mlflow:5000", "isa") is None  # the server decides
+    assert tracking.ui_command("sqlite:////a b/mlflow.db") == "mlflow ui --backend-store-uri 'sqlite:////a b/mlflow.db'"
+    assert tracking.ui_command("http://mlflow:5000") == "open http://mlflow:5000 (the MLflow server)"
+
+
+def test_experiments_keep_their_artifacts_beside_the_store_not_in_the_working_directory(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    uri = "sqlite:///runs/mlflow.db"  # relative to the working directory, as a user may write it
+    (work / "runs").mkdir()
+    client = tracking.client(uri)
+    run_id = tracking.start_run(client, "isa", "a")
+    client.log_dict(run_id, {"k": 1}, "x.json")
+    expected = work / "runs" / "mlartifacts" / "isa"
+    assert client.get_experiment_by_name("isa").artifact_location == expected.as_uri()
+    assert (expected / run_id / "artifacts" / "x.json").is_file()
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.chdir(other)  # an existing experiment keeps its location, from wherever the run is made
+    later = tracking.start_run(tracking.client(f"sqlite:///{work / 'runs' / 'mlflow.db'}"), "isa", "b")
+    assert client.get_run(later).info.artifact_uri == f"{expected.as_uri()}/{later}/artifacts"
+    assert sorted(p.name for p in work.iterdir()) == ["runs"] and not list(other.iterdir())  # no mlruns/
+
+
+def test_runs_end_finished_failed_or_killed(tmp_path):
+    client = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = {}
+    for name, error in [("ok", None), ("failed", ValueError("bad input")), ("killed", KeyboardInterrupt())]:
+        runs[name] = tracking.start_run(client, "isa-test", name)
+        try:
+            with tracking.ending(client, runs[name]):
+                if error is not None:
+                    raise error
+        except (ValueError, KeyboardInterrupt) as raised:
+            assert raised is error  # the block's own error goes on
+    statuses = {name: client.get_run(run_id).info.status for name, run_id in runs.items()}
+    assert statuses == {"ok": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
+    # a training run its workers left open is ended by the driver, found by its run folder's tag
+    mine = tracking.start_run(client, "isa-test", "a", {tracking.RUN_DIR_TAG: "/runs/a"})
+    sibling = tracking.start_run(client, "isa-test", "b", {tracking.RUN_DIR_TAG: "/runs/b"})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert tracking.end_open_runs(uri, "isa-test", {tracking.RUN_DIR_TAG: "/runs/a"}, "FAILED") == [mine]
+    assert client.get_run(mine).info.status == "FAILED" and client.get_run(sibling).info.status == "RUNNING"
+    assert tracking.end_open_runs(uri, "no-such-experiment", {tracking.RUN_DIR_TAG: "/runs/a"}, "FAILED") == []
+
+
+def test_eval_records_into_the_training_store_else_its_output(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runs = tmp_path / "runs"
+    checkpoint = _checkpoint(runs / "a" / "checkpoint_000007" / "isa", run_id="abc")
+    output = str(tmp_path / "eval")
+    # no store beside the run yet: the eval output's own store, no training run to link
+    assert tracking.eval_tracking(None, [str(runs / "a")], output) == tracking.TrainingRecord(
+        f"sqlite:///{tmp_path / 'eval' / 'mlflow.db'}", None
+    )
+    tracking.client(f"sqlite:///{runs / 'mlflow.db'}").search_experiments()  # the training run's store exists
+    beside = tracking.TrainingRecord(f"sqlite:///{runs / 'mlflow.db'}", "abc")
+    assert tracking.eval_tracking(None, [str(runs / "a")], output) == beside  # a run folder
+    assert tracking.eval_tracking(None, [str(checkpoint), "other"], output) == beside  # its checkpoint folder
+    assert tracking.eval_tracking("http://mlflow:5000", [str(checkpoint)], output).uri == "http://mlflow:5000"
+    assert tracking.eval_tracking(None, [], output).uri == f"sqlite:///{tmp_path / 'eval' / 'mlflow.db'}"
+    assert tracking.eval_tracking(None, [], "s3://bucket/eval").uri is None  # not tracked: nowhere to keep it
+    assert tracking.eval_tracking(None, [str(tmp_path / "none")], output).run_id is None
+    # a sweep's trial names its store in its config (the sweep folder's), wherever its run folder is
+    sweep = tmp_path / "sweep"
+    trial = _checkpoint(sweep / "t1" / "train" / "checkpoint_000001" / "isa", "def", f"sqlite:///{sweep}/mlflow.db")
+    tracking.client(f"sqlite:///{sweep / 'mlflow.db'}").search_experiments()
+    assert tracking.eval_tracking(None, [str(trial)], output) == tracking.TrainingRecord(
+        f"sqlite:///{sweep}/mlflow.db", "def"
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    assert tracking.eval_tracking(None, [str(trial)], output).uri == "http://env:5000"
+
+
+def test_runs_params_and_the_rank_zero_tracker(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = tracking.client(uri)
     first = tracking.start_run(client, "isa-test", "a", {"k": "v"})
@@ -44,17 +140,30 @@ def test_runs_params_and_the_rank_zero_tracker(tmp_path: Path):
     tracker.params({"a": 1})
     tracker.metrics({"loss": 2.5}, step=10)
     tracker.metrics({"loss": 1.5}, step=20)
-    folder = tmp_path / "checkpoint"
-    folder.mkdir()
-    (folder / "state.json").write_text("{}")
+    folder = _checkpoint(tmp_path / "run" / "checkpoint_000007" / "isa", run_id=tracker.run_id)
+    assert (folder / "optimizer.pt").is_file()
     alias = Config().train.model_alias  # the default alias is one MLflow accepts
     tracker.finish(folder, {"config": {}}, "isa-student", alias)
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "train" and run.data.tags["t"] == "1"
     assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "loss")] == [(10, 2.5), (20, 1.5)]
-    assert {f.path for f in client.list_artifacts(tracker.run_id)} == {"checkpoint", "config.json"}
+    assert {f.path for f in client.list_artifacts(tracker.run_id)} == {"model", "config.json"}
+    # the model: weights, config and a state without optimizer or RNG, under the store's folder
+    assert {f.path for f in client.list_artifacts(tracker.run_id, "model")} == {
+        "model/config.json", "model/student.safetensors", "model/state.json"
+    }  # fmt: skip
+    assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts" / "isa-test").as_uri())
     version = client.get_model_version_by_alias("isa-student", alias)
-    assert version.run_id == tracker.run_id and version.source.endswith("/checkpoint")
+    assert version.run_id == tracker.run_id and version.source == f"{run.info.artifact_uri}/model"
+    downloaded = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp_path / "got"))
+    model = load_checkpoint(downloaded)  # the project's own loader
+    saved = load_checkpoint(folder)
+    assert model.optimizer is None and saved.optimizer is not None
+    assert model.weights.keys() == saved.weights.keys()
+    assert all(torch.equal(model.weights[k], saved.weights[k]) for k in saved.weights)
+    assert model.config == saved.config and "rng" not in model.state
+    assert model.state["step"] == 7 and model.state["mlflow_run_id"] == tracker.run_id
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["got", "mlartifacts", "mlflow.db", "run"]  # no mlruns/
 
     again = tracking.RankZeroTracker(True, uri, "isa-test", "ignored", tracker.run_id)  # a resumed run
     assert again.run_id == tracker.run_id and client.get_run(tracker.run_id).info.status == "RUNNING"
