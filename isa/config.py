@@ -435,18 +435,37 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     Raises:
         ConfigError: unknown section or key, a value of the wrong type, a malformed override or file.
     """
-    data: Any = {}
-    if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
-        if data is not None and not isinstance(data, Mapping):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
-    config = from_dict(data)
+    config = from_dict(_read_file(path))
     return from_dict(parse_overrides(overrides), base=config)
+
+
+def given_keys(path: str | Path | None = None, overrides: Sequence[str] = ()) -> frozenset[str]:
+    """The dotted keys (``"teacher.name"``, ...) that a config file and overrides set, whatever their values.
+
+    What the user chose, as against the defaults: a stage that can take a setting from saved work (the teacher
+    of a cache or checkpoint) takes it only where the user gave none. Call it after :func:`load_config`, which
+    refuses a bad file or override first.
+    """
+    keys = set()
+    for data in (_read_file(path), parse_overrides(overrides)):
+        for section, values in (data or {}).items():
+            keys.update(f"{section}.{key}" for key in (values or {}))
+    return frozenset(keys)
+
+
+def _read_file(path: str | Path | None) -> Mapping[str, Any] | None:
+    """A YAML config file's sections (None: no file, or an empty one)."""
+    if path is None:
+        return None
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if data is not None and not isinstance(data, Mapping):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
 
 
 def to_dict(config: Config) -> dict[str, dict[str, Any]]:

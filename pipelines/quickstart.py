@@ -112,9 +112,10 @@ def train_teacher(world: Path, path: Path, steps: int, seed: int) -> Path:
 
 
 def train_student(config: Config, output: Path, name: str, *overrides: str) -> Path:
-    """One training run under OUTPUT/runs/NAME; its latest checkpoint."""
+    """One training run under OUTPUT/runs/NAME; its latest checkpoint. A rerun of the quickstart continues the run
+    there (a finished one is left as it is), or refuses when its settings differ."""
     run_dir = output / "runs" / name
-    result = train.run(with_overrides(config, f"train.output={run_dir}", *overrides))
+    result = train.run(with_overrides(config, f"train.output={run_dir}", *overrides), start="continue")
     return Path(result.checkpoint.path) / "isa"
 
 

@@ -10,6 +10,8 @@ What is here, and why a public API does not do it:
 - :class:`ControllerCallback`, :class:`WorkerGroupCallback`: Ray Train V2's callback interfaces for the
   controller and its worker groups, through which ``isa tune`` records each trial's placement groups
   (:mod:`tune.cleanup`). Ray exports only ``UserCallback`` publicly, which sees neither.
+- :data:`RUN_SNAPSHOT_FILE`: the file in a run folder from which Ray Train restores a run (its checkpoint
+  manager's snapshot); ``isa train`` tells a folder that holds a run by it. Ray names it in a private module only.
 - :func:`actor_dead`: whether the GCS knows an actor as dead, asked without the dashboard (the public
   ``ray.util.state`` API needs it).
 - :func:`check_cluster_config` and :func:`working_dir_excludes`: what ``ray up`` does to a cluster launcher
@@ -24,14 +26,17 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 CHECKED_RAY = ("2.60.0",)  # versions whose private modules this file was checked against
+RUN_SNAPSHOT_FILE: str = CHECKPOINT_MANAGER_SNAPSHOT_FILENAME  # in a Ray Train run folder: what restores the run
 
 __all__ = [
     "CHECKED_RAY",
     "ControllerCallback",
+    "RUN_SNAPSHOT_FILE",
     "WorkerGroupCallback",
     "actor_dead",
     "check_cluster_config",

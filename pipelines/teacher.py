@@ -8,12 +8,16 @@ nothing heavy: the drivers of ``isa embed``, ``isa train`` and ``isa tune`` neve
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ray
 
-from isa.config import TeacherConfig
+from isa.cache import fingerprint_mismatch
+from isa.config import NO_WEIGHTS, Config, TeacherConfig
+from isa.errors import IsaError
 
 
 def _fingerprint(config: TeacherConfig) -> dict[str, Any]:
@@ -76,3 +80,106 @@ def checkpoint_teacher(uri: str) -> tuple[TeacherConfig, dict[str, Any], str]:
         return from_dict(saved["config"]).teacher, saved["teacher"], folder
     except IsaError as error:
         raise CheckpointError(f"checkpoint {folder} has an unreadable config: {error}") from None
+
+
+TEACHER_CHOICE = frozenset({"teacher.name", "teacher.pretrained"})  # the keys that choose the teacher
+
+
+class TeacherMismatchError(IsaError):
+    """Two things that must share a teacher (a checkpoint, a cache, the configured teacher) name different ones."""
+
+
+def describe(fingerprint: Mapping[str, Any]) -> str:
+    """A saved teacher in words: ``MODEL (pretrained TAG)``."""
+    return f"{fingerprint.get('model')} (pretrained {fingerprint.get('pretrained')})"
+
+
+def saved_teacher(fingerprint: Mapping[str, Any], cache_dir: str | None = None) -> TeacherConfig:
+    """The teacher config that made a saved fingerprint (a cache's manifest, a checkpoint's config.json): its
+    model name and pretrained tag or weights file, read without loading anything; ``cache_dir`` is this machine's."""
+    return TeacherConfig(name=fingerprint["model"], pretrained=fingerprint["pretrained"], cache_dir=cache_dir)
+
+
+def named_mismatch(config: TeacherConfig, fingerprint: Mapping[str, Any]) -> str | None:
+    """Why the configured teacher is not the one a saved fingerprint names, told without loading it: another model,
+    or another pretrained tag (random init counts as one tag); None when it may be the same. Weights files (on
+    either side) are told apart by their hash, once the teacher is loaded."""
+    if config.name != fingerprint.get("model"):
+        return "another model"
+    mine, theirs = _weights_name(config.pretrained), _weights_name(str(fingerprint.get("pretrained")))
+    if mine != theirs and not (_is_file(config.pretrained) or _is_file(str(fingerprint.get("pretrained")))):
+        return "other pretrained weights"
+    return None
+
+
+def _weights_name(pretrained: str) -> str:
+    return "none" if pretrained.lower() in NO_WEIGHTS else pretrained
+
+
+def _is_file(pretrained: str) -> bool:
+    """Whether ``teacher.pretrained`` names a weights file rather than an open_clip tag."""
+    return "://" in pretrained or "/" in pretrained or os.sep in pretrained or os.path.isfile(pretrained)
+
+
+def agreed_teacher(sources: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[str, Mapping[str, Any]] | None:
+    """The first of ``(what, fingerprint)`` saved sources (checkpoints, caches), once every other one has been
+    checked to come from the same teacher; None for no source.
+
+    Raises:
+        TeacherMismatchError: two sources come from different teachers, both named.
+    """
+    if not sources:
+        return None
+    first, fingerprint = sources[0]
+    for what, other in sources[1:]:
+        mismatch = fingerprint_mismatch(fingerprint, other)
+        if mismatch:
+            raise TeacherMismatchError(
+                f"{first} and {what} come from different teachers, {describe(fingerprint)} and {describe(other)} "
+                f"({mismatch}): use a checkpoint and a cache of the same teacher"
+            )
+    return sources[0]
+
+
+def choose_teacher(config: Config, given: bool, sources: Sequence[tuple[str, Mapping[str, Any]]]) -> Config:
+    """The config with the teacher of the saved ``sources`` where the user gave none (no ``teacher.name`` or
+    ``teacher.pretrained``), else as it is, once checked against them.
+
+    Args:
+        config: the stage's resolved config.
+        given: whether the user chose the teacher (see :func:`isa.config.given_keys` and :data:`TEACHER_CHOICE`).
+        sources: ``(what, fingerprint)`` of the saved work the stage reads, e.g. ``("checkpoint runs/a", {...})``.
+
+    Raises:
+        TeacherMismatchError: the sources disagree, or the given teacher is another than theirs (both named).
+    """
+    agreed = agreed_teacher(sources)
+    if agreed is None:
+        return config
+    what, fingerprint = agreed
+    if not given:
+        return dataclasses.replace(config, teacher=saved_teacher(fingerprint, config.teacher.cache_dir))
+    reason = named_mismatch(config.teacher, fingerprint)
+    if reason:
+        raise TeacherMismatchError(
+            f"the teacher given, {config.teacher.name} (pretrained {config.teacher.pretrained}), is {reason} than "
+            f"the one of {what}, {describe(fingerprint)}: leave out the teacher setting (teacher.name, "
+            "teacher.pretrained) to use that one"
+        )
+    return config
+
+
+def check_fingerprint(fingerprint: Mapping[str, Any], sources: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+    """Refuse a loaded teacher (its fingerprint) that is not the one of each saved source: the same name can hold
+    other weights (another weights file, another version of a tag).
+
+    Raises:
+        TeacherMismatchError: naming the source and both teachers.
+    """
+    for what, saved in sources:
+        mismatch = fingerprint_mismatch(saved, fingerprint)
+        if mismatch:
+            raise TeacherMismatchError(
+                f"the teacher {describe(fingerprint)} is not the one of {what} ({mismatch}): give that teacher's "
+                "weights, or use a checkpoint and caches of this teacher"
+            )

@@ -175,8 +175,9 @@ def refuse_existing(folder: str) -> None:
 
 
 def check_training(config: Config) -> None:
-    """The train stage's own checks (teacher, cache, cluster, steps), made once for the whole sweep."""
-    train.check(config)
+    """The train stage's own checks (teacher, cache, cluster, steps), made once for the whole sweep (each trial has
+    its own run folder, checked when it starts)."""
+    train.check(config, start=None)
 
 
 def searcher(config: Config, max_concurrent: int = 0) -> tuple[Any, int | None]:
@@ -254,7 +255,8 @@ def run_trial(
         if not complete_checkpoints(fs, path):  # a restart from scratch
             tracking.discard_children(config.train.tracking_uri, parent_run_id, trial_id)
     callbacks = [TuneReportCallback(), RecordPlacementGroups(posixpath.join(folder, trial_id))]
-    train.run(config, callbacks=callbacks, run_name=row or trial_id, mlflow_tags=tags)
+    # a trial Tune restores continues the train run in its folder, with the same settings
+    train.run(config, callbacks=callbacks, run_name=row or trial_id, mlflow_tags=tags, start="continue")
 
 
 def _trainable(plan: Plan) -> Any:

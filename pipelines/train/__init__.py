@@ -13,6 +13,7 @@ process group themselves (:func:`pipelines.train.loop.join_process_group`). ``To
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import posixpath
@@ -28,15 +29,22 @@ import ray.train
 from ray.train.backend import Backend, BackendConfig
 
 from isa.cache import Manifest, fingerprint_mismatch, list_parts, read_manifest
-from isa.config import Config, ConfigError, from_dict, load_config, parse_overrides, to_dict
+from isa.config import Config, given_keys, load_config, parse_overrides, to_dict
 from isa.errors import IsaError
 from isa.storage import filesystem, full_uri
 from pipelines import ray_compat, tracking
 from pipelines.stage import config_parser, init_ray
-from pipelines.teacher import teacher_fingerprint
+from pipelines.teacher import TEACHER_CHOICE, choose_teacher, teacher_fingerprint
 from pipelines.train.data import datasets, training_rows
-
-RUN_CONFIG_FILE = "isa_config.json"
+from pipelines.train.runs import (
+    RUN_CONFIG_FILE,
+    RunFolder,
+    RunFolderError,
+    Start,
+    check_run_folder,
+    check_steps_left,
+    resumed_config,
+)
 
 
 class SharedDevices(Backend):
@@ -72,33 +80,60 @@ class Plan:
     tracking_uri: str
 
 
-def parser() -> Any:
+def parser() -> argparse.ArgumentParser:
     """``isa train``'s arguments."""
     parser = config_parser("isa train", "Distil the light query encoder from a teacher cache (Ray Train).")
     parser.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue the run in RUN_DIR from its last checkpoint (its config, plus any overrides)",
+        help="continue the run in RUN_DIR from its last checkpoint, with its own config; overrides may change "
+        "only the steps, the resources and the checkpointing (docs/cli.md)",
     )
     return parser
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
-    args = parser().parse_intermixed_args(argv)
+    """The run's config: see :func:`config_of`."""
+    return config_of(parser().parse_intermixed_args(argv))
+
+
+def config_of(args: argparse.Namespace) -> Config:
+    """The config of a new run (``--config``, overrides; without a teacher setting, ``teacher.name`` or
+    ``teacher.pretrained``, the teacher of its cache), or of a resume (``--resume RUN_DIR``: the run's config, the
+    overrides on top, ``train.output`` the run folder).
+
+    Raises:
+        ConfigError: a bad config file or override.
+        RunFolderError: ``--resume`` of a folder that holds no run, or with ``--config``.
+    """
     if args.resume is None:
-        return load_config(args.config, args.overrides)
-    fs, path = filesystem(args.resume)
-    try:
-        saved = json.loads(fs.cat_file(posixpath.join(path, RUN_CONFIG_FILE)))
-    except FileNotFoundError:
-        raise ConfigError(f"{args.resume} is not an isa train run (no {RUN_CONFIG_FILE})") from None
-    # the run's own config, then the command line on top; the output stays the run directory
-    config = from_dict(parse_overrides(args.overrides), base=from_dict(saved))
-    return from_dict({"train": {"output": args.resume}}, base=config)
+        config = load_config(args.config, args.overrides)
+        if TEACHER_CHOICE & given_keys(args.config, args.overrides):
+            return config
+        return with_cache_teacher(config, given=False)
+    if args.config:
+        raise RunFolderError("--resume continues a run with its own config: give overrides only, without --config")
+    return resumed_config(args.resume, parse_overrides(args.overrides))
 
 
-def check_cache(config: Config, fingerprint: dict) -> tuple[list[str], Manifest]:
-    """The cache's shard URIs and manifest, or a TrainError naming what is wrong with the cache."""
+def with_cache_teacher(config: Config, given: bool) -> Config:
+    """The config with its cache's teacher (``train.cache``'s manifest) where the user gave none; a given teacher
+    is checked against it by name (by fingerprint in :func:`check`).
+
+    Raises:
+        TeacherMismatchError: the given teacher is another than the cache's, both named.
+    """
+    if not config.train.cache:
+        return config
+    fs, root = filesystem(config.train.cache)
+    manifest = read_manifest(fs, root)
+    sources = [(f"teacher cache {config.train.cache}", manifest.teacher)] if manifest else []
+    return choose_teacher(config, given, sources)
+
+
+def check_cache(config: Config) -> tuple[list[str], Manifest]:
+    """The cache's shard URIs and manifest, or a TrainError naming what is wrong with the cache (its teacher is
+    checked in :func:`check`)."""
     uri = config.train.cache
     if not uri:
         raise TrainError("no teacher cache given: set train.cache=URI (made by isa embed)")
@@ -116,9 +151,6 @@ def check_cache(config: Config, fingerprint: dict) -> tuple[list[str], Manifest]
             f"LAR is on (loss.lar_weight={config.loss.lar_weight}) but cache {uri} has no teacher_local; "
             "embed with cache.local_grid>0 or set loss.lar_weight=0"
         )
-    mismatch = fingerprint_mismatch(fingerprint, manifest.teacher)
-    if mismatch:
-        raise TrainError(f"cache {uri} does not match the configured teacher: {mismatch}")
     return [full_uri(fs, p) for p in parts], manifest
 
 
@@ -136,19 +168,40 @@ def check_resources(config: Config) -> None:
         )
 
 
-def check(config: Config) -> Plan:
-    """Every refusal before training starts: the teacher, the cache, the cluster, the steps, the tracking store.
+def check_before_ray(config: Config, start: Start | None = "new") -> RunFolder | None:
+    """The refusals that need neither Ray nor a read of the cache's shards: MLflow's reserved model alias, the run
+    folder (:func:`pipelines.train.runs.check_run_folder`), a teacher named other than the cache's. Returns what the
+    run folder holds (None: no run, or ``start`` None).
+
+    Args:
+        start: as in :func:`check`.
+    """
+    if config.train.register_model and config.train.model_alias.lower() == "latest":
+        raise TrainError("train.model_alias must not be 'latest': MLflow reserves that alias; choose another")
+    folder = check_run_folder(config, start) if start is not None else None
+    with_cache_teacher(config, given=True)
+    return folder
+
+
+def check(config: Config, start: Start | None = "new") -> Plan:
+    """Every refusal before training starts: the run folder, the teacher, the cache, the steps, the cluster, the
+    tracking store.
+
+    Args:
+        config: the resolved config.
+        start: how the run starts with what ``train.output`` holds (:mod:`pipelines.train.runs`): ``new``,
+            ``resume`` or ``continue``; None: the config has no run folder of its own (a sweep's base config).
 
     Raises:
+        RunFolderError: the run folder holds a run (a new run), none or a finished one (a resume), or a run with
+            settings a resume may not change.
+        TeacherMismatchError: the configured teacher is named other than the cache's.
         TrainError: the cache is missing, empty, gallery-only, without the LAR grid or from another teacher; the
             cluster is too small; the cache makes no step of the global batch; MLflow's reserved model alias.
         IsaError: no tracking store can be chosen for a remote output.
     """
-    if config.train.register_model and config.train.model_alias.lower() == "latest":
-        raise TrainError("train.model_alias must not be 'latest': MLflow reserves that alias; choose another")
-    fingerprint = teacher_fingerprint(config.teacher)
-    parts, manifest = check_cache(config, fingerprint)
-    check_resources(config)
+    folder = check_before_ray(config, start)
+    parts, manifest = check_cache(config)
     n_train = training_rows(config, parts)
     steps_per_epoch = n_train // config.train.global_batch_size
     total = config.train.max_steps or config.train.epochs * steps_per_epoch
@@ -157,6 +210,13 @@ def check(config: Config) -> Plan:
             f"{n_train} training images make no step of train.global_batch_size="
             f"{config.train.global_batch_size}; lower the batch size or set train.max_steps"
         )
+    if start is not None:
+        check_steps_left(folder, total, start)
+    fingerprint = teacher_fingerprint(config.teacher)
+    mismatch = fingerprint_mismatch(fingerprint, manifest.teacher)
+    if mismatch:
+        raise TrainError(f"cache {config.train.cache} does not match the configured teacher: {mismatch}")
+    check_resources(config)
     uri = tracking.tracking_uri(config.train.tracking_uri, tracking.store_folder(config.train.output))
     return Plan(config, fingerprint, parts, manifest, steps_per_epoch, total, uri)
 
@@ -167,16 +227,19 @@ def run(
     callbacks: Sequence[object] = (),
     run_name: str | None = None,
     mlflow_tags: Mapping[str, str] | None = None,
+    start: Start = "new",
 ) -> ray.train.Result:
     """Check everything, then train; returns Ray Train's result (metrics and the last checkpoint).
 
     Args:
         config: the resolved config.
+        start: ``new`` (``train.output`` must hold no run), ``resume`` (it must hold one with steps left), or
+            ``continue`` (either; a run there must have the same settings): :mod:`pipelines.train.runs`.
         callbacks: extra Ray Train ``RunConfig`` callbacks (``isa tune`` passes Tune's ``TuneReportCallback``).
         run_name: MLflow name of a new run; None: the run folder's name.
         mlflow_tags: tags of a new MLflow run (``isa tune`` nests it with ``mlflow.parentRunId``).
     """
-    plan = check(config)
+    plan = check(config, start)
     passes = math.ceil(plan.total_steps / plan.steps_per_epoch)
     data = datasets(plan.parts, config, passes=passes, manifest=plan.manifest)
     fs, run_dir = filesystem(config.train.output)
@@ -250,9 +313,12 @@ def fit(trainer: Any) -> ray.train.Result:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = parse_args(argv)
+    args = parser().parse_intermixed_args(argv)
+    config = config_of(args)
+    start: Start = "new" if args.resume is None else "resume"
+    check_before_ray(config, start)
     init_ray()
-    result = run(config)
+    result = run(config, start=start)
     metrics = {k: round(v, 4) for k, v in (result.metrics or {}).items() if isinstance(v, float)}
     print(f"isa train: finished at step {result.metrics.get('step')} · {metrics}")
     print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}/isa")

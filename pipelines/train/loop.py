@@ -137,7 +137,7 @@ def start(config: Config, loop_config: dict[str, Any]) -> Worker:
     worker.step, run_id = restore(worker.task, worker.optimizer, worker.scheduler)
     distribute(worker)
     worker.tracker = RankZeroTracker(
-        rank == 0,
+        rank == 0 and worker.step < worker.total,  # a finished run (restored with no step left) is left as it was
         loop_config["tracking_uri"],
         config.train.experiment,
         loop_config["run_name"],
@@ -309,7 +309,12 @@ def checkpoint(worker: Worker, metrics: dict[str, float]) -> None:
     with tempfile.TemporaryDirectory() as folder:
         saved = None
         if worker.rank == 0:
-            state = {"step": worker.step, "rng": capture_rng_state(), "mlflow_run_id": worker.tracker.run_id}
+            state = {
+                "step": worker.step,
+                "total_steps": worker.total,
+                "rng": capture_rng_state(),
+                "mlflow_run_id": worker.tracker.run_id,
+            }
             optimizer = {"optimizer": worker.optimizer.state_dict(), "scheduler": worker.scheduler.state_dict()}
             weights = worker.task.trainable_state_dict()
             path = save_checkpoint(
