@@ -136,6 +136,16 @@ def shard_name(uris: Iterable[str]) -> str:
     return f"{PART_PREFIX}{digest}.parquet"
 
 
+def own_entry(name: str) -> bool:
+    """Whether a name at the top of a cache folder is one a cache holds (its manifest, shards, error and duplicate
+    folders, a killed writer's hidden temporary)."""
+    return (
+        name in (MANIFEST_FILE, ERRORS_DIR, DUPLICATES_DIR)
+        or (name.startswith(PART_PREFIX) and name.endswith(".parquet"))
+        or (name.startswith(".") and ".tmp-" in name)
+    )
+
+
 def list_parts(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
     """The committed ``part-*.parquet`` files of a folder, sorted (never from a stale listing cache)."""
     fs.invalidate_cache(folder)

@@ -28,9 +28,47 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def check_folder(uri: str, kind: str, own: Callable[[str], bool], marker: str | None = None) -> bool:
+    """The one rule for a stage's output folder: new, empty, or the stage's own; never a folder holding anything else.
+
+    A folder that does not exist or is empty is new. A folder whose every entry is one the stage writes (``own``)
+    and, where the stage names one, that holds its ``marker`` (the file that says what the folder is) is the
+    stage's own earlier output: the stage's own rule says what happens to it (resume, rewrite, ``--overwrite``).
+    Anything else is refused: a stage never mixes its files into a folder of other things.
+
+    Args:
+        kind: what the stage writes there, for messages ("teacher cache", "synthetic world").
+        own: whether an entry's name (a file or a folder at the top of ``uri``) is one the stage writes.
+        marker: the entry the stage's own folder always holds; None: any folder of own entries is the stage's.
+
+    Returns:
+        True when the folder holds the stage's own earlier output, False when it is new or empty.
+
+    Raises:
+        ArtifactError: ``uri`` is a file, or a folder holding entries that are not the stage's (a few named).
+    """
+    fs, root = filesystem(uri)
+    fs.invalidate_cache(root)
+    if not fs.exists(root):
+        return False
+    if not fs.isdir(root):
+        raise ArtifactError(f"OUT {uri} is a file: name a folder to create")
+    names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
+    marked = marker is None or marker in names
+    foreign = [n for n in names if not own(n)] if marked else names
+    if not foreign:
+        return bool(names)
+    shown = ", ".join(foreign[:3]) + (f", ... ({len(foreign)} entries)" if len(foreign) > 3 else "")
+    if marker is not None and marked:
+        raise ArtifactError(
+            f"OUT {uri} holds other things beside its {kind} ({shown}): move them out, or name a new or empty folder"
+        )
+    raise ArtifactError(f"OUT {uri} is not empty and holds no {kind} (it holds {shown}): name a new or empty folder")
+
+
 def check_output(uri: str, manifest_name: str, kind: str, own: Callable[[str], bool], overwrite: bool) -> bool:
-    """The rule for a stage's output folder: new, empty, or an earlier artifact of the same kind that ``overwrite``
-    replaces; never a folder holding anything else.
+    """:func:`check_folder` for an artifact: its earlier version (its manifest, or a killed run's files) is replaced
+    only with ``overwrite``.
 
     Args:
         own: whether a file name in the folder is one the artifact writes (its manifest always is).
@@ -41,22 +79,11 @@ def check_output(uri: str, manifest_name: str, kind: str, own: Callable[[str], b
     Raises:
         ArtifactError: OUT is a file, holds other files (named), or holds an artifact and ``overwrite`` is off.
     """
-    fs, root = filesystem(uri)
-    fs.invalidate_cache(root)
-    if not fs.exists(root):
+    if not check_folder(uri, kind, lambda name: name == manifest_name or own(name)):
         return False
-    if not fs.isdir(root):
-        raise ArtifactError(f"OUT {uri} is a file: name a folder to create")
-    names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
-    foreign = [name for name in names if name != manifest_name and not own(name)]
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise ArtifactError(
-            f"OUT {uri} is not empty and holds no {kind} (it holds {shown}): name a new or empty folder"
-        )
-    if names and not overwrite:
+    if not overwrite:
         raise ArtifactError(f"OUT {uri} already holds a {kind}: --overwrite replaces it")
-    return bool(names)
+    return True
 
 
 def record(data: bytes) -> dict[str, Any]:

@@ -70,6 +70,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from isa.errors import IsaError
+
 RGB = tuple[int, int, int]
 
 WORLD_TEACHER = "isa-world-ViT"  # open_clip config (isa/model_configs) of the teacher aligned on this world
@@ -348,13 +350,17 @@ def generate_world(seed: int = 0, num_images: int = 600, num_triplets: int = 200
     return builder.build(seed, image_size, drafts)
 
 
+class WorldSizeError(IsaError):
+    """A world size out of range (the message names it and the limit)."""
+
+
 def _check_sizes(num_images: int, num_triplets: int, image_size: int) -> None:
     if num_images < 30:
-        raise ValueError(f"num_images must be at least 30, got {num_images}")
+        raise WorldSizeError(f"num_images (--num-images) must be at least 30, got {num_images}")
     if num_triplets < 0:
-        raise ValueError(f"num_triplets must not be negative, got {num_triplets}")
+        raise WorldSizeError(f"num_triplets (--num-triplets) must not be negative, got {num_triplets}")
     if image_size < 32:
-        raise ValueError(f"image_size must be at least 32, got {image_size}")
+        raise WorldSizeError(f"image_size (--image-size) must be at least 32, got {image_size}")
 
 
 def _split_labels(rng: random.Random, count: int) -> list[str]:
@@ -612,6 +618,20 @@ def _add_noise(image: Image.Image, seed: int) -> Image.Image:
 # ----------------------------------------------------------------------------------------------- writing
 
 
+def world_paths(root: str | os.PathLike) -> WorldPaths:
+    """Where :func:`write_world` puts each part of a world written to ``root``."""
+    base = Path(root)
+    return WorldPaths(
+        root=base,
+        images=base / "images",
+        captions=base / "captions.jsonl",
+        manifest=base / "world.json",
+        cirr=base / "cirr",
+        fashioniq=base / "fashioniq",
+        circo=base / "circo",
+    )
+
+
 def write_world(world: World, root: str | os.PathLike, image_size: int | None = None) -> WorldPaths:
     """Writes the world: plain images and captions, and the CIRR, FashionIQ and CIRCO layouts.
 
@@ -627,16 +647,7 @@ def write_world(world: World, root: str | os.PathLike, image_size: int | None = 
         The paths of the roots of each part.
     """
     size = world.image_size if image_size is None else image_size
-    base = Path(root)
-    paths = WorldPaths(
-        root=base,
-        images=base / "images",
-        captions=base / "captions.jsonl",
-        manifest=base / "world.json",
-        cirr=base / "cirr",
-        fashioniq=base / "fashioniq",
-        circo=base / "circo",
-    )
+    paths = world_paths(root)
     names = _benchmark_names(world)
     _write_images(world, paths, names, size)
     _write_captions(world, paths)

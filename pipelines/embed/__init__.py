@@ -21,14 +21,18 @@ import ray.data
 from isa.cache import (
     DUPLICATES_DIR,
     ERRORS_DIR,
+    MANIFEST_FILE,
+    CacheError,
     Manifest,
     check_same_settings,
     list_parts,
+    own_entry,
     read_manifest,
     write_manifest,
 )
 from isa.config import Config, load_config
 from isa.storage import count_rows, filesystem, read_column_values, remove_staging
+from pipelines.artifact import check_folder
 from pipelines.embed.decode import Ledger, decode_batch, write_shard
 from pipelines.embed.sources import check_input, read_sources
 from pipelines.embed.tower import TeacherEmbedder
@@ -104,15 +108,65 @@ def parse_args(argv: Sequence[str] | None) -> tuple[str, str, Config]:
     return args.input, args.output, load_config(args.config, overrides)
 
 
+KIND = "teacher cache"  # what pipelines.artifact's messages call the output folder
+
+
+def check_start(input_uri: str, output: str, config: Config) -> None:
+    """The refusals that need no cluster and no model, made before Ray starts (and again by :func:`check`).
+
+    Raises:
+        InputError: the input does not exist, holds no files or cannot be read as its kind.
+        ArtifactError: the output is a file, or a folder holding anything but a teacher cache.
+        CacheError: the output is a cache made with another teacher model or other settings.
+    """
+    fs, root = filesystem(output)
+    check_input(input_uri, config.cache, exclude=root)
+    if check_folder(output, KIND, own_entry, marker=MANIFEST_FILE):
+        existing = read_manifest(fs, root)
+        if existing is not None:
+            check_planned_settings(existing, config, output)
+
+
+def check_planned_settings(existing: Manifest, config: Config, output: str) -> None:
+    """Refuse an existing cache whose teacher model or settings differ from this run's, before a teacher is loaded
+    (its weights are compared by :func:`check`, once the teacher's fingerprint is known)."""
+    cache = config.cache
+    planned = {
+        "teacher": f"{config.teacher.name} ({config.teacher.pretrained})",
+        "local_grid": cache.local_grid,
+        "dtype": cache.dtype,
+        "image_size": cache.image_size if cache.store_images else None,
+        "tower_dtype": cache.tower_dtype,
+    }
+    found = {
+        "teacher": f"{existing.teacher.get('model')} ({existing.teacher.get('pretrained')})",
+        "local_grid": existing.local_grid,
+        "dtype": existing.dtype,
+        "image_size": existing.image_size,
+        "tower_dtype": existing.tower_dtype,
+    }
+    differing = [k for k in planned if planned[k] != found[k] and (k != "teacher" or _other_model(existing, config))]
+    if differing:
+        raise CacheError(
+            f"cache {output} was written with other settings: "
+            + "; ".join(f"{k} {found[k]} (this run: {planned[k]})" for k in differing)
+            + ". Use another output, or this cache's settings"
+        )
+
+
+def _other_model(existing: Manifest, config: Config) -> bool:
+    return existing.teacher.get("model") != config.teacher.name
+
+
 def check(input_uri: str, output: str, config: Config) -> Manifest:
     """Every refusal before embedding starts; returns the manifest this run writes with.
 
     Raises:
-        InputError: the input does not exist.
+        InputError, ArtifactError: from :func:`check_start`.
         CacheError: the output is a cache made with another teacher or other settings.
         TeacherNotSupportedError: the teacher cannot be loaded here (or the loader's own error).
     """
-    check_input(input_uri)
+    check_start(input_uri, output, config)
     fingerprint = teacher_fingerprint(config.teacher)  # the actors load the model
     wanted = Manifest(
         teacher=fingerprint,
@@ -240,6 +294,7 @@ def run(input_uri: str, output: str, config: Config) -> Summary:
 
 def main(argv: Sequence[str] | None = None) -> int:
     input_uri, output, config = parse_args(argv)
+    check_start(input_uri, output, config)
     init_ray()
     summary = run(input_uri, output, config)
     print(f"isa embed: {summary.line()}")

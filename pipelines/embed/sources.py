@@ -35,35 +35,70 @@ class InputError(IsaError):
     """The input URI cannot be read as the requested (or guessed) kind."""
 
 
-def check_input(uri: str) -> None:
-    """Refuse an input that does not exist.
+def check_input(uri: str, cache: CacheConfig, exclude: str | None = None) -> tuple[str, list[str] | None]:
+    """Refuse an input that cannot be read as its kind (reading only listings and Parquet footers, no Ray).
+
+    Args:
+        exclude: a folder under ``uri`` whose files are not inputs (the cache being written, when it lies there).
+
+    Returns:
+        The input's kind and, for a folder, its files (sorted, hidden ones and ``exclude`` left out).
 
     Raises:
-        InputError: naming the URI.
+        InputError: naming the URI: it does not exist, holds no files, is of a kind that cannot be told, or is a
+            Parquet input without the image bytes column.
     """
     fs, path = filesystem(uri)
     if not fs.exists(path):
         raise InputError(f"input not found: {uri}")
+    listing = _find(fs, path, exclude) if fs.isdir(path) else None
+    kind = guess_format(uri, cache, listing)
+    if listing is not None and not listing:
+        raise InputError(f"no input files found under {uri}")
+    if kind == "tar" and not [p for p in (listing or [path]) if p.endswith(".tar")]:
+        raise InputError(f"no .tar shards found at {uri}")
+    if kind == "list" and listing is not None:
+        raise InputError(f"input {uri} is a folder, not a list file: set cache.input_format=folder (or auto)")
+    if kind == "folder" and listing is None:
+        raise InputError(f"input {uri} is a file, not a folder: set cache.input_format (or auto)")
+    parquet = [p for p in (listing or [path]) if p.endswith(".parquet")]
+    needed = {"parquet": cache.bytes_column, "list": cache.uri_column}.get(kind)
+    if needed and parquet:
+        with fs.open(parquet[0], "rb") as handle:
+            names = pq.read_schema(handle).names
+        if needed not in names:
+            what = "image bytes" if kind == "parquet" else "image URIs"
+            raise InputError(
+                f"parquet input {uri} has no column {needed!r} with the {what} (columns: {names}); set "
+                f"cache.{'bytes_column' if kind == 'parquet' else 'uri_column'}"
+            )
+    elif kind == "parquet":
+        raise InputError(f"no .parquet files found at {uri}")
+    return kind, listing
 
 
 def guess_format(uri: str, cache: CacheConfig, listing: list[str] | None = None) -> str:
-    """The input kind of a URI when ``cache.input_format`` is ``auto``.
+    """The input kind of an existing URI when ``cache.input_format`` is ``auto``.
 
     Args:
         listing: the files under ``uri`` when it is a folder and they were listed already.
     """
     if cache.input_format != "auto":
         return cache.input_format
-    check_input(uri)
     fs, path = filesystem(uri)
     if fs.isfile(path):
         if path.endswith(".tar"):
             return "tar"
-        if path.endswith(".parquet") and cache.bytes_column in pq.read_schema(fs.open(path, "rb")).names:
-            return "parquet"
+        if path.endswith(".parquet"):
+            with fs.open(path, "rb") as handle:
+                if cache.bytes_column in pq.read_schema(handle).names:
+                    return "parquet"
         if path.endswith(LIST_SUFFIXES):
             return "list"
-        raise InputError(f"cannot tell what kind of input {uri} is; set cache.input_format")
+        raise InputError(
+            f"cannot tell what kind of input {uri} is (a folder, a .tar shard, a list file "
+            f"{'/'.join(LIST_SUFFIXES)}, or parquet with image bytes); set cache.input_format"
+        )
     files = _find(fs, path) if listing is None else listing
     if files and all(p.endswith(".tar") for p in files):
         return "tar"
@@ -85,19 +120,13 @@ def read_sources(uri: str, cache: CacheConfig, exclude: str | None = None) -> ra
     """The inputs as a dataset with columns ``uri`` (str), ``data`` (bytes or None: read ``uri``) and ``error``
     (None, or why the input could not even be listed, e.g. a corrupt tar shard)."""
     fs, root = filesystem(uri)
-    listing = _find(fs, root, exclude) if fs.isdir(root) else None  # listed once, also to guess the kind
-    kind = guess_format(uri, cache, listing)
+    kind, listing = check_input(uri, cache, exclude)  # listed once, also to guess the kind
     if kind == "folder":
-        uris = [full_uri(fs, p) for p in listing or []]
-        if not uris:
-            raise InputError(f"no input files found under {uri}")
-        return _from_uris(uris, cache.decode_batch_size)
+        return _from_uris([full_uri(fs, p) for p in listing or []], cache.decode_batch_size)
     if kind == "list":
         return _read_list(uri, root, cache)
     if kind == "tar":
         shards = [full_uri(fs, p) for p in (listing if listing is not None else [root]) if p.endswith(".tar")]
-        if not shards:
-            raise InputError(f"no .tar shards found at {uri}")
         return _from_uris(shards, 1).map_batches(
             _expand_tars, batch_size=1, fn_kwargs={"rows": cache.decode_batch_size}
         )
