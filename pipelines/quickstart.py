@@ -24,7 +24,7 @@ from pathlib import Path
 from isa.config import Config, ConfigError, from_dict, load_config, parse_overrides
 from isa.data.synthetic import WORLD_TEACHER, generate_world, write_world
 from pipelines import embed, train
-from pipelines.stage import init_ray
+from pipelines.stage import init_ray, stage_parser
 from pipelines.tracking import ui_command
 
 ISA_ROW, SYMMETRIC_ROW = "ISA student (asymmetric)", "symmetric variant"
@@ -233,8 +233,9 @@ def serve_command(run_dir: Path, index: str) -> str:
 
 def parser() -> argparse.ArgumentParser:
     """``isa quickstart``'s arguments."""
-    parser = argparse.ArgumentParser(prog="isa quickstart", description=__doc__.split("\n")[0])
-    parser.add_argument("output", nargs="?", default="isa-output/quickstart", help="folder for everything")
+    parser = stage_parser("isa quickstart", __doc__.split("\n")[0])
+    output = "isa-output/quickstart"  # stated in the help: parse_intermixed_args hides a positional's default
+    parser.add_argument("output", nargs="?", default=output, help=f"folder for everything (default: {output})")
     parser.add_argument(
         "--config", default=str(SETTINGS), help="settings file (default: the shipped quickstart.yaml; copy it to edit)"
     )
@@ -242,7 +243,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--triplets", type=int, default=800, help="composed-retrieval triplets of the world")
     parser.add_argument("--teacher-steps", type=int, default=400, help="contrastive steps of the world teacher")
     parser.add_argument("--train-steps", type=int, default=300, help="distillation steps per student")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the world and of its teacher")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     return parser
 

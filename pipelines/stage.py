@@ -8,22 +8,81 @@ starts), ``run(...)`` (the work, returning its result) and ``main(argv)``; error
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import re
 from collections.abc import Sequence
+
+from isa.config import Config
+
+# "(section.key)" in an option's help: the config key the option sets (HelpFormatter shows that key's default)
+_CONFIG_KEY = re.compile(r"\((" + "|".join(f.name for f in dataclasses.fields(Config)) + r")\.(\w+)\)")
+_STATED = re.compile(r"\(default[: ]")  # a help that states its default itself
+
+
+def _shown(value: object) -> str:
+    """A default as the command line spells it (``key=value`` overrides included)."""
+    if value is None or value == () or value == "":
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def help_default(action: argparse.Action) -> str | None:
+    """What ``--help`` shows as an option's default; None where it shows none (``--help``, a required option or
+    positional, the overrides, a help that states its default).
+
+    A switch is ``off`` (``on`` for a ``store_false`` one); an option whose help names the config key it sets,
+    ``(section.key)``, has that key's built-in default; any other its argparse default.
+    """
+    if action.default is argparse.SUPPRESS or action.required or _STATED.search(action.help or ""):
+        return None
+    if not action.option_strings and action.nargs != "?":
+        return None
+    if action.nargs == 0 and isinstance(action.const, bool):
+        return "on" if action.default else "off"  # store_true / store_false
+    key = _CONFIG_KEY.search(action.help or "")
+    if key is not None and action.default is None:
+        return _shown(getattr(getattr(Config(), key.group(1)), key.group(2)))
+    return _shown(action.default)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every stage's ``--help``: each option's help ends with ``(default: ...)``, from :func:`help_default`."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        default = help_default(action)
+        text = action.help or ""
+        return text if default is None else f"{text} (default: {default})".lstrip()
+
+
+def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` with the stages' :class:`HelpFormatter`."""
+    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
 
 
 def config_parser(prog: str, description: str, positionals: Sequence[tuple[str, str]] = ()) -> argparse.ArgumentParser:
-    """A parser with the stage's positionals (name, help), ``--config`` and trailing ``key=value`` overrides."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    """A parser with the stage's positionals (name, help), ``--config`` and trailing ``key=value`` overrides.
+
+    An option that sets a config key names it in its help, ``(section.key)``: ``--help`` then shows that key's
+    built-in default.
+    """
+    parser = stage_parser(prog, description)
     for name, help_text in positionals:
         parser.add_argument(name, help=help_text)
-    parser.add_argument("--config", help="YAML file with any subset of the config sections")
+    parser.add_argument(
+        "--config", help="YAML file with any subset of the config sections (default: none, the built-in config)"
+    )
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.lr=1e-4")
     return parser
 
 
 def init_ray(dashboard: bool | None = None, single_machine: bool = False) -> None:
-    """Join ``RAY_ADDRESS`` when set (e.g. under ``ray job submit``), else start a local instance.
+    """Join ``RAY_ADDRESS`` when set (e.g. under ``ray job submit``), else start a local instance; the console
+    output is set first (:func:`pipelines.console.configure`: progress bars in a terminal, plain lines elsewhere).
 
     Args:
         dashboard: whether a local instance starts Ray's dashboard (None: when its packages are installed).
@@ -33,8 +92,11 @@ def init_ray(dashboard: bool | None = None, single_machine: bool = False) -> Non
     """
     import ray
 
+    from pipelines.console import configure
+
     if ray.is_initialized():
         return
+    configure()  # progress bars or plain lines, before Ray starts
     if single_machine and not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # read by Ray Train's controller
         system = {"num_workers_soft_limit": 0, "idle_worker_killing_time_threshold_ms": 5000}

@@ -6,13 +6,14 @@ import argparse
 from collections.abc import Sequence
 
 from isa.data.synthetic import generate_world, write_world
+from pipelines.stage import stage_parser
 
 
 def parser() -> argparse.ArgumentParser:
     """``isa world``'s arguments."""
-    parser = argparse.ArgumentParser(prog="isa world", description=__doc__)
+    parser = stage_parser("isa world", __doc__)
     parser.add_argument("output", help="folder to write (images/, captions.jsonl, cirr/, fashioniq/, circo/)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the world's random seed")
     parser.add_argument("--num-images", type=int, default=600, help="random base scenes (targets are added)")
     parser.add_argument("--num-triplets", type=int, default=200, help="composed-retrieval triplets in all")
     parser.add_argument("--image-size", type=int, default=64, help="square image side in pixels")

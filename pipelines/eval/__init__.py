@@ -61,12 +61,13 @@ def local_copy(uri: str, output: str) -> str:
 def parser() -> argparse.ArgumentParser:
     """``isa eval``'s arguments."""
     parser = config_parser("isa eval", "Evaluate student checkpoints and baselines with the official protocols.")
-    parser.add_argument("--benchmark", choices=["cirr", "fashioniq", "circo", "images"], help="eval.benchmark")
-    parser.add_argument("--dataset-root", help="dataset root in the official layout; for 'images' a cache with images")
-    parser.add_argument("--split", help="eval.split (CIRR: train, val, test1; FashionIQ: val, test; CIRCO: val, test)")
-    parser.add_argument("--checkpoint", action="append", help="student checkpoint or training run folder (repeatable)")
+    benchmarks = ["cirr", "fashioniq", "circo", "images"]
+    parser.add_argument("--benchmark", choices=benchmarks, help="the benchmark to evaluate on (eval.benchmark)")
+    parser.add_argument("--dataset-root", help="official layout; 'images': a cache (eval.dataset_root)")
+    parser.add_argument("--split", help="CIRR: train, val, test1 or test; others: val, test (eval.split)")
+    parser.add_argument("--checkpoint", action="append", help="checkpoint or run, repeatable (eval.checkpoints)")
     parser.add_argument("--gallery-cache", help="gallery cache to create or reuse (eval.gallery_cache)")
-    parser.add_argument("--output", help="eval.output")
+    parser.add_argument("--output", help="folder for metrics, report, test-server files (eval.output)")
     parser.add_argument("--distractors", help="cache of distractor images for gallery scaling (eval.distractors)")
     parser.add_argument("--distractor-counts", help="e.g. 1000,10000 (eval.distractor_counts)")
     parser.add_argument("--no-baselines", action="store_true", help="skip the teacher-only baseline rows")

@@ -25,6 +25,7 @@ from isa.errors import IsaError
 from isa.names import SYMMETRIC
 from isa.storage import filesystem
 from pipelines.artifact import check_output, write_artifact
+from pipelines.stage import HelpFormatter
 
 MANIFEST = "query_encoder.json"
 MODEL = "query_encoder.onnx"
@@ -63,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="isa export",
         description="Export the query encoder (student + token learner) as ONNX for onnxruntime, optionally int8.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint folder or training run folder (any URI)")
     parser.add_argument("output", metavar="OUT", help="export folder to create (any fsspec URI)")

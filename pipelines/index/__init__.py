@@ -25,6 +25,7 @@ from isa.errors import IsaError
 from isa.storage import count_rows, filesystem, full_uri
 from pipelines.artifact import check_output, write_manifest
 from pipelines.index.store import FORMAT, FORMAT_VERSION, KINDS, MANIFEST, shard_files
+from pipelines.stage import HelpFormatter
 
 DEFAULTS = {"nbits": 8, "refine": 40.0, "hnsw_m": 32, "ef_construction": 80}
 KIND_OPTIONS = {
@@ -34,13 +35,6 @@ KIND_OPTIONS = {
 }
 OWN_FILE = re.compile(r"^(shard-\d{5}\.(faiss|parquet)|\..*\.tmp-[0-9a-f]+)$")  # what an index folder may hold
 POINTS_PER_LIST = 39  # FAISS's k-means wants at least this many training vectors per list
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults shown, except None (the help says what an option left out means)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        return action.help if action.default is None else super()._get_help_string(action)
 
 
 class IndexBuildError(IsaError):
@@ -93,7 +87,7 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="isa index",
         description="Build a FAISS index (inner product) of an isa embed cache's teacher embeddings.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("cache", help="an isa embed cache (usually a gallery cache made with --no-images)")
     parser.add_argument("out", help="index folder to write (local path or fsspec URI)")

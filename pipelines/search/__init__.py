@@ -28,7 +28,7 @@ from isa.config import TeacherConfig
 from isa.errors import IsaError
 from isa.storage import filesystem
 from pipelines.artifact import ArtifactError, read_artifact, seal_artifact
-from pipelines.stage import init_ray
+from pipelines.stage import HelpFormatter, init_ray
 from pipelines.teacher import checkpoint_teacher
 
 MANIFEST_FILE = "_isa_search.json"
@@ -63,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="isa search",
         description="Many composed queries at once: the top-k gallery images of each, through Ray Data.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("queries", help="JSONL or CSV with an 'image' URI and a 'text' per query (any fsspec URI)")
     parser.add_argument("output", help="folder for the results (any fsspec URI)")

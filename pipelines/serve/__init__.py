@@ -19,7 +19,7 @@ from typing import Any
 
 from isa.cache import fingerprint_mismatch
 from pipelines.serve.app import ServeError, ServeSettings, build_app
-from pipelines.stage import init_ray
+from pipelines.stage import HelpFormatter, init_ray
 
 __all__ = [
     "Prepared",
@@ -52,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="isa serve",
         description="Serve composed image retrieval over an isa index on Ray Serve: HTTP API and search page.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--checkpoint", required=True, help="checkpoint or training run folder (any fsspec URI)")
     parser.add_argument("--index", required=True, help="gallery index folder made by isa index (any fsspec URI)")
