@@ -92,11 +92,12 @@ def init_ray(dashboard: bool | None = None, single_machine: bool = False) -> Non
     """
     import ray
 
-    from pipelines.console import configure
+    from pipelines.console import configure, progress_wanted
 
+    progress = progress_wanted()  # an invalid ISA_PROGRESS is refused, even where Ray runs already
     if ray.is_initialized():
         return
-    configure()  # progress bars or plain lines, before Ray starts
+    configure(progress)  # progress bars or plain lines, before Ray starts
     if single_machine and not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # read by Ray Train's controller
         system = {"num_workers_soft_limit": 0, "idle_worker_killing_time_threshold_ms": 5000}
