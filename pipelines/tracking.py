@@ -152,7 +152,8 @@ def end_open_runs(uri: str, experiment: str, tags: Mapping[str, str], status: st
     found = mlflow.get_experiment_by_name(experiment)
     if found is None:
         return []
-    query = " and ".join([f"tags.`{key}` = '{value}'" for key, value in tags.items()] + ["attributes.status = 'RUNNING'"])
+    conditions = [f"tags.`{key}` = '{value}'" for key, value in tags.items()] + ["attributes.status = 'RUNNING'"]
+    query = " and ".join(conditions)
     runs = mlflow.search_runs([found.experiment_id], filter_string=query, max_results=1000)
     for run in runs:
         mlflow.set_terminated(run.info.run_id, status)

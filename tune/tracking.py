@@ -2,8 +2,9 @@
 
 The child runs are the train stage's own runs: each trial passes ``mlflow.parentRunId`` and its trial id to the
 train stage, whose rank-0 tracker creates the run with those tags (params, per-report metrics, and at the end the
-model: the final checkpoint's weights and config, without the optimizer). This module makes the parent, closes children whose trial ASHA stopped (their train run never
-reached its end), and records the best trial on the parent. Only ``MlflowClient`` calls: no active-run state.
+model: the final checkpoint's weights and config, without the optimizer). This module makes the parent, closes
+children whose trial ASHA stopped (their train run never reached its end), and records the best trial on the
+parent. Only ``MlflowClient`` calls: no active-run state.
 """
 
 from __future__ import annotations

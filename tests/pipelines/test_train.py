@@ -7,12 +7,16 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray.train
 import torch
 
 from isa.build import build_student, build_task, build_teacher
@@ -219,10 +223,78 @@ def test_mlflow_server_records_params_metrics_and_artifacts(train_cache, tmp_pat
     assert logged | {"val_image_R1", "val_image_R5"} <= set(found.data.metrics)
     waits = [m.value for m in client.get_metric_history(found.info.run_id, "input_wait_fraction")]
     assert len(waits) == 2 and all(0 <= w <= 1 for w in waits)  # records at steps 10 and 20
-    artifacts = {a.path for a in client.list_artifacts(found.info.run_id, "checkpoint")}
-    assert "checkpoint/student.safetensors" in artifacts and "checkpoint/config.json" in artifacts
+    artifacts = {a.path for a in client.list_artifacts(found.info.run_id, "model")}
+    assert artifacts == {"model/student.safetensors", "model/config.json", "model/state.json"}  # no optimizer
     version = client.get_model_version_by_alias("isa-student", "champion")
-    assert version.run_id == found.info.run_id
+    assert version.run_id == found.info.run_id and version.source == f"{found.info.artifact_uri}/model"
+    assert found.info.status == "FINISHED"
+
+
+def _isa(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """``isa ARGS`` as a user runs it from ``cwd``, joining the tests' Ray instance."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    isa = Path(sys.executable).with_name("isa")
+    return subprocess.run([str(isa), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_train_and_eval_by_hand_record_into_one_store_beside_the_runs(train_cache, tmp_path):
+    """``isa train`` then ``isa eval`` from a working folder, nothing about MLflow set: one ``runs/mlflow.db``, the
+    artifacts beside it, both runs FINISHED, the eval run tagged with its training run, no ``mlruns/`` anywhere."""
+    import mlflow
+
+    work = tmp_path / "work"
+    work.mkdir()
+    steps = ["train.max_steps=2", "train.checkpoint_every=2", "train.register_model=isa-by-hand"]
+    settings = [*TEACHER, *STUDENT, f"train.cache={train_cache}", "train.global_batch_size=32"]
+    trained = _isa(work, "train", *settings, "train.val_fraction=0.2", "train.output=runs/a", *steps)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    store = f"sqlite:///{work / 'runs' / 'mlflow.db'}"
+    assert f"mlflow ui --backend-store-uri {store}" in trained.stdout
+    client = mlflow.MlflowClient(tracking_uri=store)
+    (train_run,) = client.search_runs([client.get_experiment_by_name("isa").experiment_id])
+    assert train_run.info.status == "FINISHED" and train_run.info.run_name == "a"
+    assert (
+        train_run.info.artifact_uri
+        == f"{(work / 'runs' / 'mlartifacts' / 'isa').as_uri()}/{train_run.info.run_id}/artifacts"
+    )
+    model = work / "runs" / "mlartifacts" / "isa" / train_run.info.run_id / "artifacts" / "model"
+    assert sorted(p.name for p in model.iterdir()) == ["config.json", "state.json", "student.safetensors"]
+    version = client.get_model_version_by_alias("isa-by-hand", "candidate")
+    downloaded = load_checkpoint(mlflow.artifacts.download_artifacts(version.source, dst_path=str(tmp_path / "got")))
+    final = load_checkpoint(_checkpoints(work / "runs" / "a")[-1])
+    assert downloaded.optimizer is None and final.optimizer is not None and downloaded.config == final.config
+    assert all(torch.equal(downloaded.weights[k], final.weights[k]) for k in final.weights)
+
+    flags = ["--benchmark", "images", "--dataset-root", train_cache, "--checkpoint", "runs/a", "--no-baselines"]
+    evaluated = _isa(work, "eval", *flags, *TEACHER, "train.val_fraction=0.2", "eval.latency_runs=0", "eval.output=ev")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert f"mlflow ui --backend-store-uri {store}" in evaluated.stdout
+    (eval_run,) = client.search_runs([client.get_experiment_by_name("isa-eval").experiment_id])
+    assert eval_run.info.status == "FINISHED" and eval_run.data.tags["isa.training_run_id"] == train_run.info.run_id
+    assert any(k.startswith("eval/images/") for k in eval_run.data.metrics)
+    assert eval_run.info.artifact_uri.startswith((work / "runs" / "mlartifacts" / "isa-eval").as_uri())
+    assert (work / "ev" / "metrics.json").is_file() and not (work / "ev" / "mlflow.db").exists()
+    assert sorted(p.name for p in work.iterdir()) == ["ev", "runs"]  # no mlruns/ in the working folder
+    assert sorted(p.name for p in (work / "runs").iterdir()) == ["a", "mlartifacts", "mlflow.db"]
+
+
+def test_a_training_run_that_fails_ends_failed(train_cache, tmp_path):
+    """Images that do not decode fail the workers after their MLflow run opened; the driver ends it FAILED."""
+    import mlflow
+
+    broken = tmp_path / "broken"
+    shutil.copytree(train_cache, broken)
+    for part in broken.glob("part-*.parquet"):
+        table = pq.read_table(part)
+        garbage = pa.array([b"not an image"] * table.num_rows, pa.binary())
+        pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", garbage), part)
+    config = _config(str(broken), tmp_path / "runs" / "a", "train.max_steps=2", "train.max_failures=0")
+    with pytest.raises(ray.train.TrainingFailedError, match="UDF failed"):
+        run(config)
+    client = mlflow.MlflowClient(tracking_uri=config.train.tracking_uri)
+    (found,) = client.search_runs([client.get_experiment_by_name("isa").experiment_id])
+    assert found.info.status == "FAILED" and found.data.tags["isa.run_dir"] == str(tmp_path / "runs" / "a")
 
 
 def test_two_workers_run_ddp(train_cache, tmp_path):

@@ -13,8 +13,9 @@ TINY = {
 }
 
 
-def tiny_config(cache: str, storage: Path, tracking_uri: str, **sections: dict) -> dict:
-    """A config mapping for short CPU trials: batch 16, a held-out fifth, the given sections merged on top."""
+def tiny_config(cache: str, storage: Path, tracking_uri: str | None, **sections: dict) -> dict:
+    """A config mapping for short CPU trials: batch 16, a held-out fifth, the given sections merged on top
+    (``tracking_uri`` None: the sweep folder's own store)."""
     config = {
         **TINY,
         "train": {

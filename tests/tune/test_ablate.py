@@ -21,8 +21,14 @@ COST = ["params_M", "gflops", "cpu_latency_ms"]
 METRICS = ["val_image_R1", "image_R@1", "image_R@5", "image_R@10"]
 
 
-def test_two_row_suite_writes_table_csv_png_and_logs_mlflow(ray_session, tune_cache, mlflow_server, tmp_path):
+def test_two_row_suite_writes_table_csv_png_and_logs_mlflow(ray_session, tune_cache, tmp_path, monkeypatch):
+    """No tracking URI set: the suite records into its folder's own store, its artifacts beside it."""
     import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    work = tmp_path / "work"  # the working folder the suite is run from
+    work.mkdir()
+    monkeypatch.chdir(work)
 
     suite = write_yaml(
         tmp_path / "mini.yaml",
@@ -36,7 +42,7 @@ def test_two_row_suite_writes_table_csv_png_and_logs_mlflow(ray_session, tune_ca
             ],
         },
     )
-    config = tiny_config(tune_cache, tmp_path / "out", mlflow_server, train={"max_steps": 2, "checkpoint_every": 2})
+    config = tiny_config(tune_cache, tmp_path / "out", None, train={"max_steps": 2, "checkpoint_every": 2})
     config["eval"] = {"latency_runs": 2}
     base = write_yaml(tmp_path / "base.yaml", config)
     assert isa(["ablate", "--suite", str(suite), "--config", str(base), "train.lr=1e-3"]) == 0
@@ -55,8 +61,10 @@ def test_two_row_suite_writes_table_csv_png_and_logs_mlflow(ray_session, tune_ca
         assert image.format == "PNG" and image.size == (plot.WIDTH, plot.HEIGHT)
         image.verify()
     # MLflow: a parent with the files, each row a nested run (the row's training run) with its results
-    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("isa-tune-tests")
+    assert experiment.artifact_location == (folder / "mlartifacts" / "isa-tune-tests").as_uri()
+    assert not list(work.iterdir())  # no mlruns/ where the command ran
     runs = client.search_runs([experiment.experiment_id], filter_string="tags.`isa.suite` = 'mini'")
     (parent,) = runs
     assert parent.info.run_name == "ablation-mini" and parent.info.status == "FINISHED"
@@ -74,6 +82,11 @@ def test_two_row_suite_writes_table_csv_png_and_logs_mlflow(ray_session, tune_ca
         assert child.data.metrics["ablation/image_R_at_1"] == pytest.approx(float(row["image_R@1"]))
         assert any(k.startswith("eval/images/") for k in child.data.metrics)  # the eval stage logged into the row
         assert (folder / child.data.tags["isa.trial_id"] / "train").is_dir()  # the row's run in its trial folder
+        assert child.info.status == "FINISHED"
+        assert child.info.artifact_uri.startswith(experiment.artifact_location)
+        assert {a.path for a in client.list_artifacts(child.info.run_id, "model")} == {
+            "model/config.json", "model/state.json", "model/student.safetensors"
+        }  # fmt: skip
 
 
 def test_shipped_suites_cover_the_method_ablations():
