@@ -168,6 +168,7 @@ def _info(row: Any, trial: TrialRecord | None) -> dict[str, Any]:
 def evaluate(plan: Plan, trial: TrialRecord) -> dict[str, float]:
     """The row's checkpoint through ``isa eval``: image-only retrieval always, the configured CIR benchmark too."""
     from pipelines import eval as eval_stage
+    from pipelines.eval.outputs import split_name
 
     config = from_dict(plan.rows[trial.name], base=plan.config)
     common = {
@@ -184,7 +185,7 @@ def evaluate(plan: Plan, trial: TrialRecord) -> dict[str, float]:
     found = {f"image_{k}": float(v) for k, v in _only_row(document).items()}
     ev = config.eval
     if ev.dataset_root and ev.benchmark != "images":
-        gallery = ev.gallery_cache or posixpath.join(plan.folder, f"gallery-{ev.benchmark}-{ev.split}")
+        gallery = ev.gallery_cache or posixpath.join(plan.folder, f"gallery-{ev.benchmark}-{split_name(config)}")
         cir = {**common, "gallery_cache": gallery, "output": posixpath.join(out_dir, f"eval-{ev.benchmark}")}
         document = eval_stage.run(from_dict({"eval": cir}, base=config))
         found |= {f"{ev.benchmark}_{k}": float(v) for k, v in _only_row(document).items()}

@@ -160,6 +160,12 @@ def _unique_ids(queries: Sequence[Query], uri: str) -> tuple[Query, ...]:
     return tuple(queries)
 
 
+def file_split(benchmark: str, split: str) -> str:
+    """The split as the benchmark's files name it (CIRR: ``test`` is ``test1``), the one name of that split in
+    everything an evaluation writes; a split that is not an alias is returned as given."""
+    return CIRR_SPLITS.get(split, split) if benchmark == "cirr" else split
+
+
 def _split_name(benchmark: str, split: str, valid: Sequence[str]) -> str:
     if split not in valid:
         raise BenchmarkFormatError(f"{benchmark}: unknown split {split!r} (expected one of {', '.join(valid)})")
@@ -182,19 +188,19 @@ def read_cirr(root: str, split: str) -> Benchmark:
     Raises:
         BenchmarkFormatError: unknown split, missing file, malformed entry or a query image not in the split.
     """
-    file_split = CIRR_SPLITS[_split_name("cirr", split, tuple(CIRR_SPLITS))]
+    split = file_split("cirr", _split_name("cirr", split, tuple(CIRR_SPLITS)))
     fs, base = filesystem(root)
-    split_path = posixpath.join(base, "cirr", "image_splits", f"split.rc2.{file_split}.json")
+    split_path = posixpath.join(base, "cirr", "image_splits", f"split.rc2.{split}.json")
     relpaths = _cirr_image_split(fs, split_path)
     image_root = _cirr_image_root(fs, base, next(iter(relpaths.values())))
     images = {name: full_uri(fs, posixpath.normpath(posixpath.join(image_root, rel))) for name, rel in relpaths.items()}
-    has_targets = file_split not in TEST_SPLITS
-    captions_path = posixpath.join(base, "cirr", "captions", f"cap.rc2.{file_split}.json")
+    has_targets = split not in TEST_SPLITS
+    captions_path = posixpath.join(base, "cirr", "captions", f"cap.rc2.{split}.json")
     expected = ("pairid", "reference", "target_hard", "caption", "img_set")
     entries = _read_entries(fs, captions_path, expected if has_targets else _without(expected, "target_hard"))
     listing = full_uri(fs, split_path)
     queries = _unique_ids([_cirr_query(entry, images, has_targets, listing) for entry in entries], listing)
-    return Benchmark("cirr", file_split, images, {ALL: tuple(images)}, {ALL: queries}, has_targets)
+    return Benchmark("cirr", split, images, {ALL: tuple(images)}, {ALL: queries}, has_targets)
 
 
 def _without(keys: tuple[str, ...], key: str) -> tuple[str, ...]:

@@ -178,7 +178,7 @@ def run(config: Config) -> dict:
             costs = query_costs(teacher, checkpoints, config.eval.latency_runs, config.eval.latency_threads)
             document["cost"] = [dataclasses.asdict(c) for c in costs]
         table = out.document_table(document)
-        title = f"isa eval · {config.eval.benchmark} {config.eval.split}"
+        title = f"isa eval · {config.eval.benchmark} {out.split_name(config)}"
         files = {
             out.METRICS_FILE: json.dumps(document, indent=2),
             out.TABLE_FILE: table,

@@ -21,6 +21,7 @@ from isa.data.benchmarks import Benchmark
 from isa.errors import IsaError
 from isa.storage import filesystem, read_column_values
 from pipelines import embed
+from pipelines.eval.outputs import split_name
 
 
 class EvalError(IsaError):
@@ -40,9 +41,9 @@ class Embeddings:
 
 
 def gallery_uri(config: Config) -> str:
-    """``eval.gallery_cache``, else ``OUTPUT/gallery-BENCHMARK-SPLIT``."""
+    """``eval.gallery_cache``, else ``OUTPUT/gallery-BENCHMARK-SPLIT`` (the split as the files name it)."""
     ev = config.eval
-    return ev.gallery_cache or posixpath.join(ev.output, f"gallery-{ev.benchmark}-{ev.split}")
+    return ev.gallery_cache or posixpath.join(ev.output, f"gallery-{ev.benchmark}-{split_name(config)}")
 
 
 def embed_benchmark(benchmark: Benchmark, config: Config, cache: str) -> embed.Summary:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from isa.config import Config, flatten
 from isa.cost import GPU_BATCH
+from isa.data.benchmarks import file_split
 from isa.storage import filesystem, write_bytes
 from pipelines import tracking
 
@@ -22,6 +23,12 @@ REPORT_FILE = "report.html"
 SUBMISSIONS_DIR = "submissions"
 # the teacher-only baseline rows
 TEXT_ONLY, IMAGE_ONLY, IMAGE_TEXT = "text only (teacher)", "image only (teacher)", "image + text (teacher)"
+
+
+def split_name(config: Config) -> str:
+    """The split every output of an evaluation is named by (gallery cache, MLflow run and files, report): the
+    split as the benchmark's files name it, e.g. CIRR ``test1`` for ``--split test``."""
+    return file_split(config.eval.benchmark, config.eval.split)
 
 
 def slug(name: str) -> str:
@@ -64,9 +71,21 @@ def metrics_table(rows: Mapping[str, Mapping[str, float]], columns: Sequence[str
     return "\n".join(lines)
 
 
+def versus(latency_ms: float, base_ms: float) -> str:
+    """A path's median latency against the first path's (the teacher image tower): ``2.5× faster`` or ``3.1× slower``
+    (``same`` within 5 %); ``–`` when either was not measured."""
+    if latency_ms <= 0 or base_ms <= 0:
+        return "–"
+    ratio = base_ms / latency_ms
+    if abs(ratio - 1) < 0.05:
+        return "same"
+    return f"{ratio:.1f}× faster" if ratio > 1 else f"{1 / ratio:.1f}× slower"
+
+
 def cost_table(costs: Sequence[Mapping]) -> str:
     """Markdown: each query image path's parameters, GFLOPs, CPU batch-1 latency (median and fastest, all paths
-    timed interleaved) and its ratio to the first path's, and the GPU batch latency where one was measured.
+    timed interleaved) and how it compares with the first path's (:func:`versus`; the first row is that path),
+    and the GPU batch latency where one was measured.
 
     ``costs``: ``isa.cost.Cost`` fields as dicts (a metrics document's ``cost``).
     """
@@ -82,10 +101,11 @@ def cost_table(costs: Sequence[Mapping]) -> str:
         header += f" GPU batch {GPU_BATCH}, bf16 (ms) |"
         rule += "---:|"
     lines = [header, rule]
-    for c in costs:
+    for i, c in enumerate(costs):
+        compared = "–" if i == 0 else versus(c["latency_ms"], base)
         line = (
             f"| {c['name']} | {c['params'] / 1e6:.2f} | {c['gflops']:.3f} | {c['latency_ms']:.2f} | "
-            f"{_cell(c.get('latency_min_ms'))} | {base / c['latency_ms']:.1f}× |"
+            f"{_cell(c.get('latency_min_ms'))} | {compared} |"
         )
         lines.append(line + (f" {_cell(c.get('gpu_batch_ms'))} |" if gpu else ""))
     return "\n".join(lines)
@@ -134,7 +154,7 @@ def mlflow_run(config: Config) -> Iterator[Record | None]:
         return
     client = tracking.client(where.uri)
     tags = {tracking.TRAINING_RUN_TAG: where.run_id} if where.run_id else {}
-    name = f"eval-{config.eval.benchmark}-{config.eval.split}"
+    name = f"eval-{config.eval.benchmark}-{split_name(config)}"
     run_id = tracking.start_run(client, config.eval.experiment, name, tags)
     with tracking.ending(client, run_id):
         tracking.log_params(client, run_id, flatten(config))
@@ -154,5 +174,5 @@ def log_mlflow(config: Config, record: Record | None, document: Mapping, files: 
         for name, text in files.items():
             local = Path(folder) / name
             local.write_text(text)
-            artifact_path = f"eval-{config.eval.benchmark}-{config.eval.split}"
+            artifact_path = f"eval-{config.eval.benchmark}-{split_name(config)}"
             client.log_artifact(record.run_id, str(local), artifact_path=artifact_path)

@@ -30,6 +30,8 @@ body{{font-family:system-ui,sans-serif;margin:24px;color:#222}}
 figure{{margin:0;text-align:center;font-size:11px;width:{THUMB}px}}
 figure img{{width:{THUMB}px;height:{THUMB}px;object-fit:cover;border:3px solid transparent}}
 figure.hit img{{border-color:#1a9c3a}}
+figure.target img{{border-color:#1a9c3a;border-style:dashed}}
+.miss{{color:#b00020}}
 """
 
 
@@ -70,8 +72,9 @@ def attention_overlay(reference: Image.Image, attention: np.ndarray) -> Image.Im
     return Image.fromarray((base * (1 - alpha) + red * alpha).astype(np.uint8))
 
 
-def _figure(image: Image.Image, caption: str, hit: bool = False) -> str:
-    cls = ' class="hit"' if hit else ""
+def _figure(image: Image.Image, caption: str, kind: str = "") -> str:
+    """One thumbnail; ``kind``: "hit" (a ground truth among the results), "target" (the query's target), or ""."""
+    cls = f' class="{kind}"' if kind else ""
     return f'<figure{cls}><img src="{_data_uri(image)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
 
 
@@ -80,8 +83,13 @@ def _query_block(sample: Sample, thumbs: Mapping[str, Image.Image]) -> str:
     truths = set(query.ground_truths or ((query.target,) if query.target else ()))
     modifier = " / ".join(query.modifiers)
     parts = [f'<div class="query"><h3>query {html.escape(query.query_id)}: “{html.escape(modifier)}”</h3>']
+    target = ""
+    if query.target is not None and query.target in thumbs:  # test splits have none
+        target = _figure(thumbs[query.target], f"target: {query.target}", "target")
     parts.append(
-        '<div class="row"><div class="label">reference</div>' + _figure(thumbs[query.reference], query.reference)
+        f'<div class="row"><div class="label">{"reference, target" if target else "reference"}</div>'
+        + _figure(thumbs[query.reference], query.reference)
+        + target
     )
     for method, maps in sample.attention.items():
         overlays = "".join(
@@ -91,17 +99,28 @@ def _query_block(sample: Sample, thumbs: Mapping[str, Image.Image]) -> str:
         parts.append(f'<div class="label">{html.escape(method)}: where each word looks</div>{overlays}')
     parts.append("</div>")
     for method, names in sample.results.items():
-        figures = "".join(_figure(thumbs[n], n, n in truths) for n in names if n in thumbs)
-        parts.append(f'<div class="row"><div class="label">{html.escape(method)}</div>{figures}</div>')
+        figures = "".join(
+            _figure(thumbs[n], f"{n} (target)" if n == query.target else n, "hit" if n in truths else "")
+            for n in names
+            if n in thumbs
+        )
+        label = html.escape(method)
+        if truths and not truths & set(names):
+            label += '<br><span class="miss">target not in the top 5</span>'
+        parts.append(f'<div class="row"><div class="label">{label}</div>{figures}</div>')
     return "".join(parts) + "</div>"
 
 
 def render(title: str, table_markdown: str, samples: Sequence[Sample], images: Mapping[str, str]) -> str:
     """The report page. ``images`` maps image names to URIs (the benchmark's images)."""
-    needed = {s.query.reference for s in samples} | {n for s in samples for names in s.results.values() for n in names}
+    needed = {s.query.reference for s in samples} | {s.query.target for s in samples if s.query.target is not None}
+    needed |= {n for s in samples for names in s.results.values() for n in names}
     thumbs = {name: _load(images[name]) for name in sorted(needed) if name in images}
     body = "".join(_query_block(s, thumbs) for s in samples)
-    legend = "<p>Green frame: a ground truth. Red: where a sentence token attends on the reference image.</p>"
+    legend = (
+        "<p>Dashed green frame: the query's target, next to its reference. Green frame: a ground truth among a "
+        "method's top 5. Red: where a sentence token attends on the reference image.</p>"
+    )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"

@@ -6,8 +6,10 @@ References are computed here without the eval code: open_clip's own ``encode_ima
 
 from __future__ import annotations
 
+import html
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -194,9 +196,46 @@ def test_cost_table_report_and_files(cirr_val):
     table = (output / "table.md").read_text()
     assert all(name in table for name in document["rows"]) and "R@50" in table
     assert f"CPU batch 1, {config.eval.latency_threads} threads: median ms | fastest ms | vs teacher" in table
+    cost_rows = [line for line in table.splitlines() if line.startswith("| ") and "ms" not in line][-3:]
+    versus = [row.strip("| ").split(" | ")[5] for row in cost_rows]
+    assert versus[0] == "–"  # the teacher row: the path the others are compared with
+    assert all(re.fullmatch(r"\d+\.\d× (faster|slower)|same", v) for v in versus[1:]), versus
+    assert "0.0×" not in table
     report = (output / "report.html").read_text()
-    assert report.count("data:image/jpeg;base64,") > 8 * 6  # reference, attention maps and top-5 per method
+    assert report.count("data:image/jpeg;base64,") > 8 * 7  # reference, target, attention maps, top-5 per method
     assert "token 4" in report  # M = 4 attention maps of the checkpoint
+    _check_report_targets(report, document, config.eval.report_queries)
+
+
+def _check_report_targets(report: str, document: dict, count: int) -> None:
+    """Each shown query has its target beside its reference; where a method found it, it is marked there."""
+    blocks = report.split('<div class="query">')[1:]
+    assert len(blocks) == count
+    methods = set(document["rows"])
+    for block in blocks:
+        targets = re.findall(
+            r'<figure class="target"><img src="data:image/jpeg;base64,[^"]+"><figcaption>target: ([^<]+)<', block
+        )
+        assert len(targets) == 1, block[:300]
+        target = html.unescape(targets[0])
+        rows = dict(
+            re.findall(r'<div class="row"><div class="label">([^<]+)(?:<br>[^/]*</span>)?</div>(.*?)</div>', block)
+        )
+        assert set(rows) >= methods
+        for method in methods:
+            shown = [html.unescape(c) for c in re.findall(r"<figcaption>([^<]+)</figcaption>", rows[method])]
+            assert len(shown) == 5
+            if f"{target} (target)" in shown:  # found: marked as the target, with the hit frame
+                assert '<figure class="hit"><img src="data:image/jpeg;base64,' in rows[method]
+            else:
+                assert target not in shown and "target not in the top 5" in block
+
+
+def test_cost_comparison_says_faster_or_slower_instead_of_rounding_to_zero():
+    from pipelines.eval.outputs import versus
+
+    assert versus(10.0, 0.04) == "250.0× slower"  # a student slower than a tiny teacher tower: never "0.0×"
+    assert versus(31.0, 884.0) == "28.5× faster" and versus(1.0, 1.02) == "same" and versus(0.0, 1.0) == "–"
 
 
 def test_gallery_cache_is_reused_and_another_teacher_is_refused(cirr_val, tmp_path):
@@ -213,12 +252,26 @@ def test_gallery_cache_is_reused_and_another_teacher_is_refused(cirr_val, tmp_pa
         eval_stage.run(_with(other, f"eval.output={tmp_path / 'other'}"))
 
 
-def test_cirr_test_split_writes_the_server_files(ray_session, world, checkpoint, tmp_path):
+def test_cirr_test_split_writes_the_server_files(ray_session, world, checkpoint, mlflow_server, tmp_path):
+    """``--split test`` reads CIRR's test1 files; every output is named test1 (the split as the files name it)."""
+    import mlflow
+
     config = _config(world, tmp_path, "eval.benchmark=cirr", f"eval.dataset_root={world / 'cirr'}")
-    config = _with(config, "eval.split=test1", f"eval.checkpoints={checkpoint}", "eval.latency_runs=0")
-    document = eval_stage.run(config)
+    config = _with(config, "eval.split=test", f"eval.checkpoints={checkpoint}", "eval.latency_runs=0")
+    document = eval_stage.run(_with(config, f"eval.tracking_uri={mlflow_server}"))
     entries, split = _cirr_files(world, "test1")
     assert document["rows"] == {} and len(document["submissions"]) == 4
+    assert document["split"] == "test1" and document["gallery_cache"] == str(tmp_path / "gallery-cirr-test1")
+    names = [p.name for p in tmp_path.iterdir()]
+    assert "gallery-cirr-test1" in names and "images-cirr-test1.txt" in names
+    assert not [n for n in names if re.search(r"test(?!1)", n)], names
+    assert "isa eval · cirr test1" in (tmp_path / "report.html").read_text()
+    assert (tmp_path / "table.md").read_text().startswith("## cirr test1 ")
+    run = mlflow.MlflowClient(tracking_uri=mlflow_server).get_run(document["mlflow_run_id"])
+    assert run.info.run_name == "eval-cirr-test1"
+    assert [a.path for a in mlflow.MlflowClient(tracking_uri=mlflow_server).list_artifacts(run.info.run_id)] == [
+        "eval-cirr-test1"
+    ]
     for files in document["submissions"].values():
         recall = json.loads(Path(files[0]).read_text())
         subset = json.loads(Path(files[1]).read_text())
