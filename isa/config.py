@@ -219,7 +219,7 @@ class TrainConfig:
     val_images: int = 1000  # held-out images used for the validation metrics (kept in memory on rank 0)
     crop_scale_min: float = 0.6  # random resized crop scale range (min, 1)
     hflip: bool = True  # random horizontal flip
-    tracking_uri: str | None = None  # MLflow; None = MLFLOW_TRACKING_URI or SQLite in the output folder
+    tracking_uri: str | None = None  # MLflow; None = MLFLOW_TRACKING_URI, else mlflow.db in the output's parent folder
     experiment: str = "isa"  # MLflow experiment name
     register_model: str | None = None  # register the final checkpoint under this MLflow model name
     model_alias: str = "candidate"  # alias given to the registered version ("latest" is MLflow's own)
@@ -250,7 +250,7 @@ class EvalConfig:
     latency_threads: int = 2  # CPU threads while the cost table is timed (fixed, so tables compare)
     distractors: str | None = None  # cache of distractor images for gallery scaling
     distractor_counts: tuple[int, ...] = ()  # e.g. 1000,10000
-    tracking_uri: str | None = None  # MLflow; None = MLFLOW_TRACKING_URI if set, else no logging
+    tracking_uri: str | None = None  # MLflow; None = MLFLOW_TRACKING_URI, else the checkpoint's training store or OUT
     run_id: str | None = None  # log into this MLflow run (e.g. the training run); None = a new run
     experiment: str = "isa-eval"  # MLflow experiment of new runs
 
