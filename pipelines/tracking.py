@@ -39,7 +39,8 @@ TRAINING_RUN_TAG = "isa.training_run_id"  # on an eval run: the training run of 
 
 
 def tracking_uri(explicit: str | None, folder: str | None) -> str | None:
-    """Where a stage's records go: ``explicit``, else ``MLFLOW_TRACKING_URI``, else ``mlflow.db`` in ``folder``.
+    """Where a stage's records go: ``explicit``, else ``MLFLOW_TRACKING_URI``, else ``mlflow.db`` in ``folder``; a
+    SQLite path is made absolute from this process's working folder (Ray's workers run in another).
 
     Args:
         explicit: the stage's own setting (``train.tracking_uri``, ``eval.tracking_uri``).
@@ -50,9 +51,9 @@ def tracking_uri(explicit: str | None, folder: str | None) -> str | None:
         IsaError: ``folder`` is remote (an object store cannot hold a SQLite file) and nothing else is set.
     """
     if explicit:
-        return explicit
+        return absolute(explicit)
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+        return absolute(os.environ["MLFLOW_TRACKING_URI"])
     if folder is None:
         return None
     if "://" in folder:
@@ -73,6 +74,15 @@ def sqlite_file(uri: str | None) -> Path | None:
         return None
     path = uri[len("sqlite:///") :].split("?")[0]
     return None if not path or path == ":memory:" else Path(path).resolve()
+
+
+def absolute(uri: str) -> str:
+    """``uri`` with a relative SQLite path made absolute (any other store as it is)."""
+    database = sqlite_file(uri)
+    if database is None or uri.startswith("sqlite:////"):
+        return uri
+    query = uri.partition("?")[2]
+    return f"sqlite:///{database}" + (f"?{query}" if query else "")
 
 
 def artifact_location(uri: str | None, experiment: str) -> str | None:

@@ -24,7 +24,9 @@ def test_tracking_uri_rule(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
     assert tracking.tracking_uri(None, "s3://bucket/run") == "http://env:5000"
     assert tracking.tracking_uri("", None) == "http://env:5000"
-    assert tracking.tracking_uri("sqlite:///x.db", None) == "sqlite:///x.db"
+    monkeypatch.chdir(tmp_path)  # a relative SQLite path, absolute for the Ray workers, which run elsewhere
+    assert tracking.tracking_uri("sqlite:///x.db", None) == f"sqlite:///{tmp_path.resolve()}/x.db"
+    assert tracking.tracking_uri("sqlite:////abs/x.db", None) == "sqlite:////abs/x.db"
 
 
 def _checkpoint(folder: Path, run_id: str | None = None, tracking_uri: str | None = None) -> Path:
