@@ -43,7 +43,29 @@ def _check_outputs(output: Path) -> None:
     assert all(name in table for name in ROWS)
     assert (output / "eval" / "cirr" / "report.html").is_file() and (output / "mlflow.db").is_file()
     assert all(Path(p, "student.safetensors").is_file() for p in document["checkpoints"].values())
+    _check_mlflow(output)
     _check_deployment(output, document)
+
+
+def _check_mlflow(output: Path) -> None:
+    """One store for every stage, OUTPUT/mlflow.db: every run FINISHED, every artifact under OUTPUT (the job runs
+    in Ray's session folder, which must hold none), each eval run tagged with the ISA student's training run."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{output.resolve() / 'mlflow.db'}")
+    experiments = {e.experiment_id: e for e in client.search_experiments()}
+    runs = client.search_runs(list(experiments), max_results=100)
+    by_experiment = {experiments[r.info.experiment_id].name: [] for r in runs}
+    for run in runs:
+        by_experiment[experiments[run.info.experiment_id].name].append(run)
+    assert {k: len(v) for k, v in by_experiment.items()} == {"isa": 2, "isa-eval": 2}  # two students, two evals
+    assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    assert all(r.info.artifact_uri.startswith((output.resolve() / "mlartifacts").as_uri()) for r in runs)
+    (isa_run,) = [r for r in by_experiment["isa"] if r.info.run_name == "isa"]
+    assert {r.data.tags["isa.training_run_id"] for r in by_experiment["isa-eval"]} == {isa_run.info.run_id}
+    assert {a.path for a in client.list_artifacts(isa_run.info.run_id, "model")} == {
+        "model/config.json", "model/state.json", "model/student.safetensors"
+    }  # fmt: skip
 
 
 def _check_deployment(output: Path, document: dict) -> None:
