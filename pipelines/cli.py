@@ -3,7 +3,8 @@
 Each stage lives in its own module with a ``parser()`` and a ``main(argv)``; this file only dispatches, so
 ``isa --help`` stays fast and imports nothing heavy. It sits above the packages (``isa`` <- ``pipelines`` <-
 ``tune``): it names the stage modules as strings and imports only the one asked for. It is the one place
-that turns an :class:`~isa.errors.IsaError` into ``isa STAGE: error: MESSAGE`` and exit status 2.
+that turns an :class:`~isa.errors.IsaError` (also one Ray raised again from a task) or an error of the
+environment (:func:`refusal`) into ``isa STAGE: error: MESSAGE`` and exit status 2.
 """
 
 from __future__ import annotations
@@ -56,9 +57,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USAGE_ERROR
     try:
         return int(stage_module(stage).main(rest) or 0)
-    except IsaError as error:
-        print(f"isa {stage}: error: {error}", file=sys.stderr, flush=True)
+    except Exception as error:
+        message = refusal(error)
+        if message is None:
+            raise  # a bug: its traceback
+        print(f"isa {stage}: error: {message}", file=sys.stderr, flush=True)
         return USAGE_ERROR
+
+
+def refusal(error: BaseException) -> str | None:
+    """The one line an error gives the user, or None for a bug (which keeps its traceback).
+
+    An :class:`~isa.errors.IsaError` gives its message, also when it was raised in a Ray task or actor and Ray
+    raised it again here. A problem of the environment the stage met on the way (a file, a network or a
+    permission: ``OSError``; missing or partial cloud credentials) gives its type and message.
+    """
+    error = _raised(error)
+    if isinstance(error, IsaError):
+        return str(error)
+    if isinstance(error, _environment_errors()):
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _raised(error: BaseException) -> BaseException:
+    """The error a Ray task or actor raised, for one Ray raised again in the driver (it keeps the original as
+    ``cause``, or chains it); any other error as it is."""
+    for _ in range(8):  # Ray Data wraps a task's error in a RayTaskError around its own UserCodeException
+        if not type(error).__module__.startswith("ray."):
+            return error
+        inner = getattr(error, "cause", None)
+        inner = inner if isinstance(inner, BaseException) else error.__cause__
+        if inner is None:
+            return error
+        error = inner
+    return error
+
+
+def _environment_errors() -> tuple[type[BaseException], ...]:
+    """OSError, and botocore's credential errors when botocore was loaded (an s3:// URI without credentials)."""
+    found: list[type[BaseException]] = [OSError]
+    botocore = sys.modules.get("botocore.exceptions")
+    if botocore is not None:
+        found += [botocore.NoCredentialsError, botocore.PartialCredentialsError]
+    return tuple(found)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ from tune.sweep import (
     Outcome,
     Plan,
     TrialRecord,
+    check_sweep_folder,
     check_training,
+    check_training_start,
     folder_of,
     load_plan,
     load_sweep_file,
@@ -77,12 +79,26 @@ def load(suite: str, config_path: str | None, overrides: Sequence[str]) -> tuple
 
 
 def check(suite: Suite, config: Config) -> Plan:
-    """Check every row against the config, the cache and the cluster before any row trains.
+    """Check every row against the config, the cache and the cluster before any row trains: :func:`check_start`,
+    then the checks that need the cluster (the teacher's fingerprint, one row's resources).
+
+    Raises:
+        as :func:`check_start`; TrainError: a mismatched cache, or a cluster too small for one row.
+    """
+    plan = check_start(suite, config)
+    check_training(plan.config)
+    return plan
+
+
+def check_start(suite: Suite, config: Config) -> Plan:
+    """The refusals that need no cluster, made before Ray starts: the rows, the benchmark, the metric, the suite
+    folder (new, empty or this suite's), the train stage's own (its settings and its cache).
 
     Raises:
         ConfigError: a row sets an unknown key or a value the config refuses (naming the key).
         BenchmarkFormatError: the configured CIR benchmark (``eval.dataset_root``) cannot be read.
-        TrainError: a missing or mismatched cache, or a cluster too small for one row.
+        TrainError: a missing cache, or one without what the rows need.
+        ArtifactError: a suite folder holding other things.
     """
     rows = {}
     for row in suite.rows:
@@ -102,9 +118,10 @@ def check(suite: Suite, config: Config) -> Plan:
         known = IMAGE_COLUMNS + COST_COLUMNS + ([f"{ev.benchmark}_METRIC"] if cir else [])
         raise SweepError(f"suite {suite.name}: metric {suite.metric!r} is not a column of its table; columns: {known}")
     folder = folder_of(config, f"ablation-{suite.name}")
+    check_sweep_folder(folder, "ablation suite")
     tracking_uri = tracking_uri_of(config, folder)
     config = trial_config(config, tracking_uri)
-    check_training(config)
+    check_training_start(config)
     return Plan("ablation", config, folder, tracking_uri, rows=json.loads(json.dumps(rows)), suite=suite.name)
 
 
@@ -307,6 +324,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_intermixed_args(argv)
     suite, config = load(args.suite, args.config, args.overrides)
+    check_start(suite, config)
     init_ray()
     result = run(suite, config)
     table = result.files.get(f"ablation_{suite.name}.md")

@@ -35,6 +35,7 @@ from isa.checkpoint_files import complete_checkpoints
 from isa.config import Config, ConfigError, flatten, from_dict, parse_overrides, to_dict
 from isa.storage import filesystem, write_bytes
 from pipelines import train
+from pipelines.artifact import check_folder
 from pipelines.stage import config_parser, init_ray
 from pipelines.tracking import tracking_uri, ui_command
 from pipelines.train import metrics as train_metrics
@@ -150,12 +151,25 @@ def trial_config(config: Config, tracking_uri: str) -> Config:
 
 
 def check(config: Config, space: Any) -> Plan:
-    """Check a sweep completely, before Ray Tune starts anything.
+    """Check a sweep completely, before Ray Tune starts anything: :func:`check_start`, then the checks that need
+    the cluster (the teacher's fingerprint, one trial's resources).
 
     Raises:
         ConfigError: an unknown swept key or a value the config refuses (naming the key).
         SweepError: an empty space, a metric the trainer never reports, a missing searcher, an existing folder.
         TrainError: a missing or mismatched cache, or a cluster too small for one trial.
+    """
+    plan = check_start(config, space)
+    check_training(plan.config)
+    return plan
+
+
+def check_start(config: Config, space: Any) -> Plan:
+    """The refusals that need no cluster, made before Ray starts: the space, the metric, the searcher, the sweep
+    folder, the train stage's own (its settings and its cache).
+
+    Raises:
+        ConfigError, SweepError, TrainError, ArtifactError: as :func:`check`, and a sweep folder of other things.
     """
     params = parse_space(space, config)
     check_metric(config, params)
@@ -164,14 +178,26 @@ def check(config: Config, space: Any) -> Plan:
     refuse_existing(folder)
     tracking_uri = tracking_uri_of(config, folder)
     config = trial_config(config, tracking_uri)
-    check_training(config)
+    check_training_start(config)
     return Plan("sweep", config, folder, tracking_uri, space=json.loads(json.dumps(space)))
 
 
+def check_sweep_folder(folder: str, kind: str) -> bool:
+    """The output folder rule (:func:`pipelines.artifact.check_folder`) for a sweep or suite folder: new, empty, or
+    one holding a sweep (its :data:`SWEEP_FILE`; everything in it is the sweep's). Returns whether it holds one."""
+    return check_folder(folder, kind, lambda name: True, marker=SWEEP_FILE)
+
+
 def refuse_existing(folder: str) -> None:
-    fs, path = filesystem(folder)
-    if fs.exists(posixpath.join(path, SWEEP_FILE)):
+    if check_sweep_folder(folder, "sweep"):
         raise SweepError(f"{folder} already holds a sweep: continue it with --resume {folder}, or set tune.name")
+
+
+def check_training_start(config: Config) -> None:
+    """The train stage's own checks that need no cluster (its settings, its cache), made once for the whole sweep
+    (each trial has its own run folder, checked when it starts)."""
+    train.check_before_ray(config, start=None)
+    train.check_cache(config)
 
 
 def check_training(config: Config) -> None:
@@ -470,6 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         outcome = resume(args.resume)
     else:
         config, space = load_sweep_file(args.config, args.overrides)
+        check_start(config, space)
         init_ray()
         outcome = run(config, space)
     print(summary(outcome))

@@ -27,11 +27,12 @@ from isa.cache import fingerprint_mismatch
 from isa.config import TeacherConfig
 from isa.errors import IsaError
 from isa.storage import filesystem
-from pipelines.artifact import ArtifactError, read_artifact, seal_artifact
+from pipelines.artifact import FILES_KEY, ArtifactError, check_output, read_artifact, seal_artifact
 from pipelines.stage import HelpFormatter, init_ray
 from pipelines.teacher import checkpoint_teacher
 
 MANIFEST_FILE = "_isa_search.json"
+KIND = "search result"  # what pipelines.artifact's messages call the output folder
 FORMATS = ("parquet", "jsonl")
 QUERY_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}
 HIT = pa.struct([("id", pa.string()), ("uri", pa.string()), ("score", pa.float32())])
@@ -132,15 +133,14 @@ def check(args: argparse.Namespace) -> Plan:
 
 
 def _check_output(output: str, overwrite: bool) -> None:
-    fs, root = filesystem(output)
-    if not fs.exists(root) or not fs.ls(root):
-        return
+    """The output folder rule (:func:`pipelines.artifact.check_output`): an earlier search's own files are those
+    its manifest records; ``overwrite`` replaces them."""
     try:
-        read_artifact(output, MANIFEST_FILE, "search result")
-    except ArtifactError:
-        raise SearchError(f"output {output} is not empty and holds no isa search results: use another folder") from None
-    if not overwrite:
-        raise SearchError(f"output {output} holds the results of an earlier isa search: --overwrite replaces them")
+        recorded = read_artifact(output, MANIFEST_FILE, KIND)[FILES_KEY]
+    except ArtifactError:  # no complete earlier search: every entry is another's
+        recorded = {}
+    own = {name.split("/")[0] for name in recorded}
+    check_output(output, MANIFEST_FILE, KIND, own.__contains__, overwrite)
 
 
 class Searcher:

@@ -136,7 +136,7 @@ def test_refusals_come_before_any_work(run_dir, index, tmp_path, capsys):
     cases = {
         "has no 'image' column (found picture)": [str(tmp_path / "q.jsonl"), str(tmp_path / "o1")],
         "expected .jsonl, .json": [str(tmp_path / "q.txt"), str(tmp_path / "o2")],
-        "not empty and holds no isa search results": [str(tmp_path / "good.jsonl"), str(tmp_path / "busy")],
+        "not empty and holds no search result": [str(tmp_path / "good.jsonl"), str(tmp_path / "busy")],
     }
     for message, args in cases.items():
         assert isa(["search", "--checkpoint", str(run_dir), "--index", index_uri, *args]) == 2
