@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import ray
@@ -141,24 +141,26 @@ def agreed_teacher(sources: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[st
     return sources[0]
 
 
-def choose_teacher(config: Config, given: bool, sources: Sequence[tuple[str, Mapping[str, Any]]]) -> Config:
-    """The config with the teacher of the saved ``sources`` where the user gave none (no ``teacher.name`` or
-    ``teacher.pretrained``), else as it is, once checked against them.
+def choose_teacher(config: Config, given: Collection[str], sources: Sequence[tuple[str, Mapping[str, Any]]]) -> Config:
+    """The config with the teacher of the saved ``sources`` in the teacher keys (``teacher.name``,
+    ``teacher.pretrained``) the user did not give, once checked against them.
 
     Args:
         config: the stage's resolved config.
-        given: whether the user chose the teacher (see :func:`isa.config.given_keys` and :data:`TEACHER_CHOICE`).
+        given: the dotted keys the user gave (:func:`isa.config.given_keys`); :data:`TEACHER_CHOICE`: all of them.
         sources: ``(what, fingerprint)`` of the saved work the stage reads, e.g. ``("checkpoint runs/a", {...})``.
 
     Raises:
-        TeacherMismatchError: the sources disagree, or the given teacher is another than theirs (both named).
+        TeacherMismatchError: the sources disagree, or the teacher given is another than theirs (both named).
     """
     agreed = agreed_teacher(sources)
     if agreed is None:
         return config
     what, fingerprint = agreed
-    if not given:
-        return dataclasses.replace(config, teacher=saved_teacher(fingerprint, config.teacher.cache_dir))
+    saved = saved_teacher(fingerprint)
+    taken = {key: getattr(saved, key) for key in ("name", "pretrained") if f"teacher.{key}" not in given}
+    if taken:
+        config = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, **taken))
     reason = named_mismatch(config.teacher, fingerprint)
     if reason:
         raise TeacherMismatchError(

@@ -14,6 +14,7 @@ import posixpath
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import ray
 import torch
@@ -21,9 +22,10 @@ import torch.nn.functional as F
 from fsspec.implementations.local import LocalFileSystem
 
 from isa.build import build_teacher
+from isa.cache import read_manifest
 from isa.checkpoint import STATE_FILE, CheckpointError, find_checkpoint
-from isa.checkpoint_files import latest_checkpoint
-from isa.config import Config, load_config
+from isa.checkpoint_files import latest_checkpoint, saved_checkpoint
+from isa.config import Config, given_keys, load_config
 from isa.data.benchmarks import Benchmark, read_benchmark
 from isa.storage import filesystem
 from isa.teacher import Teacher
@@ -37,6 +39,7 @@ from pipelines.eval.outputs import IMAGE_ONLY, IMAGE_TEXT, TEXT_ONLY
 from pipelines.eval.queries import Encoded, encode_student, encode_text_baseline, task_options, unique_references
 from pipelines.eval.scoring import Ranked, metrics, rank_gallery, rank_members, submissions
 from pipelines.stage import config_parser, init_ray
+from pipelines.teacher import TEACHER_CHOICE, check_fingerprint, choose_teacher
 
 
 def local_copy(uri: str, output: str) -> str:
@@ -92,7 +95,42 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         "teacher.pretrained": args.pretrained,
     }
     overrides = [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
-    return load_config(args.config, overrides)
+    config = load_config(args.config, overrides)
+    if TEACHER_CHOICE <= given_keys(args.config, overrides):
+        return config  # the teacher given, checked in check()
+    return choose_teacher(config, given_keys(args.config, overrides), teacher_sources(config))
+
+
+def teacher_sources(config: Config) -> list[tuple[str, dict[str, Any]]]:
+    """What the evaluation reads that a teacher made, each with that teacher's fingerprint, read without loading a
+    model: the checkpoints (the teacher they were trained against) and, where they exist, the gallery cache (for
+    ``images``, the cache of the held-out images) and the distractor cache.
+
+    Raises:
+        CheckpointError: a checkpoint that is missing or unreadable.
+    """
+    ev = config.eval
+    sources = []
+    for path in ev.checkpoints:
+        folder, saved = saved_checkpoint(path)
+        sources.append((f"checkpoint {folder}", saved["teacher"]))
+    gallery = (ev.dataset_root or config.train.cache) if ev.benchmark == "images" else gallery_uri(config)
+    for what, uri in (("gallery cache", gallery), ("distractor cache", ev.distractors)):
+        manifest = read_manifest(*filesystem(uri)) if uri else None
+        if manifest is not None:
+            sources.append((f"{what} {uri}", manifest.teacher))
+    return sources
+
+
+def check_teacher(config: Config) -> None:
+    """The checkpoints and caches the evaluation reads come from one teacher, the configured one by name (by
+    fingerprint once it is loaded, in :func:`run`).
+
+    Raises:
+        CheckpointError: a checkpoint that is missing or unreadable.
+        TeacherMismatchError: two of them, or one and the configured teacher, name different teachers (both named).
+    """
+    choose_teacher(config, TEACHER_CHOICE, teacher_sources(config))
 
 
 def encode_methods(benchmark: Benchmark, config: Config, checkpoints: list[str], reference_emb) -> list[Encoded]:
@@ -154,13 +192,17 @@ def rank_method(benchmark: Benchmark, emb, method: Encoded, extra: torch.Tensor 
 
 
 def check(config: Config) -> None:
-    """The refusals that need no model and no data read: a CIR benchmark needs its dataset root.
+    """The refusals that need no model and no data read: a CIR benchmark needs its dataset root; the checkpoints
+    and caches it reads come from one teacher, the configured one by name (:func:`check_teacher`).
 
     Raises:
         EvalError: naming the missing setting.
+        CheckpointError: a checkpoint that is missing or unreadable.
+        TeacherMismatchError: the checkpoints and caches, or they and the configured teacher, name other teachers.
     """
     if config.eval.benchmark != "images" and not config.eval.dataset_root:
         raise EvalError("set eval.dataset_root (--dataset-root) to the benchmark's folder")
+    check_teacher(config)
 
 
 def run(config: Config) -> dict:
@@ -168,6 +210,7 @@ def run(config: Config) -> dict:
     store it was recorded into (``mlflow_run_id``, ``mlflow_tracking_uri``; None when not tracked)."""
     check(config)
     teacher = build_teacher(config.teacher)
+    check_fingerprint(teacher.fingerprint(), teacher_sources(config))  # same names, other weights: before embedding
     checkpoints = [str(find_checkpoint(local_copy(path, config.eval.output))) for path in config.eval.checkpoints]
     with out.mlflow_run(config) as record:  # from here on a failure ends the run FAILED (Ctrl-C: KILLED)
         if config.eval.benchmark == "images":

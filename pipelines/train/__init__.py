@@ -19,7 +19,7 @@ import math
 import posixpath
 import signal
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,17 +108,17 @@ def config_of(args: argparse.Namespace) -> Config:
     """
     if args.resume is None:
         config = load_config(args.config, args.overrides)
-        if TEACHER_CHOICE & given_keys(args.config, args.overrides):
-            return config
-        return with_cache_teacher(config, given=False)
+        given = given_keys(args.config, args.overrides)
+        return config if TEACHER_CHOICE <= given else with_cache_teacher(config, given)  # given: checked in check()
     if args.config:
         raise RunFolderError("--resume continues a run with its own config: give overrides only, without --config")
     return resumed_config(args.resume, parse_overrides(args.overrides))
 
 
-def with_cache_teacher(config: Config, given: bool) -> Config:
-    """The config with its cache's teacher (``train.cache``'s manifest) where the user gave none; a given teacher
-    is checked against it by name (by fingerprint in :func:`check`).
+def with_cache_teacher(config: Config, given: Collection[str] = TEACHER_CHOICE) -> Config:
+    """The config with its cache's teacher (``train.cache``'s manifest) in the teacher keys the user did not give
+    (``given``: the dotted keys given); a teacher given is checked against it by name (by fingerprint in
+    :func:`check`).
 
     Raises:
         TeacherMismatchError: the given teacher is another than the cache's, both named.
@@ -179,7 +179,7 @@ def check_before_ray(config: Config, start: Start | None = "new") -> RunFolder |
     if config.train.register_model and config.train.model_alias.lower() == "latest":
         raise TrainError("train.model_alias must not be 'latest': MLflow reserves that alias; choose another")
     folder = check_run_folder(config, start) if start is not None else None
-    with_cache_teacher(config, given=True)
+    with_cache_teacher(config)
     return folder
 
 

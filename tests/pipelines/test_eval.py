@@ -23,7 +23,6 @@ from PIL import Image
 from torchvision.transforms import CenterCrop, Compose, Resize
 
 from isa.build import build_student, build_task, build_teacher
-from isa.cache import CacheError
 from isa.config import Config, from_dict, load_config, parse_overrides
 from isa.data.synthetic import generate_world, write_world
 from isa.prompt import PromptComposer
@@ -32,6 +31,7 @@ from pipelines import embed
 from pipelines import eval as eval_stage
 from pipelines.cli import main as isa
 from pipelines.eval.gallery import EvalError
+from pipelines.teacher import TeacherMismatchError
 
 
 @pytest.fixture(scope="module")
@@ -248,8 +248,9 @@ def test_gallery_cache_is_reused_and_another_teacher_is_refused(cirr_val, tmp_pa
     assert again["rows"] == first["rows"]
     assert sorted(p.name for p in cache.glob("part-*.parquet")) == parts  # nothing embedded twice
     other = _with(config, "teacher.name=isa-tiny-ViT-custom-text", "eval.checkpoints=", f"eval.gallery_cache={cache}")
-    with pytest.raises(CacheError, match="isa-tiny-ViT"):
+    with pytest.raises(TeacherMismatchError, match=f"isa-tiny-ViT-custom-text .* gallery cache {cache}, isa-tiny-ViT "):
         eval_stage.run(_with(other, f"eval.output={tmp_path / 'other'}"))
+    assert not (tmp_path / "other").exists()
 
 
 def test_cirr_test_split_writes_the_server_files(ray_session, world, checkpoint, mlflow_server, tmp_path):
@@ -369,11 +370,16 @@ def test_distractors_only_lower_recall(ray_session, world, checkpoint, tmp_path)
         eval_stage.run(too_many)
 
 
-def test_image_only_retrieval_on_a_cache(ray_session, world, checkpoint, tmp_path):
+def test_image_only_retrieval_on_a_cache_without_a_teacher_setting(ray_session, world, checkpoint, tmp_path):
+    """From the command line with no teacher named: the checkpoint's and the cache's (the default ViT-L-14 is never
+    looked for, so this runs offline)."""
     cache = tmp_path / "cache"
     config = _config(world, tmp_path, "eval.benchmark=images", f"eval.dataset_root={cache}", "train.val_fraction=0.5")
     embed.run(str(world / "images"), str(cache), config)
-    document = eval_stage.run(_with(config, f"eval.checkpoints={checkpoint}"))
+    output = tmp_path / "out"
+    flags = ["--benchmark", "images", "--dataset-root", str(cache), "--checkpoint", str(checkpoint)]
+    assert isa(["eval", *flags, "train.val_fraction=0.5", "eval.latency_runs=2", f"eval.output={output}"]) == 0
+    document = json.loads((output / "metrics.json").read_text())
     row = document["rows"]["mobilenetv3_large_100 + atl"]
     assert set(row) == {"R@1", "R@5", "R@10"} and 0 < document["queries"] <= 1000
     assert 0 <= row["R@1"] <= row["R@5"] <= row["R@10"] <= 100

@@ -27,7 +27,8 @@ from isa.data.synthetic import generate_world, write_world
 from isa.split import is_validation
 from isa.storage import filesystem
 from pipelines import embed
-from pipelines.train import RUN_CONFIG_FILE, TrainError, parse_args, run
+from pipelines.teacher import TeacherMismatchError
+from pipelines.train import RUN_CONFIG_FILE, TrainError, run
 from pipelines.train.data import datasets, pass_order, training_rows
 from pipelines.train.loop import InputWait
 
@@ -55,21 +56,22 @@ def train_cache(ray_session, world_images, tmp_path_factory) -> str:
     return str(out)
 
 
+def _settings(cache: str, output: Path, *overrides: str) -> list[str]:
+    return [
+        *TEACHER,
+        *STUDENT,
+        f"train.cache={cache}",
+        f"train.output={output}",
+        "train.global_batch_size=32",
+        "train.val_fraction=0.2",
+        "train.lr=1e-3",
+        f"train.tracking_uri=sqlite:///{output.parent / 'mlflow.db'}",
+        *overrides,
+    ]
+
+
 def _config(cache: str, output: Path, *overrides: str):
-    return load_config(
-        None,
-        [
-            *TEACHER,
-            *STUDENT,
-            f"train.cache={cache}",
-            f"train.output={output}",
-            "train.global_batch_size=32",
-            "train.val_fraction=0.2",
-            "train.lr=1e-3",
-            f"train.tracking_uri=sqlite:///{output.parent / 'mlflow.db'}",
-            *overrides,
-        ],
-    )
+    return load_config(None, _settings(cache, output, *overrides))
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
@@ -139,24 +141,39 @@ def test_one_stream_holds_every_pass_each_in_its_own_shard_order(train_cache, tm
     assert ((cells[..., 2] > cells[..., 0]) & (cells[..., 3] > cells[..., 1])).all()
 
 
-def test_resume_continues_with_the_same_step_count(train_cache, tmp_path):
-    run_dir = tmp_path / "run"
-    run(_config(train_cache, run_dir, "train.max_steps=8", "train.checkpoint_every=4"))
-    assert _steps(run_dir) == [4, 8]
-    saved = json.loads((run_dir / RUN_CONFIG_FILE).read_text())
-    assert saved["train"]["max_steps"] == 8
-    resumed = parse_args(["--resume", str(run_dir), "train.max_steps=12"])
-    assert resumed.train.output == str(run_dir) and resumed.train.max_steps == 12
-    result = run(resumed)
-    assert result.metrics["step"] == 12 and _steps(run_dir)[-1] == 12
-    last = load_checkpoint(_checkpoints(run_dir)[-1])
-    assert last.state["step"] == 12
+def test_a_rerun_is_refused_and_a_resume_goes_on_to_more_steps_in_the_same_mlflow_run(train_cache, tmp_path, capsys):
+    """A finished run: the same command again, a resume with nothing to do and one changing the batch are refused
+    (the folder and the finished MLflow run as they were); a resume with more steps goes on where the run stopped."""
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=resumed.train.tracking_uri)
-    (found,) = client.search_runs([client.get_experiment_by_name("isa").experiment_id])  # the same MLflow run
-    steps = {m.step for m in client.get_metric_history(found.info.run_id, "loss")}
-    assert {4, 8, 12} <= steps
+    from pipelines.cli import main as isa
+
+    run_dir = tmp_path / "run"
+    first = _config(train_cache, run_dir, "train.max_steps=8", "train.checkpoint_every=4")
+    run(first)
+    assert _steps(run_dir) == [4, 8]
+    client = mlflow.MlflowClient(tracking_uri=first.train.tracking_uri)
+    (finished,) = client.search_runs([client.get_experiment_by_name("isa").experiment_id])
+    assert finished.info.status == "FINISHED"
+    before = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    assert isa(["train", *_settings(train_cache, run_dir, "train.max_steps=4")]) == 2
+    assert f"{run_dir} already holds a training run (last checkpoint at step 8 of 8)" in capsys.readouterr().err
+    assert isa(["train", "--resume", str(run_dir)]) == 2
+    assert "has nothing left to do: its last checkpoint is at step 8" in capsys.readouterr().err
+    assert isa(["train", "--resume", str(run_dir), "train.max_steps=12", "train.global_batch_size=16"]) == 2
+    assert "train.global_batch_size: 32 in the run, 16 now" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()} == before
+    assert client.get_run(finished.info.run_id).info == finished.info  # still FINISHED, never reopened
+
+    assert isa(["train", "--resume", str(run_dir), "train.max_steps=12"]) == 0
+    assert "finished at step 12" in capsys.readouterr().out
+    assert _steps(run_dir) == [4, 8, 12]
+    last = load_checkpoint(_checkpoints(run_dir)[-1])
+    assert last.state["step"] == 12 and last.state["total_steps"] == 12
+    assert json.loads((run_dir / RUN_CONFIG_FILE).read_text())["train"]["max_steps"] == 12  # agrees with it
+    (resumed,) = client.search_runs([client.get_experiment_by_name("isa").experiment_id])  # the same MLflow run
+    assert resumed.info.run_id == finished.info.run_id and resumed.info.status == "FINISHED"
+    assert {4, 8, 12} <= {m.step for m in client.get_metric_history(resumed.info.run_id, "loss")}
 
 
 def _train_worker_pids() -> list[int]:
@@ -327,7 +344,7 @@ def test_clear_errors_before_training(ray_session, train_cache, tmp_path, world_
     embed.run(str(few), str(no_local), load_config(None, [*TEACHER, "cache.local_grid=0"]))
     with pytest.raises(TrainError, match="no teacher_local"):
         run(_config(str(no_local), tmp_path / "run"))
-    with pytest.raises(TrainError, match="isa-tiny-ViT-custom-text"):
+    with pytest.raises(TeacherMismatchError, match="isa-tiny-ViT-custom-text .* isa-tiny-ViT "):
         run(_config(train_cache, tmp_path / "run", "teacher.name=isa-tiny-ViT-custom-text"))
     with pytest.raises(TrainError, match="needs 65 CPUs"):
         run(_config(train_cache, tmp_path / "run", "train.num_workers=64"))
