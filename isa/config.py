@@ -34,7 +34,7 @@ def _require(condition: bool, key: str, rule: str) -> None:
         raise ConfigError(f"config key '{key}' {rule}")
 
 
-def _looks_like_tag(weights: str) -> bool:
+def looks_like_tag(weights: str) -> bool:
     """Whether a ``teacher.pretrained`` value is a pretrained tag rather than a weights file (a path or URI)."""
     return not ("/" in weights or "\\" in weights or "." in weights or Path(weights).exists())
 
@@ -67,7 +67,7 @@ class TeacherConfig:
                 "not supported: the image sentence goes into open_clip's own text transformer; choose another model"
             )
         weights = self.pretrained
-        if names.is_project_config(self.name) and weights.lower() not in NO_WEIGHTS and _looks_like_tag(weights):
+        if names.is_project_config(self.name) and weights.lower() not in NO_WEIGHTS and looks_like_tag(weights):
             raise ConfigError(
                 f"config key 'teacher.pretrained': {weights!r}: {self.name} is a project model config without "
                 "pretrained tags; use teacher.pretrained=none (random init) or a weights file"

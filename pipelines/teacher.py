@@ -16,7 +16,7 @@ from typing import Any
 import ray
 
 from isa.cache import fingerprint_mismatch
-from isa.config import NO_WEIGHTS, Config, TeacherConfig
+from isa.config import NO_WEIGHTS, Config, TeacherConfig, looks_like_tag
 from isa.errors import IsaError
 
 
@@ -107,18 +107,13 @@ def named_mismatch(config: TeacherConfig, fingerprint: Mapping[str, Any]) -> str
     if config.name != fingerprint.get("model"):
         return "another model"
     mine, theirs = _weights_name(config.pretrained), _weights_name(str(fingerprint.get("pretrained")))
-    if mine != theirs and not (_is_file(config.pretrained) or _is_file(str(fingerprint.get("pretrained")))):
+    if mine != theirs and looks_like_tag(config.pretrained) and looks_like_tag(str(fingerprint.get("pretrained"))):
         return "other pretrained weights"
     return None
 
 
 def _weights_name(pretrained: str) -> str:
     return "none" if pretrained.lower() in NO_WEIGHTS else pretrained
-
-
-def _is_file(pretrained: str) -> bool:
-    """Whether ``teacher.pretrained`` names a weights file rather than an open_clip tag."""
-    return "://" in pretrained or "/" in pretrained or os.sep in pretrained or os.path.isfile(pretrained)
 
 
 def agreed_teacher(sources: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[str, Mapping[str, Any]] | None:
