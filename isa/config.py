@@ -212,6 +212,7 @@ class TrainConfig:
     worker_cpus: float = 1.0  # logical CPUs reserved per worker (the data tasks need at least one more)
     torch_threads: int = 0  # CPU training: torch threads per worker; 0 = Ray's default (the worker's CPUs)
     checkpoint_every: int = 500  # steps
+    log_every: int = 10  # steps between metric records (MLflow) and printed step lines
     num_to_keep: int = 3  # checkpoints kept
     max_failures: int = 3  # worker-failure restarts
     seed: int = 0
@@ -225,7 +226,7 @@ class TrainConfig:
     model_alias: str = "candidate"  # alias given to the registered version ("latest" is MLflow's own)
 
     def __post_init__(self) -> None:
-        for key in ("global_batch_size", "num_workers", "checkpoint_every", "num_to_keep"):
+        for key in ("global_batch_size", "num_workers", "checkpoint_every", "log_every", "num_to_keep"):
             _require(getattr(self, key) >= 1, f"train.{key}", "must be >= 1")
         _require(0 <= self.val_fraction < 1, "train.val_fraction", "must be in [0, 1)")
         _require(0 <= self.warmup_fraction < 1, "train.warmup_fraction", "must be in [0, 1)")

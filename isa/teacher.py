@@ -12,9 +12,11 @@ Gradients still flow *through* the text tower to its inputs (the student's sente
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -370,6 +372,28 @@ def _check_weights(name: str, weights: str | None) -> None:
     )
 
 
+RANDOM_INIT_NOTICE = "No pretrained weights loaded for model"  # open_clip's warning for a model built without weights
+
+
+class _NoRandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(RANDOM_INIT_NOTICE)
+
+
+@contextlib.contextmanager
+def random_init() -> Iterator[None]:
+    """Build open_clip models without their warning that no weights were loaded: random init was asked for.
+
+    open_clip logs it through the root logger; only that message is left out, only while the block runs.
+    """
+    quiet = _NoRandomInitNotice()
+    logging.getLogger().addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
 def load_teacher(
     name: str,
     pretrained: str = "none",
@@ -397,7 +421,7 @@ def load_teacher(
     _check_text_config(name)
     weights = None if pretrained.lower() in NO_WEIGHTS else pretrained
     _check_weights(name, weights)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), random_init() if weights is None else contextlib.nullcontext():
         torch.manual_seed(seed)
         model, _, preprocess = open_clip.create_model_and_transforms(
             name,

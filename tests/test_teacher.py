@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import open_clip
 import pytest
@@ -7,7 +9,7 @@ import torch
 from PIL import Image
 
 from isa.cache import fingerprint_mismatch
-from isa.teacher import TeacherNotSupportedError, load_teacher
+from isa.teacher import RANDOM_INIT_NOTICE, TeacherNotSupportedError, load_teacher
 
 
 def test_frozen_and_in_eval_mode(teacher):
@@ -84,3 +86,12 @@ def test_sizes_and_embed_scale(teacher):
     table = teacher.token_embeddings
     assert teacher.word_dim == table.shape[1] and teacher.context_length == 77
     assert teacher.embed_scale == pytest.approx(float(table.norm(dim=-1).mean()), rel=1e-6)
+
+
+def test_random_init_asked_for_is_built_without_open_clips_warning(caplog):
+    caplog.set_level(logging.WARNING)
+    load_teacher("isa-tiny-ViT", "none")
+    assert not [r for r in caplog.records if RANDOM_INIT_NOTICE in r.getMessage()]
+    assert not logging.getLogger().filters  # only while the model was built
+    open_clip.create_model_and_transforms("isa-tiny-ViT", pretrained=None)  # outside load_teacher: open_clip warns
+    assert [r for r in caplog.records if RANDOM_INIT_NOTICE in r.getMessage()]

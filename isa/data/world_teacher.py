@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from isa.data.synthetic import _WHERE, ATTRIBUTES, WORLD_TEACHER
-from isa.teacher import register_project_configs
+from isa.teacher import random_init, register_project_configs
 
 _PHRASES = {  # attribute -> how a description says it
     "size": "{v}",
@@ -73,7 +73,8 @@ def train_world_teacher(
     register_project_configs()
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    model, preprocess, _ = open_clip.create_model_and_transforms(WORLD_TEACHER, pretrained=None)
+    with random_init():
+        model, preprocess, _ = open_clip.create_model_and_transforms(WORLD_TEACHER, pretrained=None)
     tokenizer = open_clip.get_tokenizer(WORLD_TEACHER)
     pixels = _pixels(image_paths, preprocess)
     loss_fn = open_clip.ClipLoss()
@@ -114,7 +115,8 @@ def save_world_teacher(model: torch.nn.Module, path: str | Path) -> Path:
 def text_to_image_accuracy(model: torch.nn.Module, image_paths: Sequence[Path], captions: Sequence[str]) -> float:
     """Top-1 accuracy of finding each image from its full caption among the given images (a sanity figure)."""
     register_project_configs()
-    _, _, preprocess = open_clip.create_model_and_transforms(WORLD_TEACHER, pretrained=None)
+    with random_init():
+        _, _, preprocess = open_clip.create_model_and_transforms(WORLD_TEACHER, pretrained=None)
     tokenizer = open_clip.get_tokenizer(WORLD_TEACHER)
     with torch.no_grad():
         image = torch.nn.functional.normalize(model.encode_image(_pixels(image_paths, preprocess)), dim=-1)

@@ -41,7 +41,10 @@ class TeacherEmbedder:
 
         from isa.teacher import normalize_crops
 
-        crops = torch.from_numpy(batch.pop("crop")).to(self.device)
+        crops = batch.pop("crop")  # (B, S, S, 3) uint8
+        if not crops.flags.writeable:  # a batch of one block is a read-only view of it: torch needs its own copy
+            crops = crops.copy()
+        crops = torch.from_numpy(crops).to(self.device)
         pixels = normalize_crops(crops, self.preprocess).to(self.dtype)  # (B, 3, S, S)
         autocast = torch.autocast(
             "cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.dtype == torch.float32

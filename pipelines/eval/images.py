@@ -64,7 +64,8 @@ def image_only_document(config: Config, teacher: Teacher, checkpoints: list[str]
     ]
     rows = {}
     for encoded in ray.get(pending):
-        rows[encoded.name] = image_retrieval_recall(torch.from_numpy(encoded.queries), gallery, ks=(1, 5, 10))
+        queries = torch.tensor(encoded.queries)  # a copy: arrays from the object store are read-only
+        rows[encoded.name] = image_retrieval_recall(queries, gallery, ks=(1, 5, 10))
     return {
         "benchmark": "images",
         "split": "held-out",

@@ -35,7 +35,7 @@ from isa.storage import filesystem, full_uri
 from pipelines import ray_compat, tracking
 from pipelines.stage import config_parser, init_ray
 from pipelines.teacher import TEACHER_CHOICE, choose_teacher, teacher_fingerprint
-from pipelines.train.data import datasets, training_rows
+from pipelines.train.data import datasets, ingest_options, training_rows
 from pipelines.train.runs import (
     RUN_CONFIG_FILE,
     RunFolder,
@@ -268,9 +268,12 @@ def run(
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.num_to_keep),
             callbacks=list(callbacks),
+            # Ray Train's own INFO lines (worker group, each report's metrics) stay in the session's logs/train;
+            # the workers print a step line per record
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets=data,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest_options()),
     )
     try:
         return fit(trainer)

@@ -21,6 +21,7 @@ from isa.cache import Manifest
 from isa.config import Config
 from isa.split import is_validation
 from isa.storage import filesystem, read_column_values
+from pipelines.console import without_progress_bars
 
 VIEW_ROWS = 256  # rows per call of the decode-and-view tasks: bounded memory per task, whatever the shard size
 
@@ -105,4 +106,17 @@ def datasets(
     val = ray.data.read_parquet(parts).select_columns(columns)
     val = val.map_batches(split_and_view, fn_kwargs={"validation": True, **split}, **views)
     val = val.limit(config.train.val_images)
-    return {"train": train, "val": val}
+    # read in Ray Train's processes, whose progress bars the driver would draw again after they finish; the
+    # step lines show a run's progress
+    return without_progress_bars({"train": train, "val": val})
+
+
+def ingest_options() -> ray.data.ExecutionOptions:
+    """Ray Train's default ingest options (``DataConfig.default_ingest_options``) without the deprecated
+    ``exclude_resources``, which that default passes on (and Ray warns about in its dataset manager)."""
+    options = ray.data.DataContext.get_current().execution_options
+    return ray.data.ExecutionOptions(
+        resource_limits=options.resource_limits,
+        preserve_order=options.preserve_order,
+        verbose_progress=options.verbose_progress,
+    )

@@ -1,8 +1,9 @@
 """The per-worker loop of ``isa train``, run inside each Ray Train worker: step, record, checkpoint, validate.
 
 Each worker holds the frozen teacher (never in DDP) and the student (DDP when there are several workers); GCD
-gathers the global batch. Rank 0 validates, writes checkpoints and records to MLflow; every rank calls
-``ray.train.report`` at the same steps (it is a barrier).
+gathers the global batch. Rank 0 validates, writes checkpoints, records to MLflow and prints each record as one
+line (every ``train.log_every`` steps and at each checkpoint); every rank calls ``ray.train.report`` at the
+checkpoints (it is a barrier).
 
 Resume: a checkpoint restores the weights, optimizer, LR schedule, step count and RNG state. The data stream
 (all the run's passes over the training split, :func:`pipelines.train.data.datasets`) starts again from its
@@ -37,12 +38,12 @@ from isa.retrieval import image_retrieval_recall
 from isa.schedule import warmup_cosine
 from isa.shuffle import mixed_batches
 from isa.task import DistillTask, parameter_groups
+from pipelines.console import quiet_worker
 from pipelines.tracking import RankZeroTracker
 from pipelines.train import metrics as names
 
 PROCESS_GROUP_TIMEOUT_S = 1800  # a collective waits this long for the slowest rank (TorchTrainer's default)
 SHUFFLE_BATCHES = 4  # the batches each batch's rows are drawn from
-LOG_EVERY = 10  # steps between metric records (the losses are averaged over them)
 Batch = TypeVar("Batch")
 
 
@@ -105,17 +106,22 @@ class Worker:
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. ``loop_config``: config, teacher fingerprint, total steps, tracking URI, run name,
     MLflow tags of a new run."""
+    quiet_worker()
     worker = start(from_dict(loop_config["config"]), loop_config)
     # the held-out views, read before the training stream starts: at the end of a run they would start a data
     # task beside a worker that holds its largest memory (the peak of the quickstart)
     held_out = read_held_out(worker)
-    every = worker.config.train.checkpoint_every
+    every, log_every = worker.config.train.checkpoint_every, worker.config.train.log_every
     for batch in batches(worker):
         step(worker, batch)
         if worker.step % every == 0 or worker.step == worker.total:
-            checkpoint(worker, {**record(worker), **validate(worker, held_out)})
-        elif worker.step % LOG_EVERY == 0:
-            worker.tracker.metrics(record(worker), worker.step)
+            metrics = {**record(worker), **validate(worker, held_out)}
+            checkpoint(worker, metrics)
+            say(worker, metrics, checkpoint=True)
+        elif worker.step % log_every == 0:
+            metrics = record(worker)
+            worker.tracker.metrics(metrics, worker.step)
+            say(worker, metrics, checkpoint=False)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -277,6 +283,13 @@ def record(worker: Worker) -> dict[str, float]:
     rate = worker.samples / max(time.perf_counter() - worker.clock, 1e-9)
     # on a GPU, an upper bound of the device's wait for input (it may still run the steps queued ahead)
     return names.record(losses, worker.scheduler.get_last_lr()[0], rate, worker.input_wait.share())
+
+
+def say(worker: Worker, metrics: dict[str, float], checkpoint: bool) -> None:
+    """Rank 0 prints the record as one line (Ray shows it on the driver's output, prefixed with the worker)."""
+    if worker.rank == 0:
+        steps_per_s = metrics[names.SAMPLES_PER_S] / (worker.local_batch * worker.world)
+        print(names.step_line(worker.step, worker.total, metrics, steps_per_s, checkpoint), flush=True)
 
 
 def read_held_out(worker: Worker) -> list[dict[str, torch.Tensor]] | None:

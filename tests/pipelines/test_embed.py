@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -396,3 +397,39 @@ def test_a_decode_task_holds_one_full_size_image_at_a_time():
     assert child.returncode == 0, child.stderr
     rise = int(child.stdout.split()[-1])
     assert rise < 250 * 2**20, f"decoding 16 photos of 12 MP raised the peak by {rise / 2**20:.0f} MiB"
+
+
+def test_a_run_logged_to_a_file_reads_plainly(ray_session, tmp_path):
+    """``isa embed > log 2>&1``: its summary, no progress bars or terminal escape sequences, no warning a user cannot
+    act on (the run leaves fewer shards than writers, which Ray warns about), a log short enough to read."""
+    _write_scenes(tmp_path / "images", 10)
+    env = {k: v for k, v in os.environ.items() if k != "ISA_PROGRESS"}
+    env["RAY_ADDRESS"] = ray_session
+    log = tmp_path / "embed.log"
+    with log.open("w") as out:
+        command = [sys.executable, "-m", "pipelines.cli", "embed", str(tmp_path / "images"), str(tmp_path / "cache")]
+        command += [*TEACHER, *SMALL]
+        done = subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=300)
+    text = log.read_text()
+    assert done.returncode == 0, text[-3000:]
+    assert "isa embed: read 10 · cached 10 · skipped 0 · rejected 0 · duplicates 0 · " in text
+    assert _cache(tmp_path / "cache").num_rows == 10
+    assert "\x1b" not in text and "\r" not in text  # no colors, no bars redrawn in place
+    unactionable = ("Warning:", "ray_remote_args_fn", "concurrent tasks", "No pretrained weights")
+    assert not [line for line in text.splitlines() if any(word in line for word in unactionable)], text
+    assert len(text.splitlines()) <= 10, text  # about 4
+
+
+def test_the_tower_takes_read_only_crops_without_a_warning(clip_teacher):
+    """A batch of one block reaches the actor as a read-only view of the object store's copy."""
+    from pipelines.embed.tower import TeacherEmbedder
+
+    fingerprint = clip_teacher.fingerprint()
+    embedder = TeacherEmbedder({"teacher": fingerprint, "local_grid": 2, "tower_dtype": "float32"}, None, "cpu", 1)
+    side = max(fingerprint["preprocess"]["size"])
+    crops = np.full((3, side, side, 3), 127, dtype=np.uint8)
+    crops.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns on a tensor made from a read-only array
+        out = embedder({"crop": crops})
+    assert out["teacher_emb"].shape == (3, fingerprint["embed_dim"]) and out["teacher_local"].shape[:2] == (3, 4)

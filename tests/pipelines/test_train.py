@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -249,10 +250,24 @@ def test_mlflow_server_records_params_metrics_and_artifacts(train_cache, tmp_pat
 
 def _isa(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     """``isa ARGS`` as a user runs it from ``cwd``, joining the tests' Ray instance."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "ISA_PROGRESS")}
     env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     isa = Path(sys.executable).with_name("isa")
     return subprocess.run([str(isa), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+# words of the warnings every run printed (their causes are fixed, or they are silenced in pipelines.console)
+UNACTIONABLE = ("Warning:", "not writable", "ray_remote_args_fn", "exclude_resources", "No pretrained weights")
+
+
+def _reads_plainly(done: subprocess.CompletedProcess, most_lines: int) -> list[str]:
+    """A stage's output to a pipe (no terminal): no progress bars or escape sequences, no warning a user cannot
+    act on, at most ``most_lines`` lines; returns the training step lines (without Ray's worker prefix)."""
+    text = done.stdout + done.stderr
+    assert "\x1b" not in text and "\r" not in text, text  # no colors, no bars redrawn in place
+    assert not [line for line in text.splitlines() if any(word in line for word in UNACTIONABLE)], text
+    assert len(text.splitlines()) <= most_lines, text
+    return re.findall(r"^\(RayTrainWorker pid=\d+\) (step .*)$", done.stdout, flags=re.MULTILINE)
 
 
 def test_train_and_eval_by_hand_record_into_one_store_beside_the_runs(train_cache, tmp_path):
@@ -262,10 +277,18 @@ def test_train_and_eval_by_hand_record_into_one_store_beside_the_runs(train_cach
 
     work = tmp_path / "work"
     work.mkdir()
-    steps = ["train.max_steps=2", "train.checkpoint_every=2", "train.register_model=isa-by-hand"]
+    steps = ["train.max_steps=2", "train.checkpoint_every=2", "train.log_every=1", "train.register_model=isa-by-hand"]
     settings = [*TEACHER, *STUDENT, f"train.cache={train_cache}", "train.global_batch_size=32"]
     trained = _isa(work, "train", *settings, "train.val_fraction=0.2", "train.output=runs/a", *steps)
     assert trained.returncode == 0, trained.stderr[-3000:]
+    # a line per record (train.log_every): the step, the losses, the throughput and the time left once measured,
+    # the held-out recall at a checkpoint
+    number = r"\d+\.\d+"
+    losses = rf"loss {number} \(gcd {number}, lar {number}\)"
+    first, last = _reads_plainly(trained, most_lines=30)  # about 15 (a 40-step run printed 1,989 before)
+    assert re.fullmatch(rf"step 1/2 · {losses} · samples/s – · ETA –", first), first
+    last_line = rf"step 2/2 · {losses} · \d+ samples/s · ETA 0:00:00 · val R@1 {number}, R@5 {number} · checkpoint"
+    assert re.fullmatch(last_line, last), last
     store = f"sqlite:///{work / 'runs' / 'mlflow.db'}"
     assert f"mlflow ui --backend-store-uri {store}" in trained.stdout
     client = mlflow.MlflowClient(tracking_uri=store)
@@ -286,6 +309,7 @@ def test_train_and_eval_by_hand_record_into_one_store_beside_the_runs(train_cach
     flags = ["--benchmark", "images", "--dataset-root", train_cache, "--checkpoint", "runs/a", "--no-baselines"]
     evaluated = _isa(work, "eval", *flags, *TEACHER, "train.val_fraction=0.2", "eval.latency_runs=0", "eval.output=ev")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert not _reads_plainly(evaluated, most_lines=30)
     assert f"mlflow ui --backend-store-uri {store}" in evaluated.stdout
     (eval_run,) = client.search_runs([client.get_experiment_by_name("isa-eval").experiment_id])
     assert eval_run.info.status == "FINISHED" and eval_run.data.tags["isa.training_run_id"] == train_run.info.run_id
