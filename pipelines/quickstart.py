@@ -22,7 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from isa.config import Config, ConfigError, from_dict, load_config, parse_overrides
-from isa.data.synthetic import WORLD_TEACHER, generate_world, write_world
+from isa.data.synthetic import WORLD_TEACHER, WORLD_TEACHER_FOLDER, WORLD_TEACHER_STEPS, generate_world, write_world
 from pipelines import embed, train
 from pipelines.stage import init_ray, stage_parser
 from pipelines.tracking import ui_command
@@ -70,7 +70,7 @@ def make_world(output: Path, images: int, triplets: int, seed: int) -> Path:
 
 def teacher_file(output: Path) -> Path:
     """Where the quickstart keeps the world teacher's weights."""
-    return output / "teacher" / f"{WORLD_TEACHER}.safetensors"
+    return output / WORLD_TEACHER_FOLDER / f"{WORLD_TEACHER}.safetensors"
 
 
 def check(output: Path, args: argparse.Namespace, overrides: Sequence[str]) -> Config:
@@ -241,7 +241,8 @@ def parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--images", type=int, default=2500, help="random base scenes of the world")
     parser.add_argument("--triplets", type=int, default=800, help="composed-retrieval triplets of the world")
-    parser.add_argument("--teacher-steps", type=int, default=400, help="contrastive steps of the world teacher")
+    steps = WORLD_TEACHER_STEPS
+    parser.add_argument("--teacher-steps", type=int, default=steps, help="contrastive steps of the world teacher")
     parser.add_argument("--train-steps", type=int, default=300, help="distillation steps per student")
     parser.add_argument("--seed", type=int, default=0, help="seed of the world and of its teacher")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")

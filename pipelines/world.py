@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
-from isa.data.synthetic import generate_world, write_world
+from isa.data.synthetic import WORLD_TEACHER, WORLD_TEACHER_STEPS, generate_world, write_world
 from pipelines.stage import stage_parser
 
 
@@ -17,6 +18,10 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-images", type=int, default=600, help="random base scenes (targets are added)")
     parser.add_argument("--num-triplets", type=int, default=200, help="composed-retrieval triplets in all")
     parser.add_argument("--image-size", type=int, default=64, help="square image side in pixels")
+    parser.add_argument(
+        "--teacher", action="store_true", help=f"also train its teacher ({WORLD_TEACHER}) as isa quickstart does"
+    )
+    parser.add_argument("--teacher-steps", type=int, default=WORLD_TEACHER_STEPS, help="its contrastive steps")
     return parser
 
 
@@ -28,4 +33,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {len(world.images)} images and triplets {counts} to {paths.root}")
     for name in ("cirr", "fashioniq", "circo"):
         print(f"  {name:<9} {getattr(paths, name)}")
+    if args.teacher:
+        print(teacher_usage(train_teacher(paths.root, args.teacher_steps, args.seed)))
     return 0
+
+
+def train_teacher(root: Path, steps: int, seed: int) -> Path:
+    """The world's teacher, trained as :mod:`pipelines.quickstart` trains it, in ROOT/teacher/; its weights file."""
+    from pipelines import quickstart  # Ray and torch: only with --teacher
+
+    print(f"training the world teacher ({steps} contrastive steps) ...", flush=True)
+    return quickstart.make_teacher(root, root, steps, seed)
+
+
+def teacher_usage(weights: Path) -> str:
+    """How the stages use the trained teacher: every stage takes it as --teacher/--pretrained or teacher.* keys."""
+    weights = weights.resolve()  # absolute: stages submitted to a cluster resolve paths there
+    root = weights.parent.parent
+    return (
+        f"world teacher: {weights}\n"
+        f"use it in every stage (a random teacher scores at chance on this world):\n"
+        f"  isa embed {root / 'cirr' / 'train'} CACHE --teacher {WORLD_TEACHER} --pretrained {weights}\n"
+        f"  isa eval --benchmark cirr --dataset-root {root / 'cirr'} --teacher {WORLD_TEACHER} --pretrained {weights}\n"
+        f"  (or teacher.name={WORLD_TEACHER} teacher.pretrained={weights})"
+    )

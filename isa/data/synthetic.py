@@ -75,6 +75,8 @@ from isa.errors import IsaError
 RGB = tuple[int, int, int]
 
 WORLD_TEACHER = "isa-world-ViT"  # open_clip config (isa/model_configs) of the teacher aligned on this world
+WORLD_TEACHER_STEPS = 400  # its contrastive steps in isa quickstart and isa world --teacher
+WORLD_TEACHER_FOLDER = "teacher"  # where those two keep its weights, in their output folder
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
 COLOURS: dict[str, RGB] = {  # object colours
