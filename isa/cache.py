@@ -48,11 +48,15 @@ def fingerprint_mismatch(expected: dict[str, Any], found: dict[str, Any]) -> str
     if all(expected.get(k) == found.get(k) for k in keys):
         return None
 
-    def describe(f: dict[str, Any]) -> str:
-        return f"{f.get('model')} ({f.get('pretrained')}, weights sha256 {str(f.get('weights_sha256'))[:12]}…)"
-
     differing = [k for k in keys if expected.get(k) != found.get(k)]
-    return f"teacher mismatch in {differing}: expected {describe(expected)}, found {describe(found)}"
+    return f"teacher mismatch in {differing}: expected {describe_teacher(expected)}, found {describe_teacher(found)}"
+
+
+def describe_teacher(fingerprint: dict[str, Any]) -> str:
+    """``MODEL (PRETRAINED, weights sha256 0123456789ab…)``; without the digest where it is not known yet."""
+    sha = fingerprint.get("weights_sha256")
+    weights = f", weights sha256 {str(sha)[:12]}…" if sha else ""
+    return f"{fingerprint.get('model')} ({fingerprint.get('pretrained')}{weights})"
 
 
 @dataclass
@@ -176,12 +180,10 @@ def check_same_settings(existing: Manifest, wanted: Manifest, root: str) -> None
     if existing.settings() == wanted.settings():
         return
     differing = sorted(k for k, v in existing.settings().items() if wanted.settings()[k] != v)
-    old, new = existing.teacher, wanted.teacher
     raise CacheError(
         f"cache {root} was written with other settings ({', '.join(differing)}): it holds teacher "
-        f"{old.get('model')} ({old.get('pretrained')}, weights {str(old.get('weights_sha256'))[:12]}…), "
-        f"dtype {existing.dtype}, grid {existing.local_grid}, image size {existing.image_size}, tower "
-        f"{existing.tower_dtype}; this run uses {new.get('model')} ({new.get('pretrained')}, weights "
-        f"{str(new.get('weights_sha256'))[:12]}…), dtype {wanted.dtype}, grid {wanted.local_grid}, image size "
-        f"{wanted.image_size}, tower {wanted.tower_dtype}. Use another output."
+        f"{describe_teacher(existing.teacher)}, dtype {existing.dtype}, grid {existing.local_grid}, image size "
+        f"{existing.image_size}, tower {existing.tower_dtype}; this run uses {describe_teacher(wanted.teacher)}, "
+        f"dtype {wanted.dtype}, grid {wanted.local_grid}, image size {wanted.image_size}, tower "
+        f"{wanted.tower_dtype}. Use another output."
     )

@@ -22,7 +22,6 @@ from isa.cache import (
     DUPLICATES_DIR,
     ERRORS_DIR,
     MANIFEST_FILE,
-    CacheError,
     Manifest,
     check_same_settings,
     list_parts,
@@ -129,33 +128,23 @@ def check_start(input_uri: str, output: str, config: Config) -> None:
 
 def check_planned_settings(existing: Manifest, config: Config, output: str) -> None:
     """Refuse an existing cache whose teacher model or settings differ from this run's, before a teacher is loaded
-    (its weights are compared by :func:`check`, once the teacher's fingerprint is known)."""
-    cache = config.cache
-    planned = {
-        "teacher": f"{config.teacher.name} ({config.teacher.pretrained})",
-        "local_grid": cache.local_grid,
-        "dtype": cache.dtype,
-        "image_size": cache.image_size if cache.store_images else None,
-        "tower_dtype": cache.tower_dtype,
-    }
-    found = {
-        "teacher": f"{existing.teacher.get('model')} ({existing.teacher.get('pretrained')})",
-        "local_grid": existing.local_grid,
-        "dtype": existing.dtype,
-        "image_size": existing.image_size,
-        "tower_dtype": existing.tower_dtype,
-    }
-    differing = [k for k in planned if planned[k] != found[k] and (k != "teacher" or _other_model(existing, config))]
-    if differing:
-        raise CacheError(
-            f"cache {output} was written with other settings: "
-            + "; ".join(f"{k} {found[k]} (this run: {planned[k]})" for k in differing)
-            + ". Use another output, or this cache's settings"
-        )
+    (its weights are compared by :func:`check`, once the teacher's fingerprint is known).
 
-
-def _other_model(existing: Manifest, config: Config) -> bool:
-    return existing.teacher.get("model") != config.teacher.name
+    Raises:
+        CacheError: naming the settings that differ, the cache's and this run's.
+    """
+    cache, teacher = config.cache, config.teacher
+    same_model = existing.teacher.get("model") == teacher.name
+    planned = Manifest(
+        teacher=existing.teacher if same_model else {"model": teacher.name, "pretrained": teacher.pretrained},
+        embed_dim=existing.embed_dim,  # the teacher's: known once it is loaded
+        local_grid=cache.local_grid,
+        dtype=cache.dtype,
+        image_size=cache.image_size if cache.store_images else None,
+        tower_dtype=cache.tower_dtype,
+        schema_version=existing.schema_version,
+    )
+    check_same_settings(existing, planned, output)
 
 
 def check(input_uri: str, output: str, config: Config) -> Manifest:
