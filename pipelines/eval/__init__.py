@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from fsspec.implementations.local import LocalFileSystem
 
 from isa.build import build_teacher
-from isa.cache import read_manifest
+from isa.cache import MANIFEST_FILE, Manifest, own_entry, read_manifest
 from isa.checkpoint import STATE_FILE, CheckpointError, find_checkpoint
 from isa.checkpoint_files import latest_checkpoint, saved_checkpoint
 from isa.config import Config, given_keys, load_config
@@ -30,6 +30,7 @@ from isa.data.benchmarks import Benchmark, read_benchmark
 from isa.storage import filesystem
 from isa.teacher import Teacher
 from pipelines import tracking
+from pipelines.artifact import check_folder
 from pipelines.eval import outputs as out
 from pipelines.eval import report
 from pipelines.eval.cost import query_costs
@@ -40,6 +41,8 @@ from pipelines.eval.queries import Encoded, encode_student, encode_text_baseline
 from pipelines.eval.scoring import Ranked, metrics, rank_gallery, rank_members, submissions
 from pipelines.stage import config_parser, init_ray
 from pipelines.teacher import TEACHER_CHOICE, check_fingerprint, choose_teacher
+
+CHECKPOINT_COPIES = "checkpoints"  # under eval.output: local copies of remote checkpoints
 
 
 def local_copy(uri: str, output: str) -> str:
@@ -55,7 +58,7 @@ def local_copy(uri: str, output: str) -> str:
     if folder is None:
         raise CheckpointError(f"no complete checkpoint at {uri}: expected checkpoint_*/isa/{STATE_FILE} below it")
     base = Path(output if "://" not in output else tempfile.mkdtemp())
-    target = base / "checkpoints" / out.slug(fs.unstrip_protocol(folder))
+    target = base / CHECKPOINT_COPIES / out.slug(fs.unstrip_protocol(folder))
     if not target.exists():
         fs.get(folder + "/", str(target) + "/", recursive=True)
     return str(target)
@@ -191,18 +194,59 @@ def rank_method(benchmark: Benchmark, emb, method: Encoded, extra: torch.Tensor 
     return ranked
 
 
+OUTPUT_KIND = "isa eval output"  # what pipelines.artifact's messages call eval.output
+
+
+def output_entry(name: str) -> bool:
+    """Whether a name at the top of ``eval.output`` is one ``isa eval`` writes there (its outputs, gallery caches,
+    image lists, checkpoint copies, MLflow store)."""
+    fixed = (out.METRICS_FILE, out.TABLE_FILE, out.REPORT_FILE, out.SUBMISSIONS_DIR, CHECKPOINT_COPIES)
+    return (
+        name in (*fixed, tracking.STORE_FILE, tracking.ARTIFACTS_FOLDER)
+        or name.startswith("gallery-")
+        or (name.startswith("images-") and name.endswith(".txt"))
+    )
+
+
 def check(config: Config) -> None:
-    """The refusals that need no model and no data read: a CIR benchmark needs its dataset root; the checkpoints
-    and caches it reads come from one teacher, the configured one by name (:func:`check_teacher`).
+    """Every refusal that needs no model and no cluster, made before Ray starts: the settings, the benchmark's
+    files, the checkpoints, the caches and the output folder.
 
     Raises:
-        EvalError: naming the missing setting.
-        CheckpointError: a checkpoint that is missing or unreadable.
+        EvalError: a missing setting, or a cache that is not one with what the benchmark needs.
+        BenchmarkFormatError: the benchmark's files are missing or malformed.
+        CheckpointError: a checkpoint that is not one.
+        ArtifactError, CacheError: an output folder or gallery cache holding other things.
         TeacherMismatchError: the checkpoints and caches, or they and the configured teacher, name other teachers.
     """
-    if config.eval.benchmark != "images" and not config.eval.dataset_root:
+    ev = config.eval
+    if ev.benchmark == "images":
+        cache = ev.dataset_root or config.train.cache
+        manifest = _cache_manifest(cache) if cache else None
+        if manifest is None or manifest.image_size is None:
+            raise EvalError(f"image-only retrieval needs a cache with images at {cache or 'eval.dataset_root'}")
+        if not ev.checkpoints:
+            raise EvalError("image-only retrieval needs at least one checkpoint (eval.checkpoints, --checkpoint)")
+    elif not ev.dataset_root:
         raise EvalError("set eval.dataset_root (--dataset-root) to the benchmark's folder")
+    else:
+        fs, root = filesystem(ev.dataset_root)
+        if not fs.isdir(root):
+            raise EvalError(f"eval.dataset_root {ev.dataset_root} is not a folder: name the benchmark's dataset root")
+        read_benchmark(ev.benchmark, ev.dataset_root, ev.split)
+    for uri in ev.checkpoints:
+        saved_checkpoint(uri)
+    if ev.distractors and _cache_manifest(ev.distractors) is None:
+        raise EvalError(f"eval.distractors {ev.distractors} is not a cache made by isa embed (no {MANIFEST_FILE})")
+    check_folder(ev.output, OUTPUT_KIND, output_entry)
+    if ev.benchmark != "images":
+        check_folder(gallery_uri(config), "teacher cache", own_entry, marker=MANIFEST_FILE)
     check_teacher(config)
+
+
+def _cache_manifest(uri: str) -> Manifest | None:
+    fs, root = filesystem(uri)
+    return read_manifest(fs, root)
 
 
 def run(config: Config) -> dict:

@@ -33,6 +33,7 @@ from isa.config import Config, given_keys, load_config, parse_overrides, to_dict
 from isa.errors import IsaError
 from isa.storage import filesystem, full_uri
 from pipelines import ray_compat, tracking
+from pipelines.artifact import check_folder
 from pipelines.stage import config_parser, init_ray
 from pipelines.teacher import TEACHER_CHOICE, choose_teacher, teacher_fingerprint
 from pipelines.train.data import datasets, ingest_options, training_rows
@@ -168,6 +169,12 @@ def check_resources(config: Config) -> None:
         )
 
 
+def run_entry(name: str) -> bool:
+    """Whether a name at the top of a run folder is one a run writes there: its config, Ray Train's checkpoints,
+    run snapshot and hidden markers."""
+    return name == RUN_CONFIG_FILE or name.startswith(("checkpoint_", "."))
+
+
 def check_before_ray(config: Config, start: Start | None = "new") -> RunFolder | None:
     """The refusals that need neither Ray nor a read of the cache's shards: MLflow's reserved model alias, the run
     folder (:func:`pipelines.train.runs.check_run_folder`), a teacher named other than the cache's. Returns what the
@@ -179,6 +186,8 @@ def check_before_ray(config: Config, start: Start | None = "new") -> RunFolder |
     if config.train.register_model and config.train.model_alias.lower() == "latest":
         raise TrainError("train.model_alias must not be 'latest': MLflow reserves that alias; choose another")
     folder = check_run_folder(config, start) if start is not None else None
+    if start is not None and folder is None:  # no run there: an empty or new folder, never one of other things
+        check_folder(config.train.output, "training run", run_entry)
     with_cache_teacher(config)
     return folder
 
@@ -320,6 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = config_of(args)
     start: Start = "new" if args.resume is None else "resume"
     check_before_ray(config, start)
+    check_cache(config)  # every refusal that needs no cluster comes before Ray starts
     init_ray()
     result = run(config, start=start)
     metrics = {k: round(v, 4) for k, v in (result.metrics or {}).items() if isinstance(v, float)}
