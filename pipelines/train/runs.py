@@ -44,6 +44,7 @@ RESUMABLE = frozenset(
         "train.torch_threads",
         "train.max_failures",
         "train.checkpoint_every",
+        "train.log_every",
         "train.num_to_keep",
         "train.register_model",  # what becomes of the final checkpoint
         "train.model_alias",
