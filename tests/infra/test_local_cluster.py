@@ -4,6 +4,7 @@ another Ray instance on the same machine (a real ``ray start`` head, a real ``ml
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -143,6 +144,7 @@ def other_ray(tmp_path):
             for pid in _session(starter.pid):
                 os.kill(pid, sig)
             _wait_until(lambda: not _session(starter.pid), 5)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_stop_stops_the_head_it_started_and_leaves_another_ray_running(tmp_path, other_ray):
@@ -181,5 +183,8 @@ def test_stop_stops_the_head_it_started_and_leaves_another_ray_running(tmp_path,
         assert "mlflow.db" in left and not {"mlflow.pid", "ray.sid", "ray.temp_dir"} & left  # the runs stay
     finally:
         _script(env, "stop", timeout=120)
+        for line in started.stdout.splitlines() if "started" in locals() else ():
+            if line.startswith("Ray logs"):
+                shutil.rmtree(line.split()[-1], ignore_errors=True)  # the head's temp dir, kept by stop for its logs
     # the other instance is untouched: every process of it alive, its GCS answering
     assert set(other) <= set(_session(other_session)) and _listening(other_port)
