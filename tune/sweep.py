@@ -492,6 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.resume and (args.config or args.overrides):
         raise SweepError("--resume continues a sweep with its own settings; drop --config/overrides")
     if args.resume:
+        load_plan(args.resume)  # a folder that holds no sweep is refused before Ray starts
         init_ray()
         outcome = resume(args.resume)
     else:

@@ -406,19 +406,28 @@ def test_command_line_errors(ray_session, world, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert isa(["eval", "--benchmark", "cirr", f"eval.output={tmp_path}"]) == 2
     assert capsys.readouterr().err.startswith("isa eval: error: set eval.dataset_root")
-    broken = tmp_path / "cirr"
+    output = tmp_path / "out"
+    broken = tmp_path / "broken"
     shutil.copytree(world / "cirr", broken)
     (broken / "cirr" / "captions" / "cap.rc2.val.json").write_text('[{"pairid": 1}]')
-    assert not (tmp_path / "mlflow.db").exists()  # refused before any record was opened
-    code = isa(["eval", "--benchmark", "cirr", "--dataset-root", str(broken), *TEACHER, f"eval.output={tmp_path}"])
+    code = isa(["eval", "--benchmark", "cirr", "--dataset-root", str(broken), *TEACHER, f"eval.output={output}"])
     assert code == 2 and "cap.rc2.val.json" in capsys.readouterr().err
-    # tracked by default (no checkpoint: the output's own store); the run opened before the file was read: FAILED
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert not output.exists()  # the benchmark's files are read before any record is opened or file written
+    # an image the gallery cannot embed shows once the run is open (tracked by default, no checkpoint: the
+    # output's own store): the run ends FAILED
+    gone = tmp_path / "unreadable"
+    shutil.copytree(world / "cirr", gone)
+    next((gone / "dev").glob("*.png")).write_bytes(b"not an image")
+    code = isa(["eval", "--benchmark", "cirr", "--dataset-root", str(gone), *TEACHER, f"eval.output={output}"])
+    assert code == 2 and "have no embedding" in capsys.readouterr().err
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{output / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("isa-eval")
     (failed,) = client.search_runs([experiment.experiment_id])
     assert failed.info.status == "FAILED" and failed.info.run_name == "eval-cirr-val"
-    assert experiment.artifact_location == (tmp_path / "mlartifacts" / "isa-eval").as_uri()
+    assert experiment.artifact_location == (output / "mlartifacts" / "isa-eval").as_uri()
     missing = ["--benchmark", "cirr", "--dataset-root", str(world / "cirr"), "--checkpoint", str(tmp_path / "none")]
-    assert isa(["eval", *missing, *TEACHER, f"eval.output={tmp_path}"]) == 2
-    assert "no checkpoint" in capsys.readouterr().err
+    assert isa(["eval", *missing, *TEACHER, f"eval.output={output}"]) == 2
+    assert "no complete checkpoint at" in capsys.readouterr().err
     assert len(client.search_runs([experiment.experiment_id])) == 1  # refused before a run was opened
+    assert isa(["eval", "--benchmark", "cirr", "--dataset-root", str(world / "cirr"), f"eval.output={tmp_path}"]) == 2
+    assert "holds no isa eval output (it holds broken, out, unreadable)" in capsys.readouterr().err

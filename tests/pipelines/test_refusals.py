@@ -296,6 +296,11 @@ CASES: dict[str, Case] = {
         "no teacher cache at",
         lambda i, o: o,
     ),
+    "tune: --resume of a folder that holds no sweep": (
+        lambda i, o: ["tune", "--resume", str(i / "foreign")],
+        "is not a sweep folder (no isa_sweep.json): nothing to resume",
+        lambda i, o: i / "foreign",
+    ),
     "ablate: into a folder of other things": (
         lambda i, o: [
             "ablate",
