@@ -416,8 +416,9 @@ class _Parsed(Exception):
 def parse_sweep_stage(stage: str, args: list[str]) -> tuple:
     """(space, Config) as ``isa tune``'s own ``main`` parses and loads them, stopped before it starts Ray.
 
-    The stage builds its parser inside ``main``; ``init_ray`` (called right after the sweep file loaded) is replaced
-    by an exception, so nothing runs. A config error raises the stage's IsaError instead.
+    The stage builds its parser inside ``main``; ``check_start`` (called right after the sweep file loaded, the first
+    step that reads storage) is replaced by an exception, so nothing runs. A config error raises the stage's IsaError
+    instead.
     """
     import tune.sweep
 
@@ -433,7 +434,7 @@ def parse_sweep_stage(stage: str, args: list[str]) -> tuple:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(tune.sweep, "load_sweep_file", load)
-        patch.setattr(module, "init_ray", stop)
+        patch.setattr(module, "check_start", lambda *a, **k: stop())
         with pytest.raises(_Parsed):
             module.main(args)
     config, space = loaded[-1]
