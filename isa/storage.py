@@ -24,6 +24,12 @@ def filesystem(uri: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSys
     return fs, path.rstrip("/")
 
 
+def absolute_uri(uri: str) -> str:
+    """``uri`` as every process of a cluster reads it: a local path made absolute from the working folder of the
+    process that was given it (Ray's workers run elsewhere), any other URI as it is."""
+    return full_uri(*filesystem(uri)) if uri else uri
+
+
 def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """A path listed by ``fs`` as a URI other processes can open: ``s3://...`` kept, local paths as they are."""
     return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)

@@ -30,7 +30,7 @@ from isa.cache import (
     write_manifest,
 )
 from isa.config import Config, load_config
-from isa.storage import count_rows, filesystem, read_column_values, remove_staging
+from isa.storage import absolute_uri, count_rows, filesystem, read_column_values, remove_staging
 from pipelines.artifact import check_folder
 from pipelines.embed.decode import Ledger, decode_batch, write_shard
 from pipelines.embed.sources import check_input, read_sources
@@ -104,7 +104,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[str, str, Config]:
         "cache.num_actors": args.num_actors,
     }
     overrides = [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
-    return args.input, args.output, load_config(args.config, overrides)
+    return absolute_uri(args.input), absolute_uri(args.output), load_config(args.config, overrides)
 
 
 KIND = "teacher cache"  # what pipelines.artifact's messages call the output folder

@@ -25,9 +25,9 @@ from isa.build import build_teacher
 from isa.cache import MANIFEST_FILE, Manifest, own_entry, read_manifest
 from isa.checkpoint import STATE_FILE, CheckpointError, find_checkpoint
 from isa.checkpoint_files import latest_checkpoint, saved_checkpoint
-from isa.config import Config, given_keys, load_config
+from isa.config import Config, from_dict, given_keys, load_config
 from isa.data.benchmarks import Benchmark, read_benchmark
-from isa.storage import filesystem
+from isa.storage import absolute_uri, filesystem
 from isa.teacher import Teacher
 from pipelines import tracking
 from pipelines.artifact import check_folder
@@ -98,10 +98,19 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         "teacher.pretrained": args.pretrained,
     }
     overrides = [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
-    config = load_config(args.config, overrides)
+    config = local_paths_absolute(load_config(args.config, overrides))
     if TEACHER_CHOICE <= given_keys(args.config, overrides):
         return config  # the teacher given, checked in check()
     return choose_teacher(config, given_keys(args.config, overrides), teacher_sources(config))
+
+
+def local_paths_absolute(config: Config) -> Config:
+    """The evaluation's paths as its Ray tasks read them wherever they run (:func:`isa.storage.absolute_uri`)."""
+    ev = config.eval
+    paths = {key: absolute_uri(getattr(ev, key)) for key in ("dataset_root", "output")}
+    paths |= {key: absolute_uri(getattr(ev, key)) for key in ("gallery_cache", "distractors") if getattr(ev, key)}
+    paths["checkpoints"] = [absolute_uri(uri) for uri in ev.checkpoints]
+    return from_dict({"eval": paths}, base=config)
 
 
 def teacher_sources(config: Config) -> list[tuple[str, dict[str, Any]]]:

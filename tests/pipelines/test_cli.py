@@ -66,3 +66,23 @@ def test_a_stage_error_is_one_line_and_exit_2_and_leaves_no_output(ray_session, 
     error = capsys.readouterr().err
     assert code == 2 and error == f"isa embed: error: input not found: {tmp_path / 'no-such-folder'}\n"
     assert not out.exists()  # refused before anything was written
+
+
+def test_local_paths_reach_ray_absolute_from_where_the_stage_was_run(tmp_path, monkeypatch):
+    """A cluster's workers run in another folder (``ray start`` elsewhere, RAY_ADDRESS joined): a relative path
+    handed to them would name another place, so the stages make local paths absolute and keep URIs as given."""
+    from pipelines.embed import parse_args as embed_args
+    from pipelines.eval import parse_args as eval_args
+
+    monkeypatch.chdir(tmp_path)
+    source, output, _ = embed_args(["images", "cache"])
+    assert (source, output) == (str(tmp_path / "images"), str(tmp_path / "cache"))
+    source, output, _ = embed_args(["s3://bucket/images", "s3://bucket/cache"])
+    assert (source, output) == ("s3://bucket/images", "s3://bucket/cache")
+    teacher = ["--teacher", "ViT-B-32", "--pretrained", "openai"]
+    config = eval_args(["--dataset-root", "w/cirr", "--checkpoint", "runs/a", "--output", "ev", *teacher])
+    assert config.eval.dataset_root == str(tmp_path / "w" / "cirr")
+    assert config.eval.checkpoints == (str(tmp_path / "runs" / "a"),)
+    assert config.eval.output == str(tmp_path / "ev") and config.eval.gallery_cache is None
+    config = eval_args(["--dataset-root", "s3://b/cirr", "--gallery-cache", "gal", *teacher])
+    assert config.eval.dataset_root == "s3://b/cirr" and config.eval.gallery_cache == str(tmp_path / "gal")
