@@ -29,14 +29,14 @@ from isa.cache import (
     read_manifest,
     write_manifest,
 )
-from isa.config import Config, load_config
+from isa.config import Config, given_keys, load_config
 from isa.storage import absolute_uri, count_rows, filesystem, read_column_values, remove_staging
 from pipelines.artifact import check_folder
 from pipelines.embed.decode import Ledger, decode_batch, write_shard
 from pipelines.embed.sources import check_input, read_sources
 from pipelines.embed.tower import TeacherEmbedder
 from pipelines.stage import config_parser, init_ray
-from pipelines.teacher import teacher_fingerprint
+from pipelines.teacher import choose_teacher, teacher_fingerprint
 
 # Shard writers at a time. Ray Data hands the CPU budget no operator claims to the most downstream operator
 # without a cap; uncapped, that is the writer, which hardly uses it, and decoding is held back.
@@ -104,7 +104,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[str, str, Config]:
         "cache.num_actors": args.num_actors,
     }
     overrides = [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
-    return absolute_uri(args.input), absolute_uri(args.output), load_config(args.config, overrides)
+    output = absolute_uri(args.output)
+    config = load_config(args.config, overrides)
+    given = given_keys(args.config, overrides)
+    fs, root = filesystem(output)  # a cache is resumed with its own teacher; another one given is refused
+    manifest = read_manifest(fs, root) if fs.isdir(root) else None
+    config = choose_teacher(config, given, [(f"teacher cache {output}", manifest.teacher)] if manifest else [])
+    return absolute_uri(args.input), output, config
 
 
 KIND = "teacher cache"  # what pipelines.artifact's messages call the output folder

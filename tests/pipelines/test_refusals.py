@@ -168,8 +168,8 @@ CASES: dict[str, Case] = {
             "--pretrained",
             "none",
         ],
-        "with other settings (teacher): it holds teacher isa-tiny-ViT (none, weights sha256 000000000000…), dtype "
-        "float16, grid 4, image size 256, tower float32; this run uses isa-tiny-ViT-custom-text (none), dtype",
+        "the teacher given, isa-tiny-ViT-custom-text (pretrained none), is another model than the one of teacher "
+        "cache",
         lambda i, o: i / "cache-f16",
     ),
     "train: an unknown student": (

@@ -177,6 +177,23 @@ def test_train_takes_the_teacher_of_its_cache_and_refuses_another_by_name(tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+def test_embed_resumes_a_cache_with_its_teacher_and_refuses_another_by_name(world, tmp_path, capsys):
+    from pipelines import embed
+
+    cache = _teacher_cache(tmp_path / "cache")
+    images = str(world / "images")
+    assert embed.parse_args([images, str(cache)])[2].teacher == TeacherConfig("isa-tiny-ViT", "none")
+    assert embed.parse_args([images, str(tmp_path / "new")])[2].teacher == TeacherConfig()  # nothing to resume
+    before = _contents(cache)
+    assert isa(["embed", images, str(cache), *OTHER_TEACHER]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "isa embed: error: the teacher given, isa-tiny-ViT-custom-text (pretrained none), is another model than "
+        f"the one of teacher cache {cache}, isa-tiny-ViT (pretrained none): leave out the teacher setting "
+        "(teacher.name, teacher.pretrained) to use that one"
+    )
+    assert _contents(cache) == before
+
+
 def test_eval_takes_the_teacher_of_its_checkpoints_or_its_gallery_cache(world, tmp_path):
     checkpoint = save_student(tmp_path / "run" / "checkpoint_000000" / "isa")
     cirr = ["--benchmark", "cirr", "--dataset-root", str(world / "cirr"), f"eval.output={tmp_path / 'out'}"]
