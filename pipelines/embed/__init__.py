@@ -80,8 +80,15 @@ def parser() -> argparse.ArgumentParser:
             ("output", "cache folder (local path or fsspec URI)"),
         ],
     )
-    parser.add_argument("--teacher", help="open_clip model name (teacher.name)")
-    parser.add_argument("--pretrained", help="open_clip pretrained tag, weights file, or none (teacher.pretrained)")
+    parser.add_argument(
+        "--teacher",
+        help="open_clip model name (teacher.name) (default: the teacher of the cache resumed, else ViT-L-14)",
+    )
+    parser.add_argument(
+        "--pretrained",
+        help="open_clip pretrained tag, weights file, or none (teacher.pretrained) "
+        "(default: the teacher of the cache resumed, else openai)",
+    )
     parser.add_argument("--local-grid", type=int, help="LAR grid g, 0 = none (cache.local_grid)")
     parser.add_argument("--image-size", type=int, help="short side of the cached JPEG (cache.image_size)")
     parser.add_argument("--no-images", action="store_true", help="gallery-only cache: no image column")

@@ -77,8 +77,16 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--distractors", help="cache of distractor images for gallery scaling (eval.distractors)")
     parser.add_argument("--distractor-counts", help="e.g. 1000,10000 (eval.distractor_counts)")
     parser.add_argument("--no-baselines", action="store_true", help="skip the teacher-only baseline rows")
-    parser.add_argument("--teacher", help="open_clip model name (teacher.name)")
-    parser.add_argument("--pretrained", help="open_clip pretrained tag, weights file, or none (teacher.pretrained)")
+    parser.add_argument(
+        "--teacher",
+        help="open_clip model name (teacher.name) "
+        "(default: the teacher of the checkpoints or caches read, else ViT-L-14)",
+    )
+    parser.add_argument(
+        "--pretrained",
+        help="open_clip pretrained tag, weights file, or none (teacher.pretrained) "
+        "(default: the teacher of the checkpoints or caches read, else openai)",
+    )
     return parser
 
 
