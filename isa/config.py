@@ -436,8 +436,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     Raises:
         ConfigError: unknown section or key, a value of the wrong type, a malformed override or file.
     """
-    config = from_dict(_read_file(path))
-    return from_dict(parse_overrides(overrides), base=config)
+    data = dict(_read_file(path) or {})
+    for section, values in parse_overrides(overrides).items():  # on the file's, then checked together: a file's
+        if isinstance(data.get(section) or {}, Mapping):  # value may only hold with an override's beside it
+            data[section] = {**(data.get(section) or {}), **values}
+    return from_dict(data)
 
 
 def given_keys(path: str | Path | None = None, overrides: Sequence[str] = ()) -> frozenset[str]:

@@ -42,6 +42,17 @@ def test_yaml_then_overrides(tmp_path):
     assert config.loss.lar_weight == 0.0 and isinstance(config.loss.lar_weight, float)
 
 
+def test_a_file_and_its_overrides_are_checked_together(tmp_path):
+    """A file naming a project teacher (no pretrained tags) holds once an override gives its weights, as the
+    quickstart's settings file does; the same file alone is refused, naming the key."""
+    path = tmp_path / "world.yaml"
+    path.write_text("teacher:\n  name: isa-world-ViT\n")
+    config = load_config(path, ["teacher.pretrained=none"])
+    assert (config.teacher.name, config.teacher.pretrained) == ("isa-world-ViT", "none")
+    with pytest.raises(ConfigError, match="'teacher.pretrained': 'openai': isa-world-ViT is a project model config"):
+        load_config(path)
+
+
 def test_round_trip_through_plain_dicts():
     config = load_config(
         None, ["eval.distractor_counts=10,20", "eval.distractors=/d", "student.mapper=mlp", "eval.checkpoints=/x,/y"]
