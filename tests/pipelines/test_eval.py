@@ -356,7 +356,7 @@ def test_distractors_only_lower_recall(ray_session, world, checkpoint, tmp_path)
     write_world(generate_world(seed=9, num_images=40, num_triplets=10, image_size=48), other)
     distractors = tmp_path / "distractors"
     embed.run(str(other / "images"), str(distractors), _config(world, tmp_path, "cache.store_images=false"))
-    config = _config(world, tmp_path, "eval.benchmark=cirr", f"eval.dataset_root={world / 'cirr'}")
+    config = _config(world, tmp_path / "eval", "eval.benchmark=cirr", f"eval.dataset_root={world / 'cirr'}")
     config = _with(config, f"eval.distractors={distractors}", "eval.distractor_counts=5,30")
     document = eval_stage.run(config)
     assert set(document["scaling"]) == {"5", "30"}
