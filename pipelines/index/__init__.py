@@ -22,7 +22,7 @@ import numpy as np
 
 from isa.cache import MANIFEST_FILE, Manifest, list_parts, read_manifest
 from isa.errors import IsaError
-from isa.storage import count_rows, filesystem, full_uri
+from isa.storage import absolute_uri, count_rows, filesystem, full_uri
 from pipelines.artifact import check_output, write_manifest
 from pipelines.index.store import FORMAT, FORMAT_VERSION, KINDS, MANIFEST, shard_files
 from pipelines.stage import HelpFormatter
@@ -119,7 +119,7 @@ def parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None) -> tuple[str, str, Options]:
     args = vars(parser().parse_args(argv))
-    cache, out = args.pop("cache"), args.pop("out")
+    cache, out = absolute_uri(args.pop("cache")), absolute_uri(args.pop("out"))  # as the Ray tasks read them
     return cache, out, Options(**args)
 
 

@@ -26,7 +26,7 @@ import ray.data
 from isa.cache import fingerprint_mismatch
 from isa.config import TeacherConfig
 from isa.errors import IsaError
-from isa.storage import filesystem
+from isa.storage import absolute_uri, filesystem
 from pipelines.artifact import FILES_KEY, ArtifactError, check_output, read_artifact, seal_artifact
 from pipelines.stage import HelpFormatter, init_ray
 from pipelines.teacher import checkpoint_teacher
@@ -118,13 +118,13 @@ def check(args: argparse.Namespace) -> Plan:
     if mismatch:
         raise SearchError(f"the checkpoint and the index were made by different teachers: {mismatch}")
     _check_output(args.output, args.overwrite)
-    return Plan(
-        queries=args.queries,
+    return Plan(  # local paths absolute: the actors run in another folder on a cluster
+        queries=absolute_uri(args.queries),
         query_format=QUERY_FORMATS[suffix],
-        checkpoint=checkpoint,
+        checkpoint=absolute_uri(checkpoint),
         teacher=teacher,
-        index=args.index,
-        output=args.output,
+        index=absolute_uri(args.index),
+        output=absolute_uri(args.output),
         output_format=args.format,
         k=args.k,
         actors=args.actors,

@@ -455,6 +455,7 @@ def parse_stage(stage: str, args: list[str]):
     return parsed
 
 
+@pytest.mark.usefixtures("s3_endpoint")  # a stage reads the saved work its s3:// URIs name, as on the cluster
 @pytest.mark.parametrize("file_name", sorted(f"rayjob-{stage}.yaml" for stage in STAGE_JOBS))
 def test_rayjob_entrypoint_parses_with_its_stage(file_name, capsys):
     argv = _entrypoint(file_name)
@@ -489,6 +490,7 @@ def _stage_config(stage: str):
     return parse_stage(stage, _absolute_configs(_entrypoint(f"rayjob-{stage}.yaml")[2:]))
 
 
+@pytest.mark.usefixtures("s3_endpoint")  # a stage reads the saved work its s3:// URIs name, as on the cluster
 def test_stages_chain_through_shared_s3_storage():
     embed_input, embed_output, _ = _stage_config("embed")
     (train,) = _stage_config("train")
@@ -506,6 +508,7 @@ def test_stages_chain_through_shared_s3_storage():
     assert sweep.train.tracking_uri is None
 
 
+@pytest.mark.usefixtures("s3_endpoint")  # a stage reads the saved work its s3:// URIs name, as on the cluster
 def test_configs_are_the_real_gpu_setting_and_fit_the_gpu_group():
     _, _, embed = _stage_config("embed")
     (train,) = _stage_config("train")

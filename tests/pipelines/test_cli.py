@@ -68,11 +68,12 @@ def test_a_stage_error_is_one_line_and_exit_2_and_leaves_no_output(ray_session, 
     assert not out.exists()  # refused before anything was written
 
 
-def test_local_paths_reach_ray_absolute_from_where_the_stage_was_run(tmp_path, monkeypatch):
+def test_local_paths_reach_ray_absolute_from_where_the_stage_was_run(s3_endpoint, tmp_path, monkeypatch):
     """A cluster's workers run in another folder (``ray start`` elsewhere, RAY_ADDRESS joined): a relative path
     handed to them would name another place, so the stages make local paths absolute and keep URIs as given."""
     from pipelines.embed import parse_args as embed_args
     from pipelines.eval import parse_args as eval_args
+    from pipelines.index import parse_args as index_args
 
     monkeypatch.chdir(tmp_path)
     source, output, _ = embed_args(["images", "cache"])
@@ -86,3 +87,5 @@ def test_local_paths_reach_ray_absolute_from_where_the_stage_was_run(tmp_path, m
     assert config.eval.output == str(tmp_path / "ev") and config.eval.gallery_cache is None
     config = eval_args(["--dataset-root", "s3://b/cirr", "--gallery-cache", "gal", *teacher])
     assert config.eval.dataset_root == "s3://b/cirr" and config.eval.gallery_cache == str(tmp_path / "gal")
+    cache, out, _ = index_args(["cache", "s3://bucket/index"])
+    assert (cache, out) == (str(tmp_path / "cache"), "s3://bucket/index")
