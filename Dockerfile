@@ -1,5 +1,5 @@
 # The isa image for Ray clusters (KubeRay pods, or `docker.image` of a VM cluster): Ray 2.60 with CUDA
-# and Python 3.11, the project and its runtime dependencies, running as the non-root user `ray`.
+# and Python 3.11, the project and its runtime dependencies, running as the non-root user `ray` (uid 1000).
 #
 #   docker build -t isa:0.1.0 .
 #   docker tag isa:0.1.0 REGISTRY/isa:0.1.0 && docker push REGISTRY/isa:0.1.0   # what the cluster pulls
@@ -8,8 +8,9 @@
 ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-gpu
 FROM ${RAY_IMAGE}
 
-# rayproject/ray images run as `ray` (uid 1000, group users) with Python in /home/ray/anaconda3
-USER ray
+# rayproject/ray images run as `ray` (uid 1000, group users = 100) with Python in /home/ray/anaconda3. The user
+# is given by number: a pod with runAsNonRoot can only be admitted when the kubelet can tell it is not root
+USER 1000:100
 WORKDIR /home/ray/isa
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -18,13 +19,13 @@ ENV PYTHONUNBUFFERED=1 \
 # torch first and pinned, as in README.md (PyPI's Linux wheels bundle CUDA)
 RUN pip install torch==2.14.1 torchvision==0.29.1
 
-COPY --chown=ray:users pyproject.toml README.md ./
-COPY --chown=ray:users isa ./isa
-COPY --chown=ray:users pipelines ./pipelines
-COPY --chown=ray:users tune ./tune
+COPY --chown=1000:100 pyproject.toml README.md ./
+COPY --chown=1000:100 isa ./isa
+COPY --chown=1000:100 pipelines ./pipelines
+COPY --chown=1000:100 tune ./tune
 RUN pip install . && isa --help
 
-COPY --chown=ray:users infra ./infra
+COPY --chown=1000:100 infra ./infra
 
 # Optional: bake the weights the stages download on first use into the image (about 2 GB):
 #   docker build --build-arg PREFETCH_WEIGHTS=1 -t isa:0.1.0 .

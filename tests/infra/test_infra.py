@@ -631,10 +631,64 @@ def test_runtime_env_is_valid_for_ray_and_leaves_local_state_out():
         assert not excluded(REPO / path), path
 
 
+def image_user() -> str:
+    """The user the project image runs as: the Dockerfile's last ``USER`` (``NAME``, ``UID`` or ``UID:GID``)."""
+    users = re.findall(r"^USER (\S+)", (REPO / "Dockerfile").read_text(), re.M)
+    assert users, "the Dockerfile sets no USER: the image would run as root"
+    return users[-1]
+
+
+def kubelet_refusal(pod: dict, container: dict, user: str) -> str | None:
+    """Why the kubelet refuses to start ``container`` of ``pod`` (a pod template's spec) from an image whose user is
+    ``user``, by the rule of runAsNonRoot (kubelet's verifyRunAsNonRoot), or None when it starts: the container's
+    securityContext over the pod's; with runAsNonRoot, runAsUser must be set and not 0, or else the image's user
+    must be a number and not 0 (a name cannot be verified: CreateContainerConfigError)."""
+    pod_context, own = pod.get("securityContext") or {}, container.get("securityContext") or {}
+    non_root = own.get("runAsNonRoot", pod_context.get("runAsNonRoot"))
+    run_as = own.get("runAsUser", pod_context.get("runAsUser"))
+    if not non_root:
+        return None
+    if run_as is not None:
+        return "container's runAsUser breaks non-root policy" if int(run_as) == 0 else None
+    uid = user.split(":")[0]
+    if not uid.isdigit():
+        return f"container has runAsNonRoot and image has non-numeric user ({uid}), cannot verify user is non-root"
+    return "container has runAsNonRoot and image will run as root" if int(uid) == 0 else None
+
+
+def pod_specs(doc: dict) -> list[dict]:
+    """The pod templates' specs of a manifest: a RayCluster's groups (also inside a RayService), a Deployment's."""
+    spec = doc.get("spec") or {}
+    if doc.get("kind") == "RayService":
+        spec = spec["rayClusterConfig"]
+    if doc.get("kind") in ("RayCluster", "RayService"):
+        return [spec["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in spec["workerGroupSpecs"])]
+    return [spec["template"]["spec"]] if doc.get("kind") == "Deployment" else []
+
+
+def test_the_kubelet_starts_every_container_of_the_shipped_pods():
+    user = image_user()
+    pods = [(name, pod) for name, doc in kuberay_documents() for pod in pod_specs(doc)]
+    assert len(pods) >= 7, [name for name, _ in pods]  # the cluster's 3 groups, the service's 3, MLflow
+    for name, pod in pods:
+        for container in pod["containers"]:
+            assert kubelet_refusal(pod, container, user) is None, (name, container["name"])
+            context = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
+            assert context.get("runAsNonRoot") and context.get("runAsUser") == int(user.split(":")[0]), name
+    # the rule refuses what a kubelet refuses: an image user given by name, root
+    pod = {"securityContext": {"runAsNonRoot": True}, "containers": [{"name": "ray"}]}
+    assert "non-numeric user (ray)" in kubelet_refusal(pod, pod["containers"][0], "ray")
+    assert "will run as root" in kubelet_refusal(pod, pod["containers"][0], "0")
+    assert kubelet_refusal(pod, {"securityContext": {"runAsUser": 1000}}, "ray") is None
+    assert "breaks non-root" in kubelet_refusal(pod, {"securityContext": {"runAsUser": 0}}, "1000")
+
+
 def test_dockerfile_builds_the_project_as_a_non_root_user():
     dockerfile = (REPO / "Dockerfile").read_text()
-    users = re.findall(r"^USER (\S+)", dockerfile, re.M)
-    assert users and users[-1] not in ("root", "0")
+    uid, _, gid = image_user().partition(":")
+    assert uid.isdigit() and int(uid) != 0 and (not gid or gid.isdigit()), "a numeric, non-root USER"
+    for owner in re.findall(r"^COPY --chown=(\S+) ", dockerfile, re.M):  # the files belong to that user
+        assert owner == image_user(), owner
     assert re.search(r"^RUN pip install \.", dockerfile, re.M)
     for source in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", dockerfile, re.M):
         for path in source.split():

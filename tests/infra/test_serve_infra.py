@@ -92,7 +92,8 @@ def test_rayservice_cluster_matches_the_raycluster_and_fits_the_application():
         assert {"containerPort": 8000, "name": "serve"} in container["ports"], f"{name}: no serve port"
     spec = service_cluster["spec"]
     pods = [spec["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in spec["workerGroupSpecs"])]
-    assert all(pod["securityContext"] == {"runAsNonRoot": True} for pod in pods)
+    reference = the_cluster()["spec"]["headGroupSpec"]["template"]["spec"]["securityContext"]
+    assert all(pod["securityContext"] == reference for pod in pods)
     settings = ServeSettings.from_args(_serve_config()["applications"][0]["args"])
     if settings.encoder_gpus:  # the encoder waits for GPUs: some GPU worker is always up
         gpu = next(g for g in spec["workerGroupSpecs"] if "nvidia.com/gpu" in ray_containers(service_cluster)[
