@@ -431,3 +431,30 @@ def test_command_line_errors(ray_session, world, tmp_path, capsys, monkeypatch):
     assert len(client.search_runs([experiment.experiment_id])) == 1  # refused before a run was opened
     assert isa(["eval", "--benchmark", "cirr", "--dataset-root", str(world / "cirr"), f"eval.output={tmp_path}"]) == 2
     assert "holds no isa eval output (it holds broken, out, unreadable)" in capsys.readouterr().err
+
+
+def test_report_escapes_the_html_in_captions_names_and_methods(tmp_path):
+    """Captions and file names come from the dataset: markup in them is shown as text, never run."""
+    from isa.data.benchmarks import Query
+    from pipelines.eval.report import Sample, render
+
+    names = ['<img src=x onerror="alert(1)">.png', "b&c.png", "plain.png"]
+    images = {}
+    for i, name in enumerate(names):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (40, 30), (60 * i, 90, 120)).save(path)
+        images[name] = str(path)
+    query = Query("<b>7</b>", names[0], ("make it <script>alert(2)</script> red",), names[1])
+    sample = Sample(query, {"<i>method</i>": [names[1], names[2]]}, {"<i>method</i>": np.ones((2, 3, 3))})
+    page = render("title <u>x</u>", "| <th> |", [sample], images)
+    for raw in ("<script>", "<img src=x", "<b>7</b>", "<i>method</i>", "<u>x</u>", "| <th> |"):
+        assert raw not in page, raw
+    for shown in (
+        "&lt;script&gt;alert(2)&lt;/script&gt;",
+        "&lt;b&gt;7&lt;/b&gt;",
+        "&lt;i&gt;method&lt;/i&gt;",
+        "b&amp;c.png",
+    ):
+        assert shown in page, shown
+    assert html.unescape(page).count("<img src=x onerror") == 1  # the one name, escaped, as a caption
+    assert page.count('<img src="data:image/jpeg;base64,') == 6  # reference, target, 2 attention maps, 2 results
