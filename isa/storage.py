@@ -3,13 +3,26 @@
 Every writer here is atomic: locally a hidden temporary (``.NAME.tmp-<uuid>``) renamed into place, on object
 stores one object upload, so a reader never sees a partial file under its final name and a killed writer leaves
 at most a temporary, which :func:`remove_staging` removes.
+
+Object storage (``s3://``) is reached with the settings of :func:`s3_settings`, the one place they are made:
+how many times a request is tried (botocore's ``standard`` retry mode, backing off, on 5xx answers, ``SlowDown``,
+timeouts and reset connections) and the connect and read timeouts. They apply to every S3 client of a process:
+fsspec's (:func:`filesystem`, ``fsspec.open``), and pyarrow's (:func:`arrow_filesystem`, for Ray Data's readers
+and Ray Train's storage). The first use of a bucket in a process checks its credentials
+(:func:`check_access`), so wrong ones are one clear message at the start instead of a traceback mid-run.
+URIs are shown, logged and saved through :func:`redact_uri`, which hides a password written into one.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import os
 import posixpath
+import re
+import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import fsspec
@@ -17,11 +30,217 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from isa.errors import IsaError
+
+S3_ATTEMPTS_ENV = "ISA_S3_ATTEMPTS"
+S3_CONNECT_TIMEOUT_ENV = "ISA_S3_CONNECT_TIMEOUT"
+S3_READ_TIMEOUT_ENV = "ISA_S3_READ_TIMEOUT"
+CREDENTIAL_ENV = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN, AWS_PROFILE), and AWS_ENDPOINT_URL"
+# error codes of object storage that mean "these credentials do not open this bucket"
+CREDENTIAL_CODES = frozenset(
+    {
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "AccessDenied",
+        "ExpiredToken",
+        "InvalidToken",
+        "TokenRefreshRequired",
+        "AllAccessDisabled",
+        "AuthorizationHeaderMalformed",
+    }
+)
+_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<info>[^/\s@?#]+)@")
+
+
+class StorageError(IsaError):
+    """Object storage refused: credentials that do not open a bucket, or invalid client settings."""
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Settings:
+    """How every S3 client of a process talks to object storage; from the environment (:func:`s3_settings`).
+
+    Attributes:
+        attempts: tries of one request, the first included (``ISA_S3_ATTEMPTS``, default 10): botocore's
+            ``standard`` retry mode with exponential backoff and jitter; s3fs tries a whole call whose answer was
+            cut short as many times, and pyarrow's ``AwsStandardS3RetryStrategy`` the same number.
+        connect_timeout: seconds to open a connection (``ISA_S3_CONNECT_TIMEOUT``, default 10).
+        read_timeout: seconds to wait on an open connection (``ISA_S3_READ_TIMEOUT``, default 60).
+    """
+
+    attempts: int = 10
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+
+
+def s3_settings() -> S3Settings:
+    """:class:`S3Settings` from ``ISA_S3_ATTEMPTS``, ``ISA_S3_CONNECT_TIMEOUT``, ``ISA_S3_READ_TIMEOUT``.
+
+    Raises:
+        StorageError: a value that is not a positive number (attempts: a whole one).
+    """
+    defaults = S3Settings()
+    values: dict[str, Any] = {}
+    for field, env, kind in (
+        ("attempts", S3_ATTEMPTS_ENV, int),
+        ("connect_timeout", S3_CONNECT_TIMEOUT_ENV, float),
+        ("read_timeout", S3_READ_TIMEOUT_ENV, float),
+    ):
+        raw = os.environ.get(env, "").strip()
+        if not raw:
+            values[field] = getattr(defaults, field)
+            continue
+        try:
+            value = kind(raw)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            kind_name = "whole number" if kind is int else "number"
+            raise StorageError(f"{env}={raw!r} is not a positive {kind_name}: set it so, or unset it for the default")
+        values[field] = value
+    return S3Settings(**values)
+
+
+def s3_options(settings: S3Settings) -> dict[str, Any]:
+    """s3fs's constructor options for ``settings`` (botocore's client config)."""
+    return {
+        "config_kwargs": {
+            "retries": {"mode": "standard", "total_max_attempts": settings.attempts},
+            "connect_timeout": settings.connect_timeout,
+            "read_timeout": settings.read_timeout,
+        }
+    }
+
+
+@functools.cache
+def _configured(settings: S3Settings) -> S3Settings:
+    """Make ``settings`` fsspec's options of every ``s3://`` filesystem it opens (``fsspec.open`` too)."""
+    import s3fs
+
+    for protocol in ("s3", "s3a"):
+        fsspec.config.conf[protocol] = {**fsspec.config.conf.get(protocol, {}), **s3_options(settings)}
+    # s3fs tries a call again when its answer is cut short while read (after botocore's own tries); its count is
+    # a class attribute
+    s3fs.S3FileSystem.retries = settings.attempts
+    return settings
+
+
+def redact_uri(text: str) -> str:
+    """``text`` with the secret of every URI in it hidden: ``https://user:secret@host`` gives
+    ``https://user:***@host``, ``https://token@host`` gives ``https://***@host``. Anything that is shown, logged
+    or saved and may hold a URI goes through it."""
+
+    def hidden(match: re.Match[str]) -> str:
+        user, colon, _ = match["info"].partition(":")
+        return f"{match['scheme']}{user}:***@" if colon else f"{match['scheme']}***@"
+
+    return _USERINFO.sub(hidden, text)
+
+
+def redact_strings(value: Any) -> Any:
+    """``value`` (a JSON-like document: dicts, lists, strings) with :func:`redact_uri` applied to every string."""
+    if isinstance(value, str):
+        return redact_uri(value)
+    if isinstance(value, dict):
+        return {key: redact_strings(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_strings(item) for item in value)
+    return value
+
 
 def filesystem(uri: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem of a URI and the path within it."""
+    """The fsspec filesystem of a URI and the path within it; object storage with :func:`s3_settings`, its
+    bucket's credentials checked once per process (:func:`check_access`).
+
+    Raises:
+        StorageError: the credentials of the environment do not open the bucket; invalid S3 settings.
+    """
+    if _is_s3(uri):
+        _configured(s3_settings())
     fs, path = fsspec.core.url_to_fs(uri, **storage_options)
-    return fs, path.rstrip("/")
+    path = path.rstrip("/")
+    if _is_s3(uri) and not storage_options:
+        check_access(fs, path)
+    return fs, path
+
+
+def _is_s3(uri: str) -> bool:
+    return uri.startswith(("s3://", "s3a://"))
+
+
+_checked: set[str] = set()
+_checked_lock = threading.Lock()
+
+
+def check_access(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Refuse credentials that do not open the bucket of ``path``: one request (a listing of at most one key),
+    once per bucket and process. A bucket that does not exist passes (what reads or writes it says so).
+
+    Raises:
+        StorageError: the storage refused the credentials of the environment, or there are none; the message
+            names the bucket and the environment variables to check.
+    """
+    bucket = path.split("/", 1)[0]
+    with _checked_lock:
+        if bucket in _checked:
+            return
+    try:
+        fs.call_s3("list_objects_v2", Bucket=bucket, MaxKeys=1)
+    except Exception as error:
+        code = _credential_problem(error)
+        if code is not None:
+            raise StorageError(
+                f"s3://{bucket} refused the credentials of this environment ({code}): check {CREDENTIAL_ENV}"
+            ) from None
+    with _checked_lock:
+        _checked.add(bucket)
+
+
+def _credential_problem(error: BaseException) -> str | None:
+    """The credential error behind ``error`` (botocore's code, or its missing-credentials error), else None."""
+    seen: BaseException | None = error
+    for _ in range(4):
+        if seen is None:
+            return None
+        name = type(seen).__name__
+        if name in ("NoCredentialsError", "PartialCredentialsError"):
+            return f"{name}: {seen}"
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            found = response.get("Error", {})
+            if found.get("Code") in CREDENTIAL_CODES:
+                return f"{found['Code']}: {found.get('Message', '')}".rstrip(": ")
+            return None
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def arrow_filesystem(uri: str) -> tuple[Any, str] | None:
+    """pyarrow's filesystem of an ``s3://`` URI with :func:`s3_settings` and the endpoint of ``AWS_ENDPOINT_URL``
+    (pyarrow reads that variable nowhere), and the path within it; None for any other URI (its readers' own).
+
+    Credentials are not put in it: each process that uses it (it travels pickled to Ray's workers) takes its own
+    from its environment.
+    """
+    if not _is_s3(uri):
+        return None
+    import pyarrow.fs
+
+    settings = _configured(s3_settings())
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    scheme = "https"
+    if endpoint:
+        scheme = "http" if endpoint.startswith("http://") else "https"
+        endpoint = endpoint.split("://", 1)[-1]
+    fs = pyarrow.fs.S3FileSystem(
+        endpoint_override=endpoint or None,
+        scheme=scheme,
+        region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None,
+        connect_timeout=settings.connect_timeout,
+        request_timeout=settings.read_timeout,
+        retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=settings.attempts),
+    )
+    return fs, uri.split("://", 1)[1].rstrip("/")
 
 
 def absolute_uri(uri: str) -> str:
@@ -35,22 +254,40 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
-def write_table(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
-    """Write a Parquet file whole: readers never see a partial file under its final name."""
+def write_table(
+    fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, before_publish: Callable[[], None] | None = None
+) -> None:
+    """Write a Parquet file whole: readers never see a partial file under its final name (``before_publish``: as
+    :func:`write_bytes`)."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    write_bytes(fs, path, sink.getvalue().to_pybytes())
+    write_bytes(fs, path, sink.getvalue().to_pybytes(), before_publish)
 
 
-def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Atomic write: a hidden temporary renamed into place locally; one object upload elsewhere."""
+def write_bytes(
+    fs: fsspec.AbstractFileSystem, path: str, data: bytes, before_publish: Callable[[], None] | None = None
+) -> None:
+    """Atomic write: a hidden temporary renamed into place locally; one object upload elsewhere.
+
+    Args:
+        before_publish: called last before the file appears under its name (after the temporary is written); an
+            error it raises leaves no file (e.g. a fence: the writer's run no longer holds the output).
+    """
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     if isinstance(fs, LocalFileSystem):
         staging = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}")
         with fs.open(staging, "wb") as handle:
             handle.write(data)
+        try:
+            if before_publish is not None:
+                before_publish()
+        except BaseException:
+            fs.rm(staging)
+            raise
         fs.mv(staging, path)
     else:
+        if before_publish is not None:
+            before_publish()
         fs.pipe_file(path, data)
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from _flaky_s3 import FlakyS3
+from _mlflow_server import MlflowServer
 from _ports import free_port
 
 from isa.teacher import Teacher, load_teacher
@@ -31,8 +33,10 @@ def clip_teacher() -> Teacher:
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint():
-    """moto's standalone S3 server on a free loopback port; s3fs reaches it through AWS_ENDPOINT_URL."""
+def flaky_s3():
+    """moto's standalone S3 server on a free loopback port, behind a fault-injecting proxy (tests/_flaky_s3.py,
+    off until a test turns it on); every S3 client (s3fs, pyarrow, Ray's workers) reaches the proxy through
+    AWS_ENDPOINT_URL."""
     port = free_port()
     server = Path(sys.executable).with_name("moto_server")
     process = subprocess.Popen(
@@ -49,9 +53,11 @@ def s3_endpoint():
     else:
         process.kill()
         raise RuntimeError("moto server did not start")
+    proxy = FlakyS3(endpoint).start()
     saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
-    os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": endpoint})
-    yield endpoint
+    os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": proxy.endpoint})
+    yield proxy
+    proxy.stop()
     process.terminate()
     process.wait(timeout=10)
     for key, value in saved.items():
@@ -59,6 +65,12 @@ def s3_endpoint():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(flaky_s3) -> str:
+    """The S3 endpoint every client reaches (AWS_ENDPOINT_URL): the proxy in front of moto."""
+    return flaky_s3.endpoint
 
 
 @pytest.fixture(scope="session")
@@ -74,39 +86,6 @@ def ray_session(s3_endpoint):
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` (SQLite backend, served artifacts) on a free loopback port."""
-    import urllib.request
-
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    command = [
-        str(Path(sys.executable).with_name("mlflow")),
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--backend-store-uri",
-        f"sqlite:///{root / 'mlflow.db'}",
-        "--serve-artifacts",
-        "--artifacts-destination",
-        str(root / "artifacts"),
-        "--workers",
-        "1",
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2).read()
-            break
-        except OSError:
-            if process.poll() is not None:
-                raise RuntimeError("mlflow server exited") from None
-            time.sleep(0.5)
-    else:
-        process.kill()
-        raise RuntimeError("mlflow server did not start")
-    yield uri
-    process.terminate()
-    process.wait(timeout=30)
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    yield server.uri
+    server.stop()
