@@ -481,5 +481,15 @@ def to_dict(config: Config) -> dict[str, dict[str, Any]]:
 
 
 def flatten(config: Config) -> dict[str, Any]:
-    """``{"train.lr": 3e-4, ...}``: the flattened resolved config, e.g. for MLflow parameters."""
-    return {f"{section}.{key}": value for section, values in to_dict(config).items() for key, value in values.items()}
+    """``{"train.lr": 3e-4, ...}``: the flattened resolved config, e.g. for MLflow parameters (as
+    :func:`saved_dict`, so it compares with a saved config)."""
+    saved = saved_dict(config)
+    return {f"{section}.{key}": value for section, values in saved.items() for key, value in values.items()}
+def saved_dict(config: Config) -> dict[str, dict[str, Any]]:
+    """:func:`to_dict` as files, checkpoints and records keep it: the secret of any URI in it hidden
+    (:func:`isa.storage.redact_uri`)."""
+    from isa.storage import redact_strings
+
+    return redact_strings(to_dict(config))
+
+

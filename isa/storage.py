@@ -49,7 +49,7 @@ CREDENTIAL_CODES = frozenset(
         "AuthorizationHeaderMalformed",
     }
 )
-_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<info>[^/\s@?#]+)@")
+_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<info>[^/\s?#]+)@")
 
 
 class StorageError(IsaError):

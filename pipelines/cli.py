@@ -72,11 +72,13 @@ def refusal(error: BaseException) -> str | None:
     raised it again here. A problem of the environment the stage met on the way (a file, a network or a
     permission: ``OSError``; missing or partial cloud credentials) gives its type and message.
     """
+    from isa.storage import redact_uri  # a URI in a message keeps its secret hidden
+
     error = _raised(error)
     if isinstance(error, IsaError):
-        return str(error)
+        return redact_uri(str(error))
     if isinstance(error, _environment_errors()):
-        return f"{type(error).__name__}: {error}"
+        return redact_uri(f"{type(error).__name__}: {error}")
     return None
 
 

@@ -99,8 +99,8 @@ def artifact_location(uri: str | None, experiment: str) -> str | None:
 def ui_command(uri: str) -> str:
     """The one command that shows a store's records: ``mlflow ui`` on a local store, the server's own address."""
     if uri.startswith(("http://", "https://")):
-        return f"open {uri} (the MLflow server)"
-    return f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
+        return f"open {redact_uri(uri)} (the MLflow server)"
+    return f"mlflow ui --backend-store-uri {shlex.quote(redact_uri(uri))}"
 
 
 def client(uri: str | None) -> Any:
@@ -114,6 +114,8 @@ def experiment_id(mlflow: Any, name: str) -> str:
     """The id of the experiment called ``name``; a new one keeps its artifacts at :func:`artifact_location` (an
     existing one is used as it is, wherever its artifacts go)."""
     import mlflow as mlflow_module
+    from isa.storage import redact_uri
+
 
     found = mlflow.get_experiment_by_name(name)
     if found:
@@ -128,7 +130,10 @@ def experiment_id(mlflow: Any, name: str) -> str:
 
 def start_run(mlflow: Any, experiment: str, name: str, tags: Mapping[str, str] | None = None) -> str:
     """A new run in the experiment called ``experiment``; returns its id."""
-    return mlflow.create_run(experiment_id(mlflow, experiment), run_name=name, tags=dict(tags or {})).info.run_id
+    from isa.storage import redact_strings
+
+    tags = redact_strings(dict(tags or {}))  # a run folder's URI as every record keeps it
+    return mlflow.create_run(experiment_id(mlflow, experiment), run_name=name, tags=tags).info.run_id
 
 
 def log_params(mlflow: Any, run_id: str, params: Mapping[str, Any]) -> None:
@@ -162,7 +167,10 @@ def end_open_runs(uri: str, experiment: str, tags: Mapping[str, str], status: st
     found = mlflow.get_experiment_by_name(experiment)
     if found is None:
         return []
-    conditions = [f"tags.`{key}` = '{value}'" for key, value in tags.items()] + ["attributes.status = 'RUNNING'"]
+    from isa.storage import redact_uri
+
+    conditions = [f"tags.`{key}` = '{redact_uri(value)}'" for key, value in tags.items()]
+    conditions.append("attributes.status = 'RUNNING'")
     query = " and ".join(conditions)
     runs = mlflow.search_runs([found.experiment_id], filter_string=query, max_results=1000)
     for run in runs:
@@ -246,6 +254,11 @@ class RankZeroTracker:
 
     def __init__(
         self,
+    if uri and "***@" in uri:  # a store saved without its secret (isa.storage.redact_uri): the user names it
+        raise IsaError(
+            f"the training run of {checkpoints[0]} recorded to {uri}, saved without its password: "
+            "set eval.tracking_uri or MLFLOW_TRACKING_URI"
+        )
         enabled: bool,
         uri: str,
         experiment: str,

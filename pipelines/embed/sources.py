@@ -25,7 +25,7 @@ import ray.data
 
 from isa.config import CacheConfig
 from isa.errors import IsaError
-from isa.storage import filesystem, full_uri
+from isa.storage import filesystem, full_uri, reader_options
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 LIST_SUFFIXES = (".txt", ".lst", ".csv", ".parquet")
@@ -142,16 +142,51 @@ def _from_uris(uris: list[str], rows_per_block: int) -> ray.data.Dataset:
 
 def _read_list(uri: str, path: str, cache: CacheConfig) -> ray.data.Dataset:
     if path.endswith(".parquet"):
-        ds = ray.data.read_parquet(uri).select_columns([cache.uri_column])
-        column = cache.uri_column
-    elif path.endswith(".csv"):
-        ds = ray.data.read_csv(uri)
-        names = ds.columns()
-        column = cache.uri_column if cache.uri_column in names else names[0]
-    else:
-        ds = ray.data.read_text(uri)
-        column = "text"
-    return ds.map_batches(_as_sources, batch_format="numpy", fn_kwargs={"column": column})
+        ds = ray.data.read_parquet(uri, **reader_options(uri)).select_columns([cache.uri_column])
+        return ds.map_batches(_as_sources, batch_format="numpy", fn_kwargs={"column": cache.uri_column})
+    if path.endswith(".csv"):
+        return ray.data.from_items([{"uri": uri}]).map_batches(
+            _read_csv_list, batch_size=1, fn_kwargs={"column": cache.uri_column}
+        )
+    fs, _ = filesystem(uri)
+    size = fs.size(path)
+    starts = range(0, max(size, 1), LIST_RANGE_BYTES)
+    ranges = [{"start": start, "end": min(start + LIST_RANGE_BYTES, size)} for start in starts]
+    return ray.data.from_items(ranges, override_num_blocks=len(ranges)).map_batches(
+        _read_lines, batch_size=1, fn_kwargs={"uri": uri}
+    )
+
+
+def _read_lines(batch: dict[str, np.ndarray], uri: str) -> Iterator[dict[str, np.ndarray]]:
+    """The URIs of one byte range of a ``.txt`` list file: the lines that start in it (a line crossing its end is
+    read whole; one crossing its start belongs to the range before)."""
+    start, end = int(batch["start"][0]), int(batch["end"][0])
+    with fsspec.open(uri, "rb") as handle:
+        if start > 0:
+            handle.seek(start - 1)
+            handle.readline()  # the rest of the line holding byte start - 1
+        begin = handle.tell()
+        if begin >= end:
+            return
+        data = handle.read(end - begin)
+        if not data.endswith(b"\n"):
+            data += handle.readline()
+    lines = data.decode().splitlines()
+    for first in range(0, len(lines), LIST_ROWS):
+        uris = [u.strip() for u in lines[first : first + LIST_ROWS]]
+        yield _rows([u for u in uris if u])
+
+
+def _read_csv_list(batch: dict[str, np.ndarray], column: str) -> Iterator[dict[str, np.ndarray]]:
+    """The URIs of a ``.csv`` list file, read batch by batch: column ``column``, else the first."""
+    uri = str(batch["uri"][0])
+    with fsspec.open(uri, "rb") as handle:
+        reader = pa_csv.open_csv(handle, read_options=pa_csv.ReadOptions(block_size=LIST_RANGE_BYTES))
+        names = reader.schema.names
+        index = names.index(column) if column in names else 0
+        for record_batch in reader:
+            uris = [str(u).strip() for u in record_batch.column(index).to_pylist() if u is not None]
+            yield _rows([u for u in uris if u])
 
 
 def _as_sources(batch: dict[str, np.ndarray], column: str) -> dict[str, np.ndarray]:
@@ -194,13 +229,13 @@ def _rows(uris: list[str], datas: list[bytes | None] | None = None, errors: list
 
 
 def _read_parquet(uri: str, cache: CacheConfig) -> ray.data.Dataset:
-    schema_names = ray.data.read_parquet(uri).schema().names
+    schema_names = ray.data.read_parquet(uri, **reader_options(uri)).schema().names
     if cache.bytes_column not in schema_names:
         raise InputError(f"parquet input {uri} has no column {cache.bytes_column!r} (columns: {schema_names})")
     has_uri = cache.uri_column in schema_names
     # without a URI column a row is named by its file (see _parquet_rows)
     columns = [cache.bytes_column, cache.uri_column if has_uri else "path"]
-    ds = ray.data.read_parquet(uri, include_paths=not has_uri).select_columns(columns)
+    ds = ray.data.read_parquet(uri, include_paths=not has_uri, **reader_options(uri)).select_columns(columns)
     return ds.map_batches(
         _parquet_rows,
         batch_format="numpy",

@@ -11,11 +11,14 @@ import argparse
 import dataclasses
 import json
 import posixpath
+import shutil
 import tempfile
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import ray
 import torch
 import torch.nn.functional as F
@@ -23,11 +26,11 @@ from fsspec.implementations.local import LocalFileSystem
 
 from isa.build import build_teacher
 from isa.cache import MANIFEST_FILE, Manifest, own_entry, read_manifest
-from isa.checkpoint import STATE_FILE, CheckpointError, find_checkpoint
+from isa.checkpoint import STATE_FILE, CheckpointError, find_checkpoint, is_checkpoint
 from isa.checkpoint_files import latest_checkpoint, saved_checkpoint
 from isa.config import Config, from_dict, given_keys, load_config
 from isa.data.benchmarks import Benchmark, read_benchmark
-from isa.storage import absolute_uri, filesystem
+from isa.storage import absolute_uri, filesystem, redact_uri
 from isa.teacher import Teacher
 from pipelines import tracking
 from pipelines.artifact import check_folder
@@ -48,8 +51,12 @@ CHECKPOINT_COPIES = "checkpoints"  # under eval.output: local copies of remote c
 def local_copy(uri: str, output: str) -> str:
     """A local checkpoint for ``uri``: itself when local, else the latest remote checkpoint copied below OUTPUT.
 
+    A copy is made under a hidden staging name, checked complete (every file the size its ``state.json`` records)
+    and renamed into place whole; a copy in place that is not complete (cut short by a kill) is made again, never
+    reused.
+
     Raises:
-        CheckpointError: no checkpoint under a remote ``uri``.
+        CheckpointError: no checkpoint under a remote ``uri``, or its copy came out incomplete.
     """
     fs, path = filesystem(uri)
     if isinstance(fs, LocalFileSystem):
@@ -59,9 +66,32 @@ def local_copy(uri: str, output: str) -> str:
         raise CheckpointError(f"no complete checkpoint at {uri}: expected checkpoint_*/isa/{STATE_FILE} below it")
     base = Path(output if "://" not in output else tempfile.mkdtemp())
     target = base / CHECKPOINT_COPIES / out.slug(fs.unstrip_protocol(folder))
-    if not target.exists():
-        fs.get(folder + "/", str(target) + "/", recursive=True)
+    if not is_checkpoint(target):
+        _copy_whole(fs, folder, target)
     return str(target)
+
+
+def _copy_whole(fs: fsspec.AbstractFileSystem, folder: str, target: Path) -> None:
+    """Copy the checkpoint ``folder`` of ``fs`` to the local ``target``: staged, checked, renamed into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
+    try:
+        fs.get(folder + "/", str(staging) + "/", recursive=True)
+        if not is_checkpoint(staging):
+            raise CheckpointError(
+                f"the copy of {fs.unstrip_protocol(folder)} is incomplete (a file missing or of another size than "
+                "its state.json records): run again"
+            )
+        if target.exists():  # a copy cut short
+            shutil.rmtree(target)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not is_checkpoint(target):  # another process's complete copy may have taken the name first
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -359,7 +389,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"test-server files ({row}): {', '.join(files)}")
     if document["mlflow_run_id"]:
         uri = document["mlflow_tracking_uri"]
-        print(f"MLflow: run {document['mlflow_run_id']} in {uri}; see it with: {tracking.ui_command(uri)}")
+        shown = redact_uri(uri)
+        print(f"MLflow: run {document['mlflow_run_id']} in {shown}; see it with: {tracking.ui_command(uri)}")
+    elif document["mlflow_tracking_uri"]:  # MLflow never answered: the outbox said where the records are kept
+        print(
+            f"MLflow: not recorded in {document['mlflow_tracking_uri']}: its records are kept in {config.eval.output}"
+        )
     else:
         print("MLflow: not recorded (a remote eval.output): set eval.tracking_uri or MLFLOW_TRACKING_URI to record")
     return 0

@@ -29,9 +29,9 @@ import ray.train
 from ray.train.backend import Backend, BackendConfig
 
 from isa.cache import Manifest, fingerprint_mismatch, list_parts, read_manifest
-from isa.config import Config, given_keys, load_config, parse_overrides, to_dict
+from isa.config import Config, given_keys, load_config, parse_overrides, saved_dict, to_dict
 from isa.errors import IsaError
-from isa.storage import filesystem, full_uri
+from isa.storage import arrow_filesystem, filesystem, full_uri, redact_uri
 from pipelines import ray_compat, tracking
 from pipelines.artifact import check_folder
 from pipelines.stage import config_parser, init_ray
@@ -253,8 +253,9 @@ def run(
     data = datasets(plan.parts, config, passes=passes, manifest=plan.manifest)
     fs, run_dir = filesystem(config.train.output)
     fs.makedirs(run_dir, exist_ok=True)
-    fs.pipe_file(posixpath.join(run_dir, RUN_CONFIG_FILE), json.dumps(to_dict(config), indent=2).encode())
+    fs.pipe_file(posixpath.join(run_dir, RUN_CONFIG_FILE), json.dumps(saved_dict(config), indent=2).encode())
     storage, name = posixpath.split(config.train.output.rstrip("/"))
+    remote = arrow_filesystem(storage)  # object storage with the S3 settings of isa.storage: (filesystem, path)
     trainer = ray_compat.Trainer(
         worker_loop,
         train_loop_config={
@@ -273,7 +274,8 @@ def run(
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=storage if "://" in storage else str(Path(storage or ".").resolve()),
+            storage_path=remote[1] if remote else storage if "://" in storage else str(Path(storage or ".").resolve()),
+            storage_filesystem=remote[0] if remote else None,
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.num_to_keep),
             callbacks=list(callbacks),
@@ -334,7 +336,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run(config, start=start)
     metrics = {k: round(v, 4) for k, v in (result.metrics or {}).items() if isinstance(v, float)}
     print(f"isa train: finished at step {result.metrics.get('step')} · {metrics}")
-    print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}/isa")
+    last = result.checkpoint and posixpath.join(
+        run_dir_uri(config.train.output), posixpath.basename(result.checkpoint.path.rstrip("/")), "isa"
+    )
+    print(f"checkpoint: {last}")
     store = tracking.tracking_uri(config.train.tracking_uri, tracking.store_folder(config.train.output))
-    print(f"MLflow: experiment {config.train.experiment} in {store}; see it with: {tracking.ui_command(store)}")
+    shown = redact_uri(store or "")
+    print(f"MLflow: experiment {config.train.experiment} in {shown}; see it with: {tracking.ui_command(store)}")
     return 0

@@ -20,7 +20,7 @@ import ray.data
 from isa.cache import Manifest
 from isa.config import Config
 from isa.split import is_validation
-from isa.storage import filesystem, read_column_values
+from isa.storage import filesystem, read_column_values, reader_options
 from pipelines.console import without_progress_bars
 
 VIEW_ROWS = 256  # rows per call of the decode-and-view tasks: bounded memory per task, whatever the shard size
@@ -94,16 +94,17 @@ def datasets(
         "hflip": config.train.hflip,
     }
     geometry = {"preprocess": manifest.teacher["preprocess"], "grid": manifest.local_grid} if lar and manifest else {}
+    storage = reader_options(config.train.cache)  # object storage with the S3 settings of isa.storage
     context = ray.data.DataContext.get_current()
     v2 = context.use_datasource_v2
     context.use_datasource_v2 = False  # reader V2 reads a path listed twice only once; V1 reads every entry
     try:
-        train = ray.data.read_parquet(pass_order(parts, passes, config.train.seed)).select_columns(columns)
+        train = ray.data.read_parquet(pass_order(parts, passes, config.train.seed), **storage).select_columns(columns)
     finally:
         context.use_datasource_v2 = v2
     views = {"batch_size": VIEW_ROWS}
     train = train.map_batches(split_and_view, fn_kwargs={"validation": False, **split, **geometry}, **views)
-    val = ray.data.read_parquet(parts).select_columns(columns)
+    val = ray.data.read_parquet(parts, **storage).select_columns(columns)
     val = val.map_batches(split_and_view, fn_kwargs={"validation": True, **split}, **views)
     val = val.limit(config.train.val_images)
     # read in Ray Train's processes, whose progress bars the driver would draw again after they finish; the

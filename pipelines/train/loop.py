@@ -33,7 +33,7 @@ import torch
 from isa.augment import to_unit_range
 from isa.build import build_student, build_task, build_teacher
 from isa.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from isa.config import Config, flatten, from_dict, to_dict
+from isa.config import Config, flatten, from_dict, saved_dict
 from isa.retrieval import image_retrieval_recall
 from isa.schedule import warmup_cosine
 from isa.shuffle import mixed_batches
@@ -153,7 +153,8 @@ def start(config: Config, loop_config: dict[str, Any]) -> Worker:
     if worker.step == 0:
         worker.tracker.params(flatten(config))
     worker.task.train()
-    worker.saved_config = {"config": to_dict(config), "teacher": loop_config["fingerprint"]}
+    worker.saved_config = {"config": saved_dict(config), "teacher": loop_config["fingerprint"]}
+    worker.run_dir = loop_config["run_dir"]
     return worker
 
 
