@@ -143,50 +143,15 @@ def _from_uris(uris: list[str], rows_per_block: int) -> ray.data.Dataset:
 def _read_list(uri: str, path: str, cache: CacheConfig) -> ray.data.Dataset:
     if path.endswith(".parquet"):
         ds = ray.data.read_parquet(uri, **reader_options(uri)).select_columns([cache.uri_column])
-        return ds.map_batches(_as_sources, batch_format="numpy", fn_kwargs={"column": cache.uri_column})
-    if path.endswith(".csv"):
-        return ray.data.from_items([{"uri": uri}]).map_batches(
-            _read_csv_list, batch_size=1, fn_kwargs={"column": cache.uri_column}
-        )
-    fs, _ = filesystem(uri)
-    size = fs.size(path)
-    starts = range(0, max(size, 1), LIST_RANGE_BYTES)
-    ranges = [{"start": start, "end": min(start + LIST_RANGE_BYTES, size)} for start in starts]
-    return ray.data.from_items(ranges, override_num_blocks=len(ranges)).map_batches(
-        _read_lines, batch_size=1, fn_kwargs={"uri": uri}
-    )
-
-
-def _read_lines(batch: dict[str, np.ndarray], uri: str) -> Iterator[dict[str, np.ndarray]]:
-    """The URIs of one byte range of a ``.txt`` list file: the lines that start in it (a line crossing its end is
-    read whole; one crossing its start belongs to the range before)."""
-    start, end = int(batch["start"][0]), int(batch["end"][0])
-    with fsspec.open(uri, "rb") as handle:
-        if start > 0:
-            handle.seek(start - 1)
-            handle.readline()  # the rest of the line holding byte start - 1
-        begin = handle.tell()
-        if begin >= end:
-            return
-        data = handle.read(end - begin)
-        if not data.endswith(b"\n"):
-            data += handle.readline()
-    lines = data.decode().splitlines()
-    for first in range(0, len(lines), LIST_ROWS):
-        uris = [u.strip() for u in lines[first : first + LIST_ROWS]]
-        yield _rows([u for u in uris if u])
-
-
-def _read_csv_list(batch: dict[str, np.ndarray], column: str) -> Iterator[dict[str, np.ndarray]]:
-    """The URIs of a ``.csv`` list file, read batch by batch: column ``column``, else the first."""
-    uri = str(batch["uri"][0])
-    with fsspec.open(uri, "rb") as handle:
-        reader = pa_csv.open_csv(handle, read_options=pa_csv.ReadOptions(block_size=LIST_RANGE_BYTES))
-        names = reader.schema.names
-        index = names.index(column) if column in names else 0
-        for record_batch in reader:
-            uris = [str(u).strip() for u in record_batch.column(index).to_pylist() if u is not None]
-            yield _rows([u for u in uris if u])
+        column = cache.uri_column
+    elif path.endswith(".csv"):
+        ds = ray.data.read_csv(uri, **reader_options(uri))
+        names = ds.columns()
+        column = cache.uri_column if cache.uri_column in names else names[0]
+    else:
+        ds = ray.data.read_text(uri, **reader_options(uri))
+        column = "text"
+    return ds.map_batches(_as_sources, batch_format="numpy", fn_kwargs={"column": column})
 
 
 def _as_sources(batch: dict[str, np.ndarray], column: str) -> dict[str, np.ndarray]:
