@@ -480,11 +480,6 @@ def to_dict(config: Config) -> dict[str, dict[str, Any]]:
     }
 
 
-def flatten(config: Config) -> dict[str, Any]:
-    """``{"train.lr": 3e-4, ...}``: the flattened resolved config, e.g. for MLflow parameters (as
-    :func:`saved_dict`, so it compares with a saved config)."""
-    saved = saved_dict(config)
-    return {f"{section}.{key}": value for section, values in saved.items() for key, value in values.items()}
 def saved_dict(config: Config) -> dict[str, dict[str, Any]]:
     """:func:`to_dict` as files, checkpoints and records keep it: the secret of any URI in it hidden
     (:func:`isa.storage.redact_uri`)."""
@@ -493,3 +488,8 @@ def saved_dict(config: Config) -> dict[str, dict[str, Any]]:
     return redact_strings(to_dict(config))
 
 
+def flatten(config: Config) -> dict[str, Any]:
+    """``{"train.lr": 3e-4, ...}``: the flattened resolved config, e.g. for MLflow parameters (as
+    :func:`saved_dict`, so it compares with a saved config)."""
+    saved = saved_dict(config)
+    return {f"{section}.{key}": value for section, values in saved.items() for key, value in values.items()}

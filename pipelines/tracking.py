@@ -98,6 +98,8 @@ def artifact_location(uri: str | None, experiment: str) -> str | None:
 
 def ui_command(uri: str) -> str:
     """The one command that shows a store's records: ``mlflow ui`` on a local store, the server's own address."""
+    from isa.storage import redact_uri
+
     if uri.startswith(("http://", "https://")):
         return f"open {redact_uri(uri)} (the MLflow server)"
     return f"mlflow ui --backend-store-uri {shlex.quote(redact_uri(uri))}"
@@ -114,8 +116,6 @@ def experiment_id(mlflow: Any, name: str) -> str:
     """The id of the experiment called ``name``; a new one keeps its artifacts at :func:`artifact_location` (an
     existing one is used as it is, wherever its artifacts go)."""
     import mlflow as mlflow_module
-    from isa.storage import redact_uri
-
 
     found = mlflow.get_experiment_by_name(name)
     if found:
@@ -235,6 +235,11 @@ def eval_tracking(explicit: str | None, checkpoints: list[str] | tuple[str, ...]
     """
     found = training_record(checkpoints[0]) if checkpoints else TrainingRecord(None, None)
     uri = tracking_uri(explicit, None) or found.uri
+    if uri and "***@" in uri:  # a store saved without its secret (isa.storage.redact_uri): the user names it
+        raise IsaError(
+            f"the training run of {checkpoints[0]} recorded to {uri}, saved without its password: "
+            "set eval.tracking_uri or MLFLOW_TRACKING_URI"
+        )
     if uri is None and "://" not in output:
         uri = tracking_uri(None, output)
     return TrainingRecord(uri, found.run_id)
@@ -254,11 +259,6 @@ class RankZeroTracker:
 
     def __init__(
         self,
-    if uri and "***@" in uri:  # a store saved without its secret (isa.storage.redact_uri): the user names it
-        raise IsaError(
-            f"the training run of {checkpoints[0]} recorded to {uri}, saved without its password: "
-            "set eval.tracking_uri or MLFLOW_TRACKING_URI"
-        )
         enabled: bool,
         uri: str,
         experiment: str,

@@ -154,7 +154,6 @@ def start(config: Config, loop_config: dict[str, Any]) -> Worker:
         worker.tracker.params(flatten(config))
     worker.task.train()
     worker.saved_config = {"config": saved_dict(config), "teacher": loop_config["fingerprint"]}
-    worker.run_dir = loop_config["run_dir"]
     return worker
 
 
