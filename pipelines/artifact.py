@@ -16,6 +16,7 @@ from typing import Any
 
 from isa.errors import IsaError
 from isa.storage import filesystem, write_bytes
+from pipelines.lease import LEASE_FILE
 
 FILES_KEY = "files"  # in the manifest: {name: {"bytes": size, "sha256": hex, or None where not recorded}}
 
@@ -53,7 +54,8 @@ def check_folder(uri: str, kind: str, own: Callable[[str], bool], marker: str | 
         return False
     if not fs.isdir(root):
         raise ArtifactError(f"OUT {uri} is a file: name a folder to create")
-    names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
+    # the lease of a run writing there (pipelines.lease) is no entry of the folder's own
+    names = sorted(n for n in (posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)) if n != LEASE_FILE)
     marked = marker is None or marker in names
     foreign = [n for n in names if not own(n)] if marked else names
     if not foreign:
