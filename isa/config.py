@@ -177,6 +177,9 @@ class CacheConfig:
     input_format: Literal["auto", "folder", "list", "tar", "parquet"] = "auto"  # how to read the input URI
     bytes_column: str = "image"  # Parquet input: column with the image bytes
     uri_column: str = "uri"  # Parquet or CSV list input: column naming each image
+    # rows of the cache (URIs and content ids) per ledger shard, the actors that tell new inputs from those the
+    # cache accounts for: a run starts one per this many rows, so no process grows with the cache (48 bytes a row)
+    ledger_rows: int = 2_000_000
 
     def __post_init__(self) -> None:
         _require(self.local_grid >= 0, "cache.local_grid", "must be >= 0 (0 = no local features)")
@@ -187,6 +190,7 @@ class CacheConfig:
             "decode_batch_size",
             "rows_per_shard",
             "max_image_pixels",
+            "ledger_rows",
         ):
             _require(getattr(self, key) >= 1, f"cache.{key}", "must be >= 1")
         _require(1 <= self.jpeg_quality <= 100, "cache.jpeg_quality", "must be in [1, 100]")

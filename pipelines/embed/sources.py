@@ -13,15 +13,18 @@ Kinds (``cache.input_format``, or guessed from the URI with ``auto``):
 from __future__ import annotations
 
 import hashlib
-import posixpath
+import itertools
+import os
 import tarfile
 from collections.abc import Iterator
 
 import fsspec
 import numpy as np
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import ray
 import ray.data
+from fsspec.implementations.local import LocalFileSystem
 
 from isa.config import CacheConfig
 from isa.errors import IsaError
@@ -35,14 +38,20 @@ class InputError(IsaError):
     """The input URI cannot be read as the requested (or guessed) kind."""
 
 
-def check_input(uri: str, cache: CacheConfig, exclude: str | None = None) -> tuple[str, list[str] | None]:
-    """Refuse an input that cannot be read as its kind (reading only listings and Parquet footers, no Ray).
+SAMPLE_FILES = 1000  # files of a folder input looked at before Ray starts (its kind, that it holds any)
+LIST_ROWS = 8192  # URIs per block of a folder listing or a list file
+LIST_RANGE_BYTES = 8 * 2**20  # bytes of a .txt list file per reading task
+
+
+def check_input(uri: str, cache: CacheConfig, exclude: str | None = None) -> str:
+    """Refuse an input that cannot be read as its kind (reading the first files of a folder and Parquet footers,
+    never listing a whole folder; no Ray).
 
     Args:
         exclude: a folder under ``uri`` whose files are not inputs (the cache being written, when it lies there).
 
     Returns:
-        The input's kind and, for a folder, its files (sorted, hidden ones and ``exclude`` left out).
+        The input's kind.
 
     Raises:
         InputError: naming the URI: it does not exist, holds no files, is of a kind that cannot be told, or is a
@@ -51,18 +60,18 @@ def check_input(uri: str, cache: CacheConfig, exclude: str | None = None) -> tup
     fs, path = filesystem(uri)
     if not fs.exists(path):
         raise InputError(f"input not found: {uri}")
-    listing = _find(fs, path, exclude) if fs.isdir(path) else None
-    kind = guess_format(uri, cache, listing)
-    if listing is not None and not listing:
+    sample = list(itertools.islice(walk_files(fs, path, exclude), SAMPLE_FILES)) if fs.isdir(path) else None
+    kind = guess_format(uri, cache, sample)
+    if sample is not None and not sample:
         raise InputError(f"no input files found under {uri}")
-    if kind == "tar" and not [p for p in (listing or [path]) if p.endswith(".tar")]:
+    if kind == "tar" and not _shards(fs, path, sample, ".tar", exclude):
         raise InputError(f"no .tar shards found at {uri}")
-    if kind == "list" and listing is not None:
+    if kind == "list" and sample is not None:
         raise InputError(f"input {uri} is a folder, not a list file: set cache.input_format=folder (or auto)")
-    if kind == "folder" and listing is None:
+    if kind == "folder" and sample is None:
         raise InputError(f"input {uri} is a file, not a folder: set cache.input_format (or auto)")
-    parquet = [p for p in (listing or [path]) if p.endswith(".parquet")]
     needed = {"parquet": cache.bytes_column, "list": cache.uri_column}.get(kind)
+    parquet = _shards(fs, path, sample, ".parquet", exclude) if needed else []
     if needed and parquet:
         with fs.open(parquet[0], "rb") as handle:
             names = pq.read_schema(handle).names
@@ -74,14 +83,25 @@ def check_input(uri: str, cache: CacheConfig, exclude: str | None = None) -> tup
             )
     elif kind == "parquet":
         raise InputError(f"no .parquet files found at {uri}")
-    return kind, listing
+    return kind
 
 
-def guess_format(uri: str, cache: CacheConfig, listing: list[str] | None = None) -> str:
+def _shards(
+    fs: fsspec.AbstractFileSystem, path: str, sample: list[str] | None, suffix: str, exclude: str | None
+) -> list[str]:
+    """The ``suffix`` files of a shard input: the file itself, else the folder's (listed whole only when its first
+    files are not all shards: a folder of shards holds few files)."""
+    if sample is None:
+        return [path] if path.endswith(suffix) else []
+    return [p for p in (sample if len(sample) < SAMPLE_FILES else _find(fs, path, exclude)) if p.endswith(suffix)]
+
+
+def guess_format(uri: str, cache: CacheConfig, sample: list[str] | None = None) -> str:
     """The input kind of an existing URI when ``cache.input_format`` is ``auto``.
 
     Args:
-        listing: the files under ``uri`` when it is a folder and they were listed already.
+        sample: the first files under ``uri`` when it is a folder and they were looked at already; a folder whose
+            first files are all ``.tar`` (or all ``.parquet``) is read as shards of that kind.
     """
     if cache.input_format != "auto":
         return cache.input_format
@@ -99,7 +119,7 @@ def guess_format(uri: str, cache: CacheConfig, listing: list[str] | None = None)
             f"cannot tell what kind of input {uri} is (a folder, a .tar shard, a list file "
             f"{'/'.join(LIST_SUFFIXES)}, or parquet with image bytes); set cache.input_format"
         )
-    files = _find(fs, path) if listing is None else listing
+    files = list(itertools.islice(walk_files(fs, path), SAMPLE_FILES)) if sample is None else sample
     if files and all(p.endswith(".tar") for p in files):
         return "tar"
     if files and all(p.endswith(".parquet") for p in files):
@@ -107,32 +127,70 @@ def guess_format(uri: str, cache: CacheConfig, listing: list[str] | None = None)
     return "folder"
 
 
+def walk_files(fs: fsspec.AbstractFileSystem, root: str, exclude: str | None = None) -> Iterator[str]:
+    """Every non-hidden file under ``root``, one at a time, leaving out anything under ``exclude``: a local folder
+    is read entry by entry (``os.scandir``), another filesystem one folder listing at a time."""
+    skip = exclude.rstrip("/") if exclude else None
+    if isinstance(fs, LocalFileSystem):
+        folders = [root]
+        while folders:
+            folder = folders.pop()
+            if folder == skip:
+                continue
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.is_dir():
+                        folders.append(entry.path)
+                    elif not entry.name.startswith("."):
+                        yield entry.path
+        return
+    for folder, _, names in fs.walk(root, detail=False):
+        folder = folder.rstrip("/")
+        if skip and (folder == skip or folder.startswith(skip + "/")):
+            continue
+        for name in sorted(names):
+            if not name.startswith("."):
+                yield f"{folder}/{name}"
+
+
 def _find(fs: fsspec.AbstractFileSystem, root: str, exclude: str | None = None) -> list[str]:
-    """Every non-hidden file under ``root``, sorted, leaving out anything under ``exclude``."""
-    paths = fs.find(root, withdirs=False)
-    keep = [p for p in paths if not posixpath.basename(p).startswith(".")]
-    if exclude:
-        keep = [p for p in keep if not (p == exclude or p.startswith(exclude.rstrip("/") + "/"))]
-    return sorted(keep)
+    """Every non-hidden file under ``root``, sorted (for shard inputs: few files)."""
+    return sorted(walk_files(fs, root, exclude))
 
 
 def read_sources(uri: str, cache: CacheConfig, exclude: str | None = None) -> ray.data.Dataset:
     """The inputs as a dataset with columns ``uri`` (str), ``data`` (bytes or None: read ``uri``) and ``error``
-    (None, or why the input could not even be listed, e.g. a corrupt tar shard)."""
+    (None, or why the input could not even be listed, e.g. a corrupt tar shard). Folders and list files are
+    listed by tasks, block by block: no process holds the whole listing."""
     fs, root = filesystem(uri)
-    kind, listing = check_input(uri, cache, exclude)  # listed once, also to guess the kind
+    kind = check_input(uri, cache, exclude)
     if kind == "folder":
-        return _from_uris([full_uri(fs, p) for p in listing or []], cache.decode_batch_size)
+        return ray.data.from_items([{"root": root}]).map_batches(
+            _list_folder, batch_size=1, fn_kwargs={"uri": uri, "exclude": exclude}
+        )
     if kind == "list":
         return _read_list(uri, root, cache)
     if kind == "tar":
-        shards = [full_uri(fs, p) for p in (listing if listing is not None else [root]) if p.endswith(".tar")]
+        listing = [root] if fs.isfile(root) else _find(fs, root, exclude)
+        shards = [full_uri(fs, p) for p in listing if p.endswith(".tar")]
         return _from_uris(shards, 1).map_batches(
             _expand_tars, batch_size=1, fn_kwargs={"rows": cache.decode_batch_size}
         )
     if kind == "parquet":
         return _read_parquet(uri, cache)
     raise InputError(f"unknown input format {kind!r}")
+
+
+def _list_folder(batch: dict[str, np.ndarray], uri: str, exclude: str | None) -> Iterator[dict[str, np.ndarray]]:
+    fs, root = filesystem(uri)
+    uris: list[str] = []
+    for path in walk_files(fs, root, exclude):
+        uris.append(full_uri(fs, path))
+        if len(uris) >= LIST_ROWS:
+            yield _rows(uris)
+            uris = []
+    if uris:
+        yield _rows(uris)
 
 
 def _from_uris(uris: list[str], rows_per_block: int) -> ray.data.Dataset:
@@ -143,15 +201,51 @@ def _from_uris(uris: list[str], rows_per_block: int) -> ray.data.Dataset:
 def _read_list(uri: str, path: str, cache: CacheConfig) -> ray.data.Dataset:
     if path.endswith(".parquet"):
         ds = ray.data.read_parquet(uri, **reader_options(uri)).select_columns([cache.uri_column])
-        column = cache.uri_column
-    elif path.endswith(".csv"):
-        ds = ray.data.read_csv(uri, **reader_options(uri))
-        names = ds.columns()
-        column = cache.uri_column if cache.uri_column in names else names[0]
-    else:
-        ds = ray.data.read_text(uri, **reader_options(uri))
-        column = "text"
-    return ds.map_batches(_as_sources, batch_format="numpy", fn_kwargs={"column": column})
+        return ds.map_batches(_as_sources, batch_format="numpy", fn_kwargs={"column": cache.uri_column})
+    if path.endswith(".csv"):
+        return ray.data.from_items([{"uri": uri}]).map_batches(
+            _read_csv_list, batch_size=1, fn_kwargs={"column": cache.uri_column}
+        )
+    fs, _ = filesystem(uri)
+    size = fs.size(path)
+    starts = range(0, max(size, 1), LIST_RANGE_BYTES)
+    ranges = [{"start": start, "end": min(start + LIST_RANGE_BYTES, size)} for start in starts]
+    return ray.data.from_items(ranges, override_num_blocks=len(ranges)).map_batches(
+        _read_lines, batch_size=1, fn_kwargs={"uri": uri}
+    )
+
+
+def _read_lines(batch: dict[str, np.ndarray], uri: str) -> Iterator[dict[str, np.ndarray]]:
+    """The URIs of one byte range of a ``.txt`` list file: the lines that start in it (a line crossing its end is
+    read whole; one crossing its start belongs to the range before)."""
+    start, end = int(batch["start"][0]), int(batch["end"][0])
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        if start > 0:
+            handle.seek(start - 1)
+            handle.readline()  # the rest of the line holding byte start - 1
+        begin = handle.tell()
+        if begin >= end:
+            return
+        data = handle.read(end - begin)
+        if not data.endswith(b"\n"):
+            data += handle.readline()
+    lines = data.decode().splitlines()
+    for first in range(0, len(lines), LIST_ROWS):
+        uris = [u.strip() for u in lines[first : first + LIST_ROWS]]
+        yield _rows([u for u in uris if u])
+
+
+def _read_csv_list(batch: dict[str, np.ndarray], column: str) -> Iterator[dict[str, np.ndarray]]:
+    """The URIs of a ``.csv`` list file, read batch by batch: column ``column``, else the first."""
+    fs, path = filesystem(str(batch["uri"][0]))
+    with fs.open(path, "rb") as handle:
+        reader = pa_csv.open_csv(handle, read_options=pa_csv.ReadOptions(block_size=LIST_RANGE_BYTES))
+        names = reader.schema.names
+        index = names.index(column) if column in names else 0
+        for record_batch in reader:
+            uris = [str(u).strip() for u in record_batch.column(index).to_pylist() if u is not None]
+            yield _rows([u for u in uris if u])
 
 
 def _as_sources(batch: dict[str, np.ndarray], column: str) -> dict[str, np.ndarray]:

@@ -1,0 +1,192 @@
+"""Exactly once at any scale: which inputs of ``isa embed`` are new, and which new images are the first with
+their bytes (docs/cache.md, "Resuming").
+
+The ledger is split by key across :class:`LedgerShard` actors, each holding its part of the key space: the
+16-byte keys of the URIs (blake2b) and content ids (the sha256's first 16 bytes) that the cache accounted for
+when the run started, as two sorted arrays, and, as Python objects, only this run's new inputs. The keys are
+read from the cache's Parquet files by parallel tasks, never by the driver; a shard holds at most
+``cache.ledger_rows`` of them (the cache's rows decide how many shards a run starts), so no process grows
+with the size of the cache.
+
+Retries: :meth:`Ledger.admit` answers a retried batch (same URIs, same batch key) as it answered the first
+attempt, and :meth:`Ledger.claim` gives the same URI the same answer, so a task that died and ran again
+processes exactly what the first attempt would have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import posixpath
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+
+from isa.cache import DUPLICATES_DIR, ERRORS_DIR, list_parts
+from isa.storage import filesystem, full_uri
+
+KEY = np.dtype("S16")  # a URI's or content id's key
+FILES_PER_TASK = 256  # cache files whose keys one loading task reads
+
+
+def uri_keys(uris: Sequence[str]) -> np.ndarray:
+    """The 16-byte keys of URIs (blake2b-128)."""
+    return np.array([hashlib.blake2b(u.encode(), digest_size=16).digest() for u in uris], dtype=KEY).reshape(-1)
+
+
+def id_keys(ids: Sequence[str]) -> np.ndarray:
+    """The 16-byte keys of content ids (sha256 hex): their first 16 bytes."""
+    return np.array([bytes.fromhex(i[:32]) for i in ids], dtype=KEY).reshape(-1)
+
+
+def shard_of(keys: np.ndarray, shards: int) -> np.ndarray:
+    """Which shard holds each key: its first 4 bytes modulo the number of shards."""
+    heads = np.ascontiguousarray(keys).view(np.uint8).reshape(-1, 16)[:, :4].copy().view(">u4").reshape(-1)
+    return (heads % shards).astype(np.int64)
+
+
+def _member(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    if len(sorted_keys) == 0:
+        return np.zeros(len(keys), dtype=bool)
+    at = np.searchsorted(sorted_keys, keys).clip(max=len(sorted_keys) - 1)
+    return sorted_keys[at] == keys
+
+
+def _split(keys: np.ndarray, shards: int) -> list[np.ndarray]:
+    where = shard_of(keys, shards)
+    return [keys[where == shard] for shard in range(shards)]
+
+
+@ray.remote(num_cpus=0.5)
+def _cache_keys(files: list[str], column: str, as_id: bool, shards: int) -> list[np.ndarray] | np.ndarray:
+    """The keys of one column of some cache files, split by shard (one return value per shard)."""
+    parts: list[list[np.ndarray]] = [[] for _ in range(shards)]
+    for uri in files:
+        fs, path = filesystem(uri)
+        with fs.open(path, "rb") as handle:
+            values = pq.read_table(handle, columns=[column]).column(column).to_pylist()
+        for shard, keys in enumerate(_split(id_keys(values) if as_id else uri_keys(values), shards)):
+            parts[shard].append(keys)
+    merged = [np.concatenate(p) if p else np.zeros(0, dtype=KEY) for p in parts]
+    return merged if shards > 1 else merged[0]
+
+
+@ray.remote(num_cpus=0)
+class LedgerShard:
+    """One part of the key space: what the cache held (sorted keys) and this run's new inputs.
+
+    Args:
+        done_parts: references to the keys of URIs the cache accounts for (cached, rejected, duplicates).
+        id_parts: references to the keys of the content ids cached.
+    """
+
+    def __init__(self, done_parts: list[ray.ObjectRef], id_parts: list[ray.ObjectRef]):
+        self.done = self._sorted(done_parts)
+        self.cached_ids = self._sorted(id_parts)
+        self.admitted: dict[bytes, str] = {}  # URI key -> key of the batch that took it this run
+        self.owner: dict[bytes, str] = {}  # content id key -> URI that caches it this run
+        self.batches: dict[str, tuple[int, int]] = {}  # batch key -> (inputs read, inputs skipped)
+
+    @staticmethod
+    def _sorted(parts: list[ray.ObjectRef]) -> np.ndarray:
+        # the parts are read-only views of the object store; the shard's own memory holds one copy of its keys
+        keys = np.concatenate([np.zeros(0, dtype=KEY), *ray.get(parts)])
+        keys.sort()
+        return keys
+
+    def admit(self, keys: np.ndarray, batch_key: str) -> np.ndarray:
+        """True for inputs this batch should process; a retried batch gets the same answer again."""
+        done = _member(self.done, keys)
+        answer = np.zeros(len(keys), dtype=bool)
+        for index in np.flatnonzero(~done):
+            # the same URI listed twice is processed once, by the first batch that listed it
+            answer[index] = self.admitted.setdefault(keys[index], batch_key) == batch_key
+        self.batches[batch_key] = (len(keys), int(done.sum()))
+        return answer
+
+    def claim(self, keys: np.ndarray, uris: list[str]) -> list[str | None]:
+        """None where ``uri`` is the one that caches its id, else the URI (or "cache") it duplicates."""
+        cached = _member(self.cached_ids, keys)
+        result: list[str | None] = []
+        for key, uri, earlier in zip(keys, uris, cached):
+            if earlier:
+                result.append("cache")
+                continue
+            owner = self.owner.setdefault(key, uri)
+            result.append(None if owner == uri else owner)
+        return result
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "read": sum(read for read, _ in self.batches.values()),
+            "skipped": sum(skipped for _, skipped in self.batches.values()),
+        }
+
+
+class Ledger:
+    """The ledger's shards, as tasks ask them (a small object: it travels with every task that uses it)."""
+
+    def __init__(self, shards: list[ray.actor.ActorHandle]):
+        self.shards = shards
+
+    def admit(self, uris: Sequence[str], batch_key: str) -> np.ndarray:
+        """A mask of the inputs this batch processes: not accounted for by the cache, listed first here."""
+        keys = uri_keys(uris)
+        where = shard_of(keys, len(self.shards))
+        refs = {s: self.shards[s].admit.remote(keys[where == s], batch_key) for s in np.unique(where).tolist()}
+        answer = np.zeros(len(keys), dtype=bool)
+        for shard, ref in refs.items():
+            answer[where == shard] = ray.get(ref)
+        return answer
+
+    def claim(self, ids: Sequence[str], uris: Sequence[str]) -> list[str | None]:
+        """For each new image: None where it is the first with its bytes, else the URI (or "cache") holding them."""
+        keys = id_keys(ids)
+        where = shard_of(keys, len(self.shards))
+        result: list[str | None] = [None] * len(keys)
+        refs = {}
+        for shard in np.unique(where).tolist():
+            rows = np.flatnonzero(where == shard)
+            refs[shard] = (rows, self.shards[shard].claim.remote(keys[rows], [uris[i] for i in rows]))
+        for rows, ref in refs.values():
+            for row, answer in zip(rows, ray.get(ref)):
+                result[row] = answer
+        return result
+
+    def counts(self) -> dict[str, int]:
+        """Inputs read and skipped so far, over every shard."""
+        totals = {"read": 0, "skipped": 0}
+        for counts in ray.get([shard.counts.remote() for shard in self.shards]):
+            for name, value in counts.items():
+                totals[name] += value
+        return totals
+
+    def kill(self) -> None:
+        """End the shards' processes (and the keys they hold) now."""
+        for shard in self.shards:
+            ray.kill(shard)
+
+
+def start_ledger(output: str, rows: int, rows_per_shard: int) -> Ledger:
+    """A ledger of what the cache at ``output`` accounts for, with one shard per ``rows_per_shard`` of its ``rows``
+    (cached, rejected and duplicate rows, from the files' footers)."""
+    fs, root = filesystem(output)
+    shards = max(1, math.ceil(rows / rows_per_shard))
+
+    def keys(folder: str, column: str, as_id: bool) -> list[list[ray.ObjectRef]]:
+        files = [full_uri(fs, p) for p in list_parts(fs, folder)] if fs.exists(folder) else []
+        groups = [files[i : i + FILES_PER_TASK] for i in range(0, len(files), FILES_PER_TASK)]
+        refs = [_cache_keys.options(num_returns=shards).remote(g, column, as_id, shards) for g in groups]
+        return [r if isinstance(r, list) else [r] for r in refs]
+
+    done = [
+        *keys(root, "uri", False),
+        *keys(posixpath.join(root, ERRORS_DIR), "uri", False),
+        *keys(posixpath.join(root, DUPLICATES_DIR), "uri", False),
+    ]
+    ids = keys(root, "id", True)
+    return Ledger(
+        [LedgerShard.remote([g[s] for g in done], [g[s] for g in ids]) for s in range(shards)]  # type: ignore[attr-defined]
+    )
