@@ -13,7 +13,10 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # greyscale of more than 8 bits a pixel (16-bit PNG, TIFF)
 
 
 class ImageRejected(ValueError):
@@ -28,7 +31,10 @@ def content_id(data: bytes) -> str:
 def decode_image(data: bytes, max_pixels: int, draft_short_side: int | None = None) -> Image.Image:
     """Decode and validate image bytes.
 
-    EXIF orientation is applied and any mode is converted to RGB (as open_clip's preprocessing does).
+    EXIF orientation is applied (Pillow skips EXIF data that does not parse) and any mode is converted to RGB as
+    open_clip's preprocessing does (CMYK and YCCK JPEGs, palettes with transparency, LA; the first frame of an
+    animation), except 16-bit and 32-bit integer greyscale, reduced to its 8 high bits first (Pillow's own conversion
+    clips it, which turns most such images white).
 
     Args:
         data: the file's bytes.
@@ -44,6 +50,7 @@ def decode_image(data: bytes, max_pixels: int, draft_short_side: int | None = No
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module="PIL")  # corrupt EXIF, palette alpha
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
@@ -53,6 +60,9 @@ def decode_image(data: bytes, max_pixels: int, draft_short_side: int | None = No
                 image.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))
             image.load()
             image = ImageOps.exif_transpose(image)
+            if image.mode in WIDE_GREY:
+                high = np.asarray(image, dtype=np.int64) >> 8
+                image = Image.fromarray(high.clip(0, 255).astype(np.uint8), "L")
             return image.convert("RGB")
     except ImageRejected:
         raise

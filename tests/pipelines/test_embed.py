@@ -9,11 +9,13 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tarfile
 import time
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -65,13 +67,82 @@ def _bad_inputs(folder: Path, good: Path) -> dict[str, str]:
     corrupt[len(corrupt) // 2 : len(corrupt) // 2 + 64] = bytes(64)  # damage the compressed pixel data
     (folder / "corrupt.png").write_bytes(bytes(corrupt))
     Image.new("RGB", (400, 300), (1, 2, 3)).save(folder / "bomb.png")  # over the pixel limit set below
+    (folder / "bomb-declared.png").write_bytes(_declared_bomb())
+    jpeg = io.BytesIO()
+    Image.open(good).convert("RGB").save(jpeg, "JPEG")
+    (folder / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) * 2 // 3])
     return {
         "empty.jpg": "empty",
         "notes.txt": "not an image",
         "truncated.png": "undecodable",
+        "truncated.jpg": "undecodable",
         "corrupt.png": "undecodable",
         "bomb.png": "decompression bomb",
+        "bomb-declared.png": "decompression bomb",
     }
+
+
+def _declared_bomb() -> bytes:
+    """A real decompression bomb: a PNG of 3 kB that declares 50000 x 50000 pixels (2.5 G), its data all zeros."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    side = 50_000
+    pixels = zlib.compress(b"\0" * (side + 1) * 64, 9)  # 64 rows of the 50000 declared
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def _unusual_images(folder: Path) -> list[str]:
+    """Valid images of every unusual kind (modes, encodings, animations, EXIF that does not parse); their names."""
+    rng = np.random.default_rng(1)
+    base = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    base.convert("CMYK").save(folder / "cmyk.jpg", "JPEG")
+    ycck = bytearray((folder / "cmyk.jpg").read_bytes())
+    adobe = ycck.index(b"Adobe")
+    ycck[adobe + 11] = 2  # the APP14 marker's colour transform: YCCK
+    (folder / "ycck.jpg").write_bytes(bytes(ycck))
+    base.save(folder / "progressive.jpg", "JPEG", progressive=True)
+    grey = np.asarray(base.convert("L")).astype(np.uint16) * 257
+    Image.fromarray(grey).save(folder / "sixteen-bit.png")  # mode I;16
+    palette = base.convert("P", palette=Image.ADAPTIVE, colors=16)
+    palette.save(folder / "palette-transparency.png", transparency=0)
+    base.convert("LA").save(folder / "grey-alpha.png")
+    frames = [base.transpose(Image.FLIP_TOP_BOTTOM), base]
+    frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    frames[0].save(folder / "animated.webp", save_all=True, append_images=frames[1:], duration=100, lossless=True)
+    exif = Image.Exif()
+    exif[0x0112] = 9  # no such orientation
+    base.save(folder / "orientation-9.jpg", "JPEG", exif=exif.tobytes())
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    base.save(buffer, "JPEG", exif=exif.tobytes())
+    damaged = bytearray(buffer.getvalue())
+    tiff = damaged.index(b"Exif\0\0") + 6
+    damaged[tiff + 8 : tiff + 10] = b"\xff\xff"  # the IFD claims 65535 entries
+    (folder / "exif-corrupt.jpg").write_bytes(bytes(damaged))
+    return [
+        "cmyk.jpg",
+        "ycck.jpg",
+        "progressive.jpg",
+        "sixteen-bit.png",
+        "palette-transparency.png",
+        "grey-alpha.png",
+        "animated.gif",
+        "animated.webp",
+        "orientation-9.jpg",
+        "exif-corrupt.jpg",
+    ]
+
+
+def _reference_image(path: str) -> Image.Image:
+    """The image open_clip's users hand it: oriented, RGB; 16-bit greyscale by its 8 high bits (Pillow's own
+    conversion clips it to white)."""
+    image = ImageOps.exif_transpose(Image.open(path))
+    if image.mode.startswith("I"):
+        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+    return image.convert("RGB")
 
 
 def _exif_rotated(path: Path) -> None:
@@ -100,7 +171,8 @@ def image_folder(tmp_path):
     bad = _bad_inputs(folder, good[0])
     shutil.copy(good[3], folder / "copy-of-scene-003.jpg")  # same bytes, another path
     _exif_rotated(folder / "rotated.jpg")
-    return folder, good, bad
+    unusual = _unusual_images(folder)
+    return folder, good + [folder / name for name in unusual], bad
 
 
 def test_folder_with_every_bad_input_kind(ray_session, image_folder, tmp_path):
@@ -127,7 +199,7 @@ def test_folder_with_every_bad_input_kind(ray_session, image_folder, tmp_path):
     model, preprocess = _reference_model()
     rows = table.to_pylist()
     for row in rows:
-        image = ImageOps.exif_transpose(Image.open(row["uri"])).convert("RGB")
+        image = _reference_image(row["uri"])
         assert row["id"] == content_id(Path(row["uri"]).read_bytes())
         assert (row["width"], row["height"]) == image.size
         with torch.no_grad():
@@ -137,6 +209,10 @@ def test_folder_with_every_bad_input_kind(ray_session, image_folder, tmp_path):
         assert cached_image.format == "JPEG" and min(cached_image.size) == min(min(image.size), 256)
     rotated = next(r for r in rows if r["uri"].endswith("rotated.jpg"))
     assert (rotated["width"], rotated["height"]) == (40, 60)  # EXIF orientation applied
+    sizes = {Path(r["uri"]).name: (r["width"], r["height"]) for r in rows}
+    assert sizes["exif-corrupt.jpg"] == (48, 64) and sizes["orientation-9.jpg"] == (64, 48)
+    grey = np.asarray(Image.open(io.BytesIO(next(r for r in rows if "sixteen" in r["uri"])["image"])))
+    assert 40 < grey.mean() < 215  # the picture, not white
 
 
 def test_local_grid_fp16_fidelity_and_a_rerun_writes_nothing(ray_session, image_folder, tmp_path, clip_teacher):
