@@ -6,17 +6,16 @@ at most a temporary, which :func:`remove_staging` removes.
 
 Object storage (``s3://``) is reached with the settings of :func:`s3_settings`, the one place they are made:
 how many times a request is tried (botocore's ``standard`` retry mode, backing off, on 5xx answers, ``SlowDown``,
-timeouts and reset connections) and the connect and read timeouts. They apply to every S3 client of a process:
-fsspec's (:func:`filesystem`, ``fsspec.open``), and pyarrow's (:func:`arrow_filesystem`, for Ray Data's readers
-and Ray Train's storage). The first use of a bucket in a process checks its credentials
-(:func:`check_access`), so wrong ones are one clear message at the start instead of a traceback mid-run.
+timeouts and reset connections) and the connect and read timeouts. They apply to every S3 client of a process,
+one client stack for all: fsspec's s3fs (:func:`filesystem`, ``fsspec.open``), also behind pyarrow for Ray Data's
+readers and Ray Train's storage (:func:`arrow_filesystem`). The first use of a bucket in a process checks its
+credentials (:func:`check_access`), so wrong ones are one clear message at the start instead of a traceback mid-run.
 URIs are shown, logged and saved through :func:`redact_uri`, which hides a password written into one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import posixpath
 import re
@@ -27,6 +26,7 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.fs
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
@@ -63,7 +63,7 @@ class S3Settings:
     Attributes:
         attempts: tries of one request, the first included (``ISA_S3_ATTEMPTS``, default 10): botocore's
             ``standard`` retry mode with exponential backoff and jitter; s3fs tries a whole call whose answer was
-            cut short as many times, and pyarrow's ``AwsStandardS3RetryStrategy`` the same number.
+            cut short, or still ``SlowDown`` after botocore's tries, as many times.
         connect_timeout: seconds to open a connection (``ISA_S3_CONNECT_TIMEOUT``, default 10).
         read_timeout: seconds to wait on an open connection (``ISA_S3_READ_TIMEOUT``, default 60).
     """
@@ -112,15 +112,14 @@ def s3_options(settings: S3Settings) -> dict[str, Any]:
     }
 
 
-@functools.cache
 def _configured(settings: S3Settings) -> S3Settings:
     """Make ``settings`` fsspec's options of every ``s3://`` filesystem it opens (``fsspec.open`` too)."""
     import s3fs
 
     for protocol in ("s3", "s3a"):
         fsspec.config.conf[protocol] = {**fsspec.config.conf.get(protocol, {}), **s3_options(settings)}
-    # s3fs tries a call again when its answer is cut short while read (after botocore's own tries); its count is
-    # a class attribute
+    # s3fs tries a call again when its answer is cut short while read, or still SlowDown after botocore's own
+    # tries; its count is a class attribute
     s3fs.S3FileSystem.retries = settings.attempts
     return settings
 
@@ -181,8 +180,9 @@ def check_access(fs: fsspec.AbstractFileSystem, path: str) -> None:
             names the bucket and the environment variables to check.
     """
     bucket = path.split("/", 1)[0]
+    key = "\n".join([os.environ.get("AWS_ENDPOINT_URL", ""), os.environ.get("AWS_ACCESS_KEY_ID", ""), bucket])
     with _checked_lock:
-        if bucket in _checked:
+        if key in _checked:
             return
     try:
         fs.call_s3("list_objects_v2", Bucket=bucket, MaxKeys=1)
@@ -193,7 +193,7 @@ def check_access(fs: fsspec.AbstractFileSystem, path: str) -> None:
                 f"s3://{bucket} refused the credentials of this environment ({code}): check {CREDENTIAL_ENV}"
             ) from None
     with _checked_lock:
-        _checked.add(bucket)
+        _checked.add(key)
 
 
 def _credential_problem(error: BaseException) -> str | None:
@@ -216,31 +216,39 @@ def _credential_problem(error: BaseException) -> str | None:
 
 
 def arrow_filesystem(uri: str) -> tuple[Any, str] | None:
-    """pyarrow's filesystem of an ``s3://`` URI with :func:`s3_settings` and the endpoint of ``AWS_ENDPOINT_URL``
-    (pyarrow reads that variable nowhere), and the path within it; None for any other URI (its readers' own).
+    """A pyarrow filesystem for an ``s3://`` URI and the path within it, for Ray Train's storage and Ray Data's
+    readers; None for any other URI (their own filesystems).
 
-    Credentials are not put in it: each process that uses it (it travels pickled to Ray's workers) takes its own
-    from its environment.
+    It is :func:`filesystem`'s s3fs behind pyarrow's ``FSSpecHandler``: the same client, endpoint
+    (``AWS_ENDPOINT_URL``), retries and timeouts as every other read and write, where pyarrow's own S3 client reads
+    no ``AWS_ENDPOINT_URL`` and gives up on a ``SlowDown`` answer to a read. Credentials are not put in it: each
+    process it travels to, pickled, takes its own from its environment.
     """
     if not _is_s3(uri):
         return None
     import pyarrow.fs
 
-    settings = _configured(s3_settings())
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    scheme = "https"
-    if endpoint:
-        scheme = "http" if endpoint.startswith("http://") else "https"
-        endpoint = endpoint.split("://", 1)[-1]
-    fs = pyarrow.fs.S3FileSystem(
-        endpoint_override=endpoint or None,
-        scheme=scheme,
-        region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None,
-        connect_timeout=settings.connect_timeout,
-        request_timeout=settings.read_timeout,
-        retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=settings.attempts),
-    )
-    return fs, uri.split("://", 1)[1].rstrip("/")
+    fs, path = filesystem(uri)
+    return pyarrow.fs.PyFileSystem(S3Handler(fs)), path
+
+
+class S3Handler(pyarrow.fs.FSSpecHandler):
+    """pyarrow's handler of an fsspec filesystem that applies :func:`s3_settings` in every process it is unpickled
+    in (s3fs keeps part of them process-wide)."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem) -> None:
+        _configured(s3_settings())
+        super().__init__(fs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return S3Handler, (self.fs,)
+
+
+def reader_options(uri: str) -> dict[str, Any]:
+    """Keyword arguments of Ray Data's readers (``read_parquet``, ``read_csv``, ...) for files under ``uri``: the
+    :func:`arrow_filesystem` of object storage, none for other URIs."""
+    found = arrow_filesystem(uri)
+    return {"filesystem": found[0]} if found else {}
 
 
 def absolute_uri(uri: str) -> str:
