@@ -226,6 +226,7 @@ class TrainConfig:
     hflip: bool = True  # random horizontal flip
     tracking_uri: str | None = None  # MLflow; None = MLFLOW_TRACKING_URI, else mlflow.db in the output's parent folder
     experiment: str = "isa"  # MLflow experiment name
+    tracking_wait_s: float = 60.0  # at the end, the longest wait for MLflow to take the run's records (then kept)
     register_model: str | None = None  # register the final checkpoint under this MLflow model name
     model_alias: str = "candidate"  # alias given to the registered version ("latest" is MLflow's own)
 
@@ -236,6 +237,7 @@ class TrainConfig:
         _require(0 <= self.warmup_fraction < 1, "train.warmup_fraction", "must be in [0, 1)")
         _require(0 < self.crop_scale_min <= 1, "train.crop_scale_min", "must be in (0, 1]")
         _require(self.torch_threads >= 0, "train.torch_threads", "must be >= 0 (0 = the worker's CPUs)")
+        _require(self.tracking_wait_s >= 0, "train.tracking_wait_s", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -258,6 +260,7 @@ class EvalConfig:
     tracking_uri: str | None = None  # MLflow; None = MLFLOW_TRACKING_URI, else the checkpoint's training store or OUT
     run_id: str | None = None  # log into this MLflow run (e.g. the training run); None = a new run
     experiment: str = "isa-eval"  # MLflow experiment of new runs
+    tracking_wait_s: float = 60.0  # at the end, the longest wait for MLflow to take the records (then kept)
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
@@ -265,6 +268,7 @@ class EvalConfig:
             self.report_queries >= 0 and self.latency_runs >= 0, "eval.report_queries", "and latency_runs must be >= 0"
         )
         _require(self.latency_threads >= 1, "eval.latency_threads", "must be >= 1")
+        _require(self.tracking_wait_s >= 0, "eval.tracking_wait_s", "must be >= 0")
         _require(all(n >= 1 for n in self.distractor_counts), "eval.distractor_counts", "must be >= 1 each")
         _require(
             not self.distractor_counts or bool(self.distractors), "eval.distractors", "is needed with distractor_counts"

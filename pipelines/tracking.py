@@ -20,8 +20,13 @@ import os
 import posixpath
 import re
 import shlex
+import shutil
+import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +35,20 @@ from typing import Any
 from isa.errors import IsaError
 
 PARAMS_PER_CALL = 100  # MLflow takes at most 100 parameters in one batch
+METRICS_PER_CALL = 1000  # MLflow takes at most 1000 metrics in one batch
 PARAM_LENGTH = 500  # characters of a parameter value kept
 STORE_FILE = "mlflow.db"  # the default store: SQLite, in the stage's store folder
 ARTIFACTS_FOLDER = "mlartifacts"  # beside a SQLite store: one folder of artifacts per experiment
 MODEL_ARTIFACT = "model"  # a training run's model: the final checkpoint's weights and config, no optimizer
 RUN_DIR_TAG = "isa.run_dir"  # on a training run: its run folder, so the driver can end a run its workers could not
 TRAINING_RUN_TAG = "isa.training_run_id"  # on an eval run: the training run of its first checkpoint
+UNSENT_FOLDER = "mlflow-unsent"  # in a stage's output: the records MLflow had not taken when the stage ended
+UNSENT_RECORDS = "records.jsonl"  # in it: the store and run, then one record a line, in order
+RETRY_S = (1.0, 10.0)  # an unanswered record is sent again after 1 s, then twice as long each time, at most 10 s
+# MLflow's own retries of one HTTP request: its defaults (7 retries, backoff factor 2, 120 s timeout) hold a call
+# for minutes and log a warning per retry; an Outbox sends a record again itself, on its own schedule (RETRY_S),
+# and a driver's call fails in seconds. Set where unset, by client(): a user's own settings win.
+HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
 def tracking_uri(explicit: str | None, folder: str | None) -> str | None:
@@ -106,8 +119,11 @@ def ui_command(uri: str) -> str:
 
 
 def client(uri: str | None) -> Any:
-    """An ``MlflowClient`` for the tracking URI."""
+    """An ``MlflowClient`` for the tracking URI, MLflow's HTTP retries bounded (:data:`HTTP_SETTINGS`)."""
     import mlflow
+
+    for name, value in HTTP_SETTINGS.items():
+        os.environ.setdefault(name, value)
 
     return mlflow.MlflowClient(tracking_uri=uri)
 
@@ -245,8 +261,249 @@ def eval_tracking(explicit: str | None, checkpoints: list[str] | tuple[str, ...]
     return TrainingRecord(uri, found.run_id)
 
 
+class Outbox:
+    """MLflow records of one run, sent in order by a background thread, so the stage never waits for MLflow.
+
+    A record MLflow does not take (the server down, slow or failing) stays at the head of the queue and is sent
+    again after :data:`RETRY_S`; the stage goes on, told once (on stderr) when MLflow stops answering and once
+    when it answers again. A record MLflow refuses (a 4xx answer) is told, set aside and kept with the unsent
+    ones. :meth:`close` waits a bounded time for the rest and keeps what is left in ``OUTPUT/mlflow-unsent``,
+    which :func:`replay` (``python -m pipelines.tracking OUTPUT/mlflow-unsent``) sends later. Sending a record
+    twice is harmless: a metric keeps its timestamp, a parameter its value.
+
+    Args:
+        uri: the tracking URI.
+        run_id: the run to record into; None: a :meth:`create_run` record comes first.
+        label: who speaks in the messages (``isa train``).
+        records: records kept from an earlier process (a checkpoint's :meth:`pending`), sent first.
+    """
+
+    def __init__(self, uri: str, run_id: str | None, label: str, records: Iterable[dict] = ()):
+        self.uri = uri
+        self.run_id = run_id
+        self.label = label
+        self.down = False  # the last attempt failed: MLflow does not answer
+        self._records: deque[dict] = deque(records)
+        self._refused: list[dict] = []
+        self._closed = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._send_all, name="isa-mlflow", daemon=True)
+        self._thread.start()
+
+    def put(self, record: dict) -> None:
+        """Queue one record (:func:`send`'s kinds)."""
+        with self._changed:
+            self._records.append(record)
+            self._changed.notify_all()
+
+    def create_run(self, experiment: str, name: str, tags: Mapping[str, str] | None = None) -> None:
+        self.put({"op": "create_run", "experiment": experiment, "name": name, "tags": dict(tags or {})})
+
+    def params(self, params: Mapping[str, Any]) -> None:
+        self.put({"op": "params", "params": {key: str(value)[:PARAM_LENGTH] for key, value in params.items()}})
+
+    def metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        values = {key: float(value) for key, value in metrics.items()}
+        self.put({"op": "metrics", "metrics": values, "step": step or 0, "timestamp": _now_ms()})
+
+    def pending(self) -> list[dict]:
+        """The records not taken yet, in order (the one being sent first)."""
+        with self._changed:
+            return [dict(record) for record in self._records]
+
+    def wait(self, seconds: float) -> bool:
+        """Wait at most ``seconds`` for every record to be sent; whether they were."""
+        deadline = time.monotonic() + seconds
+        with self._changed:
+            while self._records and (left := deadline - time.monotonic()) > 0:
+                self._changed.wait(left)
+            return not self._records
+
+    def close(self, wait_s: float, output: str | None) -> list[dict]:
+        """Wait at most ``wait_s`` for the records; keep what is left (and what MLflow refused) in
+        ``output/mlflow-unsent`` (None: nowhere) and say so; returns those records."""
+        self.wait(wait_s)
+        with self._changed:
+            self._closed = True
+            left = [*self._refused, *self._records]
+            self._records.clear()
+            self._changed.notify_all()
+        if left and output is not None:
+            folder = keep_unsent(output, self.uri, self.run_id, left)
+            _say(
+                f"{self.label}: {len(left)} MLflow record(s) not sent to {_shown(self.uri)} "
+                f"({', '.join(sorted({r['op'] for r in left}))}); kept in {folder}; "
+                f"send them with: python -m pipelines.tracking {shlex.quote(folder)}"
+            )
+        elif left:
+            _say(f"{self.label}: {len(left)} MLflow record(s) not sent to {_shown(self.uri)}")
+        return left
+
+    def _send_all(self) -> None:
+        mlflow, delay = None, RETRY_S[0]
+        while True:
+            with self._changed:
+                while not self._records and not self._closed:
+                    self._changed.wait()
+                if self._closed:
+                    return
+                record = self._records[0]
+            try:
+                mlflow = mlflow or client(self.uri)
+                send(mlflow, record, self)
+            except Exception as error:
+                if refused(error):
+                    self._set_aside(record, error)
+                    continue
+                if not self.down:
+                    self.down = True
+                    _say(
+                        f"{self.label}: MLflow at {_shown(self.uri)} does not answer ({_reason(error)}); "
+                        f"{self.label} goes on, its records are kept and sent when MLflow answers"
+                    )
+                with self._changed:
+                    if not self._closed:
+                        self._changed.wait(delay)
+                delay = min(delay * 2, RETRY_S[1])
+                continue
+            with self._changed:
+                if self._records and self._records[0] is record:
+                    self._records.popleft()
+                self._changed.notify_all()
+                left = len(self._records)
+            if self.down:
+                self.down, delay = False, RETRY_S[0]
+                _say(f"{self.label}: MLflow at {_shown(self.uri)} answers again; sending the {left} kept record(s)")
+
+    def _set_aside(self, record: dict, error: Exception) -> None:
+        _say(f"{self.label}: MLflow refused a record ({record['op']}): {_reason(error)}; it is kept with the unsent")
+        with self._changed:
+            if self._records and self._records[0] is record:
+                self._records.popleft()
+            self._refused.append({**record, "error": _reason(error)})
+            self._changed.notify_all()
+
+
+def send(mlflow: Any, record: dict, run: Any) -> None:
+    """Send one record into ``run.run_id`` (``run``: an :class:`Outbox` or anything with a settable ``run_id``).
+
+    Kinds (``op``): ``create_run`` (sets ``run.run_id``), ``resume_run``, ``params``, ``metrics``, ``model`` (a
+    local model folder, as :func:`log_model` makes it), ``dict`` and ``text`` (an artifact file), ``register`` (a
+    registered model version of the run's ``model`` and its alias), ``terminate``.
+    """
+    from mlflow.entities import Metric
+
+    op = record["op"]
+    if op == "create_run":
+        run.run_id = start_run(mlflow, record["experiment"], record["name"], record["tags"])
+    elif op == "resume_run":
+        mlflow.update_run(run.run_id, status="RUNNING")
+    elif op == "params":
+        log_params(mlflow, run.run_id, record["params"])
+    elif op == "metrics":
+        at, step = record["timestamp"], record["step"]
+        metrics = [Metric(key, value, at, step) for key, value in record["metrics"].items()]
+        for start in range(0, len(metrics), METRICS_PER_CALL):
+            mlflow.log_batch(run.run_id, metrics=metrics[start : start + METRICS_PER_CALL])
+    elif op == "model":
+        mlflow.log_artifacts(run.run_id, record["folder"], artifact_path=MODEL_ARTIFACT)
+    elif op == "dict":
+        mlflow.log_dict(run.run_id, record["value"], record["file"])
+    elif op == "text":
+        with tempfile.TemporaryDirectory() as folder:
+            local = Path(folder) / record["file"]
+            local.write_text(record["text"])
+            mlflow.log_artifact(run.run_id, str(local), artifact_path=record.get("artifact_path"))
+    elif op == "register":
+        register(mlflow, run.run_id, record)
+    elif op == "terminate":
+        mlflow.set_terminated(run.run_id, record["status"])
+    else:
+        raise IsaError(f"unknown MLflow record {op!r}")
+
+
+def register(mlflow: Any, run_id: str, record: dict) -> None:
+    """A registered model version (``record['name']``) whose source is the run's ``model`` artifact, with the alias
+    ``record['alias']``; the version made is kept in the record, so sending it again makes no second one."""
+    import mlflow as mlflow_module
+
+    if "version" not in record:
+        try:
+            mlflow.create_registered_model(record["name"])
+        except mlflow_module.exceptions.MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"{mlflow.get_run(run_id).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT}"
+        record["version"] = mlflow.create_model_version(record["name"], source=source, run_id=run_id).version
+    mlflow.set_registered_model_alias(record["name"], record["alias"], record["version"])
+
+
+def refused(error: Exception) -> bool:
+    """Whether MLflow answered and refused (a 4xx answer: sending it again would not help)."""
+    import mlflow
+
+    if not isinstance(error, mlflow.exceptions.MlflowException):
+        return False
+    return 400 <= error.get_http_status_code() < 500
+
+
+def keep_unsent(output: str, uri: str, run_id: str | None, records: list[dict]) -> str:
+    """Write ``records`` to ``output/mlflow-unsent`` (any fsspec URI): the store and run first, then a record a
+    line; a model folder is copied beside them. Returns the folder."""
+    from isa.storage import filesystem
+
+    fs, root = filesystem(output)
+    folder = posixpath.join(root, UNSENT_FOLDER)
+    fs.makedirs(folder, exist_ok=True)
+    lines = [json.dumps({"uri": _shown(uri), "run_id": run_id})]  # no secret saved: replay() is told it
+    for index, record in enumerate(records):
+        if record["op"] == "model":
+            name = f"model-{index}"
+            fs.put(str(record["folder"]).rstrip("/") + "/", posixpath.join(folder, name), recursive=True)
+            record = {**record, "folder": name}
+        lines.append(json.dumps(record))
+    fs.pipe_file(posixpath.join(folder, UNSENT_RECORDS), ("\n".join(lines) + "\n").encode())
+    return output.rstrip("/") + "/" + UNSENT_FOLDER if "://" in output else str(Path(root) / UNSENT_FOLDER)
+
+
+def replay(folder: str, uri: str | None = None) -> int:
+    """Send the records kept in ``folder`` (:func:`keep_unsent`) to their store, in order, then remove the folder;
+    returns how many were sent. A failure leaves the folder as it was (it can be sent again).
+
+    Args:
+        folder: an ``mlflow-unsent`` folder (any fsspec URI).
+        uri: the store; None: ``MLFLOW_TRACKING_URI``, else the one the folder names (saved with its secret hidden).
+
+    Raises:
+        IsaError: the store's secret is needed and not given.
+    """
+    from isa.storage import filesystem
+
+    fs, root = filesystem(folder)
+    header, *records = [json.loads(line) for line in fs.cat_file(posixpath.join(root, UNSENT_RECORDS)).splitlines()]
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or header["uri"]
+    if "***@" in uri:
+        raise IsaError(f"{uri} was saved without its secret: give the tracking URI, or set MLFLOW_TRACKING_URI")
+
+    class Run:
+        run_id = header["run_id"]
+
+    mlflow = client(uri)
+    with tempfile.TemporaryDirectory() as local:
+        for record in records:
+            record.pop("error", None)
+            if record["op"] == "model":
+                copy = Path(local) / record["folder"]
+                fs.get(posixpath.join(root, record["folder"]) + "/", str(copy), recursive=True)
+                record["folder"] = str(copy)
+            send(mlflow, record, Run)
+    fs.rm(root, recursive=True)
+    return len(records)
+
+
 class RankZeroTracker:
-    """A training run's MLflow run, written by rank 0 only; every call is a no-op on the other ranks.
+    """A training run's MLflow run, written by rank 0 only (an :class:`Outbox`: training never waits for MLflow
+    nor fails for it); every call is a no-op on the other ranks.
 
     Args:
         enabled: whether this process records (rank 0).
@@ -255,6 +512,7 @@ class RankZeroTracker:
         run_name: the name of a new run.
         run_id: the run to continue (a resumed training run), None for a new one.
         tags: tags of a new run (``isa tune`` nests trial runs under its parent with ``mlflow.parentRunId``).
+        kept: records a checkpoint kept unsent (:meth:`pending`), sent first; a new run they create is the run.
     """
 
     def __init__(
@@ -265,49 +523,99 @@ class RankZeroTracker:
         run_name: str,
         run_id: str | None,
         tags: Mapping[str, str] | None = None,
+        kept: Iterable[dict] = (),
     ):
         self.enabled = enabled
-        self.run_id = run_id
+        self._run_id = run_id
         if not enabled:
             return
-        self.mlflow = client(uri)
-        if run_id is None:
-            self.run_id = start_run(self.mlflow, experiment, run_name, tags)
-        else:
-            self.mlflow.update_run(run_id, status="RUNNING")
+        kept = list(kept)
+        self.outbox = Outbox(uri, run_id, "isa train", kept)
+        if run_id is not None:
+            self.outbox.put({"op": "resume_run"})
+        elif not any(record["op"] == "create_run" for record in kept):
+            self.outbox.create_run(experiment, run_name, tags)
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run (None: not created yet, MLflow has not answered)."""
+        return self.outbox.run_id if self.enabled else self._run_id
 
     def params(self, params: Mapping[str, Any]) -> None:
         if self.enabled:
-            log_params(self.mlflow, self.run_id, params)
+            self.outbox.params(params)
 
     def metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if self.enabled:
-            from mlflow.entities import Metric
+            self.outbox.metrics(metrics, step)
 
-            at = _now_ms()
-            self.mlflow.log_batch(self.run_id, metrics=[Metric(k, float(v), at, step) for k, v in metrics.items()])
+    def settle(self, seconds: float) -> list[dict]:
+        """Give MLflow at most ``seconds`` to take the queued records, unless it does not answer (no wait then);
+        returns the records still pending (a checkpoint keeps them)."""
+        if not self.enabled:
+            return []
+        if not self.outbox.down:
+            self.outbox.wait(seconds)
+        return self.outbox.pending()
 
-    def finish(self, checkpoint_dir: Path, config: dict, model_name: str | None, alias: str) -> None:
-        """The final checkpoint's model (:func:`log_model`) and the config as artifacts; optionally a registered
-        model version, whose source is that model artifact, with an alias."""
+    def finish(
+        self, checkpoint_dir: Path, config: dict, model_name: str | None, alias: str, wait_s: float, output: str
+    ) -> None:
+        """The final checkpoint's model (:func:`isa.checkpoint_files.write_model`: no optimizer) and the config as
+        artifacts, optionally a registered model version of that model with an alias, the run ended FINISHED;
+        waits at most ``wait_s`` for MLflow and keeps what it did not take in ``output/mlflow-unsent``."""
         if not self.enabled:
             return
-        source = log_model(self.mlflow, self.run_id, checkpoint_dir)
-        self.mlflow.log_dict(self.run_id, config, "config.json")
-        if model_name:
-            import mlflow
+        from isa.checkpoint_files import write_model
 
-            try:
-                self.mlflow.create_registered_model(model_name)
-            except mlflow.exceptions.MlflowException as error:
-                if error.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-            version = self.mlflow.create_model_version(model_name, source=source, run_id=self.run_id)
-            self.mlflow.set_registered_model_alias(model_name, alias, version.version)
-        self.mlflow.set_terminated(self.run_id)
+        folder = tempfile.mkdtemp(prefix="isa-model-")
+        model = write_model(checkpoint_dir, Path(folder) / MODEL_ARTIFACT)
+        self.outbox.put({"op": "model", "folder": str(model)})
+        self.outbox.put({"op": "dict", "value": config, "file": "config.json"})
+        if model_name:
+            self.outbox.put({"op": "register", "name": model_name, "alias": alias})
+        self.outbox.put({"op": "terminate", "status": "FINISHED"})
+        if not self.outbox.close(wait_s, output):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _shown(uri: str) -> str:
+    """A URI as it is shown: its secret hidden."""
+    from isa.storage import redact_uri
+
+    return redact_uri(uri)
+
+
+def _reason(error: Exception) -> str:
+    """An error in one short line, secrets hidden."""
+    text = _shown(" ".join(str(error).split())) or type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _now_ms() -> int:
     import time
 
     return int(time.time() * 1000)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipelines.tracking FOLDER [TRACKING_URI]``: send the records kept in FOLDER (:func:`replay`)."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) not in (1, 2):
+        print("usage: python -m pipelines.tracking OUTPUT/mlflow-unsent [TRACKING_URI]", file=sys.stderr)
+        return 2
+    try:
+        sent = replay(args[0], args[1] if len(args) == 2 else None)
+    except IsaError as error:
+        print(f"python -m pipelines.tracking: error: {error}", file=sys.stderr)
+        return 2
+    print(f"sent {sent} MLflow record(s); {args[0]} removed")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

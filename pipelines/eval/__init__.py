@@ -246,10 +246,10 @@ OUTPUT_KIND = "isa eval output"  # what pipelines.artifact's messages call eval.
 
 def output_entry(name: str) -> bool:
     """Whether a name at the top of ``eval.output`` is one ``isa eval`` writes there (its outputs, gallery caches,
-    image lists, checkpoint copies, MLflow store)."""
+    image lists, checkpoint copies, MLflow store, MLflow records not sent)."""
     fixed = (out.METRICS_FILE, out.TABLE_FILE, out.REPORT_FILE, out.SUBMISSIONS_DIR, CHECKPOINT_COPIES)
     return (
-        name in (*fixed, tracking.STORE_FILE, tracking.ARTIFACTS_FOLDER)
+        name in (*fixed, tracking.STORE_FILE, tracking.ARTIFACTS_FOLDER, tracking.UNSENT_FOLDER)
         or name.startswith("gallery-")
         or (name.startswith("images-") and name.endswith(".txt"))
     )
@@ -392,9 +392,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         shown = redact_uri(uri)
         print(f"MLflow: run {document['mlflow_run_id']} in {shown}; see it with: {tracking.ui_command(uri)}")
     elif document["mlflow_tracking_uri"]:  # MLflow never answered: the outbox said where the records are kept
-        print(
-            f"MLflow: not recorded in {document['mlflow_tracking_uri']}: its records are kept in {config.eval.output}"
-        )
+        shown = redact_uri(document["mlflow_tracking_uri"])
+        print(f"MLflow: not recorded in {shown}: its records are kept in {config.eval.output}")
     else:
         print("MLflow: not recorded (a remote eval.output): set eval.tracking_uri or MLFLOW_TRACKING_URI to record")
     return 0

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import posixpath
 import re
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 from isa.config import Config, flatten
 from isa.cost import GPU_BATCH
@@ -131,10 +129,16 @@ def metric_key(name: str) -> str:
 
 @dataclass(frozen=True)
 class Record:
-    """The MLflow run ``isa eval`` records into, and its store."""
+    """The MLflow run ``isa eval`` records into, and its store: records go through an outbox, so the evaluation
+    goes on while MLflow does not answer (:class:`pipelines.tracking.Outbox`)."""
 
     uri: str
-    run_id: str
+    outbox: tracking.Outbox
+
+    @property
+    def run_id(self) -> str | None:
+        """The run (None: MLflow never answered; the records are kept in ``OUTPUT/mlflow-unsent``)."""
+        return self.outbox.run_id
 
 
 @contextmanager
@@ -143,36 +147,45 @@ def mlflow_run(config: Config) -> Iterator[Record | None]:
 
     The store is :func:`pipelines.tracking.eval_tracking`'s. ``eval.run_id`` (e.g. the training run) is recorded
     into and left as it is; else a new run in ``eval.experiment``, tagged with the first checkpoint's training
-    run (``isa.training_run_id``) and its parameters, ends with the block: FINISHED, FAILED or KILLED.
+    run (``isa.training_run_id``) and its parameters, ends with the block: FINISHED, FAILED or KILLED. At the end
+    MLflow gets at most ``eval.tracking_wait_s`` to take the records; the rest are kept in the output folder.
     """
     where = tracking.eval_tracking(config.eval.tracking_uri, config.eval.checkpoints, config.eval.output)
     if where.uri is None:
         yield None
         return
-    if config.eval.run_id is not None:
-        yield Record(where.uri, config.eval.run_id)
-        return
-    client = tracking.client(where.uri)
-    tags = {tracking.TRAINING_RUN_TAG: where.run_id} if where.run_id else {}
-    name = f"eval-{config.eval.benchmark}-{split_name(config)}"
-    run_id = tracking.start_run(client, config.eval.experiment, name, tags)
-    with tracking.ending(client, run_id):
-        tracking.log_params(client, run_id, flatten(config))
-        yield Record(where.uri, run_id)
+    outbox = tracking.Outbox(where.uri, config.eval.run_id, "isa eval")
+    new = config.eval.run_id is None
+    if new:
+        tags = {tracking.TRAINING_RUN_TAG: where.run_id} if where.run_id else {}
+        outbox.create_run(config.eval.experiment, f"eval-{config.eval.benchmark}-{split_name(config)}", tags)
+        outbox.params(flatten(config))
+    status = "FINISHED"
+    try:
+        yield Record(where.uri, outbox)
+    except Exception:
+        status = "FAILED"
+        raise
+    except BaseException:
+        status = "KILLED"
+        raise
+    finally:
+        if new:
+            outbox.put({"op": "terminate", "status": status})
+        outbox.close(config.eval.tracking_wait_s, config.eval.output)
 
 
 def log_mlflow(config: Config, record: Record | None, document: Mapping, files: Mapping[str, str]) -> None:
     """Log metrics (``eval/BENCHMARK/row/metric``) and the output files into the run (nothing when not tracked)."""
     if record is None:
         return
-    client = tracking.client(record.uri)
     prefix = f"eval/{config.eval.benchmark}/"
-    for row, metrics in document["rows"].items():
-        for name, value in metrics.items():
-            client.log_metric(record.run_id, metric_key(f"{prefix}{slug(row)}/{name}"), float(value))
-    with tempfile.TemporaryDirectory() as folder:
-        for name, text in files.items():
-            local = Path(folder) / name
-            local.write_text(text)
-            artifact_path = f"eval-{config.eval.benchmark}-{split_name(config)}"
-            client.log_artifact(record.run_id, str(local), artifact_path=artifact_path)
+    metrics = {
+        metric_key(f"{prefix}{slug(row)}/{name}"): float(value)
+        for row, values in document["rows"].items()
+        for name, value in values.items()
+    }
+    record.outbox.metrics(metrics)
+    artifact_path = f"eval-{config.eval.benchmark}-{split_name(config)}"
+    for name, text in files.items():
+        record.outbox.put({"op": "text", "file": name, "text": text, "artifact_path": artifact_path})

@@ -264,6 +264,7 @@ def run(
             "total_steps": plan.total_steps,
             "tracking_uri": plan.tracking_uri,
             "run_name": run_name or name,
+            "run_dir": run_dir_uri(config.train.output),
             "mlflow_tags": {**(mlflow_tags or {}), tracking.RUN_DIR_TAG: run_dir_uri(config.train.output)},
         },
         backend_config=TorchWorkers(),

@@ -14,6 +14,7 @@ run takes as many optimizer steps, on the same schedule, as an uninterrupted one
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 import socket
@@ -42,6 +43,8 @@ from pipelines.console import quiet_worker
 from pipelines.tracking import RankZeroTracker
 from pipelines.train import metrics as names
 
+PENDING_FILE = "mlflow_pending.jsonl"  # in a checkpoint: the MLflow records not yet taken when it was saved
+SETTLE_S = 10.0  # at a checkpoint, the longest wait for an answering MLflow to take the records queued before it
 PROCESS_GROUP_TIMEOUT_S = 1800  # a collective waits this long for the slowest rank (TorchTrainer's default)
 SHUFFLE_BATCHES = 4  # the batches each batch's rows are drawn from
 Batch = TypeVar("Batch")
@@ -93,6 +96,7 @@ class Worker:
     clock: float | None = None  # end of this process's first step
     samples: int = 0  # samples of every worker since then
     input_wait: InputWait = field(default_factory=InputWait)
+    run_dir: str = ""  # the run folder, absolute (the worker runs in another folder than the driver)
 
     @property
     def gpu(self) -> bool:
@@ -105,7 +109,7 @@ class Worker:
 
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. ``loop_config``: config, teacher fingerprint, total steps, tracking URI, run name,
-    MLflow tags of a new run."""
+    run folder (absolute), MLflow tags of a new run."""
     quiet_worker()
     worker = start(from_dict(loop_config["config"]), loop_config)
     # the held-out views, read before the training stream starts: at the end of a run they would start a data
@@ -140,7 +144,7 @@ def start(config: Config, loop_config: dict[str, Any]) -> Worker:
         torch.backends.cudnn.benchmark = True  # the step's shapes never change: the fastest convolutions, found once
     join_process_group("nccl" if device.type == "cuda" else "gloo", rank, world)
     worker = build(config, rank, world, device, loop_config["total_steps"])
-    worker.step, run_id = restore(worker.task, worker.optimizer, worker.scheduler)
+    worker.step, run_id, kept = restore(worker.task, worker.optimizer, worker.scheduler)
     distribute(worker)
     worker.tracker = RankZeroTracker(
         rank == 0 and worker.step < worker.total,  # a finished run (restored with no step left) is left as it was
@@ -149,11 +153,13 @@ def start(config: Config, loop_config: dict[str, Any]) -> Worker:
         loop_config["run_name"],
         run_id,
         loop_config.get("mlflow_tags"),
+        kept,
     )
     if worker.step == 0:
         worker.tracker.params(flatten(config))
     worker.task.train()
     worker.saved_config = {"config": saved_dict(config), "teacher": loop_config["fingerprint"]}
+    worker.run_dir = loop_config["run_dir"]
     return worker
 
 
@@ -200,18 +206,21 @@ def join_process_group(backend: str, rank: int, world: int) -> None:
     torch.distributed.init_process_group(backend, init_method=address, rank=rank, world_size=world, timeout=timeout)
 
 
-def restore(task: DistillTask, optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[int, str | None]:
-    """The last checkpoint's weights, optimizer, schedule and RNG state; its step and MLflow run (0, None: none)."""
+def restore(task: DistillTask, optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[int, str | None, list[dict]]:
+    """The last checkpoint's weights, optimizer, schedule and RNG state; its step, MLflow run and the MLflow
+    records it kept unsent (0, None, []: no checkpoint)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0, None
+        return 0, None, []
     with checkpoint.as_directory() as folder:
         saved = load_checkpoint(Path(folder) / "isa")
+        pending = Path(folder) / PENDING_FILE
+        kept = [json.loads(line) for line in pending.read_text().splitlines()] if pending.is_file() else []
     task.load_trainable_state_dict(saved.weights)
     optimizer.load_state_dict(saved.optimizer["optimizer"])
     scheduler.load_state_dict(saved.optimizer["scheduler"])
     restore_rng_state(saved.state["rng"])
-    return int(saved.state["step"]), saved.state.get("mlflow_run_id")
+    return int(saved.state["step"]), saved.state.get("mlflow_run_id"), kept
 
 
 def batches(worker: Worker) -> Iterator[dict[str, torch.Tensor]]:
@@ -318,10 +327,16 @@ def validate(worker: Worker, held_out: list[dict[str, torch.Tensor]] | None) -> 
 
 
 def checkpoint(worker: Worker, metrics: dict[str, float]) -> None:
-    """Rank 0 saves a checkpoint and records; every rank reports (the last checkpoint also closes the record)."""
+    """Rank 0 records and saves a checkpoint; every rank reports (the last checkpoint also closes the record).
+
+    The checkpoint keeps the MLflow records not taken yet (MLflow down or slow): a run resumed from it sends them
+    first, and the records after it are made again by the resumed run, so none is lost or doubled.
+    """
     with tempfile.TemporaryDirectory() as folder:
         saved = None
         if worker.rank == 0:
+            worker.tracker.metrics(metrics, worker.step)
+            pending = worker.tracker.settle(SETTLE_S)
             state = {
                 "step": worker.step,
                 "total_steps": worker.total,
@@ -333,9 +348,18 @@ def checkpoint(worker: Worker, metrics: dict[str, float]) -> None:
             path = save_checkpoint(
                 Path(folder) / "isa", config=worker.saved_config, weights=weights, state=state, optimizer=optimizer
             )
-            saved = ray.train.Checkpoint.from_directory(folder)
-            worker.tracker.metrics(metrics, worker.step)
-            if worker.step == worker.total:
+            if worker.step == worker.total:  # the run's end: the records not taken now are kept in the run folder
                 train = worker.config.train
-                worker.tracker.finish(path, worker.saved_config, train.register_model, train.model_alias)
+                worker.tracker.finish(
+                    path,
+                    worker.saved_config,
+                    train.register_model,
+                    train.model_alias,
+                    train.tracking_wait_s,
+                    worker.run_dir,
+                )
+                pending = []
+            if pending:
+                (Path(folder) / PENDING_FILE).write_text("".join(json.dumps(record) + "\n" for record in pending))
+            saved = ray.train.Checkpoint.from_directory(folder)
         ray.train.report({**metrics, names.STEP: worker.step}, checkpoint=saved)

@@ -45,6 +45,7 @@ RESUMABLE = frozenset(
         "train.max_failures",
         "train.checkpoint_every",
         "train.log_every",
+        "train.tracking_wait_s",
         "train.num_to_keep",
         "train.register_model",  # what becomes of the final checkpoint
         "train.model_alias",

@@ -142,10 +142,11 @@ def test_runs_params_and_the_rank_zero_tracker(tmp_path: Path, monkeypatch):
     tracker.params({"a": 1})
     tracker.metrics({"loss": 2.5}, step=10)
     tracker.metrics({"loss": 1.5}, step=20)
+    assert tracker.settle(30) == []  # MLflow took every record: a checkpoint keeps none
     folder = _checkpoint(tmp_path / "run" / "checkpoint_000007" / "isa", run_id=tracker.run_id)
     assert (folder / "optimizer.pt").is_file()
     alias = Config().train.model_alias  # the default alias is one MLflow accepts
-    tracker.finish(folder, {"config": {}}, "isa-student", alias)
+    tracker.finish(folder, {"config": {}}, "isa-student", alias, wait_s=30, output=str(tmp_path / "run"))
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "train" and run.data.tags["t"] == "1"
     assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "loss")] == [(10, 2.5), (20, 1.5)]
@@ -168,5 +169,65 @@ def test_runs_params_and_the_rank_zero_tracker(tmp_path: Path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["got", "mlartifacts", "mlflow.db", "run"]  # no mlruns/
 
     again = tracking.RankZeroTracker(True, uri, "isa-test", "ignored", tracker.run_id)  # a resumed run
-    assert again.run_id == tracker.run_id and client.get_run(tracker.run_id).info.status == "RUNNING"
+    assert (
+        again.settle(30) == []
+        and again.run_id == tracker.run_id
+        and client.get_run(tracker.run_id).info.status == "RUNNING"
+    )
     assert mlflow.active_run() is None  # no fluent state left behind
+
+
+def test_the_outbox_keeps_records_while_the_mlflow_server_is_down_and_sends_them_when_it_answers(
+    tmp_path, capsys, monkeypatch
+):
+    """An :class:`~pipelines.tracking.Outbox` (``isa eval``'s records; rank 0's in ``isa train``) against a real
+    ``mlflow server`` that is down, comes up, goes down again: the stage is told once per outage, every record
+    arrives once, and what was not taken at the end is kept and sent later by the documented one-liner."""
+    import subprocess
+    import sys
+
+    from _mlflow_server import MlflowServer
+
+    monkeypatch.setattr(tracking, "RETRY_S", (0.2, 1.0))  # sent again soon after the server is back
+    server = MlflowServer(tmp_path / "mlflow")  # not started yet: down from the first record
+    outbox = tracking.Outbox(server.uri, None, "isa eval")
+    outbox.create_run("isa-eval", "eval-images-val", {tracking.TRAINING_RUN_TAG: "abc"})
+    outbox.params({"eval.batch_size": 8})
+    outbox.metrics({"loss": 2.0}, step=1)
+    assert not outbox.wait(1) and outbox.down and outbox.run_id is None  # the caller was never held up
+    server.start()
+    try:
+        outbox.metrics({"loss": 1.0}, step=2)
+        assert outbox.wait(120) and not outbox.down and outbox.run_id is not None
+        run_id = outbox.run_id
+        err = capsys.readouterr().err
+        assert err.count("does not answer") == 1 and err.count("answers again") == 1, err
+        assert f"isa eval: MLflow at {server.uri} does not answer" in err and "isa eval goes on" in err
+
+        server.stop()  # down at the end: the records left are kept in the output folder
+        outbox.metrics({"loss": 0.5}, step=3)
+        outbox.put({"op": "text", "file": "table.md", "text": "| a |\n", "artifact_path": "eval-images-val"})
+        outbox.put({"op": "terminate", "status": "FINISHED"})
+        left = outbox.close(0.5, str(tmp_path / "out"))
+        assert [record["op"] for record in left] == ["metrics", "text", "terminate"]
+        kept = tmp_path / "out" / tracking.UNSENT_FOLDER
+        err = capsys.readouterr().err
+        assert err.count("does not answer") == 1, err
+        assert f"3 MLflow record(s) not sent to {server.uri} (metrics, terminate, text); kept in {kept}" in err
+        assert f"send them with: python -m pipelines.tracking {kept}" in err
+
+        server.start()
+        command = [sys.executable, "-m", "pipelines.tracking", str(kept)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and "sent 3 MLflow record(s)" in done.stdout, done.stderr
+        assert not kept.exists()
+        client = tracking.client(server.uri)
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.tags[tracking.TRAINING_RUN_TAG] == "abc"
+        assert run.data.params == {"eval.batch_size": "8"}
+        history = client.get_metric_history(run_id, "loss")
+        assert sorted((m.step, m.value) for m in history) == [(1, 2.0), (2, 1.0), (3, 0.5)]  # each once
+        assert [a.path for a in client.list_artifacts(run_id, "eval-images-val")] == ["eval-images-val/table.md"]
+        assert len(client.search_runs([run.info.experiment_id])) == 1
+    finally:
+        server.stop()
