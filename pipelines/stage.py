@@ -80,15 +80,23 @@ def config_parser(prog: str, description: str, positionals: Sequence[tuple[str, 
     return parser
 
 
-def init_ray(dashboard: bool | None = None, single_machine: bool = False) -> None:
+IDLE_WORKER_SECONDS = 5.0  # how long a worker process of a single-machine instance may stay idle
+
+
+def init_ray(
+    dashboard: bool | None = None, single_machine: bool = False, idle_worker_seconds: float = IDLE_WORKER_SECONDS
+) -> None:
     """Join ``RAY_ADDRESS`` when set (e.g. under ``ray job submit``), else start a local instance; the console
     output is set first (:func:`pipelines.console.configure`: progress bars in a terminal, plain lines elsewhere).
 
     Args:
         dashboard: whether a local instance starts Ray's dashboard (None: when its packages are installed).
         single_machine: a local instance sized for one small machine (the quickstart): a worker process idle
-            for 5 s exits instead of staying (Ray keeps one per CPU, each holding what its tasks imported),
-            and Ray Train starts no preemption watcher (it watches for cluster nodes being drained).
+            for ``idle_worker_seconds`` exits instead of staying (Ray keeps one per CPU, each holding what its
+            tasks imported), and Ray Train starts no preemption watcher (it watches for cluster nodes being
+            drained).
+        idle_worker_seconds: how long a worker process of a single-machine instance may stay idle (Ray's
+            ``idle_worker_killing_time_threshold_ms``); ignored otherwise.
     """
     import ray
 
@@ -100,7 +108,8 @@ def init_ray(dashboard: bool | None = None, single_machine: bool = False) -> Non
     configure(progress)  # progress bars or plain lines, before Ray starts
     if single_machine and not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # read by Ray Train's controller
-        system = {"num_workers_soft_limit": 0, "idle_worker_killing_time_threshold_ms": 5000}
+        idle_ms = round(idle_worker_seconds * 1000)
+        system = {"num_workers_soft_limit": 0, "idle_worker_killing_time_threshold_ms": idle_ms}
         ray.init(include_dashboard=dashboard, _system_config=system)
     else:
         ray.init(include_dashboard=dashboard)

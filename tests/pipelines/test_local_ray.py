@@ -21,7 +21,7 @@ from pipelines.ray_compat import Trainer
 from pipelines.stage import init_ray
 
 single_machine = sys.argv[1] == "1"
-init_ray(dashboard=False if single_machine else None, single_machine=single_machine)
+init_ray(dashboard=False if single_machine else None, single_machine=single_machine, idle_worker_seconds=0.5)
 
 @ray.remote
 def work(i):
@@ -29,8 +29,15 @@ def work(i):
     return int(np.arange(i).sum())
 
 ray.get([work.remote(i) for i in range(8)])
-time.sleep(8)  # longer than the single-machine idle limit of 5 s
-workers = [process_name(pid) for pid in descendants(os.getpid()) if process_name(pid).startswith("ray::IDLE")]
+
+def idle_workers():
+    return [pid for pid in descendants(os.getpid()) if process_name(pid).startswith("ray::IDLE")]
+
+time.sleep(2.5)  # five times the single-machine idle limit set above, longer than Ray's own default of 1 s
+deadline = time.monotonic() + 60  # a busy machine: the idle workers of a single-machine instance go in the end
+while single_machine and idle_workers() and time.monotonic() < deadline:
+    time.sleep(0.2)
+workers = idle_workers()
 trainer = Trainer(lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=1))
 callbacks = trainer._create_default_callbacks()
 print(json.dumps({
