@@ -579,6 +579,49 @@ class RankZeroTracker:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+class TrackingAccessError(IsaError):
+    """The MLflow server turns this process's credentials away."""
+
+
+ACCESS_CHECK_TIMEOUT_S = 10  # the one request check_access makes
+
+
+def check_access(uri: str | None) -> None:
+    """Refuse, before a stage starts, an MLflow server that answers this process's requests with 401 or 403.
+
+    One request (search one experiment) with the credentials MLflow itself sends: ``MLFLOW_TRACKING_USERNAME`` /
+    ``MLFLOW_TRACKING_PASSWORD`` (a server behind MLflow's basic-auth app), or ``MLFLOW_TRACKING_TOKEN``. A server
+    that does not answer is not refused here: records wait for it (:class:`Outbox`).
+
+    Raises:
+        TrackingAccessError: naming the server (without any password in its URI) and what to set.
+    """
+    if not uri or not uri.startswith(("http://", "https://")):
+        return
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        response = http_request(
+            get_default_host_creds(uri),
+            "/api/2.0/mlflow/experiments/search",
+            "GET",
+            params={"max_results": 1},
+            max_retries=0,
+            timeout=ACCESS_CHECK_TIMEOUT_S,
+            raise_on_status=False,
+        )
+    except Exception:  # noqa: BLE001 - unreachable or slow: the Outbox keeps the records until it answers
+        return
+    if response.status_code in (401, 403):
+        given = "MLFLOW_TRACKING_USERNAME" in os.environ or "MLFLOW_TRACKING_TOKEN" in os.environ
+        what = "refused the credentials given" if given else "asks for credentials and none were given"
+        raise TrackingAccessError(
+            f"MLflow server {_shown(uri)} {what} ({response.status_code}): set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account of that server"
+        )
+
+
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 

@@ -265,6 +265,7 @@ def check(config: Config) -> None:
         CheckpointError: a checkpoint that is not one.
         ArtifactError, CacheError: an output folder or gallery cache holding other things.
         TeacherMismatchError: the checkpoints and caches, or they and the configured teacher, name other teachers.
+        TrackingAccessError: the MLflow server turns the credentials away.
     """
     ev = config.eval
     if ev.benchmark == "images":
@@ -289,6 +290,7 @@ def check(config: Config) -> None:
     if ev.benchmark != "images":
         check_folder(gallery_uri(config), "teacher cache", own_entry, marker=MANIFEST_FILE)
     check_teacher(config)
+    tracking.check_access(tracking.eval_tracking(ev.tracking_uri, ev.checkpoints, ev.output).uri)
 
 
 def _cache_manifest(uri: str) -> Manifest | None:

@@ -177,8 +177,8 @@ def run_entry(name: str) -> bool:
 
 def check_before_ray(config: Config, start: Start | None = "new") -> RunFolder | None:
     """The refusals that need neither Ray nor a read of the cache's shards: MLflow's reserved model alias, the run
-    folder (:func:`pipelines.train.runs.check_run_folder`), a teacher named other than the cache's. Returns what the
-    run folder holds (None: no run, or ``start`` None).
+    folder (:func:`pipelines.train.runs.check_run_folder`), a teacher named other than the cache's, an MLflow server
+    that turns the credentials away. Returns what the run folder holds (None: no run, or ``start`` None).
 
     Args:
         start: as in :func:`check`.
@@ -189,6 +189,7 @@ def check_before_ray(config: Config, start: Start | None = "new") -> RunFolder |
     if start is not None and folder is None:  # no run there: an empty or new folder, never one of other things
         check_folder(config.train.output, "training run", run_entry)
     with_cache_teacher(config)
+    tracking.check_access(tracking.tracking_uri(config.train.tracking_uri, tracking.store_folder(config.train.output)))
     return folder
 
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
+import importlib.util
 import json
 import re
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -322,9 +324,20 @@ def test_token_auth_s3_and_mlflow_come_from_secrets_in_every_ray_container():
         env = env_of(container)
         assert env["RAY_AUTH_MODE"].get("value") == "token", name
         assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": auth["secretName"], "key": TOKEN_KEY}
-        assert "secretKeyRef" in env["MLFLOW_TRACKING_URI"]["valueFrom"], name
-        assert any("secretRef" in source for source in container.get("envFrom", [])), f"{name}: no S3 secret"
+        sources = container.get("envFrom", [])
+        assert {"secretRef": {"name": "isa-s3"}} in sources, f"{name}: no S3 secret"
+        # MLFLOW_TRACKING_URI and the account: from a Secret a cluster that tracks elsewhere need not have
+        assert {"secretRef": {"name": "isa-mlflow", "optional": True}} in sources, name
+        assert not [v for v in env if v.startswith("MLFLOW_")], f"{name}: MLflow settings belong in envFrom"
         assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env), f"{name}: S3 keys belong in envFrom"
+
+
+# Secrets the manifests read whole (envFrom) -> the keys the README's commands must put in them
+WHOLE_SECRETS = {
+    "isa-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
+    "isa-mlflow": {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"},
+    "isa-mlflow-server": {"MLFLOW_FLASK_SERVER_SECRET_KEY"},
+}
 
 
 def _readme_secrets() -> dict[str, set[str]]:
@@ -360,8 +373,9 @@ def test_readme_creates_every_secret_the_manifests_read():
     created = _readme_secrets()
     for name, keys in referenced.items():
         assert name in created and keys <= created[name], (name, keys, created)
-    for name in whole:
-        assert name in created and {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= created[name], (name, created)
+    assert whole == set(WHOLE_SECRETS)
+    for name, keys in WHOLE_SECRETS.items():
+        assert name in created and keys <= created[name], (name, created)
 
 
 def _pyproject_version() -> str:
@@ -369,7 +383,7 @@ def _pyproject_version() -> str:
 
 
 def test_images_and_ray_versions_agree():
-    image = re.compile(rf"([^\s/]+/)*isa:{re.escape(_pyproject_version())}")  # a registry prefix is fine
+    image = re.compile(rf"REGISTRY/isa:{re.escape(_pyproject_version())}-COMMIT")  # the placeholder infra/image.sh pins
     for name, doc in kuberay_documents():
         pod_specs = []
         if doc["kind"] == "RayCluster":
@@ -689,13 +703,95 @@ def test_dockerfile_builds_the_project_as_a_non_root_user():
     assert uid.isdigit() and int(uid) != 0 and (not gid or gid.isdigit()), "a numeric, non-root USER"
     for owner in re.findall(r"^COPY --chown=(\S+) ", dockerfile, re.M):  # the files belong to that user
         assert owner == image_user(), owner
-    assert re.search(r"^RUN pip install \.", dockerfile, re.M)
+    installs = re.findall(r"^RUN pip install (.*)$", dockerfile, re.M)
+    assert any(re.search(r"'\.\[mlflow-server\]'", i) for i in installs)  # the project, and the MLflow server
+    assert all(i.startswith("-c infra/constraints.txt ") for i in installs), installs  # the tested versions
     for source in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", dockerfile, re.M):
         for path in source.split():
             assert (REPO / path).exists(), path
     assert re.search(r"^COPY .*\binfra\b", dockerfile, re.M)  # the stage configs the entrypoints name
     ignored = {line.strip().rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()}
     assert {".venv", "isa-output", ".git", "**/__pycache__"} <= ignored
+
+
+def _image_fields(folder: Path) -> list[str]:
+    images = []
+    for path in sorted((folder / "infra" / "kuberay").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            images += re.findall(r"'image': '([^']+)'", str(doc))
+    return images
+
+
+def _image_sh(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(folder / "infra" / "image.sh"), *args], capture_output=True, text=True)
+
+
+def test_image_script_pins_every_manifest_to_one_build_and_refuses_a_reused_tag(tmp_path):
+    for name in ("infra", "Dockerfile", "pyproject.toml", "README.md"):
+        source = REPO / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / name)
+    placeholder = f"REGISTRY/isa:{_pyproject_version()}-COMMIT"
+    assert set(_image_fields(tmp_path)) == {placeholder} and len(_image_fields(tmp_path)) == 7
+    for reference, why in [
+        (f"isa:{_pyproject_version()}-0123456789ab", "names no registry"),
+        (f"registry.example.com/isa:{_pyproject_version()}", "reuses the tag"),
+        (f"registry.example.com/isa:{_pyproject_version()}-0123456789ab@sha256:abc", "64 hex digits"),
+    ]:
+        refused = _image_sh(tmp_path, "pin", reference)
+        assert refused.returncode == 2 and why in refused.stderr, refused.stderr
+    assert set(_image_fields(tmp_path)) == {placeholder}  # a refused pin changes nothing
+    before = {p.name: p.read_text() for p in (tmp_path / "infra" / "kuberay").glob("*.yaml")}
+    pinned = f"registry.example.com/team/isa:{_pyproject_version()}-0123456789ab@sha256:{'0f' * 32}"
+    done = _image_sh(tmp_path, "pin", pinned)
+    assert done.returncode == 0, done.stderr
+    assert _image_fields(tmp_path) == [pinned] * 7
+    for path in (tmp_path / "infra" / "kuberay").glob("*.yaml"):  # only the image values changed
+        for line, old in zip(path.read_text().splitlines(), before[path.name].splitlines(), strict=True):
+            assert line == old or (line == old.replace(placeholder, pinned) and "image:" in line), (line, old)
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc["kind"] in CRD_FILES:
+                assert manifest_errors(doc) == [], path.name
+
+    # the tag names one commit: a checkout with uncommitted changes in what the image holds has none
+    assert _image_sh(tmp_path, "tag").returncode == 2  # not a git checkout
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "image"], check=True)
+    commit = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert _image_sh(tmp_path, "tag").stdout.strip() == f"{_pyproject_version()}-{commit}"
+    (tmp_path / "infra" / "configs" / "train.yaml").write_text("train: {lr: 1.0}\n")
+    dirty = _image_sh(tmp_path, "tag")
+    assert (
+        dirty.returncode == 2 and "uncommitted changes" in dirty.stderr and "infra/configs/train.yaml" in dirty.stderr
+    )
+
+
+def test_constraints_pin_every_package_isa_installs_within_its_ranges():
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (INFRA / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version and " " not in line, f"not NAME==VERSION: {line}"
+            pins[canonicalize_name(name)] = version
+    spec = importlib.util.spec_from_file_location("constraints", INFRA / "constraints.py")
+    constraints = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(constraints)
+    assert set(constraints.closure()) <= set(pins)  # every package installing isa (and its extras) pulls in
+    for line in metadata.distribution("isa").requires:  # each direct dependency, within pyproject's range
+        requirement = Requirement(line)
+        if requirement.marker is None or requirement.marker.evaluate({"extra": "mlflow-server"}):
+            assert requirement.specifier.contains(pins[canonicalize_name(requirement.name)]), requirement
+    assert pins["ray"] == the_cluster()["spec"]["rayVersion"]
+    readme = (REPO / "README.md").read_text()
+    assert f"torch=={pins['torch']}" in readme and f"torchvision=={pins['torchvision']}" in readme
+    vm = load_yaml(INFRA / "vm" / "cluster.yaml")["setup_commands"]
+    assert all("-c ~/isa/infra/constraints.txt" in c for c in vm if "pip install" in c)
 
 
 def test_local_cluster_script_is_valid_bash_and_keeps_token_auth_on():
