@@ -283,7 +283,7 @@ class Teacher(nn.Module):
             digest = hashlib.sha256()
             for key, tensor in sorted(self.model.state_dict().items()):
                 digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-                digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy
             self._weights_sha256 = digest.hexdigest()
         return self._weights_sha256
 
