@@ -118,13 +118,20 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {shlex.quote(redact_uri(uri))}"
 
 
+SUPPRESS_URL_PRINTING = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"  # MLflow's "View run at URI" line
+
+
 def client(uri: str | None) -> Any:
-    """An ``MlflowClient`` for the tracking URI, MLflow's HTTP retries bounded (:data:`HTTP_SETTINGS`)."""
+    """An ``MlflowClient`` for the tracking URI, MLflow's HTTP retries bounded (:data:`HTTP_SETTINGS`); MLflow
+    prints no run address where the URI holds a password (it would print it whole)."""
     import mlflow
+
+    from isa.storage import redact_uri
 
     for name, value in HTTP_SETTINGS.items():
         os.environ.setdefault(name, value)
-
+    if uri and redact_uri(uri) != uri:
+        os.environ[SUPPRESS_URL_PRINTING] = "true"
     return mlflow.MlflowClient(tracking_uri=uri)
 
 
