@@ -1,0 +1,107 @@
+"""Inputs that kill their decoding process: rejected with their reason, never retried for ever.
+
+A decode task runs in a Ray worker; an input that makes the decoder crash the process (a decoder bug, a read that
+never ends and is killed, memory exhausted by one image) ends the task, and Ray runs it again (up to
+``DECODE_RETRIES`` times, ``pipelines.embed.decode_task_options``). :class:`Attempts` counts the attempts of each
+batch (named by a hash of its URIs, the same in every attempt): the first decodes in the task's own process as
+usual; a later one decodes its inputs one at a time in a child process, so an input that kills the child is
+rejected (``_errors/``, with how its process ended) and the batch's other inputs are decoded in a new child.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import signal
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+import ray
+
+Row = tuple[str, Any, Any]  # (uri, bytes or None, listed error or None)
+Decode = Callable[[list[Row], dict, dict], tuple[list[Any], list[tuple[str, str]]]]
+
+
+@ray.remote(num_cpus=0)
+class Attempts:
+    """How many times each unfinished batch of a run started decoding."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, int] = {}
+
+    def begin(self, key: str) -> int:
+        """Count an attempt of batch ``key``; returns its number (1 for the first)."""
+        self.started[key] = self.started.get(key, 0) + 1
+        return self.started[key]
+
+    def end(self, key: str) -> None:
+        """Forget a batch that was decoded (only batches that died stay counted)."""
+        self.started.pop(key, None)
+
+
+def decode_guarded(
+    decode: Decode, rows: list[Row], manifest: dict, settings: dict, attempts: Any
+) -> tuple[list[Any], list[tuple[str, str]]]:
+    """``decode(rows, manifest, settings)``; in a child process, one row at a time, when an earlier attempt of this
+    batch died (``attempts``: the run's :class:`Attempts` actor, or None to decode in this process)."""
+    if attempts is None or not rows:
+        return decode(rows, manifest, settings)
+    key = hashlib.sha256("\n".join(uri for uri, _, _ in rows).encode()).hexdigest()
+    first = ray.get(attempts.begin.remote(key)) == 1
+    result = decode(rows, manifest, settings) if first else decode_isolated(decode, rows, manifest, settings)
+    attempts.end.remote(key)
+    return result
+
+
+def decode_isolated(
+    decode: Decode, rows: list[Row], manifest: dict, settings: dict
+) -> tuple[list[Any], list[tuple[str, str]]]:
+    """``decode`` one row at a time in a forked child; a row whose child dies is rejected with how it died."""
+    context = multiprocessing.get_context("fork")
+    decoded: list[Any] = []
+    errors: list[tuple[str, str]] = []
+    pending = list(rows)
+    while pending:
+        ours, theirs = context.Pipe()
+        child = context.Process(target=_serve, args=(theirs, decode, manifest, settings), daemon=True)
+        child.start()
+        theirs.close()
+        try:
+            while pending:
+                ours.send(pending[0])
+                try:
+                    done, failed = ours.recv()
+                except EOFError:  # the child died on this row
+                    child.join()
+                    errors.append((pending.pop(0)[0], f"the decoding process died on it ({_ended(child.exitcode)})"))
+                    break
+                pending.pop(0)
+                decoded += done
+                errors += failed
+        finally:
+            ours.close()
+            child.join(timeout=10)
+            if child.is_alive():
+                child.kill()
+                child.join()
+    return decoded, errors
+
+
+def _serve(connection: Connection, decode: Decode, manifest: dict, settings: dict) -> None:
+    """The child: decode each row it is sent, until the parent closes the pipe."""
+    while True:
+        try:
+            row = connection.recv()
+        except EOFError:
+            return
+        connection.send(decode([row], manifest, settings))
+
+
+def _ended(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit status {exitcode}"
