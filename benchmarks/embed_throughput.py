@@ -1,11 +1,18 @@
 """Images/s of ``isa embed`` against a plain single-process loop, side by side in one run.
 
 Both embed the same 640x480 JPEGs with the same teacher and batch size; the plain loop is what a user
-would otherwise write (PIL decode, open_clip's preprocess, ``encode_image`` in batches). On a GPU the
-script also measures the teacher tower's own forward rate on ready-made tensors, the ceiling the
-pipeline is compared with (benchmarks/RESULTS.md).
+would otherwise write (PIL decode, open_clip's preprocess, ``encode_image`` in batches), run twice: with
+full JPEG decoding and with the reduced-size decoding ``cache.fast_decode`` gives ``isa embed`` (PIL's
+``draft``, the same scale rule). Each repeat runs the plain loops and ``isa embed`` one after the other, in
+alternating order, and prints two ratios: same decode (``isa embed`` against the plain loop that decodes as
+it does) and each side's best (against the faster plain loop). Every time counts the model load; ``isa
+embed``'s end to end counts everything its ``run()`` does on a fresh Ray instance (the teacher fingerprint,
+actor and task start-up, the shard writes); the Ray instance's own start is printed apart. On a GPU the
+script also measures the teacher tower's own forward rate on ready-made tensors, the ceiling the pipeline is
+compared with (benchmarks/RESULTS.md).
 
-    python benchmarks/embed_throughput.py --teacher ViT-B-32 --images 512            # CPU
+    python benchmarks/embed_throughput.py --teacher ViT-B-32 --images 512 --batch-size 32 --fast-decode \\
+        --actor-cpus 1.5 --decode-cpus 0.5 --repeats 3                                   # CPU
     python benchmarks/embed_throughput.py --teacher ViT-L-14 --images 20000 --device cuda --fast-decode \\
         --batch-size 256 --plain-images 1024                                            # one GPU
     ... --tower-dtype bfloat16    # the tower's weights in bf16 too (cache.tower_dtype), in both loops
@@ -70,16 +77,29 @@ def _write_jpegs(folder: Path, start: int, stop: int, seed: int) -> list[Path]:
     return paths
 
 
-def plain_loop(paths: list[Path], name: str, pretrained: str, batch: int, device: str, dtype: str) -> float:
-    """Single process: decode, preprocess, forward in batches, the tower as the pipeline runs it (``dtype``:
-    ``cache.tower_dtype``). Returns images/s (model load excluded)."""
+def open_image(path: Path, draft_short_side: int | None) -> Image.Image:
+    """The plain loop's decode: PIL in full, or at the reduced DCT scale ``isa embed``'s ``cache.fast_decode``
+    asks for (the smallest whose short side is still ``draft_short_side``)."""
+    image = Image.open(path)
+    if draft_short_side:
+        scale = draft_short_side / min(image.size)
+        image.draft("RGB", (max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+    return image.convert("RGB")
+
+
+def plain_loop(
+    paths: list[Path], name: str, pretrained: str, batch: int, device: str, dtype: str, fast_decode: bool = False
+) -> float:
+    """Single process: decode (``fast_decode``: at reduced size), preprocess, forward in batches, the tower as the
+    pipeline runs it (``dtype``: ``cache.tower_dtype``). Returns images/s, the model load included."""
+    started = time.perf_counter()
     teacher = load_teacher(name, pretrained, device=device)
     teacher.model.to(getattr(torch, dtype))
+    draft = teacher.image_size if fast_decode else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda" and dtype == "float32")
-    started = time.perf_counter()
     with torch.inference_mode(), autocast:
         for start in range(0, len(paths), batch):
-            images = [Image.open(p).convert("RGB") for p in paths[start : start + batch]]
+            images = [open_image(p, draft) for p in paths[start : start + batch]]
             pixels = torch.stack([teacher.preprocess(image) for image in images]).to(device, getattr(torch, dtype))
             F.normalize(teacher.model.encode_image(pixels).float(), dim=-1).cpu()
     if device == "cuda":
@@ -119,19 +139,23 @@ def tower_forward(name: str, pretrained: str, batch: int, steps: int = 20, devic
     return figures
 
 
-def pipeline(folder: Path, output: Path, args: argparse.Namespace) -> tuple[float, float]:
-    """``isa embed`` on a local Ray instance.
+def pipeline(folder: Path, output: Path, args: argparse.Namespace, steady: bool = True) -> dict[str, float]:
+    """``isa embed`` on a fresh local Ray instance.
 
     Returns:
-        images/s end to end (the first run: start-up of workers and actors included) and in steady state:
-        the marginal rate between two later runs on the same instance, all images and a quarter of them,
-        ``(N - n) / (t_N - t_n)``, which takes out what every run pays once.
+        ``ray start`` (seconds to start the instance, in no rate), ``end to end`` (images/s of the first run:
+        everything ``run()`` does, the teacher fingerprint, worker and actor start-up included) and, with
+        ``steady``, ``steady state``: the marginal rate between two later runs on the same instance, all images
+        and a quarter of them, ``(N - n) / (t_N - t_n)``, which takes out what every run pays once.
     """
     import ray
 
+    import pipelines.teacher
     from pipelines.embed import run
 
+    started = time.perf_counter()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    figures = {"ray start": time.perf_counter() - started}
     overrides = [
         f"teacher.name={args.teacher}",
         f"teacher.pretrained={args.pretrained}",
@@ -148,23 +172,34 @@ def pipeline(folder: Path, output: Path, args: argparse.Namespace) -> tuple[floa
         f"cache.rows_per_shard={args.batch_size * 4}",
     ]
     config = load_config(None, overrides)
+    pipelines.teacher._FINGERPRINTS.clear()  # a cold run: an earlier repeat's fingerprint is not reused
+    output.mkdir(parents=True)
+    started = time.perf_counter()
     first = run(str(folder), str(output / "first"), config)
-    quarter = folder.parent / "quarter"
-    quarter.mkdir()
-    for path in sorted(folder.iterdir())[: args.images // 4]:
-        os.link(path, quarter / path.name)
-    small = run(str(quarter), str(output / "quarter"), config)
-    full = run(str(folder), str(output / "again"), config)
+    figures["end to end"] = first.cached / (time.perf_counter() - started)
+    assert first.cached == args.images, first
+    if steady:
+        quarter = output / "quarter-input"
+        quarter.mkdir()
+        for path in sorted(folder.iterdir())[: args.images // 4]:
+            os.link(path, quarter / path.name)
+        small = run(str(quarter), str(output / "quarter"), config)
+        full = run(str(folder), str(output / "again"), config)
+        assert full.cached == args.images and small.cached == args.images // 4, (small, full)
+        figures["steady state"] = (full.cached - small.cached) / (full.seconds - small.seconds)
     ray.shutdown()
-    assert first.cached == full.cached == args.images and small.cached == args.images // 4, (first, small, full)
-    steady = (full.cached - small.cached) / (full.seconds - small.seconds)
-    return first.cached / first.seconds, steady
+    return figures
 
 
 def measured(figures: dict[str, float | None]) -> None:
     """Print figures as soon as they are measured: a run cut short keeps what it got."""
     for label, value in figures.items():
         print(f"measured: {label}: {'not run' if value is None else f'{value:,.5g}'}", flush=True)
+
+
+def load() -> str:
+    """The machine's 1-minute load average (others' work included)."""
+    return f"{os.getloadavg()[0]:.1f}"
 
 
 def main() -> None:
@@ -178,47 +213,75 @@ def main() -> None:
     parser.add_argument("--actor-cpus", type=float, default=1.0)
     parser.add_argument("--decode-cpus", type=float, default=1.0)
     parser.add_argument("--decode-batch-size", type=int, help="images per decode task (default: the config's)")
-    parser.add_argument("--fast-decode", action="store_true", help="reduced-size JPEG decoding in the pipeline")
+    parser.add_argument("--fast-decode", action="store_true", help="reduced-size JPEG decoding in isa embed")
     parser.add_argument("--tower-dtype", choices=["float32", "bfloat16"], default="float32", help="cache.tower_dtype")
     parser.add_argument("--images-column", action="store_true", help="also cache student JPEGs (more work)")
-    parser.add_argument("--plain-images", type=int, default=0, help="images for the plain loop (0: all)")
-    parser.add_argument("--no-plain", action="store_true", help="leave out the plain loop")
+    parser.add_argument("--plain-images", type=int, default=0, help="images for the plain loops (0: all)")
+    parser.add_argument("--no-plain", action="store_true", help="leave out the plain loops")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of plain loops and isa embed, interleaved")
+    parser.add_argument("--no-steady", action="store_true", help="leave out the steady-state runs")
     args = parser.parse_args()
+    plain_modes = [] if args.no_plain else [("full decode", False), ("reduced-size decode", True)]
+    rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_jpegs(Path(tmp) / "images", args.images)
         # each figure is printed as soon as it is measured: a run cut short keeps what it got
         tower = tower_forward(args.teacher, args.pretrained, 256) if args.device == "cuda" else {}
         measured(tower)
-        baseline = None
-        if not args.no_plain:
-            subset = paths[: args.plain_images or None]
-            baseline = plain_loop(subset, args.teacher, args.pretrained, args.batch_size, args.device, args.tower_dtype)
-            measured({"plain loop": baseline})
-        ours, steady = pipeline(Path(tmp) / "images", Path(tmp) / "cache", args)
-        measured({"isa embed, end to end": ours, "isa embed, steady state": steady})
-        rows = [
-            ("plain single-process loop", baseline),
-            ("isa embed, end to end (start-up included)", ours),
-            ("isa embed, steady state", steady),
-        ]
-        if tower:
-            rows[:0] = [
-                ("teacher tower forward only (bf16 autocast, as the pipeline runs it)", tower["autocast"]),
-                ("teacher tower forward only, weights cast to bf16", tower["bf16 weights"]),
-            ]
+        for repeat in range(args.repeats):
+            figures: dict[str, float] = {}
+            order = ["plain", "isa"] if repeat % 2 == 0 else ["isa", "plain"]  # alternate who goes first
+            for side in order:
+                if side == "plain":
+                    for label, fast in plain_modes if repeat % 2 == 0 else plain_modes[::-1]:
+                        figures[f"load before plain loop, {label}"] = float(load())
+                        subset = paths[: args.plain_images or None]
+                        figures[f"plain loop, {label}"] = plain_loop(
+                            subset, args.teacher, args.pretrained, args.batch_size, args.device, args.tower_dtype, fast
+                        )
+                        measured({f"round {repeat + 1}: plain loop, {label}": figures[f"plain loop, {label}"]})
+                else:
+                    figures["load before isa embed"] = float(load())
+                    ours = pipeline(Path(tmp) / "images", Path(tmp) / f"cache-{repeat}", args, not args.no_steady)
+                    figures.update({f"isa embed, {key}": value for key, value in ours.items()})
+                    measured({f"round {repeat + 1}: isa embed, {key}": value for key, value in ours.items()})
+            rounds.append(figures)
     print(
         f"\n{args.teacher} · {args.images} JPEGs 640x480 · batch {args.batch_size} · {args.device} · "
-        f"{os.cpu_count()} cores · fast_decode={args.fast_decode} · tower {args.tower_dtype} · "
-        f"images column={args.images_column} · "
-        + ("no plain loop" if args.no_plain else f"plain loop on {args.plain_images or args.images} images")
+        f"{os.cpu_count()} cores · isa embed fast_decode={args.fast_decode} · tower {args.tower_dtype} · "
+        f"images column={args.images_column} · actor cpus {args.actor_cpus} · decode cpus {args.decode_cpus} · "
+        + ("no plain loop" if args.no_plain else f"plain loops on {args.plain_images or args.images} images")
     )
-    print("| what | images/s |\n|---|---|")
-    for label, rate in rows:
-        print(f"| {label} | {'not run' if rate is None else f'{rate:,.1f}'} |")
-    if baseline:
-        print(f"ratio isa embed / plain loop: {ours / baseline:.2f}x end to end, {steady / baseline:.2f}x steady state")
+    if tower:
+        print(f"teacher tower forward only (bf16 autocast, as the pipeline runs it): {tower['autocast']:,.1f} img/s")
+        print(f"teacher tower forward only, weights cast to bf16: {tower['bf16 weights']:,.1f} img/s")
+    same = "plain loop, reduced-size decode" if args.fast_decode else "plain loop, full decode"
+    print(
+        "| round | load (plain, isa) | plain, full decode | plain, reduced-size decode | isa embed end to end "
+        "| isa embed steady | Ray start (s) | same decode: end to end, steady | each side's best: end to end, steady |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for number, figures in enumerate(rounds, 1):
+        ours, steady = figures["isa embed, end to end"], figures.get("isa embed, steady state")
+        plain = {label: figures.get(f"plain loop, {label}") for label, _ in plain_modes}
+        best = max(plain.values()) if plain else None
+        loads = "/".join(f"{v:.1f}" for k, v in figures.items() if k.startswith("load before plain"))
+
+        def ratio(a: float | None, b: float | None) -> str:
+            return "–" if a is None or b is None else f"{a / b:.2f}×"
+
+        def rate(value: float | None) -> str:
+            return "–" if value is None else f"{value:,.1f}"
+
+        print(
+            f"| {number} | {loads or '–'}, {figures['load before isa embed']:.1f} | {rate(plain.get('full decode'))} "
+            f"| {rate(plain.get('reduced-size decode'))} | {rate(ours)} | {rate(steady)} "
+            f"| {figures['isa embed, ray start']:.1f} | {ratio(ours, figures.get(same))}, "
+            f"{ratio(steady, figures.get(same))} | {ratio(ours, best)}, {ratio(steady, best)} |"
+        )
     if tower:
         ceiling = tower["autocast" if args.tower_dtype == "float32" else "bf16 weights"]  # as the pipeline ran it
+        ours, steady = rounds[-1]["isa embed, end to end"], rounds[-1].get("isa embed, steady state") or 0.0
         print(f"isa embed / tower forward: {ours / ceiling:.0%} end to end, {steady / ceiling:.0%} steady state")
         print(
             "smallest cosine to the fp32 tower (256 random inputs): "
