@@ -304,14 +304,17 @@ def run(config: Config) -> dict:
     check(config)
     teacher = build_teacher(config.teacher)
     check_fingerprint(teacher.fingerprint(), teacher_sources(config))  # same names, other weights: before embedding
-    checkpoints = [str(find_checkpoint(local_copy(path, config.eval.output))) for path in config.eval.checkpoints]
+    # each checkpoint's folder as a URI: the Ray tasks copy a remote one where they run (a copy on this machine
+    # would be out of reach of the other nodes); the query-side cost is measured here, on a copy below eval.output
+    checkpoints = [saved_checkpoint(path)[0] for path in config.eval.checkpoints]
     with out.mlflow_run(config) as record:  # from here on a failure ends the run FAILED (Ctrl-C: KILLED)
         if config.eval.benchmark == "images":
             document, samples, images = image_only_document(config, teacher, checkpoints), [], {}
         else:
             document, samples, images = cir_document(config, teacher, checkpoints)
         if config.eval.latency_runs:
-            costs = query_costs(teacher, checkpoints, config.eval.latency_runs, config.eval.latency_threads)
+            local = [str(find_checkpoint(local_copy(path, config.eval.output))) for path in checkpoints]
+            costs = query_costs(teacher, local, config.eval.latency_runs, config.eval.latency_threads)
             document["cost"] = [dataclasses.asdict(c) for c in costs]
         table = out.document_table(document)
         title = f"isa eval · {config.eval.benchmark} {out.split_name(config)}"

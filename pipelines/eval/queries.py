@@ -1,11 +1,12 @@
 """Query embeddings for ``isa eval``: student checkpoints and the teacher-only baselines.
 
 Each method encodes its queries in one Ray task, on a GPU when the cluster has one, so the driver stays
-light under ``ray job submit``. Reference images are read where the task runs (any fsspec URI).
+light under ``ray job submit``. Reference images and checkpoints are read where the task runs (any fsspec URI).
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import torch
 
 from isa.augment import eval_view, views
 from isa.build import build_teacher
+from isa.checkpoint import find_checkpoint
 from isa.config import TeacherConfig
 from isa.query import QueryEncoder, student_views, text_queries
 
@@ -50,6 +52,16 @@ def _read(uri: str) -> bytes:
         return handle.read()
 
 
+def load_encoder(checkpoint: str, teacher: TeacherConfig, device: str) -> QueryEncoder:
+    """The student of a checkpoint folder, read where this runs: a remote one is copied to a temporary folder of
+    this process's machine (removed once loaded), so a task on any node of a cluster reads it."""
+    from pipelines.eval import local_copy  # the package imports this module
+
+    with tempfile.TemporaryDirectory(prefix="isa-eval-") as copies:
+        local = str(find_checkpoint(local_copy(checkpoint, copies)))
+        return QueryEncoder.from_checkpoint(local, build_teacher(teacher, device), device)
+
+
 @ray.remote(max_retries=1)
 def encode_text_baseline(teacher: TeacherConfig, modifiers: list[tuple[str, ...]], batch_size: int) -> np.ndarray:
     """Teacher text only, ``a photo of {c}``: (Q, D)."""
@@ -71,13 +83,14 @@ def encode_student(
     """A checkpoint's queries.
 
     Args:
+        checkpoint: a checkpoint folder: a local path every node reads, or a URI (``s3://...``) this task copies from.
         references: unique reference image URIs (decoded as training decoded them), or cached student JPEGs.
         query_refs: for each query, its index in ``references``.
         modifiers: per query its modifier texts; None for image-only retrieval (``a photo of {S}``).
         report: keep the attention maps of the first ``report`` references.
     """
     device = _device()
-    encoder = QueryEncoder.from_checkpoint(checkpoint, build_teacher(teacher, device), device)
+    encoder = load_encoder(checkpoint, teacher, device)
     cached = bool(references) and isinstance(references[0], bytes)
     size = encoder.config.student.image_size
     sentences, attention = [], []

@@ -1,0 +1,226 @@
+"""A Ray cluster of several nodes on this one machine, started as the shipped manifests start one: a head with no
+CPUs (``ray start --head --num-cpus=0``) and worker nodes that join it (``ray start --address=...``) with CPUs of
+their own; token authentication on, every port free and of its own, every node with its own temp dir.
+
+Each node is started in a session of its own (its ``ray start`` run under ``setsid``), so its processes are told
+from those of every other Ray instance on the machine (other tests', other users'): :meth:`LocalCluster.kill`
+kills one node (its raylet first, as a lost machine would), :meth:`LocalCluster.stop` stops what it started, and
+neither touches anything else.
+
+The nodes share this machine's disk, as the nodes of a real cluster share network storage: a local folder given
+to a stage counts as shared storage. :attr:`LocalCluster.head_only` is the one exception: a folder of the head's
+own disk, which the worker nodes do not see (each runs in a mount namespace with an empty tmpfs over it), as the
+head's local disk is not seen by the other machines of a real cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from _ports import free_port
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Node:
+    """One ``ray start`` of the cluster: its session (the pid of its ``setsid ray start``) and temp dir."""
+
+    name: str
+    session: int
+    temp_dir: str
+    num_cpus: int
+
+
+def session_processes(sid: int) -> list[int]:
+    """The live processes of session ``sid``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit():
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[3]) == sid and fields[0] != "Z":  # state, ppid, pgrp, session
+                    pids.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            pass
+    return pids
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def processes_titled(name: str) -> list[int]:
+    """Ray worker processes whose process title (``ray::...``) names ``name``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        title = command_line(int(entry.name)) if entry.name.isdigit() else ""
+        if title.startswith("ray::") and name in title.split(" ")[0]:
+            pids.append(int(entry.name))
+    return pids
+
+
+@dataclass
+class LocalCluster:
+    """A head with no CPUs and worker nodes, all on loopback; :meth:`env` is a driver's environment for it."""
+
+    root: Path
+    base_env: dict[str, str]
+    head_only: Path = field(init=False)
+    port: int = field(init=False, default=0)
+    head: Node | None = field(init=False, default=None)
+    workers: list[Node] = field(init=False, default_factory=list)
+    started: int = field(init=False, default=0)  # worker nodes started so far (their names)
+
+    def __post_init__(self) -> None:
+        self.head_only = self.root / "head-only"
+        self.head_only.mkdir(parents=True, exist_ok=True)
+        home = self.root / "home"  # the cluster's token: ~/.ray/auth_token of this HOME
+        home.mkdir(exist_ok=True)
+        self.base_env = {k: v for k, v in self.base_env.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+        self.base_env.update(HOME=str(home), RAY_AUTH_MODE="token", PATH=f"{BIN}{os.pathsep}{self.base_env['PATH']}")
+        # a worker process slow to start on a busy machine (this one's cores are shared) is waited for, not
+        # killed and started again after Ray's default 60 s
+        self.base_env.setdefault("RAY_worker_register_timeout_seconds", "300")
+        subprocess.run(
+            [str(BIN / "ray"), "get-auth-token", "--generate"], env=self.base_env, check=True, capture_output=True
+        )
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """A driver's environment: the cluster's address and token, the S3 settings the nodes have."""
+        return {**self.base_env, "RAY_ADDRESS": self.address, **extra}
+
+    def _start(self, name: str, options: list[str], num_cpus: int, hide_head_only: bool) -> Node:
+        """``ray start`` of one node in a session of its own; raises RuntimeError with its output if it fails."""
+        temp_dir = tempfile.mkdtemp(prefix=f"isa-{name}-", dir="/tmp")  # short: Ray's socket paths have a limit
+        command = [
+            str(BIN / "ray"), "start", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+            f"--temp-dir={temp_dir}", f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}", *options,
+        ]  # fmt: skip
+        if hide_head_only:  # another machine: the head's own folder is not there
+            mount = 'mount -t tmpfs isa-other-machine "$0" && exec "$@"'
+            command = [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                mount,
+                str(self.head_only),
+                *command,
+            ]
+        starter = subprocess.Popen(
+            command, env=self.base_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        node = Node(name, starter.pid, temp_dir, num_cpus)
+        output = starter.communicate(timeout=180)[0].decode(errors="replace")
+        if starter.returncode != 0:
+            self._stop_node(node)
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            raise RuntimeError(f"ray start of {name} failed:\n{output[-3000:]}")
+        return node
+
+    def _start_again(self, start: Callable[[], Node], attempts: int = 3) -> Node:
+        """A node whose agents do not come up within Ray's start-up wait (30 s, not configurable: a machine whose
+        cores are busy with other tests) is stopped and started again, up to ``attempts`` times."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return start()
+            except RuntimeError:
+                if attempt == attempts:
+                    raise
+        raise AssertionError("unreachable")
+
+    def start_head(self) -> Node:
+        def start() -> Node:
+            self.port = free_port()
+            options = [
+                "--head",
+                f"--port={self.port}",
+                "--include-dashboard=false",
+                f"--ray-client-server-port={free_port()}",
+            ]
+            return self._start("head", options, 0, hide_head_only=False)
+
+        self.head = self._start_again(start)
+        return self.head
+
+    def add_worker(self, num_cpus: int) -> Node:
+        """A worker node that joins the head, registered with it before this returns."""
+        self.started += 1
+        name = f"worker{self.started}"
+        node = self._start_again(lambda: self._start(name, [f"--address={self.address}"], num_cpus, True))
+        self.workers.append(node)
+        return node
+
+    def processes(self, node: Node) -> list[int]:
+        """The node's processes: those of its session and any naming its temp dir."""
+        pids = set(session_processes(node.session))
+        pids.update(
+            int(p.name)
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit() and node.temp_dir in command_line(int(p.name))
+        )
+        return sorted(pids)
+
+    def node_of(self, pid: int) -> Node | None:
+        """The worker node a process belongs to."""
+        return next((node for node in self.workers if pid in self.processes(node)), None)
+
+    def raylet(self, node: Node) -> int:
+        (pid,) = [p for p in session_processes(node.session) if command_line(p).split(" ")[0].endswith("/raylet")]
+        return pid
+
+    def kill(self, node: Node) -> None:
+        """The node is lost: its raylet is killed (SIGKILL), then whatever else of it is left."""
+        os.kill(self.raylet(node), signal.SIGKILL)
+        self._stop_node(node, (signal.SIGKILL,))
+        self.workers.remove(node)
+
+    def _stop_node(self, node: Node, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGKILL)) -> None:
+        for sig in signals:
+            for pid in self.processes(node):
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+            deadline = time.monotonic() + 10
+            while self.processes(node) and time.monotonic() < deadline:
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        for node in [*self.workers, *([self.head] if self.head else [])]:
+            self._stop_node(node)
+            shutil.rmtree(node.temp_dir, ignore_errors=True)
+        self.workers, self.head = [], None
+
+
+def local_cluster(root: Path, env: dict[str, str], workers: list[int]) -> Iterator[LocalCluster]:
+    """A started cluster (a head with no CPUs, a worker node of each CPU count in ``workers``), stopped after."""
+    cluster = LocalCluster(root, env)
+    try:
+        cluster.start_head()
+        for num_cpus in workers:
+            cluster.add_worker(num_cpus)
+        yield cluster
+    finally:
+        cluster.stop()
