@@ -8,6 +8,9 @@ read from the cache's Parquet files by parallel tasks, never by the driver; a sh
 ``cache.ledger_rows`` of them (the cache's rows decide how many shards a run starts), so no process grows
 with the size of the cache.
 
+The shards run on the driver's node (the head, under ``ray job submit``), needing no CPU: this run's record of
+what it took lives as long as the run does, and a worker node lost mid-run takes none of it along.
+
 Retries: :meth:`Ledger.admit` answers a retried batch (same URIs, same batch key) as it answered the first
 attempt, and :meth:`Ledger.claim` gives the same URI the same answer, so a task that died and ran again
 processes exactly what the first attempt would have.
@@ -23,6 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow.parquet as pq
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from isa.cache import DUPLICATES_DIR, ERRORS_DIR, list_parts
 from isa.storage import filesystem, full_uri
@@ -187,6 +191,12 @@ def start_ledger(output: str, rows: int, rows_per_shard: int) -> Ledger:
         *keys(posixpath.join(root, DUPLICATES_DIR), "uri", False),
     ]
     ids = keys(root, "id", True)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)  # the driver's node
     return Ledger(
-        [LedgerShard.remote([g[s] for g in done], [g[s] for g in ids]) for s in range(shards)]  # type: ignore[attr-defined]
+        [
+            LedgerShard.options(scheduling_strategy=here).remote(  # type: ignore[attr-defined]
+                [g[s] for g in done], [g[s] for g in ids]
+            )
+            for s in range(shards)
+        ]
     )
