@@ -64,17 +64,22 @@ def _split(keys: np.ndarray, shards: int) -> list[np.ndarray]:
 
 
 @ray.remote(num_cpus=0.5)
-def _cache_keys(files: list[str], column: str, as_id: bool, shards: int) -> list[np.ndarray] | np.ndarray:
-    """The keys of one column of some cache files, split by shard (one return value per shard)."""
-    parts: list[list[np.ndarray]] = [[] for _ in range(shards)]
+def _cache_keys(files: list[str], with_ids: bool, shards: int) -> list[np.ndarray] | np.ndarray:
+    """The keys of the URIs (and, ``with_ids``, of the content ids) of some cache files, split by shard: one return
+    value per shard, the URIs' first, then the ids'."""
+    columns = ["uri", "id"] if with_ids else ["uri"]
+    parts: list[list[np.ndarray]] = [[] for _ in range(shards * len(columns))]
     for uri in files:
         fs, path = filesystem(uri)
         with fs.open(path, "rb") as handle:
-            values = pq.read_table(handle, columns=[column]).column(column).to_pylist()
-        for shard, keys in enumerate(_split(id_keys(values) if as_id else uri_keys(values), shards)):
-            parts[shard].append(keys)
+            table = pq.read_table(handle, columns=columns)
+        for index, column in enumerate(columns):
+            values = table.column(column).to_pylist()
+            keys = id_keys(values) if column == "id" else uri_keys(values)
+            for shard, part in enumerate(_split(keys, shards)):
+                parts[index * shards + shard].append(part)
     merged = [np.concatenate(p) if p else np.zeros(0, dtype=KEY) for p in parts]
-    return merged if shards > 1 else merged[0]
+    return merged if len(merged) > 1 else merged[0]
 
 
 @ray.remote(num_cpus=0)
@@ -179,19 +184,21 @@ def start_ledger(output: str, rows: int, rows_per_shard: int) -> Ledger:
     fs, root = filesystem(output)
     shards = max(1, math.ceil(rows / rows_per_shard))
 
-    def keys(folder: str, column: str, as_id: bool) -> list[list[ray.ObjectRef]]:
+    def keys(folder: str, with_ids: bool) -> list[list[ray.ObjectRef]]:
         files = [full_uri(fs, p) for p in list_parts(fs, folder)] if fs.exists(folder) else []
         groups = [files[i : i + FILES_PER_TASK] for i in range(0, len(files), FILES_PER_TASK)]
-        refs = [_cache_keys.options(num_returns=shards).remote(g, column, as_id, shards) for g in groups]
+        returns = shards * (2 if with_ids else 1)
+        refs = [_cache_keys.options(num_returns=returns).remote(g, with_ids, shards) for g in groups]
         return [r if isinstance(r, list) else [r] for r in refs]
 
-    done = [
-        *keys(root, "uri", False),
-        *keys(posixpath.join(root, ERRORS_DIR), "uri", False),
-        *keys(posixpath.join(root, DUPLICATES_DIR), "uri", False),
-    ]
-    ids = keys(root, "id", True)
+    cached = keys(root, True)  # each: the URIs' parts, then the ids'
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)  # the driver's node
+    done = [
+        *(r[:shards] for r in cached),
+        *keys(posixpath.join(root, ERRORS_DIR), False),
+        *keys(posixpath.join(root, DUPLICATES_DIR), False),
+    ]
+    ids = [r[shards:] for r in cached]
     return Ledger(
         [
             LedgerShard.options(scheduling_strategy=here).remote(  # type: ignore[attr-defined]
