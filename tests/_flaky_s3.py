@@ -59,10 +59,12 @@ class FlakyS3:
 
     @contextlib.contextmanager
     def faults(self, rate: float, seed: int = 0, kinds: tuple[str, ...] = FAULTS) -> Iterator[FlakyS3]:
-        """Inject faults into a share ``rate`` of the requests while in the block; ``injected`` restarts at 0."""
+        """Inject faults into a share ``rate`` of the requests while in the block; ``injected`` and ``forwarded``
+        restart at 0."""
         with self._lock:
             self.rate, self.kinds, self._random = rate, kinds, random.Random(seed)
             self.injected.clear()
+            self.forwarded = 0
         try:
             yield self
         finally:
