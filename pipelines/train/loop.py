@@ -13,10 +13,12 @@ run takes as many optimizer steps, on the same schedule, as an uninterrupted one
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
 import os
+import posixpath
 import socket
 import tempfile
 import time
@@ -144,7 +146,7 @@ def start(config: Config, loop_config: dict[str, Any]) -> Worker:
         torch.backends.cudnn.benchmark = True  # the step's shapes never change: the fastest convolutions, found once
     join_process_group("nccl" if device.type == "cuda" else "gloo", rank, world)
     worker = build(config, rank, world, device, loop_config["total_steps"])
-    worker.step, run_id, kept = restore(worker.task, worker.optimizer, worker.scheduler)
+    worker.step, run_id, kept = restore(worker.task, worker.optimizer, worker.scheduler, loop_config["run_dir"])
     distribute(worker)
     worker.tracker = RankZeroTracker(
         rank == 0 and worker.step < worker.total,  # a finished run (restored with no step left) is left as it was
@@ -206,13 +208,23 @@ def join_process_group(backend: str, rank: int, world: int) -> None:
     torch.distributed.init_process_group(backend, init_method=address, rank=rank, world_size=world, timeout=timeout)
 
 
-def restore(task: DistillTask, optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[int, str | None, list[dict]]:
-    """The last checkpoint's weights, optimizer, schedule and RNG state; its step, MLflow run and the MLflow
-    records it kept unsent (0, None, []: no checkpoint)."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0, None, []
-    with checkpoint.as_directory() as folder:
+def restore(
+    task: DistillTask, optimizer: torch.optim.Optimizer, scheduler: Any, run_dir: str
+) -> tuple[int, str | None, list[dict]]:
+    """The weights, optimizer, schedule and RNG state of the run folder's newest complete checkpoint, else of
+    Ray Train's; its step, MLflow run and the MLflow records it kept unsent (0, None, []: no checkpoint).
+
+    The run folder first: a worker that dies after its checkpoint reached storage and before Ray Train took its
+    report leaves Ray Train an older one (none at the first), and a restart from that would train and record
+    again steps the run already recorded.
+    """
+    with contextlib.ExitStack() as stack:
+        folder = saved_folder(run_dir, stack.enter_context(tempfile.TemporaryDirectory()))
+        if folder is None:
+            checkpoint = ray.train.get_checkpoint()
+            if checkpoint is None:
+                return 0, None, []
+            folder = stack.enter_context(checkpoint.as_directory())
         saved = load_checkpoint(Path(folder) / "isa")
         pending = Path(folder) / PENDING_FILE
         kept = [json.loads(line) for line in pending.read_text().splitlines()] if pending.is_file() else []
@@ -221,6 +233,23 @@ def restore(task: DistillTask, optimizer: torch.optim.Optimizer, scheduler: Any)
     scheduler.load_state_dict(saved.optimizer["scheduler"])
     restore_rng_state(saved.state["rng"])
     return int(saved.state["step"]), saved.state.get("mlflow_run_id"), kept
+
+
+def saved_folder(run_dir: str, scratch: str) -> str | None:
+    """The local folder of the run folder's newest complete ``checkpoint_*`` (copied into ``scratch`` from remote
+    storage); None: none there."""
+    from isa.checkpoint_files import latest_checkpoint
+    from isa.storage import filesystem
+
+    fs, path = filesystem(run_dir)
+    found = latest_checkpoint(fs, path)  # RUN_DIR/checkpoint_*/isa
+    if found is None:
+        return None
+    folder = posixpath.dirname(found)
+    if "://" not in run_dir:
+        return folder
+    fs.get(folder.rstrip("/") + "/", scratch, recursive=True)
+    return scratch
 
 
 def batches(worker: Worker) -> Iterator[dict[str, torch.Tensor]]:
