@@ -84,8 +84,15 @@ def ray_session(s3_endpoint):
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real ``mlflow server`` (SQLite backend, served artifacts) on a free loopback port."""
+def mlflow_server_process(tmp_path_factory) -> MlflowServer:
+    """A real ``mlflow server`` (SQLite backend, served artifacts) on a free loopback port; a test may stop it and
+    start it again (the same port, store and artifacts), and leaves it running."""
     server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
-    yield server.uri
+    yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_server_process) -> str:
+    """The URI of the tests' ``mlflow server``."""
+    return mlflow_server_process.uri

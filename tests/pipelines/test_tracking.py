@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -178,7 +179,7 @@ def test_runs_params_and_the_rank_zero_tracker(tmp_path: Path, monkeypatch):
 
 
 def test_the_outbox_keeps_records_while_the_mlflow_server_is_down_and_sends_them_when_it_answers(
-    tmp_path, capsys, monkeypatch
+    tmp_path, capsys, monkeypatch, mlflow_server_process
 ):
     """An :class:`~pipelines.tracking.Outbox` (``isa eval``'s records; rank 0's in ``isa train``) against a real
     ``mlflow server`` that is down, comes up, goes down again: the stage is told once per outage, every record
@@ -186,17 +187,16 @@ def test_the_outbox_keeps_records_while_the_mlflow_server_is_down_and_sends_them
     import subprocess
     import sys
 
-    from _mlflow_server import MlflowServer
-
     monkeypatch.setattr(tracking, "RETRY_S", (0.2, 1.0))  # sent again soon after the server is back
-    server = MlflowServer(tmp_path / "mlflow")  # not started yet: down from the first record
-    outbox = tracking.Outbox(server.uri, None, "isa eval")
-    outbox.create_run("isa-eval", "eval-images-val", {tracking.TRAINING_RUN_TAG: "abc"})
-    outbox.params({"eval.batch_size": 8})
-    outbox.metrics({"loss": 2.0}, step=1)
-    assert not outbox.wait(1) and outbox.down and outbox.run_id is None  # the caller was never held up
-    server.start()
+    server = mlflow_server_process
+    server.stop()  # down from the first record
     try:
+        outbox = tracking.Outbox(server.uri, None, "isa eval")
+        outbox.create_run("isa-outbox-test", "eval-images-val", {tracking.TRAINING_RUN_TAG: "abc"})
+        outbox.params({"eval.batch_size": 8})
+        outbox.metrics({"loss": 2.0}, step=1)
+        assert not outbox.wait(1) and outbox.down and outbox.run_id is None  # the caller was never held up
+        server.start()
         outbox.metrics({"loss": 1.0}, step=2)
         assert outbox.wait(120) and not outbox.down and outbox.run_id is not None
         run_id = outbox.run_id
@@ -215,19 +215,44 @@ def test_the_outbox_keeps_records_while_the_mlflow_server_is_down_and_sends_them
         assert err.count("does not answer") == 1, err
         assert f"3 MLflow record(s) not sent to {server.uri} (metrics, terminate, text); kept in {kept}" in err
         assert f"send them with: python -m pipelines.tracking {kept}" in err
-
-        server.start()
-        command = [sys.executable, "-m", "pipelines.tracking", str(kept)]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0 and "sent 3 MLflow record(s)" in done.stdout, done.stderr
-        assert not kept.exists()
-        client = tracking.client(server.uri)
-        run = client.get_run(run_id)
-        assert run.info.status == "FINISHED" and run.data.tags[tracking.TRAINING_RUN_TAG] == "abc"
-        assert run.data.params == {"eval.batch_size": "8"}
-        history = client.get_metric_history(run_id, "loss")
-        assert sorted((m.step, m.value) for m in history) == [(1, 2.0), (2, 1.0), (3, 0.5)]  # each once
-        assert [a.path for a in client.list_artifacts(run_id, "eval-images-val")] == ["eval-images-val/table.md"]
-        assert len(client.search_runs([run.info.experiment_id])) == 1
     finally:
-        server.stop()
+        if server.process is None:
+            server.start()
+    command = [sys.executable, "-m", "pipelines.tracking", str(kept)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "sent 3 MLflow record(s)" in done.stdout, done.stderr
+    assert not kept.exists()
+    client = tracking.client(server.uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags[tracking.TRAINING_RUN_TAG] == "abc"
+    assert run.data.params == {"eval.batch_size": "8"}
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 2.0), (2, 1.0), (3, 0.5)]  # each once
+    assert [a.path for a in client.list_artifacts(run_id, "eval-images-val")] == ["eval-images-val/table.md"]
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_a_server_that_never_answers_holds_up_no_caller_and_its_records_are_kept(tmp_path, capsys, monkeypatch):
+    """A server that takes the connection and never answers (a hung MLflow): each request ends at the HTTP
+    timeout (the environment's own ``MLFLOW_HTTP_REQUEST_TIMEOUT`` wins over the project's), the records wait,
+    and at the end they are kept."""
+    import socket
+    import time
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)  # connections are taken by the kernel and never read
+        uri = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        outbox = tracking.Outbox(uri, "0" * 32, "isa train")
+        outbox.metrics({"loss": 1.0}, step=5)  # returns at once: the thread is the one that waits
+        deadline = time.monotonic() + 60
+        while not outbox.down and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert outbox.down and outbox.pending()[0]["step"] == 5
+        left = outbox.close(0, str(tmp_path / "run"))
+    assert [record["op"] for record in left] == ["metrics"]
+    err = capsys.readouterr().err
+    assert err.count("does not answer") == 1 and "timed out" in err, err
+    kept = (tmp_path / "run" / tracking.UNSENT_FOLDER / tracking.UNSENT_RECORDS).read_text().splitlines()
+    assert [json.loads(line) for line in kept] == [{"uri": uri, "run_id": "0" * 32}, left[0]]

@@ -27,7 +27,7 @@ from isa.config import from_dict, load_config
 from isa.data.synthetic import generate_world, write_world
 from isa.split import is_validation
 from isa.storage import filesystem
-from pipelines import embed
+from pipelines import embed, tracking
 from pipelines.teacher import TeacherMismatchError
 from pipelines.train import RUN_CONFIG_FILE, TrainError, run
 from pipelines.train.data import datasets, pass_order, training_rows
@@ -190,57 +190,101 @@ def _train_worker_pids() -> list[int]:
 
 
 def test_worker_killed_mid_run_recovers_from_last_checkpoint(train_cache, tmp_path):
+    """A worker killed between its first and second checkpoints: the run goes on from the first (a restart from
+    step 0 would record step 10 twice), each checkpoint once, each MLflow record once."""
+    import mlflow
+
     run_dir = tmp_path / "run"
-    killed: list[int] = []
+    killed: dict = {}
 
     def kill_a_worker_after_first_checkpoint():
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not _checkpoints(run_dir):
-            time.sleep(0.2)
+            time.sleep(0.05)
         for pid in _train_worker_pids():
+            # what the run folder held when the worker was killed: the kill's place between the checkpoints
+            killed["folders"] = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
+            killed["ms"] = time.time() * 1000
             os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
+            killed["pid"] = pid
             return
 
     killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, daemon=True)
     killer.start()
-    result = run(
-        _config(
-            train_cache,
-            run_dir,
-            "train.max_steps=30",
-            "train.checkpoint_every=10",
-            "train.max_failures=2",
-            "train.num_to_keep=10",
-        )
-    )
-    killer.join(timeout=5)
-    assert killed, "no training worker was killed"
-    assert result.metrics["step"] == 30 and _steps(run_dir)[-1] == 30
-    assert _steps(run_dir)[0] == 10  # the run went on from its first checkpoint
-
-
-def test_mlflow_server_records_params_metrics_and_artifacts(train_cache, tmp_path, mlflow_server):
-    import mlflow
-
     config = _config(
         train_cache,
-        tmp_path / "run",
-        "train.max_steps=20",
+        run_dir,
+        "train.max_steps=30",
         "train.checkpoint_every=10",
-        f"train.tracking_uri={mlflow_server}",
-        "train.experiment=isa-test",
-        "train.register_model=isa-student",
-        "train.model_alias=champion",
+        "train.max_failures=2",
+        "train.num_to_keep=10",
     )
-    run(config)
-    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    result = run(config)
+    killer.join(timeout=5)
+    assert "pid" in killed, "no training worker was killed"
+    assert result.metrics["step"] == 30 and _steps(run_dir) == [10, 20, 30]  # each checkpoint once
+    assert len(killed["folders"]) == 1  # killed after the first checkpoint, before the second began
+    client = mlflow.MlflowClient(tracking_uri=config.train.tracking_uri)
+    (found,) = client.search_runs([client.get_experiment_by_name("isa").experiment_id])  # one run, continued
+    history = sorted(client.get_metric_history(found.info.run_id, "loss"), key=lambda m: m.step)
+    assert [m.step for m in history] == [10, 20, 30]  # each record once (log_every = checkpoint_every = 10)
+    # the record of step 10 was made before the kill, the one of step 20 after it, by the restarted worker
+    assert history[0].timestamp < killed["ms"] < history[1].timestamp
+    assert found.info.status == "FINISHED"
+
+
+def test_mlflow_server_down_mid_run_gets_every_record_once_and_the_run_goes_on(
+    train_cache, tmp_path, mlflow_server_process
+):
+    """``isa train`` against a real ``mlflow server`` stopped after the run's first records and started again
+    while it trains: the run goes on (no worker restart), says so once, and every record arrives once."""
+    import mlflow
+
+    server = mlflow_server_process
+    client = mlflow.MlflowClient(tracking_uri=server.uri)
+    outage: dict[str, float] = {}
+
+    def stop_after_the_first_records_then_start_again():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and "stopped" not in outage:
+            found = client.get_experiment_by_name("isa-test")
+            runs = client.search_runs([found.experiment_id]) if found else []
+            if runs and client.get_metric_history(runs[0].info.run_id, "loss"):
+                server.stop()
+                outage["stopped"] = time.time() * 1000
+            time.sleep(0.2)
+        time.sleep(2)  # the run trains on while the server is down (and while it starts)
+        server.start()
+        outage["started"] = time.time() * 1000
+
+    thread = threading.Thread(target=stop_after_the_first_records_then_start_again, daemon=True)
+    thread.start()
+    steps = ["train.max_steps=40", "train.checkpoint_every=20", "train.log_every=5", "train.tracking_wait_s=300"]
+    mlflow_settings = [f"train.tracking_uri={server.uri}", "train.experiment=isa-test"]
+    registry = ["train.register_model=isa-student", "train.model_alias=champion"]
+    done = _isa(tmp_path, "train", *_settings(train_cache, tmp_path / "run", *steps, *mlflow_settings, *registry))
+    thread.join(timeout=300)
+    if server.process is None:  # the session's server stays up for the other tests
+        server.start()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "stopped" in outage and "started" in outage
+    text = done.stdout + done.stderr
+    assert text.count("does not answer") == 1 and text.count("answers again") == 1, text
+    assert "isa train goes on, its records are kept and sent when MLflow answers" in text
+    assert tracking.UNSENT_FOLDER not in text and not (tmp_path / "run" / tracking.UNSENT_FOLDER).exists()
+    # no worker restart: one worker process printed every step line, once
+    lines = re.findall(r"^\(RayTrainWorker pid=(\d+)\) step (\d+)/40", done.stdout, flags=re.MULTILINE)
+    assert len({pid for pid, _ in lines}) == 1 and [int(s) for _, s in lines] == list(range(5, 41, 5)), lines
+
     (found,) = client.search_runs([client.get_experiment_by_name("isa-test").experiment_id])
+    history = sorted(client.get_metric_history(found.info.run_id, "loss"), key=lambda m: m.step)
+    assert [m.step for m in history] == list(range(5, 41, 5))  # every record, once
+    assert any(outage["stopped"] < m.timestamp < outage["started"] for m in history)  # made while the server was down
     assert found.data.params["train.lr"] == "0.001" and found.data.params["student.backbone"] == "mobilenetv3_large_100"
     logged = {"loss", "gcd", "lar", "lr", "temperature", "samples_per_s", "input_wait_fraction"}
     assert logged | {"val_image_R1", "val_image_R5"} <= set(found.data.metrics)
     waits = [m.value for m in client.get_metric_history(found.info.run_id, "input_wait_fraction")]
-    assert len(waits) == 2 and all(0 <= w <= 1 for w in waits)  # records at steps 10 and 20
+    assert len(waits) == 8 and all(0 <= w <= 1 for w in waits)
     artifacts = {a.path for a in client.list_artifacts(found.info.run_id, "model")}
     assert artifacts == {"model/student.safetensors", "model/config.json", "model/state.json"}  # no optimizer
     version = client.get_model_version_by_alias("isa-student", "champion")
