@@ -293,8 +293,12 @@ class Lease:
             current, current_version = store.read()
             if current is None:
                 continue  # released meanwhile
+            if current["token"] == record["token"]:  # ours: an upload retried after its answer was lost
+                return cls(output, store, record, current_version, local_folder)
             if is_stale(current):
                 version = store.replace(data, current_version)
+                if version is None:
+                    version = _own_version(store, record)
                 if version is not None:
                     print(f"{command}: took over the stale lease of {output} ({holder_text(current)})", file=sys.stderr)
                     return cls(output, store, record, version, False)
@@ -328,16 +332,22 @@ class Lease:
             except Exception:  # noqa: BLE001 - a storage hiccup: the next beat tries again, well within the timeout
                 continue
             if version is None:
+                version = _own_version(self._store, record)
+            if version is None:
                 self._lost = f"OUT {self.output}: this run's lease was taken over by another run"
                 return
             self.record, self._version = record, version
 
     def release(self) -> None:
-        """Stop the heartbeat and remove the lease, where it is still this run's."""
+        """Stop the heartbeat and remove the lease, where it is still this run's (a lease that cannot be removed
+        is left to go stale, with a line saying so)."""
         self._stop.set()
         self._thread.join()
         if self._lost is None:
-            self._store.delete(self._version)
+            try:
+                self._store.delete(self._version)
+            except OSError as error:
+                print(f"could not remove the lease of {self.output} ({error}): it goes stale", file=sys.stderr)
         if self._created_folder:
             with contextlib.suppress(OSError):  # the run left nothing: no empty folder either
                 os.rmdir(posixpath.dirname(self._store.path))
@@ -347,6 +357,13 @@ class Lease:
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
+
+
+def _own_version(store: _Store, record: dict[str, Any]) -> Any:
+    """The version of the lease where it holds ``record`` (a conditional upload that landed though its answer was
+    lost, and whose retry then failed its condition), else None."""
+    current, version = store.read()
+    return version if current == record else None
 
 
 def _utc(now: float | None = None) -> str:
