@@ -34,9 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peak_memory import PeakMemory  # noqa: E402
 
 from isa.cache import Manifest, cache_schema, list_parts, shard_name, write_manifest  # noqa: E402
-from isa.config import TeacherConfig  # noqa: E402
 from isa.storage import filesystem, write_table  # noqa: E402
-from pipelines.teacher import teacher_fingerprint  # noqa: E402
+from isa.teacher import load_teacher  # noqa: E402
 
 TEACHER = ["--teacher", "isa-tiny-ViT", "--pretrained", "none"]
 SETTINGS = ["--no-images", "--local-grid", "0", "cache.device=cpu"]
@@ -44,7 +43,7 @@ ROWS_PER_FILE = 2048  # cache.rows_per_shard's default
 
 
 def manifest() -> Manifest:
-    fingerprint = teacher_fingerprint(TeacherConfig("isa-tiny-ViT", "none"))
+    fingerprint = load_teacher("isa-tiny-ViT", "none").fingerprint()  # in this process: it starts no Ray
     return Manifest(fingerprint, fingerprint["embed_dim"], local_grid=0, dtype="float16", image_size=None)
 
 
@@ -98,36 +97,47 @@ def write_list(path: Path, synthetic: int, new: list[str]) -> None:
 
 
 def embed(listing: Path, cache: Path, log: Path) -> tuple[float, PeakMemory, str]:
-    """``isa embed LISTING CACHE`` in a subprocess with its own local Ray; wall time, memory, output."""
+    """``isa embed LISTING CACHE`` in a subprocess with its own local Ray; wall time, memory, output. Started again
+    when Ray's own start times out (it waits 30 s for its raylet: too short on a machine loaded far beyond its
+    cores), as nothing has run then."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     command = [sys.executable, "-m", "pipelines.cli", "embed", str(listing), str(cache), *TEACHER, *SETTINGS]
-    started = time.perf_counter()
-    with log.open("w") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-        with PeakMemory(process.pid, interval=0.5) as memory:
-            code = process.wait()
-    seconds = time.perf_counter() - started
-    text = log.read_text()
+    for _ in range(30):
+        started = time.perf_counter()
+        with log.open("w") as out:
+            process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+            with PeakMemory(process.pid, interval=0.5) as memory:
+                code = process.wait()
+        seconds = time.perf_counter() - started
+        text = log.read_text()
+        if code == 0 or "timed out during startup" not in text:
+            break
+        print("Ray's start timed out; starting again")
     if code != 0:
         raise SystemExit(f"isa embed failed ({code}):\n{text[-3000:]}")
     return seconds, memory, text
 
 
-def peaks(memory: PeakMemory, driver: int) -> tuple[int, int, str]:
-    """The driver's own peak PSS, and the largest peak of any other process with its name."""
+def peaks(memory: PeakMemory, driver: int) -> tuple[int, list[tuple[int, str]]]:
+    """The driver's own peak PSS, and every other process's own peak with its name, largest first."""
     own: dict[int, tuple[int, str]] = {}
     for snapshot in memory.snapshots:
         for pss, pid, name in snapshot:
             if pss > own.get(pid, (0, ""))[0]:
                 own[pid] = (pss, name)
-    others = [(pss, name) for pid, (pss, name) in own.items() if pid != driver]
-    largest = max(others, default=(0, "-"))
-    return own.get(driver, (0, ""))[0], largest[0], largest[1]
+    others = sorted(((pss, name) for pid, (pss, name) in own.items() if pid != driver), reverse=True)
+    return own.get(driver, (0, ""))[0], others
+
+
+def describe(driver: int, others: list[tuple[int, str]], top: int = 6) -> str:
+    lines = [f"  driver {driver / 1e6:.0f} MB; the other processes' own peaks, largest first:"]
+    lines += [f"    {pss / 1e6:6.0f} MB  {name}" for pss, name in others[:top]]
+    return "\n".join(lines)
 
 
 def summary_counts(text: str) -> dict[str, int]:
     line = next(line for line in text.splitlines() if line.startswith("isa embed: read"))
-    return {k: int(v) for v, k in re.findall(r"(\d+) (read|cached|skipped|rejected|duplicates)", line)}
+    return {k: int(v) for k, v in re.findall(r"(read|cached|skipped|rejected|duplicates) (\d+)", line)}
 
 
 def check_exactly_once(cache: Path, total: int, new: list[str]) -> None:
@@ -153,32 +163,42 @@ def main() -> None:
     parser.add_argument("--inputs", type=int, default=1_000_000, help="N: inputs in the list file")
     parser.add_argument("--new", type=int, default=10_000, help="inputs not in the cache yet (real JPEGs)")
     parser.add_argument("--work", default="/tmp/embed-resume-scale", help="scratch folder (deleted at the end)")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder (the inputs, for --reuse)")
+    parser.add_argument("--reuse", action="store_true", help="reuse the inputs a --keep run left in --work")
     args = parser.parse_args()
     work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    reuse = args.reuse and (work / "inputs-ready").exists()
+    if not reuse:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
     try:
         meta = manifest()
         started = time.perf_counter()
-        new = write_jpegs(work / "new", args.new)
-        write_cache(work / "cache", args.inputs - args.new, meta)
-        write_list(work / "inputs.txt", args.inputs - args.new, new)
-        (work / "new.txt").write_text("".join(u + "\n" for u in new))
+        if reuse:  # the inputs of a kept run; the caches it wrote into go back to the inputs
+            shutil.rmtree(work / "baseline", ignore_errors=True)
+            shutil.rmtree(work / "cache", ignore_errors=True)
+            shutil.copytree(work / "cache-input", work / "cache")
+            new = (work / "new.txt").read_text().split()
+        else:
+            new = write_jpegs(work / "new", args.new)
+            write_cache(work / "cache", args.inputs - args.new, meta)
+            write_list(work / "inputs.txt", args.inputs - args.new, new)
+            (work / "new.txt").write_text("".join(u + "\n" for u in new))
+        if args.keep and not reuse:
+            shutil.copytree(work / "cache", work / "cache-input")
+            (work / "inputs-ready").touch()
         print(
             f"setup: {args.inputs - args.new} cached rows, {args.inputs} URIs in {time.perf_counter() - started:.0f} s"
         )
 
         base_s, base_mem, base_text = embed(work / "new.txt", work / "baseline", work / "baseline.log")
-        base_driver, base_other, base_name = peaks(base_mem, base_mem.root)
         print(f"baseline (only the {args.new} new, empty cache): {base_s:.1f} s; {base_text.splitlines()[-2]}")
-        print(f"  driver {base_driver / 1e6:.0f} MB; largest other {base_other / 1e6:.0f} MB ({base_name})")
+        print(describe(*peaks(base_mem, base_mem.root)))
 
         seconds, memory, text = embed(work / "inputs.txt", work / "cache", work / "resume.log")
-        driver, other, name = peaks(memory, memory.root)
         counts = summary_counts(text)
         print(f"resume (N = {args.inputs}): {seconds:.1f} s; {counts}")
-        print(f"  driver {driver / 1e6:.0f} MB; largest other {other / 1e6:.0f} MB ({name})")
+        print(describe(*peaks(memory, memory.root), top=10))
         print(
             f"  bookkeeping (resume - baseline): {seconds - base_s:.1f} s; ratio resume/baseline {seconds / base_s:.2f}"
         )

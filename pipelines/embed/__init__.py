@@ -29,12 +29,16 @@ from isa.cache import (
     read_manifest,
     write_manifest,
 )
-from isa.config import Config, given_keys, load_config
-from isa.storage import absolute_uri, count_rows, filesystem, read_column_values, remove_staging
+from isa.config import CacheConfig, Config, given_keys, load_config
+from isa.storage import absolute_uri, count_rows, filesystem, remove_staging
 from pipelines.artifact import check_folder
-from pipelines.embed.decode import Ledger, decode_batch, write_shard
+from pipelines.embed import ledger as ledgers
+from pipelines.embed.decode import admit_batch, count_new, decode_batch, write_shard
+from pipelines.embed.guard import Attempts
+from pipelines.embed.ledger import Ledger
 from pipelines.embed.sources import check_input, read_sources
 from pipelines.embed.tower import TeacherEmbedder
+from pipelines.lease import Fence, Lease
 from pipelines.stage import config_parser, init_ray
 from pipelines.teacher import choose_teacher, teacher_fingerprint
 
@@ -61,8 +65,15 @@ class Summary:
     rejected: int  # new rows in _errors/
     duplicates: int  # same bytes as an image already cached
     seconds: float
+    dry_run: bool = False  # counted only: nothing decoded, embedded or written
 
     def line(self) -> str:
+        if self.dry_run:
+            new = self.read - self.skipped - self.duplicates
+            return (
+                f"dry run: read {self.read} · new {new} · skipped {self.skipped} · duplicates {self.duplicates} · "
+                "nothing written"
+            )
         rate = (self.read - self.skipped) / self.seconds if self.seconds > 0 else 0.0
         return (
             f"read {self.read} · cached {self.cached} · skipped {self.skipped} · rejected {self.rejected} · "
@@ -95,6 +106,17 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["float16", "float32"], help="embedding dtype (cache.dtype)")
     parser.add_argument("--batch-size", type=int, help="images per teacher forward (cache.batch_size)")
     parser.add_argument("--num-actors", type=int, help="teacher actors (cache.num_actors)")
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="when another run is writing to OUTPUT, wait until it ends instead of refusing (docs/cli.md, one "
+        "writer per cache)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="count the inputs that are new, skipped (already in the cache) and duplicates; write nothing",
+    )
     return parser
 
 
@@ -121,6 +143,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[str, str, Config]:
 
 
 KIND = "teacher cache"  # what pipelines.artifact's messages call the output folder
+COMMAND = "isa embed"  # the lease's holder
 
 
 def check_start(input_uri: str, output: str, config: Config) -> None:
@@ -206,18 +229,32 @@ def disk_counts(output: str) -> dict[str, int]:
     }
 
 
-def start_ledger(output: str) -> ray.actor.ActorHandle:
-    """A ledger that knows every URI and id the cache already accounts for."""
+def start_ledger(
+    output: str, rows_per_shard: int = CacheConfig.ledger_rows, counts: dict[str, int] | None = None
+) -> Ledger:
+    """A ledger that knows every URI and id the cache already accounts for, split over one shard (actor) per
+    ``rows_per_shard`` rows of the cache (``cache.ledger_rows``; ``counts``: :func:`disk_counts`, when known)."""
     fs, root = filesystem(output)
-    cached = read_column_values(fs, list_parts(fs, root), ["id", "uri"])
-    done = cached["uri"].to_pylist()
-    for folder in (ERRORS_DIR, DUPLICATES_DIR):
-        done += read_column_values(fs, list_parts(fs, posixpath.join(root, folder)), ["uri"])["uri"].to_pylist()
-    return Ledger.remote(done, cached["id"].to_pylist())
+    if counts is None:
+        counts = disk_counts(output) if fs.isdir(root) else {}
+    return ledgers.start_ledger(output, sum(counts.values()), rows_per_shard)
 
 
-def pipeline(input_uri: str, output: str, config: Config, manifest: Manifest, ledger) -> ray.data.Dataset:
-    """sources -> decode (CPU tasks) -> teacher (actor pool) -> shard writers; yields rows written."""
+def admitted(input_uri: str, output: str, config: Config, ledger: Ledger) -> ray.data.Dataset:
+    """The inputs the cache does not account for yet: the listing, block by block, each block asking the ledger."""
+    _, root = filesystem(output)
+    return read_sources(input_uri, config.cache, exclude=root).map_batches(
+        admit_batch, batch_size=None, fn_kwargs={"ledger": ledger}
+    )
+
+
+def pipeline(
+    input_uri: str, output: str, config: Config, manifest: Manifest, ledger: Ledger, fence: Fence | None = None
+) -> ray.data.Dataset:
+    """sources -> admission -> decode (CPU tasks) -> teacher (actor pool) -> shard writers; yields rows written.
+
+    ``fence``: the run's lease, checked by every task before each file it publishes (:mod:`pipelines.lease`).
+    """
     cache = config.cache
     device = cache.device
     if device == "auto":
@@ -229,13 +266,19 @@ def pipeline(input_uri: str, output: str, config: Config, manifest: Manifest, le
         "jpeg_quality": cache.jpeg_quality,
     }
     meta = dataclasses.asdict(manifest)
-    _, root = filesystem(output)
     return (
-        read_sources(input_uri, cache, exclude=root)
+        admitted(input_uri, output, config, ledger)
         .map_batches(
             decode_batch,
             batch_size=cache.decode_batch_size,
-            fn_kwargs={"ledger": ledger, "output": output, "manifest": meta, "settings": settings},
+            fn_kwargs={
+                "ledger": ledger,
+                "output": output,
+                "manifest": meta,
+                "settings": settings,
+                "attempts": Attempts.remote(),  # a batch whose process died is decoded again input by input
+                "fence": fence,
+            },
             num_cpus=cache.decode_cpus,
             # retried when its worker dies; and an operator with a remote-options function is never fused, so
             # decoding stays in CPU tasks beside the teacher actors instead of running inside them
@@ -261,17 +304,51 @@ def pipeline(input_uri: str, output: str, config: Config, manifest: Manifest, le
             batch_size=cache.rows_per_shard,
             num_cpus=0.25,  # serialisation and one upload: mostly waiting
             compute=ray.data.TaskPoolStrategy(size=WRITERS),
-            fn_kwargs={"output": output, "manifest": meta},
+            fn_kwargs={"output": output, "manifest": meta, "fence": fence},
         )
     )
 
 
-def run(input_uri: str, output: str, config: Config) -> Summary:
-    """Embed every new input of ``input_uri`` into the cache at ``output``."""
-    manifest, before = prepare_cache(output, check(input_uri, output, config))
-    ledger = start_ledger(output)
+def dry_run(input_uri: str, output: str, config: Config) -> Summary:
+    """Count what :func:`run` would do (new, skipped and duplicate inputs) without decoding, embedding or writing
+    anything: no manifest either, for a new output."""
+    check(input_uri, output, config)
+    ledger = start_ledger(output, config.cache.ledger_rows)
     started = time.perf_counter()
-    for _ in pipeline(input_uri, output, config, manifest, ledger).iter_batches(batch_size=None):
+    duplicates = 0
+    try:
+        counting = admitted(input_uri, output, config, ledger).map_batches(
+            count_new, batch_size=config.cache.decode_batch_size, fn_kwargs={"ledger": ledger}
+        )
+        for batch in counting.iter_batches(batch_size=None):
+            duplicates += int(batch["duplicates"].sum())
+        seen = ledger.counts()
+    finally:
+        ledger.kill()
+    return Summary(
+        read=seen["read"],
+        skipped=seen["skipped"],
+        cached=0,
+        rejected=0,
+        duplicates=duplicates,
+        seconds=time.perf_counter() - started,
+        dry_run=True,
+    )
+
+
+def run(input_uri: str, output: str, config: Config, lease: Lease | None = None) -> Summary:
+    """Embed every new input of ``input_uri`` into the cache at ``output``.
+
+    ``lease``: the output's (:mod:`pipelines.lease`), taken by the caller; else this run takes it (a held output is
+    refused) and releases it at the end.
+    """
+    if lease is None:
+        with Lease.acquire(output, COMMAND) as held:
+            return run(input_uri, output, config, held)
+    manifest, before = prepare_cache(output, check(input_uri, output, config))
+    ledger = start_ledger(output, config.cache.ledger_rows, before)
+    started = time.perf_counter()
+    for _ in pipeline(input_uri, output, config, manifest, ledger, lease.fence).iter_batches(batch_size=None):
         pass  # rows are written by the shard writers; only their counts come back
     seconds = time.perf_counter() - started
     # every writer of this run has renamed its file by now; a temporary left is a killed earlier run's, whose
@@ -279,10 +356,11 @@ def run(input_uri: str, output: str, config: Config) -> Summary:
     fs, root = filesystem(output)
     remove_staging(fs, root)
     after = disk_counts(output)
-    seen = ray.get(ledger.counts.remote())
-    ray.kill(ledger)  # its process and the URI set it holds go now, not when the driver exits
+    seen = ledger.counts()
+    ledger.kill()  # its processes and the keys they hold go now, not when the driver exits
     if after != manifest.counts:
         manifest.counts = after
+        lease.check()
         write_manifest(fs, root, manifest)
     return Summary(
         read=seen["read"],
@@ -296,9 +374,17 @@ def run(input_uri: str, output: str, config: Config) -> Summary:
 
 def main(argv: Sequence[str] | None = None) -> int:
     input_uri, output, config = parse_args(argv)
+    dry = parser().parse_intermixed_args(argv).dry_run
+    wait = parser().parse_intermixed_args(argv).wait
     check_start(input_uri, output, config)
-    init_ray()
-    summary = run(input_uri, output, config)
+    lease = None if dry else Lease.acquire(output, COMMAND, wait)  # before Ray starts: a held output is refused now
+    try:
+        init_ray()
+        summary = dry_run(input_uri, output, config) if dry else run(input_uri, output, config, lease)
+    finally:
+        if lease is not None:
+            lease.release()
     print(f"isa embed: {summary.line()}")
-    print(f"cache: {output}")
+    if not dry:
+        print(f"cache: {output}")
     return 0

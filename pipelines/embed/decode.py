@@ -1,13 +1,13 @@
-"""The CPU operators of ``isa embed``: the ledger actor, decode tasks and shard writers.
+"""The CPU operators of ``isa embed``: admission, decode tasks and shard writers.
 
 None of them imports torch (the teacher actors live in ``pipelines/embed/tower.py``), so the processes
 that run them stay small.
 
-Exactly once: the :class:`Ledger` knows which URIs the cache already holds (cached, rejected or
-recorded as duplicates) and which content ids are cached; decode tasks ask it which inputs are new and
-which new images are the first of their bytes. Every file is named by a hash of the URIs it holds and
-written whole, so a retried task rewrites the same file and a killed run leaves only complete files,
-which the next run's ledger counts as done.
+Exactly once: the ledger (``pipelines/embed/ledger.py``) knows which URIs the cache already accounts for
+(cached, rejected or recorded as duplicates) and which content ids are cached; :func:`admit_batch` asks it
+which listed inputs are new, decode tasks which new images are the first of their bytes. Every file is
+named by a hash of the URIs it holds and written whole, so a retried task rewrites the same file and a
+killed run leaves only complete files, which the next run's ledger counts as done.
 """
 
 from __future__ import annotations
@@ -16,55 +16,18 @@ import functools
 import hashlib
 import json
 import posixpath
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import fsspec
 import numpy as np
 import pyarrow as pa
-import ray
 
 from isa.cache import DUPLICATES_DIR, ERRORS_DIR, Manifest, shard_name, shard_table
 from isa.images import ImageRejected, content_id, decode_image, encode_jpeg, resize_short_side, teacher_crop
 from isa.storage import filesystem, write_table
-
-
-@ray.remote(num_cpus=0)
-class Ledger:
-    """Which inputs are new, and which new images are the first with their bytes.
-
-    Args:
-        done_uris: URIs the cache already accounts for (cached, rejected, duplicates).
-        cached_ids: content ids already cached.
-    """
-
-    def __init__(self, done_uris: list[str], cached_ids: list[str]):
-        self.done = set(done_uris)
-        self.owner: dict[str, str] = dict.fromkeys(cached_ids, "")  # id -> URI that caches it ("" = earlier run)
-        self.admitted: dict[str, str] = {}  # URI -> key of the batch that took it this run
-        self.skipped: set[str] = set()
-
-    def admit(self, uris: list[str], batch_key: str) -> list[bool]:
-        """True for inputs this batch should process; a retried batch gets the same answer again."""
-        answer = []
-        for uri in uris:
-            if uri in self.done:
-                self.skipped.add(uri)
-                answer.append(False)
-            else:
-                first = self.admitted.setdefault(uri, batch_key)
-                answer.append(first == batch_key)  # the same URI listed twice is processed once
-        return answer
-
-    def claim(self, ids: list[str], uris: list[str]) -> list[str | None]:
-        """None where ``uri`` is the one that caches ``id``, else the URI (or "cache") it duplicates."""
-        result = []
-        for image_id, uri in zip(ids, uris):
-            owner = self.owner.setdefault(image_id, uri)
-            result.append(None if owner == uri else (owner or "cache"))
-        return result
-
-    def counts(self) -> dict[str, int]:
-        return {"read": len(self.admitted) + len(self.skipped), "skipped": len(self.skipped)}
+from pipelines.embed.guard import decode_guarded
+from pipelines.embed.ledger import Ledger
 
 
 @functools.lru_cache(maxsize=4)
@@ -72,19 +35,56 @@ def _crop_fn(preprocess_json: str):
     return teacher_crop(json.loads(preprocess_json))
 
 
-def decode_batch(batch: dict[str, np.ndarray], *, ledger, output: str, manifest: dict, settings: dict) -> dict:
-    """CPU task: read, hash, validate and decode new inputs; record rejects and duplicates.
+def admit_batch(batch: dict[str, np.ndarray], *, ledger: Ledger) -> dict[str, np.ndarray]:
+    """CPU task (fused with the listing): keep the listed inputs the cache does not account for and no earlier
+    batch of this run took. A retried batch (same URIs) keeps the same ones."""
+    uris = [str(u) for u in batch["uri"]]
+    keep = ledger.admit(uris, hashlib.sha256("\n".join(uris).encode()).hexdigest())
+    return {name: np.asarray(values)[keep] for name, values in batch.items()}
+
+
+def count_new(batch: dict[str, np.ndarray], *, ledger: Ledger) -> dict[str, np.ndarray]:
+    """CPU task of a dry run: hash the bytes of admitted inputs; how many are new and how many duplicates (same
+    bytes as an image cached, or as another new input). An input that cannot be read counts as new (a run
+    records it in ``_errors/``)."""
+    ids, uris = [], []
+    for uri, data, error in zip(batch["uri"], batch["data"], batch["error"]):
+        if isinstance(error, str) and error:
+            continue
+        try:
+            data = bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else _read(str(uri))
+        except ImageRejected:
+            continue
+        ids.append(content_id(data))
+        uris.append(str(uri))
+    duplicates = sum(owner is not None for owner in ledger.claim(ids, uris))
+    return {"new": np.array([len(batch["uri"]) - duplicates]), "duplicates": np.array([duplicates])}
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    ledger: Ledger,
+    output: str,
+    manifest: dict,
+    settings: dict,
+    attempts: Any = None,
+    fence: Callable[[], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """CPU task: read, hash, validate and decode the new inputs :func:`admit_batch` let through; record rejects and
+    duplicates.
 
     Returns the new, first-of-their-bytes images: ``uri, id, width, height, crop`` (uint8 teacher input
     (S, S, 3)) and ``image`` (student JPEG, or empty bytes for gallery-only caches).
+
+    ``attempts``: the run's :class:`~pipelines.embed.guard.Attempts`; a batch whose decoding process died is decoded
+    again one input at a time in a child process (:func:`~pipelines.embed.guard.decode_guarded`). ``fence``: checked
+    before each file is published (:class:`pipelines.lease.Fence`).
     """
-    uris = [str(u) for u in batch["uri"]]
-    key = hashlib.sha256("\n".join(uris).encode()).hexdigest()
-    admitted = ray.get(ledger.admit.remote(uris, key))
-    rows = [(u, d, e) for (u, d, e, ok) in zip(uris, batch["data"], batch["error"], admitted) if ok]
-    decoded, errors = decode_rows(rows, manifest, settings)
-    duplicate_of = ray.get(ledger.claim.remote([d.id for d in decoded], [d.uri for d in decoded]))
-    _record(output, errors, [(d.uri, d.id, o) for d, o in zip(decoded, duplicate_of) if o is not None])
+    rows = [(str(u), d, e) for (u, d, e) in zip(batch["uri"], batch["data"], batch["error"])]
+    decoded, errors = decode_guarded(decode_rows, rows, manifest, settings, attempts)
+    duplicate_of = ledger.claim([d.id for d in decoded], [d.uri for d in decoded])
+    _record(output, errors, [(d.uri, d.id, o) for d, o in zip(decoded, duplicate_of) if o is not None], fence)
     first = [d for d, o in zip(decoded, duplicate_of) if o is None]
     return _decoded_columns(first, manifest)
 
@@ -149,20 +149,28 @@ def _decoded_columns(rows: list[Decoded], manifest: dict) -> dict:
     }
 
 
-def _record(output: str, errors: list[tuple[str, str]], duplicates: list[tuple[str, str, str]]) -> None:
+def _record(
+    output: str,
+    errors: list[tuple[str, str]],
+    duplicates: list[tuple[str, str, str]],
+    fence: Callable[[], None] | None = None,
+) -> None:
     """Write this batch's rejects and duplicates, each as one whole file named by its URIs."""
     fs, root = filesystem(output)
     if errors:
         table = pa.table({"uri": [e[0] for e in errors], "reason": [e[1] for e in errors]})
-        write_table(fs, posixpath.join(root, ERRORS_DIR, shard_name(table["uri"].to_pylist())), table)
+        write_table(fs, posixpath.join(root, ERRORS_DIR, shard_name(table["uri"].to_pylist())), table, fence)
     if duplicates:
         columns = list(zip(*duplicates))
         table = pa.table({"uri": list(columns[0]), "id": list(columns[1]), "duplicate_of": list(columns[2])})
-        write_table(fs, posixpath.join(root, DUPLICATES_DIR, shard_name(table["uri"].to_pylist())), table)
+        write_table(fs, posixpath.join(root, DUPLICATES_DIR, shard_name(table["uri"].to_pylist())), table, fence)
 
 
-def write_shard(batch: dict[str, np.ndarray], *, output: str, manifest: dict) -> dict[str, np.ndarray]:
-    """CPU task: one cache shard, written whole under a name derived from its URIs."""
+def write_shard(
+    batch: dict[str, np.ndarray], *, output: str, manifest: dict, fence: Callable[[], None] | None = None
+) -> dict[str, np.ndarray]:
+    """CPU task: one cache shard, written whole under a name derived from its URIs (``fence``: checked before it
+    is published)."""
     if len(batch["uri"]) == 0:
         return {"rows": np.zeros(0, dtype=np.int64)}
     meta = Manifest(**manifest)
@@ -176,5 +184,5 @@ def write_shard(batch: dict[str, np.ndarray], *, output: str, manifest: dict) ->
         images=list(batch["image"]) if meta.image_size is not None else None,
     )
     fs, root = filesystem(output)
-    write_table(fs, posixpath.join(root, shard_name(table["uri"].to_pylist())), table)
+    write_table(fs, posixpath.join(root, shard_name(table["uri"].to_pylist())), table, fence)
     return {"rows": np.array([table.num_rows], dtype=np.int64)}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
+import http.server
 import io
 import json
 import os
@@ -13,6 +15,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import warnings
 import zlib
@@ -23,7 +26,6 @@ import open_clip
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
@@ -33,7 +35,10 @@ from isa.config import load_config
 from isa.data.synthetic import generate_world, render_scene
 from isa.images import content_id
 from isa.teacher import register_project_configs
+from pipelines import lease
+from pipelines.cli import main as cli_main
 from pipelines.embed import pipeline, prepare_cache, run, start_ledger
+from pipelines.lease import LEASE_FILE, Lease, LeaseHeld
 from pipelines.teacher import teacher_fingerprint
 
 TEACHER = ["teacher.name=isa-tiny-ViT", "teacher.pretrained=none"]
@@ -215,7 +220,7 @@ def test_folder_with_every_bad_input_kind(ray_session, image_folder, tmp_path):
     assert 40 < grey.mean() < 215  # the picture, not white
 
 
-def test_local_grid_fp16_fidelity_and_a_rerun_writes_nothing(ray_session, image_folder, tmp_path, clip_teacher):
+def test_local_grid_fp16_fidelity_and_a_rerun_writes_nothing(ray_session, image_folder, tmp_path, clip_teacher, capsys):
     folder, good, _ = image_folder
     out = tmp_path / "cache"
     run(str(folder), str(out), _config("cache.max_image_pixels=100000"))
@@ -233,19 +238,85 @@ def test_local_grid_fp16_fidelity_and_a_rerun_writes_nothing(ray_session, image_
         got_local = torch.tensor(np.array(row["teacher_local"], dtype=np.float32)).view(4, -1)
         assert F.cosine_similarity(got_local, local[0], dim=-1).min() >= 0.9999
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    again = run(str(folder), str(out), _config("cache.max_image_pixels=100000"))
+    # the ledger split over two shards still finds every input the cache accounts for
+    again = run(str(folder), str(out), _config("cache.max_image_pixels=100000", "cache.ledger_rows=16"))
     assert (again.cached, again.rejected, again.duplicates) == (0, 0, 0) and again.skipped == again.read
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing written
+
+    # a dry run counts two new images and a copy of a cached one (found in another shard than its URI's), writes
+    # nothing, and leaves a new output uncreated
+    _write_scenes(folder / "more", 2, seed=1)
+    shutil.copy(good[5], folder / "more" / "copy-of-scene-005.png")
+    dry = [*TEACHER, *SMALL, "--dry-run", "cache.ledger_rows=8"]
+    assert cli_main(["embed", str(folder), str(out), *dry]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"isa embed: dry run: read {again.read + 3} · new 2 · skipped {again.read} · duplicates 1 · nothing written"
+    ]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    assert cli_main(["embed", str(folder), str(tmp_path / "fresh"), *dry]) == 0
+    # every readable file is new but the two copies (bad ones included: a run records them in _errors/)
+    assert f"read {again.read + 3} · new {again.read + 1} · skipped 0 · duplicates 2 ·" in capsys.readouterr().out
+    assert not (tmp_path / "fresh").exists()
+
+
+def _process_of(client_port: int) -> int | None:
+    """The process that holds the loopback TCP connection whose local port is ``client_port``."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == client_port:
+                inodes.add(f"socket:[{fields[9]}]")
+    for proc in glob.glob("/proc/[0-9]*"):
+        try:
+            if any(os.readlink(f"{proc}/fd/{fd}") in inodes for fd in os.listdir(f"{proc}/fd")):
+                return int(proc[6:])
+        except OSError:
+            continue
+    return None
+
+
+@contextlib.contextmanager
+def _deadly_server():
+    """An HTTP server on loopback whose every request kills the process that sent it (SIGKILL): an input whose
+    reading kills the process decoding it, as a crashing decoder would. Yields its URL and the pids it killed."""
+    killed: list[int] = []
+
+    class Deadly(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            pid = _process_of(self.client_address[1])
+            if pid is not None and pid != os.getpid():
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            self.close_connection = True
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Deadly)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", killed
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_other_input_kinds_list_tar_parquet(ray_session, tmp_path):
     good = _write_scenes(tmp_path / "images", 12)
     listing = tmp_path / "list.txt"
-    listing.write_text("\n".join([*map(str, good[:6]), str(tmp_path / "missing.jpg")]) + "\n")
-    listed = run(str(listing), str(tmp_path / "from-list"), _config())
-    assert (listed.cached, listed.rejected) == (6, 1)
-    reason = pq.read_table(tmp_path / "from-list" / "_errors").to_pylist()[0]
-    assert reason["uri"].endswith("missing.jpg") and "unreadable" in reason["reason"]
+    with _deadly_server() as (url, killed):
+        listing.write_text("\n".join([*map(str, good[:6]), str(tmp_path / "missing.jpg"), f"{url}/deadly.jpg"]) + "\n")
+        listed = run(str(listing), str(tmp_path / "from-list"), _config())
+    assert (listed.cached, listed.rejected) == (6, 2)
+    reasons = {Path(r["uri"]).name: r["reason"] for r in pq.read_table(tmp_path / "from-list" / "_errors").to_pylist()}
+    assert "unreadable" in reasons["missing.jpg"]
+    # the worker died with the batch, then the child that decoded the input alone: rejected, not retried again
+    assert reasons["deadly.jpg"] == "the decoding process died on it (killed by SIGKILL)"
+    assert len(killed) == 2, killed
 
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -292,6 +363,7 @@ def test_gallery_only_cache_and_settings_mismatch(ray_session, tmp_path):
             load_config(None, ["teacher.name=isa-tiny-ViT-custom-text", "teacher.pretrained=none", *SMALL]),
         )
     assert "isa-tiny-ViT-custom-text" in str(error.value) and "isa-tiny-ViT (" in str(error.value)
+    assert not (out / LEASE_FILE).exists()  # a run that fails releases the cache's lease
 
 
 def test_a_bfloat16_tower_stays_close_and_a_cache_keeps_one_tower_dtype(ray_session, tmp_path):
@@ -312,7 +384,7 @@ def test_a_bfloat16_tower_stays_close_and_a_cache_keeps_one_tower_dtype(ray_sess
     assert "tower bfloat16" in str(error.value) and "tower float32" in str(error.value)
 
 
-def test_killed_run_resumes_exactly_once(ray_session, tmp_path):
+def test_killed_run_resumes_exactly_once(ray_session, tmp_path, monkeypatch):
     folder = tmp_path / "images"
     good = _write_scenes(folder, 160)
     shutil.copy(good[7], folder / "dup.png")
@@ -331,24 +403,42 @@ def test_killed_run_resumes_exactly_once(ray_session, tmp_path):
         "cache.local_grid=0",
     ]
     env = {**os.environ, "RAY_ADDRESS": ray_session}
-    process = subprocess.Popen(
-        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    log = (tmp_path / "first.log").open("w")
+    process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # a second run into the same cache, of some of its images and new ones, while the first runs: refused
+    others = tmp_path / "others.txt"
+    others.write_text("\n".join(map(str, [*good[:5], *_write_scenes(tmp_path / "new", 3, seed=1)])) + "\n")
+    while not (out / LEASE_FILE).exists():
+        assert process.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.02)
+    second = subprocess.Popen(
+        [*args[:4], str(others), *args[5:]], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and len(glob.glob(str(out / "part-*.parquet"))) < 3:
-        assert process.poll() is None, "the run ended before it could be interrupted"
+        assert process.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
+    log.close()
     partial = pq.read_table(sorted(glob.glob(str(out / "part-*.parquet")))).num_rows
     assert 0 < partial < len(good), "the kill did not land midway"
+    _, refusal = second.communicate(timeout=120)
+    assert second.returncode == 2, refusal
+    assert refusal.startswith(f"isa embed: error: OUT {out} is being written by another run (isa embed of user ")
+    assert f"pid {process.pid} on " in refusal and len(refusal.strip().splitlines()) == 1
 
-    summary = run(str(folder), str(out), _config("cache.local_grid=0"))
+    # the killed run's lease stays until it is stale, then a rerun takes it over
+    with pytest.raises(LeaseHeld, match=f"pid {process.pid} on "):
+        run(str(folder), str(out), _config("cache.local_grid=0"))
+    monkeypatch.setattr(lease, "STALE_AFTER_S", 0.5)
+    time.sleep(1)
+    summary = run(str(folder), str(out), _config("cache.local_grid=0", "cache.ledger_rows=8"))  # 2 shards or more
     ids = _cache(out)["id"].to_pylist()
     expected = {content_id(p.read_bytes()) for p in good}
     assert len(ids) == len(set(ids)) == len(expected) and set(ids) == expected  # exactly once
     assert summary.skipped >= partial and summary.cached == len(expected) - partial
-    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name] and not (out / LEASE_FILE).exists()
 
 
 def test_s3_input_and_output(ray_session, s3_endpoint, tmp_path):
@@ -369,6 +459,7 @@ def test_s3_input_and_output(ray_session, s3_endpoint, tmp_path):
     assert all(u.startswith("s3://isa-test-bucket/inputs/") for u in table["uri"].to_pylist())
     again = run("s3://isa-test-bucket/inputs", "s3://isa-test-bucket/cache", _config())
     assert again.cached == 0 and again.skipped == 9
+    assert not fs.exists(f"isa-test-bucket/cache/{LEASE_FILE}")  # taken and released on S3 by each run
 
 
 def test_teacher_fingerprint_is_reused_until_its_weights_file_changes(ray_session, tmp_path):
@@ -421,7 +512,7 @@ def test_decoding_runs_in_tasks_of_its_own_beside_the_teacher_actors(ray_session
     try:
         pipeline(str(tmp_path / "images"), str(tmp_path / "cache"), config, manifest, ledger).explain()
     finally:
-        ray.kill(ledger)
+        ledger.kill()
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "TaskPoolMapOperator[MapBatches(decode_batch)]" in optimized, optimized
     assert "ActorPoolMapOperator[MapBatches(TeacherEmbedder)]" in optimized, optimized
@@ -482,12 +573,23 @@ def test_a_run_logged_to_a_file_reads_plainly(ray_session, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "ISA_PROGRESS"}
     env["RAY_ADDRESS"] = ray_session
     log = tmp_path / "embed.log"
+    holder = Lease.acquire(str(tmp_path / "cache"), "isa embed")  # another run writes there: --wait waits for it
     with log.open("w") as out:
         command = [sys.executable, "-m", "pipelines.cli", "embed", str(tmp_path / "images"), str(tmp_path / "cache")]
-        command += [*TEACHER, *SMALL]
-        done = subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=300)
+        command += [*TEACHER, *SMALL, "--wait"]
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while "waiting for" not in log.read_text() and time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()
+            time.sleep(0.1)
+        time.sleep(1)
+        assert process.poll() is None and not (tmp_path / "cache" / "_isa_cache.json").exists()  # still waiting
+        holder.release()
+        done = process.wait(timeout=300)
     text = log.read_text()
-    assert done.returncode == 0, text[-3000:]
+    assert done == 0, text[-3000:]
+    assert f"isa embed: waiting for {tmp_path / 'cache'}, written by isa embed of user " in text
+    assert f"pid {os.getpid()} on " in text
     assert "isa embed: read 10 · cached 10 · skipped 0 · rejected 0 · duplicates 0 · " in text
     assert _cache(tmp_path / "cache").num_rows == 10
     assert "\x1b" not in text and "\r" not in text  # no colors, no bars redrawn in place
@@ -509,3 +611,52 @@ def test_the_tower_takes_read_only_crops_without_a_warning(clip_teacher):
         warnings.simplefilter("error")  # torch warns on a tensor made from a read-only array
         out = embedder({"crop": crops})
     assert out["teacher_emb"].shape == (3, fingerprint["embed_dim"]) and out["teacher_local"].shape[:2] == (3, 4)
+
+
+def test_a_list_file_read_in_byte_ranges_gives_each_line_once(tmp_path):
+    """However a .txt list file is cut into ranges, the tasks reading them give every URI once, in order."""
+    from pipelines.embed.sources import _read_lines
+
+    lines = ["/a/1.jpg", "", "s3://bucket/ünïcode 2.png", "  /padded.jpg  ", "/b/" + "x" * 40 + ".jpg", "/c.jpg"]
+    path = tmp_path / "list.txt"
+    path.write_text("\r\n".join(lines))  # CRLF, a blank line, no newline at the end
+    expected = [line.strip() for line in lines if line.strip()]
+    size = path.stat().st_size
+    for step in range(1, size + 2):
+        got = []
+        for start in range(0, size, step):
+            for block in _read_lines({"start": [start], "end": [min(start + step, size)]}, str(path)):
+                got += block["uri"].tolist()
+        assert got == expected, step
+
+
+def test_the_input_check_looks_at_a_folders_first_files_only(tmp_path, monkeypatch):
+    """Before Ray starts, a folder of millions of files is not listed: the check reads its first few entries."""
+    from isa.config import CacheConfig
+    from pipelines.embed import sources
+
+    folder = tmp_path / "images"
+    (folder / "cache").mkdir(parents=True)
+    for index in range(30):
+        (folder / f"img-{index:02d}.jpg").write_bytes(b"x")
+    (folder / ".hidden.jpg").write_bytes(b"x")
+    (folder / "cache" / "part-0.parquet").write_bytes(b"x")
+    seen = []
+    walk = sources.walk_files
+
+    def counted(*args, **kwargs):
+        for path in walk(*args, **kwargs):
+            seen.append(path)
+            yield path
+
+    monkeypatch.setattr(sources, "walk_files", counted)
+    monkeypatch.setattr(sources, "SAMPLE_FILES", 4)
+    assert sources.check_input(str(folder), CacheConfig(), exclude=str(folder / "cache")) == "folder"
+    assert len(seen) == 4
+    every = sorted(walk(sources.filesystem(str(folder))[0], str(folder), str(folder / "cache")))
+    assert every == [str(folder / f"img-{index:02d}.jpg") for index in range(30)]  # hidden and excluded left out
+    empty = tmp_path / "only-hidden"
+    empty.mkdir()
+    (empty / ".DS_Store").write_bytes(b"x")
+    with pytest.raises(sources.InputError, match="no input files found under"):
+        sources.check_input(str(empty), CacheConfig())
