@@ -123,7 +123,7 @@ def test_eval_records_into_the_training_store_else_its_output(tmp_path, monkeypa
     assert tracking.eval_tracking(None, [str(trial)], output).uri == "http://env:5000"
 
 
-def test_runs_params_and_the_rank_zero_tracker(tmp_path: Path, monkeypatch):
+def test_runs_params_the_rank_zero_tracker_and_a_refused_record(tmp_path: Path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = tracking.client(uri)
@@ -176,6 +176,22 @@ def test_runs_params_and_the_rank_zero_tracker(tmp_path: Path, monkeypatch):
         and client.get_run(tracker.run_id).info.status == "RUNNING"
     )
     assert mlflow.active_run() is None  # no fluent state left behind
+
+    # a record the store turns away (a parameter again with another value): told once with MLflow's reason and
+    # kept with the unsent records; the records after it still go
+    capsys.readouterr()
+    outbox = tracking.Outbox(uri, first, "isa train")
+    outbox.params({"p001": "another"})
+    outbox.metrics({"loss": 1.0}, step=10)
+    assert outbox.wait(60)
+    left = outbox.close(0, str(tmp_path / "refused"))
+    assert [(record["op"], record["params"]) for record in left] == [("params", {"p001": "another"})]
+    assert "Changing param values is not allowed" in left[0]["error"]
+    err = capsys.readouterr().err
+    assert "isa train: MLflow refused a record (params): " in err and "does not answer" not in err, err
+    assert f"1 MLflow record(s) not sent to {uri} (params)" in err
+    assert client.get_run(first).data.params["p001"] == "1"
+    assert [m.step for m in client.get_metric_history(first, "loss")] == [10]
 
 
 def test_the_outbox_keeps_records_while_the_mlflow_server_is_down_and_sends_them_when_it_answers(
