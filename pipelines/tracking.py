@@ -11,6 +11,10 @@ or suite into its sweep folder, ``isa eval`` into its first checkpoint's trainin
 folder); each experiment such a stage creates keeps its artifacts in ``mlartifacts/EXPERIMENT`` beside the
 store, never in a process's working directory. ``mlflow ui --backend-store-uri sqlite:///.../mlflow.db`` opens
 it all (:func:`ui_command`).
+
+``isa train`` (rank 0) and ``isa eval`` record through an :class:`Outbox`: a background thread sends the records
+in order, so an MLflow server that is down or slow holds up and fails neither; what it has not taken by the
+stage's end is kept in ``OUTPUT/mlflow-unsent`` for :func:`replay` (``python -m pipelines.tracking FOLDER``).
 """
 
 from __future__ import annotations
