@@ -128,12 +128,28 @@ class LocalCluster:
                 str(self.head_only),
                 *command,
             ]
+        # Ray waits 30 s (not configurable) for a new node's agents to come up; on a machine whose cores are busy
+        # with other tests they take longer, so the node starts at a higher priority (where allowed: root), and
+        # runs at the usual one once started
         starter = subprocess.Popen(
-            command, env=self.base_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+            ["nice", "-n", "-15", *command],
+            env=self.base_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         node = Node(name, starter.pid, temp_dir, num_cpus)
-        output = starter.communicate(timeout=180)[0].decode(errors="replace")
-        if starter.returncode != 0:
+        try:
+            output = starter.communicate(timeout=180)[0].decode(errors="replace")
+        except subprocess.TimeoutExpired:
+            starter.kill()
+            output = starter.communicate()[0].decode(errors="replace") + "\n(ray start did not end in 180 s)"
+        for pid in self.processes(node):
+            try:
+                os.setpriority(os.PRIO_PROCESS, pid, 0)
+            except OSError:
+                pass
+        if starter.returncode:
             self._stop_node(node)
             shutil.rmtree(temp_dir, ignore_errors=True)
             raise RuntimeError(f"ray start of {name} failed:\n{output[-3000:]}")

@@ -53,7 +53,7 @@ def _isa(cluster: LocalCluster, log: Path, *args: str, **env: str) -> subprocess
         )
 
 
-def _finish(process: subprocess.Popen, log: Path, timeout: float = 600) -> str:
+def _finish(process: subprocess.Popen, log: Path, timeout: float = 1200) -> str:
     process.wait(timeout=timeout)
     text = log.read_text()
     assert process.returncode == 0, text[-4000:]
@@ -62,7 +62,7 @@ def _finish(process: subprocess.Popen, log: Path, timeout: float = 600) -> str:
 
 def _lose_a_node(cluster: LocalCluster, process: subprocess.Popen, ready: Callable[[], bool], title: str) -> Node:
     """Once ``ready()`` (the run is midway), the worker node running a ``title`` process is lost. Returns it."""
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 900  # a busy machine (shared cores) is slow
     while not ready():
         assert process.poll() is None, "the run ended before a node could be lost"
         assert time.monotonic() < deadline, "the run did not get midway"
@@ -111,20 +111,20 @@ def test_embed_and_train_finish_once_when_a_node_is_lost(cluster, world, tmp_pat
     training = [
         "train", *TEACHER, "student.backbone=mobilenetv3_large_100", "student.image_size=64", "token_learner.dim=64",
         "token_learner.heads=4", f"train.cache={cache}", f"train.output={run_dir}", "train.global_batch_size=32",
-        "train.val_fraction=0.2", "train.max_steps=30", "train.checkpoint_every=10", "train.log_every=10",
+        "train.val_fraction=0.2", "train.max_steps=20", "train.checkpoint_every=10", "train.log_every=10",
         "train.max_failures=2", "train.num_to_keep=10", f"train.tracking_uri={tracking}",
     ]  # fmt: skip
     train = _isa(cluster, tmp_path / "train.log", *training)
     checkpoints = lambda: sorted(p for p in glob.glob(str(run_dir / "checkpoint_*" / "isa")) if is_checkpoint(p))  # noqa: E731
     lost = _lose_a_node(cluster, train, lambda: bool(checkpoints()), "RayTrainWorker")
     output = _finish(train, tmp_path / "train.log")  # on the node left
-    assert "isa train: finished at step 30" in output
+    assert "isa train: finished at step 20" in output
     steps = [json.loads(Path(c, "state.json").read_text())["step"] for c in checkpoints()]
-    assert steps == [10, 20, 30]  # resumed from its last checkpoint: no step saved twice, none from a restart at 0
+    assert steps == [10, 20]  # resumed from its last checkpoint: no step saved twice, none from a restart at 0
     client = mlflow.MlflowClient(tracking_uri=tracking)
     (found,) = client.search_runs([client.get_experiment_by_name("isa").experiment_id])
     assert found.info.status == "FINISHED"
-    assert sorted(m.step for m in client.get_metric_history(found.info.run_id, "loss")) == [10, 20, 30]  # once each
+    assert sorted(m.step for m in client.get_metric_history(found.info.run_id, "loss")) == [10, 20]  # once each
     assert lost not in cluster.workers and len(cluster.workers) == 1
 
 
