@@ -96,3 +96,31 @@ def mlflow_server_process(tmp_path_factory) -> MlflowServer:
 def mlflow_server(mlflow_server_process) -> str:
     """The URI of the tests' ``mlflow server``."""
     return mlflow_server_process.uri
+
+
+@pytest.fixture(scope="session")
+def world_images(tmp_path_factory) -> Path:
+    """The images of a 200-image synthetic world (64 px)."""
+    from isa.data.synthetic import generate_world, write_world
+
+    root = tmp_path_factory.mktemp("world")
+    write_world(generate_world(seed=0, num_images=200, num_triplets=30, image_size=64), root)
+    return root / "images"
+
+
+@pytest.fixture(scope="session")
+def train_cache(ray_session, world_images, tmp_path_factory) -> str:
+    """``world_images`` through ``isa embed`` (tiny teacher, 2x2 LAR grid, 64 px): the training cache of the
+    train, tune and ablation tests."""
+    from isa.config import load_config
+    from pipelines import embed
+
+    out = tmp_path_factory.mktemp("cache") / "cache"
+    settings = ["teacher.name=isa-tiny-ViT", "teacher.pretrained=none", "cache.local_grid=2", "cache.image_size=64"]
+    embed.run(str(world_images), str(out), load_config(None, [*settings, "cache.decode_batch_size=32"]))
+    return str(out)
+
+
+# Ray Train's controller polls its workers every 2 s: a run's end and each report after the first wait for a poll.
+# The tests' runs last seconds: they poll every 0.5 s (read by Ray Train when a run starts, in every Ray process).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
