@@ -36,6 +36,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import fsspec
+import fsspec.asyn
 from fsspec.implementations.local import LocalFileSystem
 
 from isa.errors import IsaError
@@ -178,18 +179,13 @@ class _S3Store(_Store):
         return {"Bucket": bucket, "Key": key}
 
     def read(self) -> tuple[dict[str, Any] | None, Any]:
-        for _ in range(10):  # the ETag before and after the read agree: the record read is that version's
-            self.fs.invalidate_cache(self.path)
-            try:
-                before = self.fs.info(self.path)["ETag"]
-                data = self.fs.cat_file(self.path)
-                self.fs.invalidate_cache(self.path)
-                after = self.fs.info(self.path)["ETag"]
-            except FileNotFoundError:
-                return None, None
-            if before == after:
-                return _parse(data, self.path), after
-        raise LeaseLost(f"the lease {self.path} changed at every read")
+        """The record and its ETag, from one request (so they are of the same version)."""
+        try:
+            response = self.fs.call_s3("get_object", **self._key())
+            data = fsspec.asyn.sync(self.fs.loop, response["Body"].read)
+        except FileNotFoundError:
+            return None, None
+        return _parse(data, self.path), response["ETag"]
 
     def _put(self, data: bytes, condition: dict[str, str]) -> Any:
         try:

@@ -165,3 +165,23 @@ def test_embed_into_a_held_output_is_refused_before_ray_naming_the_holder(tmp_pa
     assert len(lines) == 1 and lines[0].startswith(f"isa embed: error: OUT {out} is being written by another run (")
     assert f"pid {os.getpid()}" in lines[0] and held.record["holder"]["run_id"] in lines[0] and "--wait" in lines[0]
     assert not out.exists()  # nothing left: the holder's lease went with it, no manifest was written
+
+
+def test_the_lease_on_flaky_s3_is_taken_renewed_and_released_once(s3_endpoint, flaky_s3, tmp_path, monkeypatch):
+    """Through the proxy that resets a third of the connections after the request is done: a conditional upload that
+    landed though its answer was lost is the run's own (its retry fails its condition), never a refusal of the run
+    by itself. (Faults answered before the request is done are retried by the S3 client as any request.)"""
+    kind = "reset_after"
+    monkeypatch.setattr(lease, "HEARTBEAT_S", 0.05)
+    output = f"s3://isa-lease-bucket/{tmp_path.name}-{kind}/cache"
+    filesystem(output)[0].mkdirs("isa-lease-bucket", exist_ok=True)
+    with flaky_s3.faults(0.35, seed=3, kinds=(kind,)) as proxy:
+        for _ in range(2):
+            held = Lease.acquire(output, "isa embed")
+            time.sleep(0.3)  # a few heartbeats
+            held.check()
+            with pytest.raises(LeaseHeld):
+                Lease.acquire(output, "isa embed")
+            held.release()
+            assert _lease_record(output) is None
+        assert proxy.injected[kind] > 0
