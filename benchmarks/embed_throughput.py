@@ -139,8 +139,10 @@ def tower_forward(name: str, pretrained: str, batch: int, steps: int = 20, devic
     return figures
 
 
-def pipeline(folder: Path, output: Path, args: argparse.Namespace, steady: bool = True) -> dict[str, float]:
-    """``isa embed`` on a fresh local Ray instance.
+def pipeline(
+    folder: Path, output: Path, args: argparse.Namespace, steady: bool = True, label: str = ""
+) -> dict[str, float]:
+    """``isa embed`` on a fresh local Ray instance; each figure is printed as soon as it is measured, after ``label``.
 
     Returns:
         ``ray start`` (seconds to start the instance, in no rate), ``end to end`` (images/s of the first run:
@@ -156,6 +158,7 @@ def pipeline(folder: Path, output: Path, args: argparse.Namespace, steady: bool 
     started = time.perf_counter()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     figures = {"ray start": time.perf_counter() - started}
+    measured({f"{label}isa embed, ray start": figures["ray start"]})
     overrides = [
         f"teacher.name={args.teacher}",
         f"teacher.pretrained={args.pretrained}",
@@ -178,6 +181,7 @@ def pipeline(folder: Path, output: Path, args: argparse.Namespace, steady: bool 
     first = run(str(folder), str(output / "first"), config)
     figures["end to end"] = first.cached / (time.perf_counter() - started)
     assert first.cached == args.images, first
+    measured({f"{label}isa embed, end to end": figures["end to end"]})
     if steady:
         quarter = output / "quarter-input"
         quarter.mkdir()
@@ -187,6 +191,7 @@ def pipeline(folder: Path, output: Path, args: argparse.Namespace, steady: bool 
         full = run(str(folder), str(output / "again"), config)
         assert full.cached == args.images and small.cached == args.images // 4, (small, full)
         figures["steady state"] = (full.cached - small.cached) / (full.seconds - small.seconds)
+        measured({f"{label}isa embed, steady state": figures["steady state"]})
     ray.shutdown()
     return figures
 
@@ -242,9 +247,14 @@ def main() -> None:
                         measured({f"round {repeat + 1}: plain loop, {label}": figures[f"plain loop, {label}"]})
                 else:
                     figures["load before isa embed"] = float(load())
-                    ours = pipeline(Path(tmp) / "images", Path(tmp) / f"cache-{repeat}", args, not args.no_steady)
+                    ours = pipeline(
+                        Path(tmp) / "images",
+                        Path(tmp) / f"cache-{repeat}",
+                        args,
+                        not args.no_steady,
+                        f"round {repeat + 1}: ",
+                    )
                     figures.update({f"isa embed, {key}": value for key, value in ours.items()})
-                    measured({f"round {repeat + 1}: isa embed, {key}": value for key, value in ours.items()})
             rounds.append(figures)
     print(
         f"\n{args.teacher} · {args.images} JPEGs 640x480 · batch {args.batch_size} · {args.device} · "
