@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -21,13 +22,12 @@ import ray.train
 import torch
 
 from isa.build import build_student, build_task, build_teacher
-from isa.cache import read_manifest
+from isa.cache import read_manifest, write_manifest
 from isa.checkpoint import is_checkpoint, load_checkpoint
 from isa.config import from_dict, load_config
-from isa.data.synthetic import generate_world, write_world
 from isa.split import is_validation
 from isa.storage import filesystem
-from pipelines import embed, tracking
+from pipelines import tracking
 from pipelines.teacher import TeacherMismatchError
 from pipelines.train import RUN_CONFIG_FILE, TrainError, run
 from pipelines.train.data import datasets, pass_order, training_rows
@@ -40,21 +40,6 @@ STUDENT = [
     "token_learner.dim=64",
     "token_learner.heads=4",
 ]
-
-
-@pytest.fixture(scope="session")
-def world_images(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("world")
-    write_world(generate_world(seed=0, num_images=200, num_triplets=30, image_size=64), root)
-    return root / "images"
-
-
-@pytest.fixture(scope="session")
-def train_cache(ray_session, world_images, tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("cache") / "cache"
-    config = load_config(None, [*TEACHER, "cache.local_grid=2", "cache.image_size=64", "cache.decode_batch_size=32"])
-    embed.run(str(world_images), str(out), config)
-    return str(out)
 
 
 def _settings(cache: str, output: Path, *overrides: str) -> list[str]:
@@ -144,20 +129,25 @@ def test_one_stream_holds_every_pass_each_in_its_own_shard_order(train_cache, tm
 
 def test_a_rerun_is_refused_and_a_resume_goes_on_to_more_steps_in_the_same_mlflow_run(train_cache, tmp_path, capsys):
     """A finished run: the same command again, a resume with nothing to do and one changing the batch are refused
-    (the folder and the finished MLflow run as they were); a resume with more steps goes on where the run stopped."""
+    (the folder and the finished MLflow run as they were); a resume with more steps goes on where the run stopped.
+
+    The run is a DDP run of two workers whose student input (80 px) is larger than the cache's 64 px images: the
+    workers resize them."""
     import mlflow
 
     from pipelines.cli import main as isa
 
     run_dir = tmp_path / "run"
-    first = _config(train_cache, run_dir, "train.max_steps=8", "train.checkpoint_every=4")
-    run(first)
+    ddp = ["train.num_workers=2", "train.worker_cpus=0.5", "student.image_size=80"]
+    first = _config(train_cache, run_dir, "train.max_steps=8", "train.checkpoint_every=4", *ddp)
+    result = run(first)
+    assert result.metrics["step"] == 8 and torch.isfinite(torch.tensor(result.metrics["loss"]))
     assert _steps(run_dir) == [4, 8]
     client = mlflow.MlflowClient(tracking_uri=first.train.tracking_uri)
     (finished,) = client.search_runs([client.get_experiment_by_name("isa").experiment_id])
     assert finished.info.status == "FINISHED"
     before = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
-    assert isa(["train", *_settings(train_cache, run_dir, "train.max_steps=4")]) == 2
+    assert isa(["train", *_settings(train_cache, run_dir, "train.max_steps=4", *ddp)]) == 2
     assert f"{run_dir} already holds a training run (last checkpoint at step 8 of 8)" in capsys.readouterr().err
     assert isa(["train", "--resume", str(run_dir)]) == 2
     assert "has nothing left to do: its last checkpoint is at step 8" in capsys.readouterr().err
@@ -382,34 +372,21 @@ def test_a_training_run_that_fails_ends_failed(train_cache, tmp_path):
     assert found.info.status == "FAILED" and found.data.tags["isa.run_dir"] == str(tmp_path / "runs" / "a")
 
 
-def test_two_workers_run_ddp(train_cache, tmp_path):
-    result = run(
-        _config(
-            train_cache,
-            tmp_path / "run",
-            "train.num_workers=2",
-            "train.worker_cpus=0.5",
-            "train.max_steps=4",
-            "train.checkpoint_every=4",
-            "student.image_size=80",  # above the cache's 64 px: the run goes through the workers' resize
-        )
-    )
-    assert result.metrics["step"] == 4 and torch.isfinite(torch.tensor(result.metrics["loss"]))
+def _cache_copy(cache: str, folder: Path, **manifest: object) -> Path:
+    """A copy of ``cache`` whose manifest says ``manifest`` (train reads a cache's kind from its manifest)."""
+    shutil.copytree(cache, folder)
+    fs, root = filesystem(str(folder))
+    write_manifest(fs, root, dataclasses.replace(read_manifest(fs, root), **manifest))
+    return folder
 
 
-def test_clear_errors_before_training(ray_session, train_cache, tmp_path, world_images):
+def test_clear_errors_before_training(ray_session, train_cache, tmp_path):
     with pytest.raises(TrainError, match="no _isa_cache.json"):
         run(_config(str(tmp_path / "nothing"), tmp_path / "run"))
-    few = tmp_path / "few"  # enough images for the schema checks, which come before any training
-    few.mkdir()
-    for image in sorted(world_images.iterdir())[:40]:
-        shutil.copy(image, few)
-    gallery = tmp_path / "gallery"
-    embed.run(str(few), str(gallery), load_config(None, [*TEACHER, "cache.store_images=false", "cache.local_grid=0"]))
+    gallery = _cache_copy(train_cache, tmp_path / "gallery", image_size=None, local_grid=0)  # isa embed --no-images
     with pytest.raises(TrainError, match="no image column"):
         run(_config(str(gallery), tmp_path / "run"))
-    no_local = tmp_path / "no-local"
-    embed.run(str(few), str(no_local), load_config(None, [*TEACHER, "cache.local_grid=0"]))
+    no_local = _cache_copy(train_cache, tmp_path / "no-local", local_grid=0)  # cache.local_grid=0
     with pytest.raises(TrainError, match="no teacher_local"):
         run(_config(str(no_local), tmp_path / "run"))
     with pytest.raises(TeacherMismatchError, match="isa-tiny-ViT-custom-text .* isa-tiny-ViT "):
