@@ -228,7 +228,7 @@ def test_local_grid_fp16_fidelity_and_a_rerun_writes_nothing(ray_session, image_
     assert table.schema.field("teacher_emb").type.value_type == pa.float16()
     model, preprocess = _reference_model()
     for row in table.to_pylist()[:8]:
-        image = ImageOps.exif_transpose(Image.open(row["uri"])).convert("RGB")
+        image = _reference_image(row["uri"])
         pixels = preprocess(image)[None]
         with torch.no_grad():
             expected = F.normalize(model.encode_image(pixels), dim=-1)[0]
