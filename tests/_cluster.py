@@ -128,9 +128,8 @@ class LocalCluster:
                 str(self.head_only),
                 *command,
             ]
-        # Ray waits 30 s (not configurable) for a new node's agents to come up; on a machine whose cores are busy
-        # with other tests they take longer, so the node starts at a higher priority (where allowed: root), and
-        # runs at the usual one once started
+        # Ray waits 30 s (not configurable) for a new node's agents to register with the head; on a machine whose
+        # cores are busy with other tests they take longer, so the nodes run at a higher priority (where allowed)
         starter = subprocess.Popen(
             ["nice", "-n", "-15", *command],
             env=self.base_env,
@@ -144,18 +143,13 @@ class LocalCluster:
         except subprocess.TimeoutExpired:
             starter.kill()
             output = starter.communicate()[0].decode(errors="replace") + "\n(ray start did not end in 180 s)"
-        for pid in self.processes(node):
-            try:
-                os.setpriority(os.PRIO_PROCESS, pid, 0)
-            except OSError:
-                pass
         if starter.returncode:
             self._stop_node(node)
             shutil.rmtree(temp_dir, ignore_errors=True)
             raise RuntimeError(f"ray start of {name} failed:\n{output[-3000:]}")
         return node
 
-    def _start_again(self, start: Callable[[], Node], attempts: int = 3) -> Node:
+    def _start_again(self, start: Callable[[], Node], attempts: int = 4) -> Node:
         """A node whose agents do not come up within Ray's start-up wait (30 s, not configurable: a machine whose
         cores are busy with other tests) is stopped and started again, up to ``attempts`` times."""
         for attempt in range(1, attempts + 1):
