@@ -20,7 +20,7 @@ from pipelines import quickstart
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 REDUCED = [
-    "--images", "120", "--triplets", "40", "--teacher-steps", "20", "--train-steps", "6",
+    "--images", "60", "--triplets", "20", "--teacher-steps", "20", "--train-steps", "2",
     "student.image_size=64", "token_learner.dim=64", "token_learner.heads=4", "train.global_batch_size=16",
     "train.val_fraction=0.2", "eval.latency_runs=2",
 ]  # fmt: skip
@@ -101,14 +101,15 @@ def _processes_of(temp_dir: str) -> list[int]:
 
 
 def _stop_head(temp_dir: str) -> None:
-    """Stop only the processes of the head started in ``temp_dir`` (``ray stop`` would stop every Ray here)."""
+    """Stop only the processes of the head started in ``temp_dir`` (``ray stop`` would stop every Ray here): 5 s
+    after SIGTERM, SIGKILL for what is left."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in _processes_of(temp_dir):
             try:
                 os.kill(pid, sig)
             except OSError:
                 pass
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 5
         while _processes_of(temp_dir) and time.monotonic() < deadline:
             time.sleep(0.5)
 
