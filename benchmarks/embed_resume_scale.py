@@ -101,6 +101,7 @@ def embed(listing: Path, cache: Path, log: Path) -> tuple[float, PeakMemory, str
     when Ray's own start times out (it waits 30 s for its raylet: too short on a machine loaded far beyond its
     cores), as nothing has run then."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.setdefault("RAY_agent_register_timeout_ms", "120000")  # the raylet's wait for its agent, on a loaded machine
     command = [sys.executable, "-m", "pipelines.cli", "embed", str(listing), str(cache), *TEACHER, *SETTINGS]
     for _ in range(30):
         started = time.perf_counter()
@@ -113,6 +114,8 @@ def embed(listing: Path, cache: Path, log: Path) -> tuple[float, PeakMemory, str
         if code == 0 or "timed out during startup" not in text:
             break
         print("Ray's start timed out; starting again")
+        for leftover in cache.glob(".*.tmp-*") if cache.exists() else []:  # the failed start's staging files
+            leftover.unlink()
     if code != 0:
         raise SystemExit(f"isa embed failed ({code}):\n{text[-3000:]}")
     return seconds, memory, text

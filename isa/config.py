@@ -178,7 +178,7 @@ class CacheConfig:
     bytes_column: str = "image"  # Parquet input: column with the image bytes
     uri_column: str = "uri"  # Parquet or CSV list input: column naming each image
     # rows of the cache (URIs and content ids) per ledger shard, the actors that tell new inputs from those the
-    # cache accounts for: a run starts one per this many rows, so no process grows with the cache (48 bytes a row)
+    # cache accounts for: a run starts one per this many rows, so no process grows with the cache (2M rows: ~240 MB)
     ledger_rows: int = 2_000_000
 
     def __post_init__(self) -> None:
