@@ -10,6 +10,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -149,12 +151,30 @@ def _submit(address: str, env: dict, *entrypoint: str, timeout: int = 900) -> su
         time.sleep(3)
 
 
+def _jobs_api(address: str, token: str | None) -> tuple[int, list | None]:
+    """The Job API's job list: its HTTP status and, when it answered 200, the jobs."""
+    request = urllib.request.Request(f"{address}/api/jobs/")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, None
+
+
 def test_quickstart_as_a_ray_job_on_a_head_node_with_token_auth(ray_session, head_node, tmp_path):
     address, env = head_node
     stranger = {**env, "HOME": str(tmp_path / "stranger")}  # no token file, no RAY_AUTH_TOKEN
     refused = _submit(address, stranger, "echo", "hello", timeout=120)
     assert refused.returncode != 0
-    assert "token" in (refused.stdout + refused.stderr).lower()
+    wrong = _submit(address, {**stranger, "RAY_AUTH_TOKEN": "0" * 64}, "echo", "hello", timeout=120)
+    assert wrong.returncode != 0 and "Invalid authentication token" in wrong.stderr  # the head's own answer
+    # the job API itself: no token, a wrong one, the head's own; neither refused submission left a job behind
+    token = (Path(env["HOME"]) / ".ray" / "auth_token").read_text().strip()
+    assert _jobs_api(address, None)[0] == 401
+    assert _jobs_api(address, "0" * 64)[0] == 403
+    assert _jobs_api(address, token) == (200, [])
 
     started = time.monotonic()
     output = tmp_path / "qs"
