@@ -54,8 +54,10 @@ def check_folder(uri: str, kind: str, own: Callable[[str], bool], marker: str | 
         return False
     if not fs.isdir(root):
         raise ArtifactError(f"OUT {uri} is a file: name a folder to create")
-    # the lease of a run writing there (pipelines.lease) is no entry of the folder's own
-    names = sorted(n for n in (posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)) if n != LEASE_FILE)
+    # the lease of a run writing there (pipelines.lease), or one a run killed while taking it left half-written, is
+    # no entry of the folder's own
+    listed = (posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
+    names = sorted(n for n in listed if n != LEASE_FILE and not n.startswith(f".{LEASE_FILE}.tmp-"))
     marked = marker is None or marker in names
     foreign = [n for n in names if not own(n)] if marked else names
     if not foreign:

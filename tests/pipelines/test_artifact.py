@@ -7,7 +7,15 @@ import json
 import pytest
 import s3fs
 
-from pipelines.artifact import ArtifactError, read_artifact, read_file, seal_artifact, write_artifact
+from pipelines.artifact import (
+    ArtifactError,
+    check_folder,
+    read_artifact,
+    read_file,
+    seal_artifact,
+    write_artifact,
+)
+from pipelines.lease import LEASE_FILE
 
 FILES = {"model.bin": b"\x00" * 1000, "rows.parquet": b"abc"}
 
@@ -70,3 +78,12 @@ def test_a_sealed_folder_records_its_data_files_only(tmp_path):
     recorded = json.loads((tmp_path / "out" / "_m.json").read_text())["files"]
     assert recorded == {"part/a.parquet": {"bytes": 4, "sha256": None}, "b.json": {"bytes": 2, "sha256": None}}
     assert read_file(str(tmp_path / "out"), "part/a.parquet", read_artifact(str(tmp_path / "out"), "_m.json", "x"))
+
+
+def test_a_lease_and_the_temporary_of_a_lease_cut_short_are_no_entries_of_a_folder(tmp_path):
+    (tmp_path / LEASE_FILE).write_text("{}")
+    (tmp_path / f".{LEASE_FILE}.tmp-0123abcd").write_text("{")  # a run killed while it took the lease
+    assert check_folder(str(tmp_path), "teacher cache", lambda name: False) is False  # new: nothing of its own
+    (tmp_path / ".notes.tmp-0123abcd").write_text("x")  # any other temporary is an entry like any other
+    with pytest.raises(ArtifactError, match="holds no teacher cache"):
+        check_folder(str(tmp_path), "teacher cache", lambda name: False)
