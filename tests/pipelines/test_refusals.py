@@ -168,8 +168,7 @@ CASES: dict[str, Case] = {
             "--pretrained",
             "none",
         ],
-        "the teacher given, isa-tiny-ViT-custom-text (pretrained none), is another model than the one of teacher "
-        "cache",
+        "the teacher given, isa-tiny-ViT-custom-text (pretrained none), is another model than the one of teacher cache",
         lambda i, o: i / "cache-f16",
     ),
     "train: an unknown student": (
