@@ -32,15 +32,16 @@ class Encoded:
 
 
 def task_options() -> dict:
-    """One GPU per encoding task when the cluster has GPUs, else up to 4 CPUs (torch threads) per task.
+    """One GPU per encoding task when the cluster has GPUs, else up to 4 CPUs (torch threads) per task, never
+    more than the largest live node holds (a task runs on one node).
 
     On CPUs, each task holds its own torch, teacher and student (about 1 GB): a few threads in one task use
     the cores as well as as many tasks would, with fewer copies in memory (one at a time on 2 CPUs).
     """
-    resources = ray.cluster_resources()
-    if resources.get("GPU", 0) > 0:
+    if ray.cluster_resources().get("GPU", 0) > 0:
         return {"num_gpus": 1}
-    return {"num_cpus": min(4, max(1, int(resources.get("CPU", 1))))}
+    largest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)
+    return {"num_cpus": min(4, max(1, int(largest)))}
 
 
 def _device() -> str:
