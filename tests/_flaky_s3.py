@@ -16,13 +16,43 @@ from __future__ import annotations
 import collections
 import contextlib
 import http.client
+import os
 import random
 import socket
 import struct
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import urlsplit
+
+from _ports import free_port
+
+
+def start_moto(env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """moto's standalone S3 server on a free loopback port (``env``: more environment variables of the server);
+    returns the process and its endpoint once it accepts connections."""
+    port = free_port()
+    server = Path(sys.executable).with_name("moto_server")
+    process = subprocess.Popen(
+        [str(server), "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("moto server did not start")
+
 
 FAULTS = ("slowdown", "reset_before", "reset_after")
 SLOW_DOWN = (

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from _flaky_s3 import FlakyS3
+from _flaky_s3 import FlakyS3, start_moto
 from _mlflow_server import MlflowServer
-from _ports import free_port
 
 from isa.teacher import Teacher, load_teacher
 
@@ -37,22 +32,7 @@ def flaky_s3():
     """moto's standalone S3 server on a free loopback port, behind a fault-injecting proxy (tests/_flaky_s3.py,
     off until a test turns it on); every S3 client (s3fs, pyarrow, Ray's workers) reaches the proxy through
     AWS_ENDPOINT_URL."""
-    port = free_port()
-    server = Path(sys.executable).with_name("moto_server")
-    process = subprocess.Popen(
-        [str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        process.kill()
-        raise RuntimeError("moto server did not start")
+    process, endpoint = start_moto()
     proxy = FlakyS3(endpoint).start()
     saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
     os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": proxy.endpoint})

@@ -4,19 +4,13 @@ whole or not at all, secrets of URIs never shown or saved. No Ray: moto behind t
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import ray
 import s3fs
 import torch
-from _flaky_s3 import FAULTS
-from _ports import free_port
+from _flaky_s3 import FAULTS, start_moto
 from _students import TEACHER, save_student
 
 import pipelines.eval as eval_stage
@@ -104,23 +98,7 @@ def test_a_request_is_tried_as_many_times_as_configured(flaky_s3, monkeypatch):
 @pytest.fixture(scope="module")
 def authenticating_s3():
     """A moto server that checks credentials (no IAM user exists: every access key is refused)."""
-    port = free_port()
-    server = Path(sys.executable).with_name("moto_server")
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
-    process = subprocess.Popen(
-        [str(server), "-H", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        process.kill()
-        raise RuntimeError("moto server did not start")
-    endpoint = f"http://127.0.0.1:{port}"
+    process, endpoint = start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
     yield endpoint
     process.terminate()
     process.wait(timeout=10)

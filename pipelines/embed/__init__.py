@@ -374,10 +374,10 @@ def run(input_uri: str, output: str, config: Config, lease: Lease | None = None)
 
 def main(argv: Sequence[str] | None = None) -> int:
     input_uri, output, config = parse_args(argv)
-    dry = parser().parse_intermixed_args(argv).dry_run
-    wait = parser().parse_intermixed_args(argv).wait
+    args = parser().parse_intermixed_args(argv)
+    dry = args.dry_run
     check_start(input_uri, output, config)
-    lease = None if dry else Lease.acquire(output, COMMAND, wait)  # before Ray starts: a held output is refused now
+    lease = None if dry else Lease.acquire(output, COMMAND, args.wait)  # before Ray: a held output is refused now
     try:
         init_ray()
         summary = dry_run(input_uri, output, config) if dry else run(input_uri, output, config, lease)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _cluster import session_processes
 from _ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,20 +46,6 @@ def _pids_mentioning(text: str) -> list[int]:
             if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
                 pids.append(int(entry.name))
         except OSError:
-            pass
-    return pids
-
-
-def _session(sid: int) -> list[int]:
-    """The live processes of session ``sid``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit():
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                if int(fields[3]) == sid and fields[0] != "Z":  # state, ppid, pgrp, session
-                    pids.append(int(entry.name))
-        except (OSError, IndexError, ValueError):
             pass
     return pids
 
@@ -141,15 +128,15 @@ def other_ray(tmp_path):
         yield port, starter.pid, temp_dir
     finally:
         for sig in (signal.SIGTERM, signal.SIGKILL):  # the processes of the session this fixture started
-            for pid in _session(starter.pid):
+            for pid in session_processes(starter.pid):
                 os.kill(pid, sig)
-            _wait_until(lambda: not _session(starter.pid), 5)
+            _wait_until(lambda: not session_processes(starter.pid), 5)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_stop_stops_the_head_it_started_and_leaves_another_ray_running(tmp_path, other_ray):
     other_port, other_session, _ = other_ray
-    other = _session(other_session)
+    other = session_processes(other_session)
     ports = {"RAY_PORT": free_port(), "DASHBOARD_PORT": free_port(), "MLFLOW_PORT": free_port()}
     env = _env(tmp_path, **ports)
     options = [
@@ -165,7 +152,7 @@ def test_stop_stops_the_head_it_started_and_leaves_another_ray_running(tmp_path,
         assert "warning" not in started.stderr  # MLflow answers
         session = int((state / "ray.sid").read_text())
         temp_dir = (state / "ray.temp_dir").read_text().strip()
-        assert _session(session) and _listening(ports["RAY_PORT"]) and _listening(ports["DASHBOARD_PORT"])
+        assert session_processes(session) and _listening(ports["RAY_PORT"]) and _listening(ports["DASHBOARD_PORT"])
         assert f"Ray logs       {temp_dir}" in started.stdout and Path(temp_dir, "session_latest").exists()
 
         again = _script(env, "start", *options, timeout=30)  # one head per state folder
@@ -177,7 +164,8 @@ def test_stop_stops_the_head_it_started_and_leaves_another_ray_running(tmp_path,
             f"stopped the Ray head (session {session}" in stopped.stdout
             and "stopped the MLflow server" in stopped.stdout
         )
-        assert _session(session) == [] and _pids_mentioning(temp_dir) == [] and _pids_mentioning(str(state)) == []
+        assert session_processes(session) == []
+        assert _pids_mentioning(temp_dir) == [] and _pids_mentioning(str(state)) == []
         assert not any(_listening(port) for port in ports.values())
         left = {p.name for p in state.iterdir()}
         assert "mlflow.db" in left and not {"mlflow.pid", "ray.sid", "ray.temp_dir"} & left  # the runs stay
@@ -187,4 +175,4 @@ def test_stop_stops_the_head_it_started_and_leaves_another_ray_running(tmp_path,
             if line.startswith("Ray logs"):
                 shutil.rmtree(line.split()[-1], ignore_errors=True)  # the head's temp dir, kept by stop for its logs
     # the other instance is untouched: every process of it alive, its GCS answering
-    assert set(other) <= set(_session(other_session)) and _listening(other_port)
+    assert set(other) <= set(session_processes(other_session)) and _listening(other_port)
