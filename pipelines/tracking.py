@@ -139,6 +139,13 @@ def client(uri: str | None) -> Any:
     return mlflow.MlflowClient(tracking_uri=uri)
 
 
+def prepare_store(uri: str | None) -> None:
+    """Make a SQLite store's tables now, in this process: a new store is otherwise made by whichever process
+    records first, and two making it at once (a training worker's outbox and the driver ending its run) fail."""
+    if sqlite_file(uri) is not None:
+        client(uri).search_experiments(max_results=1)
+
+
 def experiment_id(mlflow: Any, name: str) -> str:
     """The id of the experiment called ``name``; a new one keeps its artifacts at :func:`artifact_location` (an
     existing one is used as it is, wherever its artifacts go)."""

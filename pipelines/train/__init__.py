@@ -255,6 +255,7 @@ def run(
     fs, run_dir = filesystem(config.train.output)
     fs.makedirs(run_dir, exist_ok=True)
     fs.pipe_file(posixpath.join(run_dir, RUN_CONFIG_FILE), json.dumps(saved_dict(config), indent=2).encode())
+    tracking.prepare_store(plan.tracking_uri)
     storage, name = posixpath.split(config.train.output.rstrip("/"))
     remote = arrow_filesystem(storage)  # object storage with the S3 settings of isa.storage: (filesystem, path)
     trainer = ray_compat.Trainer(

@@ -118,16 +118,22 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # task beside a worker that holds its largest memory (the peak of the quickstart)
     held_out = read_held_out(worker)
     every, log_every = worker.config.train.checkpoint_every, worker.config.train.log_every
-    for batch in batches(worker):
-        step(worker, batch)
-        if worker.step % every == 0 or worker.step == worker.total:
-            metrics = {**record(worker), **validate(worker, held_out)}
-            checkpoint(worker, metrics)
-            say(worker, metrics, checkpoint=True)
-        elif worker.step % log_every == 0:
-            metrics = record(worker)
-            worker.tracker.metrics(metrics, worker.step)
-            say(worker, metrics, checkpoint=False)
+    try:
+        for batch in batches(worker):
+            step(worker, batch)
+            if worker.step % every == 0 or worker.step == worker.total:
+                metrics = {**record(worker), **validate(worker, held_out)}
+                checkpoint(worker, metrics)
+                say(worker, metrics, checkpoint=True)
+            elif worker.step % log_every == 0:
+                metrics = record(worker)
+                worker.tracker.metrics(metrics, worker.step)
+                say(worker, metrics, checkpoint=False)
+    except BaseException:
+        # the process ends with the error: the records queued so far (the run itself, when it fails early) reach an
+        # answering MLflow first, so the driver finds the run and ends it FAILED
+        worker.tracker.settle(SETTLE_S)
+        raise
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
