@@ -22,6 +22,7 @@ import re
 import threading
 import uuid
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -230,6 +231,16 @@ def arrow_filesystem(uri: str) -> tuple[Any, str] | None:
 
     fs, path = filesystem(uri)
     return pyarrow.fs.PyFileSystem(S3Handler(fs)), path
+
+
+def ray_storage(uri: str) -> tuple[str, Any | None]:
+    """Ray Train's and Ray Tune's ``storage_path`` and ``storage_filesystem`` for a folder (a ``RunConfig``'s
+    storage, ``Tuner.restore``'s experiment): the path within :func:`arrow_filesystem` for object storage; any other
+    URI as it is, a local path made absolute, with None (Ray's own filesystem)."""
+    remote = arrow_filesystem(uri)
+    if remote is not None:
+        return remote[1], remote[0]
+    return (uri if "://" in uri else str(Path(uri or ".").resolve())), None
 
 
 class S3Handler(pyarrow.fs.FSSpecHandler):

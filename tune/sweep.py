@@ -33,7 +33,7 @@ import yaml
 
 from isa.checkpoint_files import complete_checkpoints
 from isa.config import Config, ConfigError, flatten, from_dict, parse_overrides, to_dict
-from isa.storage import filesystem, write_bytes
+from isa.storage import filesystem, ray_storage, write_bytes
 from pipelines import train
 from pipelines.artifact import check_folder
 from pipelines.stage import config_parser, init_ray
@@ -313,6 +313,7 @@ def _tuner(plan: Plan) -> Any:
         search, limit = searcher(from_dict({"tune": {"search": "grid"}}, base=plan.config), concurrency(plan.config))
         options = {}
     storage, name = posixpath.split(plan.folder)
+    storage_path, storage_filesystem = ray_storage(storage)  # Tune's own state on object storage: isa.storage's S3
     return tune.Tuner(
         _trainable(plan),
         param_space=space,
@@ -323,7 +324,12 @@ def _tuner(plan: Plan) -> Any:
             trial_dirname_creator=trial_folder,
             **options,
         ),
-        run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[ReleasePlacementGroups(plan.folder)]),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            callbacks=[ReleasePlacementGroups(plan.folder)],
+        ),
     )
 
 
@@ -375,9 +381,10 @@ def _run(plan: Plan, restore: bool) -> Outcome:
     """Fit (or restore and fit), record the trials; a sweep's parent run ends here, a suite's after its evaluation."""
     from ray import tune
 
+    path, fs = ray_storage(plan.folder)
     try:
-        if restore and tune.Tuner.can_restore(plan.folder):
-            tuner = tune.Tuner.restore(plan.folder, trainable=_trainable(plan), resume_errored=True)
+        if restore and tune.Tuner.can_restore(path, storage_filesystem=fs):
+            tuner = tune.Tuner.restore(path, trainable=_trainable(plan), resume_errored=True, storage_filesystem=fs)
         else:  # a new sweep, or one stopped before Tune wrote its first state
             tuner = _tuner(plan)
         results = tuner.fit()

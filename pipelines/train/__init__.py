@@ -31,7 +31,7 @@ from ray.train.backend import Backend, BackendConfig
 from isa.cache import Manifest, fingerprint_mismatch, list_parts, read_manifest
 from isa.config import Config, given_keys, load_config, parse_overrides, saved_dict, to_dict
 from isa.errors import IsaError
-from isa.storage import arrow_filesystem, filesystem, full_uri, redact_uri
+from isa.storage import filesystem, full_uri, ray_storage, redact_uri
 from pipelines import ray_compat, tracking
 from pipelines.artifact import check_folder
 from pipelines.stage import config_parser, init_ray
@@ -257,7 +257,7 @@ def run(
     fs.pipe_file(posixpath.join(run_dir, RUN_CONFIG_FILE), json.dumps(saved_dict(config), indent=2).encode())
     tracking.prepare_store(plan.tracking_uri)
     storage, name = posixpath.split(config.train.output.rstrip("/"))
-    remote = arrow_filesystem(storage)  # object storage with the S3 settings of isa.storage: (filesystem, path)
+    storage_path, storage_filesystem = ray_storage(storage)  # object storage with the S3 settings of isa.storage
     trainer = ray_compat.Trainer(
         worker_loop,
         train_loop_config={
@@ -277,8 +277,8 @@ def run(
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=remote[1] if remote else storage if "://" in storage else str(Path(storage or ".").resolve()),
-            storage_filesystem=remote[0] if remote else None,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.num_to_keep),
             callbacks=list(callbacks),
