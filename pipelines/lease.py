@@ -16,6 +16,11 @@ runs starting at the same moment can both pass.
 Fencing: every lease has a token of its own. A run's tasks carry a :class:`Fence` (the output and the token) and
 check it before each file they publish, so the late writes of a run whose lease was taken over (a killed run's
 tasks still running, a run that stalled past the stale timeout) are refused rather than landing in the output.
+The check also refuses once the lease's last renewal is older than :data:`PUBLISH_WITHIN_S`: a run that is paused
+or cut off from the storage (its heartbeat stalls while its tasks go on) stops publishing before any other run may
+take its lease over (:data:`STALE_AFTER_S`). A check and the write after it are two requests (object storage has no
+write conditional on another object), so a publish is fenced as long as it ends within
+``STALE_AFTER_S - PUBLISH_WITHIN_S`` seconds of its check, and the clocks of the machines agree to well within that.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from isa.storage import filesystem
 LEASE_FILE = "_isa_lease.json"
 HEARTBEAT_S = 15.0  # how often a holder renews its lease
 STALE_AFTER_S = 120.0  # a lease whose heartbeat is older is a killed run's: the next run takes it over
+PUBLISH_WITHIN_S = 90.0  # a run whose heartbeat is older publishes nothing more: 30 s before a takeover
 WAIT_POLL_S = 2.0  # how often a run that waits looks at the lease again
 
 
@@ -248,13 +254,21 @@ class Fence:
     token: str
 
     def __call__(self) -> None:
-        """Raises :class:`LeaseLost` when the output's lease is not this run's any more."""
+        """Raises :class:`LeaseLost` when the output's lease is not this run's any more, or when its last renewal
+        is so old that another run may take it over before a publish ends (:data:`PUBLISH_WITHIN_S`)."""
         record = _store(self.output).peek()
         if record is None or record["token"] != self.token:
             holder = "no run" if record is None else holder_text(record)
             raise LeaseLost(
                 f"OUT {self.output}: this run's lease was taken over (it now names {holder}); "
                 "this run stopped without writing more"
+            )
+        age = time.time() - float(record.get("heartbeat", 0.0))
+        if age > PUBLISH_WITHIN_S:
+            raise LeaseLost(
+                f"OUT {self.output}: this run's lease was last renewed {age:.0f} s ago (the run was paused, or its "
+                f"renewals did not reach the storage); another run may take it over at {STALE_AFTER_S:.0f} s, so "
+                "this run stopped without writing more: run it again with --wait to go on where it stopped"
             )
 
 

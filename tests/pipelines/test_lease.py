@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -21,6 +22,13 @@ HOLDER = """
 import sys, time
 from pipelines.lease import Lease
 print(Lease.acquire(sys.argv[1], "isa embed").record["token"], flush=True)
+time.sleep(600)
+"""
+RENEWING_HOLDER = """
+import sys, time
+from pipelines import lease
+lease.HEARTBEAT_S = 0.1
+print(lease.Lease.acquire(sys.argv[1], "isa embed").record["token"], flush=True)
 time.sleep(600)
 """
 
@@ -141,6 +149,52 @@ def test_a_holder_renews_its_lease_notices_a_takeover_and_a_waiting_run_goes_on_
     third.check()
     third.release()
     assert _lease_record(output) is None
+
+
+def test_a_holder_whose_heartbeat_stalls_stops_publishing_before_its_lease_can_be_taken_over(output, monkeypatch):
+    """A holder paused (SIGSTOP: its heartbeat stops, as on a machine cut off from the storage) while its tasks go
+    on: their next publish is refused once the lease's last renewal is older than PUBLISH_WITHIN_S, while the lease
+    is not stale yet (no other run can have taken it over); once the holder goes on, its renewals let them publish
+    again."""
+    monkeypatch.setattr(lease, "STALE_AFTER_S", 12.0)
+    monkeypatch.setattr(lease, "PUBLISH_WITHIN_S", 2.0)
+    child = subprocess.Popen([sys.executable, "-c", RENEWING_HOLDER, output], stdout=subprocess.PIPE, text=True)
+    try:
+        token = child.stdout.readline().strip()
+        fence = Fence(output, token)  # what the holder's tasks carry
+        fs, root = filesystem(output)
+        table = pa.table({"uri": ["a.jpg"], "reason": ["published"]})
+        write_table(fs, f"{root}/_errors/part-0.parquet", table, fence)
+        os.kill(child.pid, signal.SIGSTOP)
+        refused, deadline = None, time.monotonic() + 60
+        while refused is None and time.monotonic() < deadline:
+            try:
+                fence()  # the check each publish makes
+            except LeaseLost as error:
+                refused = error
+            time.sleep(0.1)
+        record = _lease_record(output)
+        assert refused is not None, "the stalled holder's tasks were never refused"
+        assert record["token"] == token and not lease.is_stale(record)  # still its lease, not stale yet
+        with pytest.raises(LeaseHeld):  # no other run may take it over yet
+            Lease.acquire(output, "isa embed")
+        text = str(refused)
+        assert text.startswith(f"OUT {output}: this run's lease was last renewed ") and "stopped without" in text
+        assert "another run may take it over at 12 s" in text and "--wait" in text
+        with pytest.raises(LeaseLost, match="last renewed"):
+            write_table(fs, f"{root}/_errors/part-late.parquet", table, fence)
+        fs.invalidate_cache(root)
+        assert sorted(p.rsplit("/", 1)[-1] for p in fs.find(root)) == [LEASE_FILE, "part-0.parquet"]
+
+        os.kill(child.pid, signal.SIGCONT)  # the holder goes on: its lease was never taken, its tasks go on too
+        deadline = time.monotonic() + 60
+        while _lease_record(output)["heartbeat"] == record["heartbeat"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        write_table(fs, f"{root}/_errors/part-1.parquet", table, fence)
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+        child.kill()
+        child.wait(timeout=30)
 
 
 def test_embed_into_a_held_output_is_refused_before_ray_naming_the_holder(tmp_path):
