@@ -62,13 +62,36 @@ def command_line(pid: int) -> str:
         return ""
 
 
-def processes_titled(name: str) -> list[int]:
-    """Ray worker processes whose process title (``ray::...``) names ``name``."""
+def descendants(root: int) -> set[int]:
+    """``root`` and every live process below it (a local Ray instance's processes are below the driver that
+    started it: its raylet, and the raylet's workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit():
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if fields[0] != "Z":  # state, ppid
+                    children.setdefault(int(fields[1]), []).append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            pass
+    tree, stack = set(), [root]
+    while stack:
+        pid = stack.pop()
+        tree.add(pid)
+        stack.extend(children.get(pid, []))
+    return tree
+
+
+def processes_titled(name: str, below: int | None = None) -> list[int]:
+    """Ray worker processes whose process title (``ray::...``) names ``name``; with ``below``, only those below
+    that process (:func:`descendants`: the Ray instance it started, not another one on this machine)."""
+    allowed = descendants(below) if below is not None else None
     pids = []
     for entry in Path("/proc").iterdir():
         title = command_line(int(entry.name)) if entry.name.isdigit() else ""
         if title.startswith("ray::") and name in title.split(" ")[0]:
-            pids.append(int(entry.name))
+            if allowed is None or int(entry.name) in allowed:
+                pids.append(int(entry.name))
     return pids
 
 

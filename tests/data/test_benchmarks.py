@@ -265,7 +265,9 @@ def test_unknown_benchmark_name(paths: WorldPaths) -> None:
 
 
 @pytest.mark.parametrize(
-    ("reader", "split"), [(read_cirr, "dev"), (read_fashioniq, "test1"), (read_circo, "train")], ids=str
+    ("reader", "split"),
+    [(read_cirr, "dev"), (read_fashioniq, "test1"), (read_circo, "train")],
+    ids=lambda value: getattr(value, "__name__", str(value)),  # the same ids in every process (pytest-xdist)
 )
 def test_bad_split_name(paths: WorldPaths, reader, split: str) -> None:
     with pytest.raises(BenchmarkFormatError, match=f"unknown split '{split}'"):

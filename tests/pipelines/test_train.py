@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray.train
 import torch
+from _cluster import processes_titled
 
 from isa.build import build_student, build_task, build_teacher
 from isa.cache import read_manifest, write_manifest
@@ -168,15 +169,9 @@ def test_a_rerun_is_refused_and_a_resume_goes_on_to_more_steps_in_the_same_mlflo
 
 
 def _train_worker_pids() -> list[int]:
-    """Processes of Ray Train workers (their process title is ``ray::RayTrainWorker...``)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
-                pids.append(int(entry.name))
-        except OSError:
-            pass
-    return pids
+    """Processes of the Ray Train workers of this test process's Ray instance (their process title is
+    ``ray::RayTrainWorker...``), none of another Ray instance on this machine (another test process's)."""
+    return processes_titled("RayTrainWorker", below=os.getpid())
 
 
 def test_worker_killed_mid_run_recovers_from_last_checkpoint(train_cache, tmp_path):
