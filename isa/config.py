@@ -165,6 +165,10 @@ class CacheConfig:
     # the tower's fastest setting on a GPU, its embeddings further from the float32 model's)
     tower_dtype: Literal["float32", "bfloat16"] = "float32"
     batch_size: int = 256  # images per teacher forward
+    # where the tower runs: "actors" (a pool of num_actors), "driver" (the isa embed process itself, all its cores:
+    # no actor to start, the model built once) or "auto": the driver when the Ray cluster is one node, the
+    # driver's, and the tower runs on its CPU (a laptop or one box), actors otherwise
+    tower_in: Literal["auto", "driver", "actors"] = "auto"
     num_actors: int = 1  # teacher actors in the pool
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: one GPU per actor when the cluster has GPUs
     actor_cpus: float = 1.0  # logical CPUs reserved per teacher actor (torch threads: rounded up)

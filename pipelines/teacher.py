@@ -1,8 +1,9 @@
 """The configured teacher's fingerprint, the one rule every stage uses to tell teachers apart.
 
 The model is loaded in a one-off Ray task whose process exits when it is done, so this module imports
-nothing heavy: the drivers of ``isa embed``, ``isa train`` and ``isa tune`` never load torch or open_clip
-(about 0.5 GB each).
+nothing heavy: the drivers of ``isa train`` and ``isa tune`` never load torch or open_clip (about 0.5 GB each),
+nor does ``isa embed``'s unless it runs the tower itself (``cache.tower_in``: it then fingerprints the teacher it
+loaded).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """``isa embed INPUT OUTPUT``: cache the teacher's image embeddings with Ray Data.
 
 read (folder | s3 prefix | list file | tar shards | parquet) -> decode and validate (CPU tasks) -> teacher
-image tower (actor pool, one GPU each when present) -> Parquet shards + ``_isa_cache.json``.
+image tower (actor pool, one GPU each when present; or the driver itself on one CPU machine) -> Parquet shards +
+``_isa_cache.json``.
 Resumable and idempotent: a rerun skips what the cache holds; bad inputs go to ``_errors/``.
 """
 
@@ -10,11 +11,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import posixpath
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import numpy as np
 import ray
 import ray.data
 
@@ -36,11 +41,14 @@ from pipelines.embed import ledger as ledgers
 from pipelines.embed.decode import admit_batch, count_new, decode_batch, write_shard
 from pipelines.embed.guard import Attempts
 from pipelines.embed.ledger import Ledger
-from pipelines.embed.sources import check_input, read_sources
+from pipelines.embed.sources import check_input, read_sources, source_options
 from pipelines.embed.tower import TeacherEmbedder
 from pipelines.lease import Fence, Lease
 from pipelines.stage import config_parser, init_ray
 from pipelines.teacher import choose_teacher, teacher_fingerprint
+
+if TYPE_CHECKING:
+    from isa.teacher import Teacher
 
 # Shard writers at a time. Ray Data hands the CPU budget no operator claims to the most downstream operator
 # without a cap; uncapped, that is the writer, which hardly uses it, and decoding is held back.
@@ -183,8 +191,11 @@ def check_planned_settings(existing: Manifest, config: Config, output: str) -> N
     check_same_settings(existing, planned, output)
 
 
-def check(input_uri: str, output: str, config: Config) -> Manifest:
+def check(input_uri: str, output: str, config: Config, teacher: Teacher | None = None) -> Manifest:
     """Every refusal before embedding starts; returns the manifest this run writes with.
+
+    ``teacher``: the teacher, when this process has loaded it (a tower in the driver); else its fingerprint is
+    made in a Ray task.
 
     Raises:
         InputError, ArtifactError: from :func:`check_start`.
@@ -192,7 +203,7 @@ def check(input_uri: str, output: str, config: Config) -> Manifest:
         TeacherNotSupportedError: the teacher cannot be loaded here (or the loader's own error).
     """
     check_start(input_uri, output, config)
-    fingerprint = teacher_fingerprint(config.teacher)  # the actors load the model
+    fingerprint = teacher.fingerprint() if teacher is not None else teacher_fingerprint(config.teacher)
     wanted = Manifest(
         teacher=fingerprint,
         embed_dim=fingerprint["embed_dim"],
@@ -244,46 +255,69 @@ def admitted(input_uri: str, output: str, config: Config, ledger: Ledger) -> ray
     """The inputs the cache does not account for yet: the listing, block by block, each block asking the ledger."""
     _, root = filesystem(output)
     return read_sources(input_uri, config.cache, exclude=root).map_batches(
-        admit_batch, batch_size=None, fn_kwargs={"ledger": ledger}
+        admit_batch, batch_size=None, fn_kwargs={"ledger": ledger}, **source_options()
     )
 
 
-def pipeline(
+def tower_device(cache: CacheConfig) -> str:
+    """The teacher tower's device: ``cache.device``, where auto is a GPU when the cluster has one."""
+    if cache.device != "auto":
+        return cache.device
+    return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+
+
+def tower_in_driver(cache: CacheConfig) -> bool:
+    """Whether the tower runs in this process (``cache.tower_in``). auto: when the cluster is one node, this
+    process's, and the tower runs on its CPU: the cores the actors would get are this machine's anyway, and
+    running there saves the actor's start and a second load of the model (the fingerprint's)."""
+    if cache.tower_in != "auto":
+        return cache.tower_in == "driver"
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    here = ray.get_runtime_context().get_node_id()
+    return tower_device(cache) == "cpu" and len(nodes) == 1 and nodes[0]["NodeID"] == here
+
+
+def decoded(
     input_uri: str, output: str, config: Config, manifest: Manifest, ledger: Ledger, fence: Fence | None = None
 ) -> ray.data.Dataset:
-    """sources -> admission -> decode (CPU tasks) -> teacher (actor pool) -> shard writers; yields rows written.
+    """sources -> admission -> decode (CPU tasks): the new inputs' crops for the tower.
 
     ``fence``: the run's lease, checked by every task before each file it publishes (:mod:`pipelines.lease`).
     """
     cache = config.cache
-    device = cache.device
-    if device == "auto":
-        device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
     teacher_side = max(manifest.teacher["preprocess"]["size"])
     settings = {
         "max_pixels": cache.max_image_pixels,
         "draft_short_side": max(teacher_side, manifest.image_size or 0) if cache.fast_decode else None,
         "jpeg_quality": cache.jpeg_quality,
     }
+    return admitted(input_uri, output, config, ledger).map_batches(
+        decode_batch,
+        batch_size=cache.decode_batch_size,
+        fn_kwargs={
+            "ledger": ledger,
+            "output": output,
+            "manifest": dataclasses.asdict(manifest),
+            "settings": settings,
+            "attempts": Attempts.remote(),  # a batch whose process died is decoded again input by input
+            "fence": fence,
+        },
+        num_cpus=cache.decode_cpus,
+        # retried when its worker dies; and an operator with a remote-options function is never fused, so
+        # decoding stays in CPU tasks beside the teacher actors instead of running inside them
+        ray_remote_args_fn=decode_task_options,
+    )
+
+
+def pipeline(
+    input_uri: str, output: str, config: Config, manifest: Manifest, ledger: Ledger, fence: Fence | None = None
+) -> ray.data.Dataset:
+    """:func:`decoded` -> teacher (actor pool) -> shard writers; yields rows written."""
+    cache = config.cache
+    device = tower_device(cache)
     meta = dataclasses.asdict(manifest)
     return (
-        admitted(input_uri, output, config, ledger)
-        .map_batches(
-            decode_batch,
-            batch_size=cache.decode_batch_size,
-            fn_kwargs={
-                "ledger": ledger,
-                "output": output,
-                "manifest": meta,
-                "settings": settings,
-                "attempts": Attempts.remote(),  # a batch whose process died is decoded again input by input
-                "fence": fence,
-            },
-            num_cpus=cache.decode_cpus,
-            # retried when its worker dies; and an operator with a remote-options function is never fused, so
-            # decoding stays in CPU tasks beside the teacher actors instead of running inside them
-            ray_remote_args_fn=decode_task_options,
-        )
+        decoded(input_uri, output, config, manifest, ledger, fence)
         .map_batches(
             TeacherEmbedder,
             # two calls in flight per actor: one batches its inputs/outputs while the other runs the tower (the
@@ -307,6 +341,35 @@ def pipeline(
             fn_kwargs={"output": output, "manifest": meta, "fence": fence},
         )
     )
+
+
+def embed_in_driver(
+    inputs: ray.data.Dataset, tower: TeacherEmbedder, output: str, manifest: Manifest, config: Config, fence: Fence
+) -> None:
+    """The tower in this process: :func:`decoded`'s batches in, shards of ``cache.rows_per_shard`` rows out, each
+    written by a thread beside the tower (the next batches run while a shard is written)."""
+    cache, meta = config.cache, dataclasses.asdict(manifest)
+    held: list[dict[str, np.ndarray]] = []  # embedded rows not yet in a shard
+    writes: list[Future] = []
+
+    def write(rows: dict[str, np.ndarray]) -> None:
+        writes.append(writer.submit(write_shard, rows, output=output, manifest=meta, fence=fence))
+        for done in [w for w in writes if w.done()]:
+            done.result()  # a failed write stops the run now
+            writes.remove(done)
+
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        for batch in inputs.iter_batches(batch_size=cache.batch_size, batch_format="numpy"):
+            if len(batch["uri"]):
+                held.append(tower(batch))
+            while sum(len(rows["uri"]) for rows in held) >= cache.rows_per_shard:
+                rows = {key: np.concatenate([part[key] for part in held]) for key in held[0]}
+                write({key: column[: cache.rows_per_shard] for key, column in rows.items()})
+                held = [{key: column[cache.rows_per_shard :] for key, column in rows.items()}]
+        if held and sum(len(rows["uri"]) for rows in held):
+            write({key: np.concatenate([part[key] for part in held]) for key in held[0]})
+        for pending in writes:
+            pending.result()
 
 
 def dry_run(input_uri: str, output: str, config: Config) -> Summary:
@@ -345,11 +408,29 @@ def run(input_uri: str, output: str, config: Config, lease: Lease | None = None)
     if lease is None:
         with Lease.acquire(output, COMMAND) as held:
             return run(input_uri, output, config, held)
-    manifest, before = prepare_cache(output, check(input_uri, output, config))
+    device, teacher = tower_device(config.cache), None
+    if tower_in_driver(config.cache):
+        from isa.build import build_teacher  # torch and open_clip: in this process only for a tower here
+
+        teacher = build_teacher(config.teacher, device)
+    manifest, before = prepare_cache(output, check(input_uri, output, config, teacher))
     ledger = start_ledger(output, config.cache.ledger_rows, before)
     started = time.perf_counter()
-    for _ in pipeline(input_uri, output, config, manifest, ledger, lease.fence).iter_batches(batch_size=None):
-        pass  # rows are written by the shard writers; only their counts come back
+    if teacher is not None:
+        import torch
+
+        threads = torch.get_num_threads()  # this process's, given back at the end
+        try:
+            tower = TeacherEmbedder(
+                dataclasses.asdict(manifest), config.teacher.cache_dir, device, os.cpu_count() or 1, teacher
+            )
+            inputs = decoded(input_uri, output, config, manifest, ledger, lease.fence)
+            embed_in_driver(inputs, tower, output, manifest, config, lease.fence)
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        for _ in pipeline(input_uri, output, config, manifest, ledger, lease.fence).iter_batches(batch_size=None):
+            pass  # rows are written by the shard writers; only their counts come back
     seconds = time.perf_counter() - started
     # every writer of this run has renamed its file by now; a temporary left is a killed earlier run's, whose
     # last tasks can still be writing just after it dies (after this run's start removed the older ones)

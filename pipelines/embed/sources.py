@@ -41,6 +41,18 @@ class InputError(IsaError):
 SAMPLE_FILES = 1000  # files of a folder input looked at before Ray starts (its kind, that it holds any)
 LIST_ROWS = 8192  # URIs per block of a folder listing or a list file
 LIST_RANGE_BYTES = 8 * 2**20  # bytes of a .txt list file per reading task
+# Listing and reading the inputs is mostly waiting on storage. Its tasks reserve no CPU: a listing task that
+# waited for a CPU the teacher actors and decode tasks hold would wait forever on a small machine (two cores:
+# an actor of 1.5 CPUs and decode tasks of 0.5). At most SOURCE_TASKS run at once, each holding one block.
+SOURCE_TASKS = 2
+
+
+def source_options() -> dict:
+    """Ray Data options of every stage that lists or reads the inputs (and of the admission fused with it)."""
+    return {"num_cpus": 0, "compute": ray.data.TaskPoolStrategy(size=SOURCE_TASKS)}
+
+
+PARQUET_READ = {"num_cpus": 0, "concurrency": SOURCE_TASKS}  # ray.data.read_parquet's, for the same reason
 
 
 def check_input(uri: str, cache: CacheConfig, exclude: str | None = None) -> str:
@@ -166,7 +178,7 @@ def read_sources(uri: str, cache: CacheConfig, exclude: str | None = None) -> ra
     kind = check_input(uri, cache, exclude)
     if kind == "folder":
         return ray.data.from_items([{"root": root}]).map_batches(
-            _list_folder, batch_size=1, fn_kwargs={"uri": uri, "exclude": exclude}
+            _list_folder, batch_size=1, fn_kwargs={"uri": uri, "exclude": exclude}, **source_options()
         )
     if kind == "list":
         return _read_list(uri, root, cache)
@@ -174,7 +186,7 @@ def read_sources(uri: str, cache: CacheConfig, exclude: str | None = None) -> ra
         listing = [root] if fs.isfile(root) else _find(fs, root, exclude)
         shards = [full_uri(fs, p) for p in listing if p.endswith(".tar")]
         return _from_uris(shards, 1).map_batches(
-            _expand_tars, batch_size=1, fn_kwargs={"rows": cache.decode_batch_size}
+            _expand_tars, batch_size=1, fn_kwargs={"rows": cache.decode_batch_size}, **source_options()
         )
     if kind == "parquet":
         return _read_parquet(uri, cache)
@@ -200,18 +212,20 @@ def _from_uris(uris: list[str], rows_per_block: int) -> ray.data.Dataset:
 
 def _read_list(uri: str, path: str, cache: CacheConfig) -> ray.data.Dataset:
     if path.endswith(".parquet"):
-        ds = ray.data.read_parquet(uri, **reader_options(uri)).select_columns([cache.uri_column])
-        return ds.map_batches(_as_sources, batch_format="numpy", fn_kwargs={"column": cache.uri_column})
+        ds = ray.data.read_parquet(uri, **PARQUET_READ, **reader_options(uri)).select_columns([cache.uri_column])
+        return ds.map_batches(
+            _as_sources, batch_format="numpy", fn_kwargs={"column": cache.uri_column}, **source_options()
+        )
     if path.endswith(".csv"):
         return ray.data.from_items([{"uri": uri}]).map_batches(
-            _read_csv_list, batch_size=1, fn_kwargs={"column": cache.uri_column}
+            _read_csv_list, batch_size=1, fn_kwargs={"column": cache.uri_column}, **source_options()
         )
     fs, _ = filesystem(uri)
     size = fs.size(path)
     starts = range(0, max(size, 1), LIST_RANGE_BYTES)
     ranges = [{"start": start, "end": min(start + LIST_RANGE_BYTES, size)} for start in starts]
     return ray.data.from_items(ranges, override_num_blocks=len(ranges)).map_batches(
-        _read_lines, batch_size=1, fn_kwargs={"uri": uri}
+        _read_lines, batch_size=1, fn_kwargs={"uri": uri}, **source_options()
     )
 
 
@@ -288,17 +302,18 @@ def _rows(uris: list[str], datas: list[bytes | None] | None = None, errors: list
 
 
 def _read_parquet(uri: str, cache: CacheConfig) -> ray.data.Dataset:
-    schema_names = ray.data.read_parquet(uri, **reader_options(uri)).schema().names
+    schema_names = ray.data.read_parquet(uri, **PARQUET_READ, **reader_options(uri)).schema().names
     if cache.bytes_column not in schema_names:
         raise InputError(f"parquet input {uri} has no column {cache.bytes_column!r} (columns: {schema_names})")
     has_uri = cache.uri_column in schema_names
     # without a URI column a row is named by its file (see _parquet_rows)
     columns = [cache.bytes_column, cache.uri_column if has_uri else "path"]
-    ds = ray.data.read_parquet(uri, include_paths=not has_uri, **reader_options(uri)).select_columns(columns)
-    return ds.map_batches(
+    ds = ray.data.read_parquet(uri, include_paths=not has_uri, **PARQUET_READ, **reader_options(uri))
+    return ds.select_columns(columns).map_batches(
         _parquet_rows,
         batch_format="numpy",
         fn_kwargs={"bytes_column": cache.bytes_column, "uri_column": cache.uri_column},
+        **source_options(),
     )
 
 

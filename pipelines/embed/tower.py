@@ -6,7 +6,12 @@ open_clip are imported in the actor only.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from isa.teacher import Teacher
 
 
 class TeacherEmbedder:
@@ -18,16 +23,22 @@ class TeacherEmbedder:
         device: "cuda" or "cpu"; with the manifest's ``tower_dtype`` float32 the tower runs under bf16 autocast
             on "cuda" and in fp32 on "cpu", with bfloat16 its weights and inputs are cast to bf16.
         threads: torch threads on CPU.
+        teacher: the teacher, already loaded (a tower in the driver, which made the fingerprint with it); else it
+            is loaded here.
     """
 
-    def __init__(self, manifest: dict, cache_dir: str | None, device: str, threads: int):
+    def __init__(
+        self, manifest: dict, cache_dir: str | None, device: str, threads: int, teacher: Teacher | None = None
+    ):
         import torch
 
         from isa.teacher import load_teacher
 
         torch.set_num_threads(threads)
         fingerprint = manifest["teacher"]
-        self.teacher = load_teacher(fingerprint["model"], fingerprint["pretrained"], cache_dir=cache_dir, device=device)
+        if teacher is None:
+            teacher = load_teacher(fingerprint["model"], fingerprint["pretrained"], cache_dir=cache_dir, device=device)
+        self.teacher = teacher
         if self.teacher.weights_sha256() != fingerprint["weights_sha256"]:
             raise RuntimeError(f"teacher weights on this worker differ from the driver's ({fingerprint['model']})")
         self.dtype = getattr(torch, manifest["tower_dtype"])

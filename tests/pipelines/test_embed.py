@@ -37,7 +37,7 @@ from isa.images import content_id
 from isa.teacher import register_project_configs
 from pipelines import lease
 from pipelines.cli import main as cli_main
-from pipelines.embed import pipeline, prepare_cache, run, start_ledger
+from pipelines.embed import pipeline, prepare_cache, run, start_ledger, tower_in_driver
 from pipelines.lease import LEASE_FILE, Lease, LeaseHeld
 from pipelines.teacher import teacher_fingerprint
 
@@ -237,6 +237,27 @@ def test_local_grid_fp16_fidelity_and_a_rerun_writes_nothing(ray_session, image_
         assert F.cosine_similarity(got, expected, dim=0) >= 0.9999
         got_local = torch.tensor(np.array(row["teacher_local"], dtype=np.float32)).view(4, -1)
         assert F.cosine_similarity(got_local, local[0], dim=-1).min() >= 0.9999
+    # one node, this process's: the tower ran in this process, and wrote shards of cache.rows_per_shard rows
+    assert tower_in_driver(_config().cache)
+    shard_rows = sorted(pq.ParquetFile(path).metadata.num_rows for path in out.glob("part-*.parquet"))
+    assert shard_rows[1:] == [16] * (len(shard_rows) - 1) and 0 < shard_rows[0] <= 16, shard_rows
+    # the tower on an actor pool writes the same rows
+    on_actors = run(
+        str(folder), str(tmp_path / "actors"), _config("cache.max_image_pixels=100000", "cache.tower_in=actors")
+    )
+    assert on_actors.cached == table.num_rows
+    by_uri = {row["uri"]: row for row in _cache(tmp_path / "actors").to_pylist()}
+    for row in table.to_pylist():
+        twin = by_uri[row["uri"]]
+        assert (twin["id"], twin["width"], twin["height"], twin["image"]) == (
+            row["id"],
+            row["width"],
+            row["height"],
+            row["image"],
+        )
+        for column in ("teacher_emb", "teacher_local"):
+            a, b = (torch.tensor(np.array(r[column], dtype=np.float32)).view(-1) for r in (row, twin))
+            assert F.cosine_similarity(a, b, dim=0) >= 0.9999, column
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     # the ledger split over two shards still finds every input the cache accounts for
     again = run(str(folder), str(out), _config("cache.max_image_pixels=100000", "cache.ledger_rows=16"))
