@@ -6,11 +6,14 @@ References are computed here without the eval code: open_clip's own ``encode_ima
 
 from __future__ import annotations
 
+import contextlib
 import html
 import io
 import json
 import re
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +30,10 @@ from isa.config import Config, from_dict, load_config, parse_overrides
 from isa.data.synthetic import generate_world, write_world
 from isa.prompt import PromptComposer
 from isa.teacher import register_project_configs
-from pipelines import embed
+from pipelines import embed, tracking
 from pipelines import eval as eval_stage
 from pipelines.cli import main as isa
+from pipelines.eval import outputs as eval_outputs
 from pipelines.eval.gallery import EvalError
 from pipelines.teacher import TeacherMismatchError
 
@@ -67,13 +71,59 @@ def _with(config: Config, *overrides: str) -> Config:
     return from_dict(parse_overrides(overrides), base=config)
 
 
+OUTAGE_EXPERIMENT = "isa-eval-outage"
+
+
 @pytest.fixture(scope="module")
-def cirr_val(ray_session, world, checkpoint, symmetric_checkpoint, mlflow_server, tmp_path_factory):
+def mlflow_outage() -> dict:
+    """When the session's ``mlflow server`` was down during ``cirr_val`` (ms since the epoch: ``stopped``,
+    ``started``) and what the stage said on stderr meanwhile (``said``)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def cirr_val(
+    ray_session, world, checkpoint, symmetric_checkpoint, mlflow_server_process, mlflow_outage, tmp_path_factory
+):
+    """CIRR val with two checkpoints, recorded into the session's ``mlflow server``, which is stopped once the run is
+    open and started again once the outputs are written: the run's metrics and files are recorded while it is down."""
+    server = mlflow_server_process
     output = tmp_path_factory.mktemp("cirr-val")
     config = _config(world, output, "eval.benchmark=cirr", f"eval.dataset_root={world / 'cirr'}", "eval.split=val")
     config = _with(config, f"eval.checkpoints={checkpoint.parent.parent},{symmetric_checkpoint}")
-    config = _with(config, f"eval.tracking_uri={mlflow_server}")
-    return config, eval_stage.run(config)
+    config = _with(config, f"eval.tracking_uri={server.uri}", f"eval.experiment={OUTAGE_EXPERIMENT}")
+    thread = threading.Thread(target=_outage, args=(server, output / "report.html", mlflow_outage), daemon=True)
+    said = io.StringIO()
+    thread.start()
+    try:  # the kept records are sent again every 0.5-1 s (RETRY_S, 1-10 s by default)
+        with contextlib.redirect_stderr(said), pytest.MonkeyPatch.context() as patch:
+            patch.setattr(tracking, "RETRY_S", (0.5, 1.0))
+            document = eval_stage.run(config)
+    finally:
+        thread.join(timeout=300)
+        if server.process is None:  # the session's server stays up for the other tests
+            server.start()
+    mlflow_outage["said"] = said.getvalue()
+    return config, document
+
+
+def _outage(server, written: Path, outage: dict) -> None:
+    """Stop ``server`` once the eval run is open, start it again once ``written`` (the last output) exists."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=server.uri)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and "stopped" not in outage:
+        found = client.get_experiment_by_name(OUTAGE_EXPERIMENT)
+        if found and client.search_runs([found.experiment_id]):
+            server.stop()
+            outage["stopped"] = time.time() * 1000
+        time.sleep(0.1)
+    while time.monotonic() < deadline and not written.exists():
+        time.sleep(0.1)
+    time.sleep(0.5)  # the stage records its metrics and files, and goes on waiting for MLflow
+    server.start()
+    outage["started"] = time.time() * 1000
 
 
 # ---- independent references ------------------------------------------------------------------------------
@@ -385,16 +435,31 @@ def test_image_only_retrieval_on_a_cache_without_a_teacher_setting(ray_session, 
     assert 0 <= row["R@1"] <= row["R@5"] <= row["R@10"] <= 100
 
 
-def test_mlflow_records_the_metrics_and_files(cirr_val, mlflow_server):
+def test_mlflow_records_the_metrics_and_files_made_while_the_server_was_down(cirr_val, mlflow_server, mlflow_outage):
+    """The server stopped while the evaluation ran and started again before its end: the stage finished with its
+    outputs, said so once each way, and every record arrived once (none kept in ``mlflow-unsent``)."""
     import mlflow
 
-    _, document = cirr_val
+    config, document = cirr_val
+    said = mlflow_outage["said"]
+    assert said.count("does not answer") == 1 and said.count("answers again") == 1, said
+    assert "isa eval goes on, its records are kept and sent when MLflow answers" in said
+    assert tracking.UNSENT_FOLDER not in said and not (Path(config.eval.output) / tracking.UNSENT_FOLDER).exists()
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     run = client.get_run(document["mlflow_run_id"])
+    runs = client.search_runs([client.get_experiment_by_name(OUTAGE_EXPERIMENT).experiment_id])
+    mine = [r.info.run_id for r in runs if r.data.params.get("eval.output") == config.eval.output]
+    assert mine == [run.info.run_id]  # one run, though its records were sent again
     assert run.info.status == "FINISHED" and document["mlflow_tracking_uri"] == mlflow_server
     for row, slug in [("text only (teacher)", "text-only-teacher"), ("symmetric", "symmetric")]:
         for name, key in [("R@1", "R_at_1"), ("(R@5+Rs@1)/2", "R_at_5_plus_Rs_at_1/2")]:
             assert run.data.metrics[f"eval/cirr/{slug}/{key}"] == pytest.approx(document["rows"][row][name])
+    rows = document["rows"]
+    expected = {eval_outputs.metric_key(f"eval/cirr/{eval_outputs.slug(r)}/{m}") for r in rows for m in rows[r]}
+    assert set(run.data.metrics) == expected
+    for key in expected:  # each metric once, recorded while the server was down
+        (metric,) = client.get_metric_history(run.info.run_id, key)
+        assert mlflow_outage["stopped"] < metric.timestamp < mlflow_outage["started"]
     assert run.data.params["eval.benchmark"] == "cirr"
     files = {f.path.split("/")[-1] for f in client.list_artifacts(run.info.run_id, "eval-cirr-val")}
     assert files == {"metrics.json", "table.md", "report.html"}
