@@ -217,14 +217,15 @@ def _only_row(document: dict) -> dict[str, float]:
 def row_costs(plan: Plan, trials: list[TrialRecord | None]) -> tuple[list[dict[str, float]], dict[str, float]]:
     """Query-side cost of each row's student at CPU batch 1 (empty for a row without a checkpoint), and the
     teacher image tower's, measured once for all rows."""
+    from pipelines.eval import local_copy
     from pipelines.eval.cost import query_costs
 
     done = [t for t in trials if t is not None and t.status == "completed"]
     teacher = build_teacher(plan.config.teacher)
     runs = max(1, plan.config.eval.latency_runs)
-    measured = query_costs(
-        teacher, [str(find_checkpoint(t.run_dir)) for t in done], runs, plan.config.eval.latency_threads
-    )
+    # a run folder on object storage: its latest checkpoint copied here (below the row's folder when that is local)
+    local = [find_checkpoint(local_copy(t.run_dir, posixpath.join(plan.folder, t.trial_id))) for t in done]
+    measured = query_costs(teacher, [str(path) for path in local], runs, plan.config.eval.latency_threads)
     by_trial = {t.trial_id: c for t, c in zip(done, measured[1:])}
     costs = [by_trial.get(t.trial_id) if t is not None else None for t in trials]
     return [_cost_columns(c) if c else {} for c in costs], _cost_columns(measured[0])

@@ -50,30 +50,36 @@ class ReleasePlacementGroups(Callback):
     def __init__(self, folder: str):
         self.folder = folder
         self._checked = 0.0
+        self._done: set[str] = set()  # ended trials found with no group left: not listed again until the end
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         if time.monotonic() - self._checked < CHECK_EVERY_S:
             return
         self._checked = time.monotonic()
-        release(self.folder, [t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")])
+        ended = [t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR") and t.trial_id not in self._done]
+        self._done.update(set(ended) - release(self.folder, ended))
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         release(self.folder, [t.trial_id for t in trials])
 
 
-def release(folder: str, trial_ids: list[str]) -> int:
-    """Remove the recorded placement groups of these trials whose controller is dead; returns how many."""
+def release(folder: str, trial_ids: list[str]) -> set[str]:
+    """Remove the recorded placement groups of these trials whose controller is dead; returns the trials that still
+    hold a recorded group (its controller alive)."""
     from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
-    removed = 0
+    held: set[str] = set()
     fs, root = filesystem(folder)
     for trial_id in trial_ids:
-        for record in fs.glob(posixpath.join(root, trial_id, RECORDS, "*")):
+        records = posixpath.join(root, trial_id, RECORDS)
+        fs.invalidate_cache(records)  # an object store's listing remembered from an earlier call misses new records
+        for record in fs.glob(posixpath.join(records, "*")):
             group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(posixpath.basename(record))))
             if placement_group_table(group).get("state") in (None, "REMOVED"):
                 fs.rm(record)
             elif actor_dead(fs.cat_file(record).decode()):
                 remove_placement_group(group)
                 fs.rm(record)
-                removed += 1
-    return removed
+            else:
+                held.add(trial_id)
+    return held

@@ -407,7 +407,9 @@ def _outcome(plan: Plan, results: Any) -> Outcome:
         trial = _record(plan, result, runs)
         trials.append(trial)
         if trial.run_id:
-            checkpoint = (result.metrics or {}).get("checkpoint_path")
+            checkpoint = (result.metrics or {}).get("checkpoint_path")  # a path within Ray's storage filesystem
+            if checkpoint:  # the same folder as a URI: its name in the trial's train run
+                checkpoint = posixpath.join(trial.run_dir, posixpath.basename(str(checkpoint).rstrip("/")))
             tracking.close_child(plan.tracking_uri, runs[trial.trial_id], trial.status, trial.metrics, checkpoint)
     trials.sort(key=lambda t: t.trial_id)
     best = best_trial(plan.config, trials) if plan.kind == "sweep" else None

@@ -3,14 +3,15 @@
 One 3-trial sweep serves the first two tests (a sweep on 2 CPU cores costs minutes): it starts as ``isa tune`` in a
 subprocess, is SIGKILLed once Tune has recorded its first trial as finished, and is finished by
 ``isa tune --resume``. ASHA must stop the trial whose loss is built to be far worse (LAR weight 5 adds ~5 x 4.5 to
-the loss the sweep minimizes).
+the loss the sweep minimizes). Its storage is ``s3://`` (as the shipped configs set it): the tests' S3 endpoint,
+through the proxy that injects faults, holds Tune's own state, every trial's run and the sweep's files.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
+import posixpath
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 from _tune_helpers import tiny_config, write_yaml
 
+from isa.storage import filesystem
 from pipelines.cli import main as isa
 from tune.space import param_space as to_param_space
 from tune.space import parse_space
@@ -27,66 +29,88 @@ from tune.space import parse_space
 GRID = [0.3, 0.1, 5.0]  # loss.lar_weight of trials 0, 1, 2 (Tune's grid order); the last is built to lose
 STEPS = 3  # one report per step: ASHA rungs at reports 1 and 2, max_t 3
 MODEL = {"model/config.json", "model/state.json", "model/student.safetensors"}  # a trial's model artifact
+BUCKET = "isa-sweeps"
 
 
-def _experiment_state(folder: Path) -> dict[str, str]:
+def _s3(folder: str):
+    """The sweep's S3 filesystem and the folder's path in it, with no listing remembered from earlier calls."""
+    fs, path = filesystem(folder)
+    fs.invalidate_cache()
+    return fs, path
+
+
+def _experiment_state(folder: str) -> dict[str, str]:
     """Trial id -> status in Tune's newest experiment state file (what ``Tuner.restore`` reads)."""
-    files = sorted(glob.glob(str(folder / "experiment_state-*.json")))  # named by session start; Tune rewrites all
+    fs, path = _s3(folder)
+    files = sorted(fs.glob(posixpath.join(path, "experiment_state-*.json")))  # named by session start
     if not files:
         return {}
     try:
-        data = json.loads(Path(files[-1]).read_text())
-    except json.JSONDecodeError:  # caught mid-write
+        data = json.loads(fs.cat_file(files[-1]))
+    except (json.JSONDecodeError, FileNotFoundError):  # replaced meanwhile
         return {}
     trials = [json.loads(t[0]) if isinstance(t[0], str) else t[0] for t in data["trial_data"]]
     return {t["trial_id"]: t["status"] for t in trials}
 
 
-def _results(trial_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+def _results(trial_dir: str) -> list[dict]:
+    fs, path = _s3(trial_dir)
+    lines = fs.cat_file(posixpath.join(path, "result.json")).decode().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
 
 
-def _files(trial: Path) -> dict[str, tuple]:
-    """A finished trial's record: its train run's files (content and mtime), Tune's records of it (content).
+def _files(trial: str) -> dict[str, tuple]:
+    """A finished trial's record: its train run's files (content and time of upload), Tune's records of it
+    (content).
 
-    Tune rewrites its own record files of restored trials at the end of a resumed run (same content, new mtime).
+    Tune rewrites its own record files of restored trials at the end of a resumed run (same content, new time).
     """
-    files = [p for p in (trial / "train").rglob("*") if p.is_file()]
-    train = {str(p.relative_to(trial)): (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
-    records = {name: ((trial / name).read_bytes(),) for name in ("result.json", "progress.csv", "params.json")}
+    fs, path = _s3(trial)
+    found = fs.find(posixpath.join(path, "train"), detail=True)
+    train = {name[len(path) + 1 :]: (fs.cat_file(name), info["LastModified"]) for name, info in found.items()}
+    records = {
+        name: (fs.cat_file(posixpath.join(path, name)),) for name in ("result.json", "progress.csv", "params.json")
+    }
     return {**train, **records}
 
 
 @pytest.fixture(scope="module")
-def interrupted_sweep(ray_session, tune_cache, mlflow_server, tmp_path_factory):
-    """Start the sweep in a subprocess, kill it after trial 0 is recorded finished, resume it here."""
+def interrupted_sweep(ray_session, flaky_s3, tune_cache, mlflow_server, tmp_path_factory):
+    """Start the sweep in a subprocess, kill it after trial 0 is recorded finished, resume it here; its storage
+    through the proxy that answers 2% of the requests with a fault."""
     root = tmp_path_factory.mktemp("sweep")
+    fs, _ = filesystem(f"s3://{BUCKET}")
+    fs.mkdir(BUCKET)
     config = tiny_config(
         tune_cache,
-        root / "sweeps",
+        f"s3://{BUCKET}/sweeps",
         mlflow_server,
         train={"max_steps": STEPS, "checkpoint_every": 1, "num_to_keep": 5},
         tune={"name": "asha", "metric": "loss", "mode": "min", "max_t": STEPS, "reduction_factor": 2},
     )
     config["tune"].update({"scheduler": "asha", "grace_period": 1, "max_concurrent_trials": 1})
     sweep = write_yaml(root / "sweep.yaml", {**config, "space": {"loss.lar_weight": {"grid": GRID}}})
-    folder = root / "sweeps" / "asha"
+    folder = f"s3://{BUCKET}/sweeps/asha"
     env = {**os.environ, "RAY_ADDRESS": ray_session}
     args = [sys.executable, "-m", "pipelines.cli", "tune", "--config", str(sweep)]
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    process = subprocess.Popen(args, env=env, start_new_session=True, **quiet)
-    deadline = time.monotonic() + 400
-    first = None
-    while time.monotonic() < deadline and first is None:
-        assert process.poll() is None, "the sweep ended before it could be interrupted"
-        first = next((t for t, s in sorted(_experiment_state(folder).items()) if s == "TERMINATED"), None)
-        time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
-    assert first is not None, "no trial finished before the deadline"
-    state_at_kill = _experiment_state(folder)
-    snapshot = _files(folder / first)
-    assert isa(["tune", "--resume", str(folder)]) == 0
+    log = tmp_path_factory.mktemp("sweep-log") / "tune.log"
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": log.open("w")}
+    with flaky_s3.faults(0.02, seed=5) as proxy:
+        process = subprocess.Popen(args, env=env, start_new_session=True, **quiet)
+        deadline = time.monotonic() + 400
+        first = None
+        while time.monotonic() < deadline and first is None:
+            assert process.poll() is None, f"the sweep ended before it could be interrupted: {log.read_text()[-3000:]}"
+            first = next((t for t, s in sorted(_experiment_state(folder).items()) if s == "TERMINATED"), None)
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+        assert first is not None, "no trial finished before the deadline"
+        state_at_kill = _experiment_state(folder)
+        snapshot = _files(f"{folder}/{first}")
+        assert isa(["tune", "--resume", folder]) == 0
+    assert proxy.injected, "no fault met"
+    assert [p.name for p in root.iterdir()] == ["sweep.yaml"]  # nothing of the sweep on the local disk
     return {"folder": folder, "first": first, "state_at_kill": state_at_kill, "snapshot": snapshot}
 
 
@@ -103,7 +127,10 @@ def test_sweep_finishes_asha_stops_the_bad_trial_and_mlflow_nests_trials(interru
     folder = interrupted_sweep["folder"]
     state = _experiment_state(folder)
     assert len(state) == 3 and set(state.values()) == {"TERMINATED"}, state
-    stored = json.loads((folder / "isa_sweep.json").read_text())
+    fs, path = _s3(folder)
+    stored = json.loads(fs.cat_file(posixpath.join(path, "isa_sweep.json")))
+    # Ray Tune's own state is in the bucket (Tuner.restore read it there to resume the sweep)
+    assert fs.exists(posixpath.join(path, "tuner.pkl")) and fs.glob(posixpath.join(path, "experiment_state-*.json"))
     client, runs = _runs(mlflow_server)
     (parent,) = [r for r in runs if r.info.run_id == stored["parent_run_id"]]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
@@ -112,15 +139,15 @@ def test_sweep_finishes_asha_stops_the_bad_trial_and_mlflow_nests_trials(interru
     by_weight = {float(r.data.params["loss.lar_weight"]): r for r in children}
     assert sorted(by_weight) == sorted(GRID)
     for trial_id in state:  # each trial's train run lives in its own folder
-        assert glob.glob(str(folder / trial_id / "train" / "checkpoint_*" / "isa" / "student.safetensors"))
+        assert fs.glob(posixpath.join(path, trial_id, "train", "checkpoint_*", "isa", "student.safetensors"))
     # ASHA: the trial built to lose stopped at the first rung; the others trained to their last step
     bad = by_weight[5.0]
-    assert _results(folder / bad.info.run_name)[-1]["step"] < STEPS
+    assert _results(f"{folder}/{bad.info.run_name}")[-1]["step"] < STEPS
     assert bad.info.status == "KILLED" and bad.data.tags["isa.tune.status"] == "stopped early"
     assert {a.path for a in client.list_artifacts(bad.info.run_id, "model")} == MODEL  # its last checkpoint's model
     for weight in (0.3, 0.1):
         good = by_weight[weight]
-        assert _results(folder / good.info.run_name)[-1]["step"] == STEPS
+        assert _results(f"{folder}/{good.info.run_name}")[-1]["step"] == STEPS
         assert good.info.status == "FINISHED" and good.data.tags["isa.tune.status"] == "completed"
         assert good.data.metrics["final/step"] == STEPS and "val_image_R1" in good.data.metrics
         assert {a.path for a in client.list_artifacts(good.info.run_id, "model")} == MODEL  # no optimizer state
@@ -142,16 +169,17 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(interrupted
         interrupted_sweep["state_at_kill"]
     ) < len(GRID), "the kill landed after the whole sweep"
     # the finished trial was not touched: its train run's checkpoints and files, Tune's records of its reports
-    assert _files(folder / first) == interrupted_sweep["snapshot"]
-    assert [r["step"] for r in _results(folder / first)] == list(range(1, STEPS + 1))
+    assert _files(f"{folder}/{first}") == interrupted_sweep["snapshot"]
+    assert [r["step"] for r in _results(f"{folder}/{first}")] == list(range(1, STEPS + 1))
     client, runs = _runs(mlflow_server)
-    stored = json.loads((folder / "isa_sweep.json").read_text())
+    fs, path = _s3(folder)
+    stored = json.loads(fs.cat_file(posixpath.join(path, "isa_sweep.json")))
     mine = [r for r in runs if r.data.tags.get("isa.trial_id") == first]
     assert len(mine) == 1, "the finished trial was trained again"
     assert mine[0].data.tags["mlflow.parentRunId"] == stored["parent_run_id"]
     history = client.get_metric_history(mine[0].info.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, STEPS + 1))  # logged once per step, not twice
-    parents = [r for r in runs if r.data.tags.get("isa.sweep") == str(folder)]
+    parents = [r for r in runs if r.data.tags.get("isa.sweep") == folder]
     assert [r.info.run_id for r in parents] == [stored["parent_run_id"]]  # the resumed sweep kept its parent run
 
 
