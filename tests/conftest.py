@@ -101,6 +101,32 @@ def train_cache(ray_session, world_images, tmp_path_factory) -> str:
     return str(out)
 
 
+# The test files that take longest, longest first: pytest-xdist (pyproject.toml: -n 2 --dist loadfile
+# --no-loadscope-reorder) hands the files to its workers in collection order, a whole file to one worker, so the
+# long ones start first and short ones fill the end of both workers' runs.
+LONGEST_FIRST = (
+    "pipelines/test_train.py",
+    "infra/test_lost_node.py",
+    "pipelines/test_embed.py",
+    "pipelines/test_quickstart.py",
+    "tune/test_sweep.py",
+    "tune/test_ablate.py",
+    "pipelines/test_eval.py",
+    "pipelines/test_serve.py",
+    "pipelines/test_export.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    tests = Path(__file__).parent
+
+    def rank(item: pytest.Item) -> int:
+        path = item.path.relative_to(tests).as_posix() if item.path.is_relative_to(tests) else ""
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file, and of every other file, stays
+
+
 # Ray Train's controller polls its workers every 2 s: a run's end and each report after the first wait for a poll.
 # The tests' runs last seconds: they poll every 0.5 s (read by Ray Train when a run starts, in every Ray process).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
