@@ -153,7 +153,7 @@ def pipeline(
     import ray
 
     import pipelines.teacher
-    from pipelines.embed import run
+    from pipelines.embed import run, tower_in_driver
 
     started = time.perf_counter()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
@@ -163,6 +163,7 @@ def pipeline(
         f"teacher.name={args.teacher}",
         f"teacher.pretrained={args.pretrained}",
         f"cache.batch_size={args.batch_size}",
+        f"cache.tower_in={args.tower_in}",
         f"cache.num_actors={args.actors}",
         f"cache.actor_cpus={args.actor_cpus}",
         f"cache.decode_cpus={args.decode_cpus}",
@@ -175,6 +176,7 @@ def pipeline(
         f"cache.rows_per_shard={args.batch_size * 4}",
     ]
     config = load_config(None, overrides)
+    print(f"isa embed's tower runs {'in the driver' if tower_in_driver(config.cache) else 'on actors'}", flush=True)
     pipelines.teacher._FINGERPRINTS.clear()  # a cold run: an earlier repeat's fingerprint is not reused
     output.mkdir(parents=True)
     started = time.perf_counter()
@@ -214,6 +216,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--tower-in", choices=["auto", "driver", "actors"], default="auto", help="cache.tower_in")
     parser.add_argument("--actors", type=int, default=1)
     parser.add_argument("--actor-cpus", type=float, default=1.0)
     parser.add_argument("--decode-cpus", type=float, default=1.0)
@@ -258,7 +261,8 @@ def main() -> None:
             rounds.append(figures)
     print(
         f"\n{args.teacher} · {args.images} JPEGs 640x480 · batch {args.batch_size} · {args.device} · "
-        f"{os.cpu_count()} cores · isa embed fast_decode={args.fast_decode} · tower {args.tower_dtype} · "
+        f"{os.cpu_count()} cores · isa embed fast_decode={args.fast_decode} · tower {args.tower_dtype} in "
+        f"{args.tower_in} · "
         f"images column={args.images_column} · actor cpus {args.actor_cpus} · decode cpus {args.decode_cpus} · "
         + ("no plain loop" if args.no_plain else f"plain loops on {args.plain_images or args.images} images")
     )

@@ -48,6 +48,13 @@ DEPENDENCY_WARNINGS: tuple[tuple[str, str, str, str], ...] = (
         "The maximum number of concurrent tasks for 'MapBatches(write_shard)'",
         "isa embed's shard writers are capped at two; Ray warns whenever a run has fewer shards than that",
     ),
+    (
+        "builtins",
+        "UserWarning",
+        "The maximum number of concurrent tasks for 'MapBatches(_",
+        "the tasks listing and reading isa embed's inputs are capped at two (pipelines.embed.sources.SOURCE_TASKS); "
+        "Ray warns whenever an input gives fewer blocks than that",
+    ),
 )
 # Ray Data's console notices about its own progress display, which name DataContext fields a user of isa does
 # not set (ISA_PROGRESS is the switch)

@@ -219,8 +219,11 @@ def check(input_uri: str, output: str, config: Config, teacher: Teacher | None =
     return wanted
 
 
-def prepare_cache(output: str, wanted: Manifest) -> tuple[Manifest, dict[str, int]]:
-    """Create or check the cache folder; return its manifest and the row counts already on disk."""
+def prepare_cache(
+    output: str, wanted: Manifest, counts: dict[str, int] | None = None
+) -> tuple[Manifest, dict[str, int]]:
+    """Create or check the cache folder; return its manifest and the row counts already on disk (``counts``: those
+    of :func:`disk_counts`, when known)."""
     fs, root = filesystem(output)
     existing = read_manifest(fs, root)
     if existing is None:
@@ -228,7 +231,7 @@ def prepare_cache(output: str, wanted: Manifest) -> tuple[Manifest, dict[str, in
         existing = wanted
     check_same_settings(existing, wanted, output)
     remove_staging(fs, root)
-    return existing, disk_counts(output)
+    return existing, disk_counts(output) if counts is None else counts
 
 
 def disk_counts(output: str) -> dict[str, int]:
@@ -408,13 +411,19 @@ def run(input_uri: str, output: str, config: Config, lease: Lease | None = None)
     if lease is None:
         with Lease.acquire(output, COMMAND) as held:
             return run(input_uri, output, config, held)
-    device, teacher = tower_device(config.cache), None
-    if tower_in_driver(config.cache):
-        from isa.build import build_teacher  # torch and open_clip: in this process only for a tower here
+    fs, root = filesystem(output)
+    before = disk_counts(output) if fs.isdir(root) else {"cached": 0, "rejected": 0, "duplicates": 0}
+    ledger = start_ledger(output, config.cache.ledger_rows, before)  # its actors start while the teacher loads
+    try:
+        device, teacher = tower_device(config.cache), None
+        if tower_in_driver(config.cache):
+            from isa.build import build_teacher  # torch and open_clip: in this process only for a tower here
 
-        teacher = build_teacher(config.teacher, device)
-    manifest, before = prepare_cache(output, check(input_uri, output, config, teacher))
-    ledger = start_ledger(output, config.cache.ledger_rows, before)
+            teacher = build_teacher(config.teacher, device)
+        manifest, _ = prepare_cache(output, check(input_uri, output, config, teacher), before)
+    except BaseException:
+        ledger.kill()
+        raise
     started = time.perf_counter()
     if teacher is not None:
         import torch
@@ -434,7 +443,6 @@ def run(input_uri: str, output: str, config: Config, lease: Lease | None = None)
     seconds = time.perf_counter() - started
     # every writer of this run has renamed its file by now; a temporary left is a killed earlier run's, whose
     # last tasks can still be writing just after it dies (after this run's start removed the older ones)
-    fs, root = filesystem(output)
     remove_staging(fs, root)
     after = disk_counts(output)
     seen = ledger.counts()

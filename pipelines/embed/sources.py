@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import ray
@@ -193,7 +194,7 @@ def read_sources(uri: str, cache: CacheConfig, exclude: str | None = None) -> ra
     raise InputError(f"unknown input format {kind!r}")
 
 
-def _list_folder(batch: dict[str, np.ndarray], uri: str, exclude: str | None) -> Iterator[dict[str, np.ndarray]]:
+def _list_folder(batch: dict[str, np.ndarray], uri: str, exclude: str | None) -> Iterator[pa.Table]:
     fs, root = filesystem(uri)
     uris: list[str] = []
     for path in walk_files(fs, root, exclude):
@@ -229,7 +230,7 @@ def _read_list(uri: str, path: str, cache: CacheConfig) -> ray.data.Dataset:
     )
 
 
-def _read_lines(batch: dict[str, np.ndarray], uri: str) -> Iterator[dict[str, np.ndarray]]:
+def _read_lines(batch: dict[str, np.ndarray], uri: str) -> Iterator[pa.Table]:
     """The URIs of one byte range of a ``.txt`` list file: the lines that start in it (a line crossing its end is
     read whole; one crossing its start belongs to the range before)."""
     start, end = int(batch["start"][0]), int(batch["end"][0])
@@ -250,7 +251,7 @@ def _read_lines(batch: dict[str, np.ndarray], uri: str) -> Iterator[dict[str, np
         yield _rows([u for u in uris if u])
 
 
-def _read_csv_list(batch: dict[str, np.ndarray], column: str) -> Iterator[dict[str, np.ndarray]]:
+def _read_csv_list(batch: dict[str, np.ndarray], column: str) -> Iterator[pa.Table]:
     """The URIs of a ``.csv`` list file, read batch by batch: column ``column``, else the first."""
     fs, path = filesystem(str(batch["uri"][0]))
     with fs.open(path, "rb") as handle:
@@ -262,12 +263,12 @@ def _read_csv_list(batch: dict[str, np.ndarray], column: str) -> Iterator[dict[s
             yield _rows([u for u in uris if u])
 
 
-def _as_sources(batch: dict[str, np.ndarray], column: str) -> dict[str, np.ndarray]:
+def _as_sources(batch: dict[str, np.ndarray], column: str) -> pa.Table:
     uris = [str(u).strip() for u in batch[column]]
     return _rows([u for u in uris if u])
 
 
-def _expand_tars(batch: dict[str, np.ndarray], rows: int) -> Iterator[dict[str, np.ndarray]]:
+def _expand_tars(batch: dict[str, np.ndarray], rows: int) -> Iterator[pa.Table]:
     """Image members of webdataset shards as ``SHARD#MEMBER`` rows; an unreadable shard is one bad row."""
     for shard in batch["uri"]:
         uris: list[str] = []
@@ -292,13 +293,13 @@ def _expand_tars(batch: dict[str, np.ndarray], rows: int) -> Iterator[dict[str, 
             yield _rows(uris, datas, errors)
 
 
-def _rows(uris: list[str], datas: list[bytes | None] | None = None, errors: list[str | None] | None = None) -> dict:
+SOURCE_SCHEMA = pa.schema([("uri", pa.string()), ("data", pa.binary()), ("error", pa.string())])
+
+
+def _rows(uris: list[str], datas: list[bytes | None] | None = None, errors: list[str | None] | None = None) -> pa.Table:
+    """One block of inputs, typed: a block whose inputs all have no bytes yet still merges with one that has some."""
     empty = [None] * len(uris)
-    return {
-        "uri": np.array(uris, dtype=object),
-        "data": np.array(datas or empty, dtype=object),
-        "error": np.array(errors or empty, dtype=object),
-    }
+    return pa.table([uris, datas or empty, errors or empty], schema=SOURCE_SCHEMA)
 
 
 def _read_parquet(uri: str, cache: CacheConfig) -> ray.data.Dataset:
@@ -317,7 +318,7 @@ def _read_parquet(uri: str, cache: CacheConfig) -> ray.data.Dataset:
     )
 
 
-def _parquet_rows(batch: dict[str, np.ndarray], bytes_column: str, uri_column: str) -> dict[str, np.ndarray]:
+def _parquet_rows(batch: dict[str, np.ndarray], bytes_column: str, uri_column: str) -> pa.Table:
     datas = list(batch[bytes_column])
     if uri_column in batch:
         uris = [str(u) for u in batch[uri_column]]

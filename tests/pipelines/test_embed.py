@@ -241,9 +241,14 @@ def test_local_grid_fp16_fidelity_and_a_rerun_writes_nothing(ray_session, image_
     assert tower_in_driver(_config().cache)
     shard_rows = sorted(pq.ParquetFile(path).metadata.num_rows for path in out.glob("part-*.parquet"))
     assert shard_rows[1:] == [16] * (len(shard_rows) - 1) and 0 < shard_rows[0] <= 16, shard_rows
-    # the tower on an actor pool writes the same rows
+    # the tower on an actor pool writes the same rows; with the actor and decoding holding both CPUs, the listing
+    # still runs (it reserves none)
     on_actors = run(
-        str(folder), str(tmp_path / "actors"), _config("cache.max_image_pixels=100000", "cache.tower_in=actors")
+        str(folder),
+        str(tmp_path / "actors"),
+        _config(
+            "cache.max_image_pixels=100000", "cache.tower_in=actors", "cache.actor_cpus=1.5", "cache.decode_cpus=0.5"
+        ),
     )
     assert on_actors.cached == table.num_rows
     by_uri = {row["uri"]: row for row in _cache(tmp_path / "actors").to_pylist()}
@@ -650,7 +655,7 @@ def test_a_list_file_read_in_byte_ranges_gives_each_line_once(tmp_path):
         got = []
         for start in range(0, size, step):
             for block in _read_lines({"start": [start], "end": [min(start + step, size)]}, str(path)):
-                got += block["uri"].tolist()
+                got += block["uri"].to_pylist()
         assert got == expected, step
 
 
