@@ -70,22 +70,67 @@ def _steps(run_dir: Path) -> list[int]:
     return sorted(json.loads((c / "state.json").read_text())["step"] for c in _checkpoints(run_dir))
 
 
-def test_short_run_learns_and_its_checkpoints_load(train_cache, tmp_path):
+def _train_worker_pids() -> list[int]:
+    """Processes of the Ray Train workers of this test process's Ray instance (their process title is
+    ``ray::RayTrainWorker...``), none of another Ray instance on this machine (another test process's)."""
+    return processes_titled("RayTrainWorker", below=os.getpid())
+
+
+def test_short_run_learns_recovers_a_killed_worker_from_its_last_checkpoint_and_its_checkpoints_load(
+    train_cache, tmp_path
+):
+    """A 100-step run whose worker is killed between its first and second checkpoints: the run goes on from the
+    first (a restart from step 0 would record step 10 twice), each checkpoint once, each MLflow record once; the
+    loss goes down, held-out retrieval is above chance, and the last checkpoint rebuilds the student."""
     import mlflow
 
-    config = _config(train_cache, tmp_path / "run", "train.max_steps=100", "train.checkpoint_every=50")
+    run_dir = tmp_path / "run"
+    killed: dict = {}
+
+    def kill_a_worker_after_first_checkpoint():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not _checkpoints(run_dir):
+            time.sleep(0.05)
+        for pid in _train_worker_pids():
+            # what the run folder held when the worker was killed: the kill's place between the checkpoints
+            killed["folders"] = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
+            killed["ms"] = time.time() * 1000
+            os.kill(pid, signal.SIGKILL)
+            killed["pid"] = pid
+            return
+
+    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, daemon=True)
+    killer.start()
+    config = _config(
+        train_cache,
+        run_dir,
+        "train.max_steps=100",
+        "train.checkpoint_every=10",
+        "train.log_every=10",
+        "train.max_failures=2",
+        "train.num_to_keep=10",
+    )
     handler = signal.getsignal(signal.SIGINT)
     result = run(config)
+    killer.join(timeout=5)
     assert signal.getsignal(signal.SIGINT) is handler  # Ray Train's handler (holding the controller) is gone
-    assert result.metrics["step"] == 100 and _steps(tmp_path / "run") == [50, 100]
-    # the loss goes down (history from the run's own MLflow records, SQLite in the output folder)
+    assert "pid" in killed, "no training worker was killed"
+    assert len(killed["folders"]) == 1  # killed after the first checkpoint, before the second began
+    assert result.metrics["step"] == 100 and _steps(run_dir) == list(range(10, 101, 10))  # each checkpoint once
+    # one MLflow run (SQLite in the output folder), continued by the restarted worker: each record once
     client = mlflow.MlflowClient(tracking_uri=config.train.tracking_uri)
     (found,) = client.search_runs([client.get_experiment_by_name("isa").experiment_id])
+    history = sorted(client.get_metric_history(found.info.run_id, "loss"), key=lambda m: m.step)
+    assert [m.step for m in history] == list(range(10, 101, 10))  # each record once (log_every = 10)
+    # the record of step 10 was made before the kill, the one of step 20 after it, by the restarted worker
+    assert history[0].timestamp < killed["ms"] < history[1].timestamp
+    assert found.info.status == "FINISHED"
+    # the loss goes down (history from the run's own MLflow records)
     gcd = [m.value for m in sorted(client.get_metric_history(found.info.run_id, "gcd"), key=lambda m: m.step)]
     # each record is the mean over its 10 steps: the last 30 steps' loss is well below the first 10 steps'
     assert len(gcd) == 10 and sum(gcd[-3:]) / 3 < 0.8 * gcd[0], gcd
-    first = json.loads((_checkpoints(tmp_path / "run")[0] / "state.json").read_text())
-    assert first["step"] == 50
+    first = json.loads((_checkpoints(run_dir)[0] / "state.json").read_text())
+    assert first["step"] == 10
     # image-only retrieval on held-out images, well above chance (chance R@k = k / #val)
     ids = pq.read_table(train_cache, columns=["id"])["id"].to_pylist()
     val_count = sum(is_validation(i, 0.2) for i in ids)
@@ -94,7 +139,7 @@ def test_short_run_learns_and_its_checkpoints_load(train_cache, tmp_path):
     assert round(result.metrics["val_image_R5"] * val_count / 100) >= 3 * 5, result.metrics  # three times chance
     assert round(result.metrics["val_image_R1"] * val_count / 100) >= 2, result.metrics  # twice chance
     # the final checkpoint rebuilds the student and reproduces its outputs
-    saved = load_checkpoint(_checkpoints(tmp_path / "run")[-1])
+    saved = load_checkpoint(_checkpoints(run_dir)[-1])
     rebuilt_config = from_dict(saved.config["config"])
     teacher = build_teacher(rebuilt_config.teacher)
     assert saved.config["teacher"]["weights_sha256"] == teacher.weights_sha256()
@@ -166,56 +211,6 @@ def test_a_rerun_is_refused_and_a_resume_goes_on_to_more_steps_in_the_same_mlflo
     (resumed,) = client.search_runs([client.get_experiment_by_name("isa").experiment_id])  # the same MLflow run
     assert resumed.info.run_id == finished.info.run_id and resumed.info.status == "FINISHED"
     assert {4, 8, 12} <= {m.step for m in client.get_metric_history(resumed.info.run_id, "loss")}
-
-
-def _train_worker_pids() -> list[int]:
-    """Processes of the Ray Train workers of this test process's Ray instance (their process title is
-    ``ray::RayTrainWorker...``), none of another Ray instance on this machine (another test process's)."""
-    return processes_titled("RayTrainWorker", below=os.getpid())
-
-
-def test_worker_killed_mid_run_recovers_from_last_checkpoint(train_cache, tmp_path):
-    """A worker killed between its first and second checkpoints: the run goes on from the first (a restart from
-    step 0 would record step 10 twice), each checkpoint once, each MLflow record once."""
-    import mlflow
-
-    run_dir = tmp_path / "run"
-    killed: dict = {}
-
-    def kill_a_worker_after_first_checkpoint():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not _checkpoints(run_dir):
-            time.sleep(0.05)
-        for pid in _train_worker_pids():
-            # what the run folder held when the worker was killed: the kill's place between the checkpoints
-            killed["folders"] = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
-            killed["ms"] = time.time() * 1000
-            os.kill(pid, signal.SIGKILL)
-            killed["pid"] = pid
-            return
-
-    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, daemon=True)
-    killer.start()
-    config = _config(
-        train_cache,
-        run_dir,
-        "train.max_steps=30",
-        "train.checkpoint_every=10",
-        "train.max_failures=2",
-        "train.num_to_keep=10",
-    )
-    result = run(config)
-    killer.join(timeout=5)
-    assert "pid" in killed, "no training worker was killed"
-    assert result.metrics["step"] == 30 and _steps(run_dir) == [10, 20, 30]  # each checkpoint once
-    assert len(killed["folders"]) == 1  # killed after the first checkpoint, before the second began
-    client = mlflow.MlflowClient(tracking_uri=config.train.tracking_uri)
-    (found,) = client.search_runs([client.get_experiment_by_name("isa").experiment_id])  # one run, continued
-    history = sorted(client.get_metric_history(found.info.run_id, "loss"), key=lambda m: m.step)
-    assert [m.step for m in history] == [10, 20, 30]  # each record once (log_every = checkpoint_every = 10)
-    # the record of step 10 was made before the kill, the one of step 20 after it, by the restarted worker
-    assert history[0].timestamp < killed["ms"] < history[1].timestamp
-    assert found.info.status == "FINISHED"
 
 
 def test_mlflow_server_down_mid_run_gets_every_record_once_and_the_run_goes_on(
