@@ -19,6 +19,7 @@ stage's end is kept in ``OUTPUT/mlflow-unsent`` for :func:`replay` (``python -m 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -305,6 +306,11 @@ class Outbox:
         self._refused: list[dict] = []
         self._closed = False
         self._changed = threading.Condition()
+        self._client: Any = None
+        with contextlib.suppress(Exception):  # else the sender thread makes it, and says why it cannot
+            # in the stage's thread: MLflow imports modules lazily, and one that two threads import at once can fail
+            # half-initialized
+            self._client = client(uri)
         self._thread = threading.Thread(target=self._send_all, name="isa-mlflow", daemon=True)
         self._thread.start()
 
@@ -358,7 +364,7 @@ class Outbox:
         return left
 
     def _send_all(self) -> None:
-        mlflow, delay = None, RETRY_S[0]
+        mlflow, delay = self._client, RETRY_S[0]
         while True:
             with self._changed:
                 while not self._records and not self._closed:
@@ -457,12 +463,10 @@ def register(mlflow: Any, run_id: str, record: dict) -> None:
 
 
 def refused(error: Exception) -> bool:
-    """Whether MLflow answered and refused (a 4xx answer: sending it again would not help)."""
-    import mlflow
-
-    if not isinstance(error, mlflow.exceptions.MlflowException):
-        return False
-    return 400 <= error.get_http_status_code() < 500
+    """Whether MLflow answered and refused (a 4xx answer: sending it again would not help); imports nothing, so it
+    never fails itself (the sender thread asks it of any error)."""
+    status = getattr(error, "get_http_status_code", None)  # MLflow's MlflowException
+    return callable(status) and 400 <= status() < 500
 
 
 def keep_unsent(output: str, uri: str, run_id: str | None, records: list[dict]) -> str:

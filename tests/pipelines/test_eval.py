@@ -92,7 +92,11 @@ def cirr_val(
     config = _config(world, output, "eval.benchmark=cirr", f"eval.dataset_root={world / 'cirr'}", "eval.split=val")
     config = _with(config, f"eval.checkpoints={checkpoint.parent.parent},{symmetric_checkpoint}")
     config = _with(config, f"eval.tracking_uri={server.uri}", f"eval.experiment={OUTAGE_EXPERIMENT}")
-    thread = threading.Thread(target=_outage, args=(server, output / "report.html", mlflow_outage), daemon=True)
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=server.uri)
+    client.search_experiments(max_results=1)  # MLflow's modules imported here, not by two threads at once
+    thread = threading.Thread(target=_outage, args=(server, client, output / "report.html", mlflow_outage), daemon=True)
     said = io.StringIO()
     thread.start()
     try:  # the kept records are sent again every 0.5-1 s (RETRY_S, 1-10 s by default)
@@ -107,11 +111,8 @@ def cirr_val(
     return config, document
 
 
-def _outage(server, written: Path, outage: dict) -> None:
+def _outage(server, client, written: Path, outage: dict) -> None:
     """Stop ``server`` once the eval run is open, start it again once ``written`` (the last output) exists."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=server.uri)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and "stopped" not in outage:
         found = client.get_experiment_by_name(OUTAGE_EXPERIMENT)
