@@ -103,17 +103,19 @@ def train_cache(ray_session, world_images, tmp_path_factory) -> str:
 
 # The test files that take longest, longest first: pytest-xdist (pyproject.toml: -n 2 --dist loadfile
 # --no-loadscope-reorder) hands the files to its workers in collection order, a whole file to one worker, so the
-# long ones start first and short ones fill the end of both workers' runs.
+# long ones start first and short ones fill the end of both workers' runs. A worker with two tests or fewer left
+# is handed the next file at once, behind them: test_quickstart.py (two tests, one long) comes after the other
+# long files, so none of them waits behind it.
 LONGEST_FIRST = (
     "pipelines/test_train.py",
     "infra/test_lost_node.py",
-    "pipelines/test_embed.py",
-    "pipelines/test_quickstart.py",
     "tune/test_sweep.py",
+    "pipelines/test_embed.py",
     "tune/test_ablate.py",
     "pipelines/test_eval.py",
     "pipelines/test_serve.py",
     "pipelines/test_export.py",
+    "pipelines/test_quickstart.py",
 )
 
 
