@@ -176,13 +176,11 @@ def test_quickstart_as_a_ray_job_on_a_head_node_with_token_auth(ray_session, hea
     assert _jobs_api(address, "0" * 64)[0] == 403
     assert _jobs_api(address, token) == (200, [])
 
-    started = time.monotonic()
     output = tmp_path / "qs"
     job = _submit(address, env, "isa", "quickstart", str(output), *REDUCED)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in (job.stdout + job.stderr).lower()
     _check_outputs(output)
-    assert time.monotonic() - started < 900
 
 
 def test_settings_come_from_the_shipped_file_and_a_copy_of_it_changes_them(tmp_path):
