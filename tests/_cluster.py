@@ -82,6 +82,36 @@ def descendants(root: int) -> set[int]:
     return tree
 
 
+def stop_ray_processes(processes: Callable[[], list[int]], grace: float = 10) -> None:
+    """Stop the processes of one Ray node (``processes()``: those alive now) in ``ray stop``'s order: its raylet
+    first, then every other process, its GCS (a head's) last, each SIGTERM waited for; SIGKILL for what is left
+    after ``grace`` seconds (``grace=0``: SIGKILL at once, as a lost machine's). Out of that order a head lingers:
+    its autoscaler monitor, stopped after the GCS, waits for the GCS to take its last report."""
+
+    def group(pid: int) -> str:
+        executable = command_line(pid).split(" ")[0].rsplit("/", 1)[-1]
+        return executable if executable in ("raylet", "gcs_server") else "other"
+
+    deadline = time.monotonic() + grace
+    for name in ("raylet", "other", "gcs_server") if grace > 0 else ():
+        pids = [pid for pid in processes() if group(pid) == name]
+        _signal(pids, signal.SIGTERM)
+        while set(pids) & set(processes()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    _signal(processes(), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while processes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _signal(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+
+
 def processes_titled(name: str, below: int | None = None) -> list[int]:
     """Ray worker processes whose process title (``ray::...``) names ``name``; with ``below``, only those below
     that process (:func:`descendants`: the Ray instance it started, not another one on this machine)."""
@@ -226,22 +256,15 @@ class LocalCluster:
     def kill(self, node: Node) -> None:
         """The node is lost: its raylet is killed (SIGKILL), then whatever else of it is left."""
         os.kill(self.raylet(node), signal.SIGKILL)
-        self._stop_node(node, (signal.SIGKILL,))
+        self._stop_node(node, grace=0)
         self.workers.remove(node)
 
-    def _stop_node(self, node: Node, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGKILL)) -> None:
-        for sig in signals:
-            for pid in self.processes(node):
-                try:
-                    os.kill(pid, sig)
-                except OSError:
-                    pass
-            deadline = time.monotonic() + 10
-            while self.processes(node) and time.monotonic() < deadline:
-                time.sleep(0.2)
+    def _stop_node(self, node: Node, grace: float = 10) -> None:
+        """:func:`stop_ray_processes` of the node's processes."""
+        stop_ray_processes(lambda: self.processes(node), grace)
 
     def stop(self) -> None:
-        for node in [*self.workers, *([self.head] if self.head else [])]:
+        for node in [*self.workers, *([self.head] if self.head else [])]:  # the head last, as ``ray stop`` does
             self._stop_node(node)
             shutil.rmtree(node.temp_dir, ignore_errors=True)
         self.workers, self.head = [], None
