@@ -8,7 +8,8 @@ generator) one fault is injected instead, chosen evenly among :data:`FAULTS`:
 - ``reset_after``: the request forwarded and done, then the connection reset before the answer (it happened, the
   client does not know: a retry must be harmless).
 
-``injected`` counts the faults by kind. The proxy is off (``rate`` 0) until :meth:`FlakyS3.faults` turns it on.
+``injected`` counts the faults by kind and ``faulted`` lists them with the request each replaced or cut
+(``(kind, method, path)``). The proxy is off (``rate`` 0) until :meth:`FlakyS3.faults` turns it on.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class FlakyS3:
         self.rate = 0.0
         self.kinds: tuple[str, ...] = FAULTS
         self.injected: collections.Counter[str] = collections.Counter()
+        self.faulted: list[tuple[str, str, str]] = []
         self.forwarded = 0
         self._random = random.Random(0)
         self._lock = threading.Lock()
@@ -89,11 +91,12 @@ class FlakyS3:
 
     @contextlib.contextmanager
     def faults(self, rate: float, seed: int = 0, kinds: tuple[str, ...] = FAULTS) -> Iterator[FlakyS3]:
-        """Inject faults into a share ``rate`` of the requests while in the block; ``injected`` and ``forwarded``
-        restart at 0."""
+        """Inject faults into a share ``rate`` of the requests while in the block; ``injected``, ``faulted`` and
+        ``forwarded`` restart empty."""
         with self._lock:
             self.rate, self.kinds, self._random = rate, kinds, random.Random(seed)
             self.injected.clear()
+            self.faulted.clear()
             self.forwarded = 0
         try:
             yield self
@@ -101,14 +104,15 @@ class FlakyS3:
             with self._lock:
                 self.rate = 0.0
 
-    def draw(self) -> str | None:
-        """The fault for the next request, or None to forward it."""
+    def draw(self, method: str = "", path: str = "") -> str | None:
+        """The fault for the next request (``method`` ``path``), or None to forward it."""
         with self._lock:
             if self.rate <= 0 or self._random.random() >= self.rate:
                 self.forwarded += 1
                 return None
             kind = self._random.choice(self.kinds)
             self.injected[kind] += 1
+            self.faulted.append((kind, method, path))
             return kind
 
 
@@ -153,7 +157,7 @@ def _handler(proxy: FlakyS3) -> type[BaseHTTPRequestHandler]:
 
         def _handle(self) -> None:
             body = self._body()
-            fault = proxy.draw()
+            fault = proxy.draw(self.command, self.path)
             if fault == "reset_before":
                 return self._reset()
             if fault == "slowdown":

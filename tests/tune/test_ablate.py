@@ -11,24 +11,43 @@ from _tune_helpers import tiny_config, write_yaml
 from PIL import Image
 
 from isa.config import Config, from_dict
+from isa.storage import filesystem
 from isa.students import BACKBONES, SYMMETRIC
 from pipelines.cli import main as isa
-from tune import plot
+from tune import ablation, plot
 from tune.space import check_students, nested
 from tune.suites import available, load_suite
 
 COST = ["params_M", "gflops", "cpu_latency_ms"]
 METRICS = ["val_image_R1", "image_R@1", "image_R@5", "image_R@10"]
+BUCKET = "isa-ablations"
+FAULT_RATE = 0.05  # of the S3 requests while the suite runs
+# Ray Tune's own files: the experiment's state, and each trial's records
+TUNE_FILES = (
+    "experiment_state-",
+    "tuner.pkl",
+    "params.json",
+    "params.pkl",
+    "result.json",
+    "progress.csv",
+    "events.out",
+)
 
 
-def test_two_row_suite_writes_table_csv_png_and_logs_mlflow(ray_session, tune_cache, tmp_path, monkeypatch):
-    """No tracking URI set: the suite records into its folder's own store, its artifacts beside it."""
+def test_two_row_suite_on_flaky_s3_writes_table_csv_png_and_logs_mlflow(
+    ray_session, flaky_s3, tune_cache, tmp_path, monkeypatch
+):
+    """The suite's storage on the tests' S3 endpoint through the proxy injecting faults: Ray Tune's state, each row's
+    run and the suite's files in the bucket; each row's checkpoint copied from it to measure its cost; MLflow in a
+    SQLite store given by its URI, the artifacts beside it."""
     import mlflow
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     work = tmp_path / "work"  # the working folder the suite is run from
     work.mkdir()
     monkeypatch.chdir(work)
+    fs, _ = filesystem(f"s3://{BUCKET}")
+    fs.mkdir(BUCKET)
 
     suite = write_yaml(
         tmp_path / "mini.yaml",
@@ -42,12 +61,18 @@ def test_two_row_suite_writes_table_csv_png_and_logs_mlflow(ray_session, tune_ca
             ],
         },
     )
-    config = tiny_config(tune_cache, tmp_path / "out", None, train={"max_steps": 2, "checkpoint_every": 2})
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tiny_config(tune_cache, f"s3://{BUCKET}/out", store, train={"max_steps": 2, "checkpoint_every": 2})
     config["eval"] = {"latency_runs": 2}
     base = write_yaml(tmp_path / "base.yaml", config)
-    assert isa(["ablate", "--suite", str(suite), "--config", str(base), "train.lr=1e-3"]) == 0
-    folder = tmp_path / "out" / "ablation-mini"
-    rows = list(csv.DictReader(io.StringIO((folder / "ablation_mini.csv").read_text())))
+    with flaky_s3.faults(FAULT_RATE, seed=3) as proxy:
+        assert isa(["ablate", "--suite", str(suite), "--config", str(base), "train.lr=1e-3"]) == 0
+    # faults met Ray Tune's own files (its experiment state, a trial's records) and were got through
+    tune_files = [p for _, _, p in proxy.faulted if any(name in p for name in TUNE_FILES)]
+    assert tune_files, (dict(proxy.injected), proxy.forwarded, proxy.faulted)
+    folder = f"{BUCKET}/out/ablation-mini"
+    fs.invalidate_cache()
+    rows = list(csv.DictReader(io.StringIO(fs.cat_file(f"{folder}/ablation_mini.csv").decode())))
     assert [r["row"] for r in rows] == ["M=1", "M=3"] and [r["value"] for r in rows] == ["1", "3"]
     for row in rows:
         assert row["status"] == "completed" and row["steps"] == "2.0"
@@ -55,16 +80,19 @@ def test_two_row_suite_writes_table_csv_png_and_logs_mlflow(ray_session, tune_ca
         assert 0 <= float(row["image_R@1"]) <= float(row["image_R@5"]) <= float(row["image_R@10"]) <= 100
         assert float(row["params_M"]) > 0 and float(row["gflops"]) > 0 and float(row["cpu_latency_ms"]) > 0
     assert float(rows[1]["params_M"]) > float(rows[0]["params_M"])  # two more learned queries: each row is measured
-    table = (folder / "ablation_mini.md").read_text()
+    table = fs.cat_file(f"{folder}/ablation_mini.md").decode()
     assert "| M=1 |" in table and "| M=3 |" in table and "image_R@1" in table and "Teacher image tower" in table
-    with Image.open(folder / "ablation_mini.png") as image:
+    with Image.open(io.BytesIO(fs.cat_file(f"{folder}/ablation_mini.png"))) as image:
         assert image.format == "PNG" and image.size == (plot.WIDTH, plot.HEIGHT)
         image.verify()
+    # Ray Tune's own state is in the bucket, and each row's run with its checkpoint
+    assert fs.exists(f"{folder}/tuner.pkl") and fs.glob(f"{folder}/experiment_state-*.json")
     # MLflow: a parent with the files, each row a nested run (the row's training run) with its results
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+    client = mlflow.MlflowClient(tracking_uri=store)
     experiment = client.get_experiment_by_name("isa-tune-tests")
-    assert experiment.artifact_location == (folder / "mlartifacts" / "isa-tune-tests").as_uri()
+    assert experiment.artifact_location == (tmp_path / "mlartifacts" / "isa-tune-tests").as_uri()
     assert not list(work.iterdir())  # no mlruns/ where the command ran
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.yaml", "mini.yaml", "mlartifacts", "mlflow.db", "work"]
     runs = client.search_runs([experiment.experiment_id], filter_string="tags.`isa.suite` = 'mini'")
     (parent,) = runs
     assert parent.info.run_name == "ablation-mini" and parent.info.status == "FINISHED"
@@ -81,12 +109,28 @@ def test_two_row_suite_writes_table_csv_png_and_logs_mlflow(ray_session, tune_ca
         assert child.data.params["token_learner.num_tokens"] == row["value"]
         assert child.data.metrics["ablation/image_R_at_1"] == pytest.approx(float(row["image_R@1"]))
         assert any(k.startswith("eval/images/") for k in child.data.metrics)  # the eval stage logged into the row
-        assert (folder / child.data.tags["isa.trial_id"] / "train").is_dir()  # the row's run in its trial folder
+        trial = f"{folder}/{child.data.tags['isa.trial_id']}"
+        assert fs.glob(f"{trial}/train/checkpoint_*/isa/student.safetensors")  # the row's run in its trial folder
         assert child.info.status == "FINISHED"
         assert child.info.artifact_uri.startswith(experiment.artifact_location)
         assert {a.path for a in client.list_artifacts(child.info.run_id, "model")} == {
             "model/config.json", "model/state.json", "model/student.safetensors"
         }  # fmt: skip
+
+
+def test_a_suite_records_into_its_folders_own_store_unless_told_otherwise(tune_cache, tmp_path, monkeypatch, capsys):
+    """No tracking URI set: a suite on a local folder records into the folder's ``mlflow.db`` (its artifacts beside
+    it, tests/pipelines/test_tracking.py); on object storage, which cannot hold one, it is refused before any row."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    rows = [{"name": "M=1", "set": {"token_learner.num_tokens": 1}}]
+    suite = str(write_yaml(tmp_path / "mini.yaml", {"name": "mini", "rows": rows}))
+    local = write_yaml(tmp_path / "local.yaml", tiny_config(tune_cache, tmp_path / "out", None))
+    plan = ablation.check_start(*ablation.load(suite, str(local), []))
+    assert plan.tracking_uri == f"sqlite:///{tmp_path / 'out' / 'ablation-mini' / 'mlflow.db'}"
+    on_s3 = write_yaml(tmp_path / "s3.yaml", tiny_config(tune_cache, "s3://isa-nowhere/out", None))
+    assert isa(["ablate", "--suite", suite, "--config", str(on_s3)]) == 2
+    assert "set train.tracking_uri or MLFLOW_TRACKING_URI" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_shipped_suites_cover_the_method_ablations():
