@@ -48,10 +48,12 @@ __all__ = [
 
 
 def has_dashboard() -> bool:
-    """Whether the connected cluster runs Ray's dashboard (and with it the state API)."""
-    from ray._private.worker import get_dashboard_url
+    """Whether the connected cluster runs Ray's dashboard (and with it the state API), in a driver or in a worker
+    process (a Tune trial starting Ray Train): the address its head records in the GCS. A worker's own idea of it
+    (``ray.get_dashboard_url()``) is Ray's default address even where no dashboard runs."""
+    from ray._private.services import get_webui_url_from_internal_kv
 
-    return bool(get_dashboard_url())
+    return bool(get_webui_url_from_internal_kv())
 
 
 class Trainer(DataParallelTrainer):

@@ -35,5 +35,13 @@ def test_actor_dead_tells_a_live_actor_from_a_killed_one(ray_session):
     assert ray_compat.actor_dead("") is False  # no id recorded: never taken for dead
 
 
-def test_without_a_dashboard_the_session_reports_none(ray_session):
+def test_without_a_dashboard_the_session_reports_none_in_the_driver_and_in_a_worker(ray_session):
+    """A worker (a Tune trial starting Ray Train) too: there Ray's own ``get_dashboard_url`` gives its default
+    address, which started a placement-group cleaner with each trial's run that could never reach a state API."""
+
+    @ray.remote(num_cpus=0)
+    def in_a_worker() -> bool:
+        return ray_compat.has_dashboard()
+
     assert ray_compat.has_dashboard() is False  # the test instance starts without one (conftest)
+    assert ray.get(in_a_worker.remote()) is False
