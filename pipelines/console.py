@@ -55,6 +55,14 @@ DEPENDENCY_WARNINGS: tuple[tuple[str, str, str, str], ...] = (
         "the tasks listing and reading isa embed's inputs are capped at two (pipelines.embed.sources.SOURCE_TASKS); "
         "Ray warns whenever an input gives fewer blocks than that",
     ),
+    (
+        "builtins",
+        "UserWarning",
+        "Grad strides do not match bucket view strides",
+        "isa train on more than one worker (DDP): the token learner's 1x1 projection gets a weight gradient whose "
+        "strides differ from its bucket's only along the kernel's size-1 dimensions, the same memory order, so "
+        "nothing is impaired; torch compares the strides themselves",
+    ),
 )
 # Ray Data's console notices about its own progress display, which name DataContext fields a user of isa does
 # not set (ISA_PROGRESS is the switch)

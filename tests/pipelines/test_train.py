@@ -158,59 +158,19 @@ def test_one_stream_holds_every_pass_each_in_its_own_shard_order(train_cache, tm
     assert [sorted(order[i : i + len(parts)]) for i in range(0, len(order), len(parts))] == [parts] * 3
     assert pass_order(parts, 3, seed=5) == order  # the run's seed decides it
     config = _config(train_cache, tmp_path / "run")
-    data = datasets(parts, config, passes=3)
+    data = datasets(parts, config, passes=2)
     streamed = sum(len(batch["view"]) for batch in data["train"].iter_batches(batch_size=None))
-    assert streamed == 3 * training_rows(config, parts)  # every pass read in full: a path listed again is read again
+    assert streamed == 2 * training_rows(config, parts)  # every pass read in full: a path listed again is read again
     # a student input larger than the cached images: views at the cached size (the worker resizes them)
     larger = _config(train_cache, tmp_path / "run", "student.image_size=80")
     manifest = read_manifest(*filesystem(train_cache))
     assert manifest.image_size == 64 and larger.loss.lar_weight > 0
     data = datasets(parts, larger, passes=1, manifest=manifest)
-    for split in ("train", "val"):
-        assert data[split].take_batch(4)["view"].shape == (4, 64, 64, 3)
-    cells = data["train"].take_batch(4)["cells"].reshape(4, manifest.local_grid**2, 4)  # for LAR: training views
-    assert "cells" not in data["val"].take_batch(4)
+    train, val = data["train"].take_batch(4), data["val"].take_batch(4)
+    assert train["view"].shape == val["view"].shape == (4, 64, 64, 3)
+    cells = train["cells"].reshape(4, manifest.local_grid**2, 4)  # for LAR: training views
+    assert "cells" not in val
     assert ((cells[..., 2] > cells[..., 0]) & (cells[..., 3] > cells[..., 1])).all()
-
-
-def test_a_rerun_is_refused_and_a_resume_goes_on_to_more_steps_in_the_same_mlflow_run(train_cache, tmp_path, capsys):
-    """A finished run: the same command again, a resume with nothing to do and one changing the batch are refused
-    (the folder and the finished MLflow run as they were); a resume with more steps goes on where the run stopped.
-
-    The run is a DDP run of two workers whose student input (80 px) is larger than the cache's 64 px images: the
-    workers resize them."""
-    import mlflow
-
-    from pipelines.cli import main as isa
-
-    run_dir = tmp_path / "run"
-    ddp = ["train.num_workers=2", "train.worker_cpus=0.5", "student.image_size=80"]
-    first = _config(train_cache, run_dir, "train.max_steps=8", "train.checkpoint_every=4", *ddp)
-    result = run(first)
-    assert result.metrics["step"] == 8 and torch.isfinite(torch.tensor(result.metrics["loss"]))
-    assert _steps(run_dir) == [4, 8]
-    client = mlflow.MlflowClient(tracking_uri=first.train.tracking_uri)
-    (finished,) = client.search_runs([client.get_experiment_by_name("isa").experiment_id])
-    assert finished.info.status == "FINISHED"
-    before = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
-    assert isa(["train", *_settings(train_cache, run_dir, "train.max_steps=4", *ddp)]) == 2
-    assert f"{run_dir} already holds a training run (last checkpoint at step 8 of 8)" in capsys.readouterr().err
-    assert isa(["train", "--resume", str(run_dir)]) == 2
-    assert "has nothing left to do: its last checkpoint is at step 8" in capsys.readouterr().err
-    assert isa(["train", "--resume", str(run_dir), "train.max_steps=12", "train.global_batch_size=16"]) == 2
-    assert "train.global_batch_size: 32 in the run, 16 now" in capsys.readouterr().err
-    assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()} == before
-    assert client.get_run(finished.info.run_id).info == finished.info  # still FINISHED, never reopened
-
-    assert isa(["train", "--resume", str(run_dir), "train.max_steps=12"]) == 0
-    assert "finished at step 12" in capsys.readouterr().out
-    assert _steps(run_dir) == [4, 8, 12]
-    last = load_checkpoint(_checkpoints(run_dir)[-1])
-    assert last.state["step"] == 12 and last.state["total_steps"] == 12
-    assert json.loads((run_dir / RUN_CONFIG_FILE).read_text())["train"]["max_steps"] == 12  # agrees with it
-    (resumed,) = client.search_runs([client.get_experiment_by_name("isa").experiment_id])  # the same MLflow run
-    assert resumed.info.run_id == finished.info.run_id and resumed.info.status == "FINISHED"
-    assert {4, 8, 12} <= {m.step for m in client.get_metric_history(resumed.info.run_id, "loss")}
 
 
 def test_mlflow_server_down_mid_run_gets_every_record_once_and_the_run_goes_on(
@@ -239,7 +199,7 @@ def test_mlflow_server_down_mid_run_gets_every_record_once_and_the_run_goes_on(
 
     thread = threading.Thread(target=stop_after_the_first_records_then_start_again, daemon=True)
     thread.start()
-    steps = ["train.max_steps=40", "train.checkpoint_every=20", "train.log_every=5", "train.tracking_wait_s=300"]
+    steps = ["train.max_steps=24", "train.checkpoint_every=12", "train.log_every=3", "train.tracking_wait_s=300"]
     mlflow_settings = [f"train.tracking_uri={server.uri}", "train.experiment=isa-test"]
     registry = ["train.register_model=isa-student", "train.model_alias=champion"]
     done = _isa(tmp_path, "train", *_settings(train_cache, tmp_path / "run", *steps, *mlflow_settings, *registry))
@@ -253,12 +213,12 @@ def test_mlflow_server_down_mid_run_gets_every_record_once_and_the_run_goes_on(
     assert "isa train goes on, its records are kept and sent when MLflow answers" in text
     assert tracking.UNSENT_FOLDER not in text and not (tmp_path / "run" / tracking.UNSENT_FOLDER).exists()
     # no worker restart: one worker process printed every step line, once
-    lines = re.findall(r"^\(RayTrainWorker pid=(\d+)\) step (\d+)/40", done.stdout, flags=re.MULTILINE)
-    assert len({pid for pid, _ in lines}) == 1 and [int(s) for _, s in lines] == list(range(5, 41, 5)), lines
+    lines = re.findall(r"^\(RayTrainWorker pid=(\d+)\) step (\d+)/24", done.stdout, flags=re.MULTILINE)
+    assert len({pid for pid, _ in lines}) == 1 and [int(s) for _, s in lines] == list(range(3, 25, 3)), lines
 
     (found,) = client.search_runs([client.get_experiment_by_name("isa-test").experiment_id])
     history = sorted(client.get_metric_history(found.info.run_id, "loss"), key=lambda m: m.step)
-    assert [m.step for m in history] == list(range(5, 41, 5))  # every record, once
+    assert [m.step for m in history] == list(range(3, 25, 3))  # every record, once
     assert any(outage["stopped"] < m.timestamp < outage["started"] for m in history)  # made while the server was down
     assert found.data.params["train.lr"] == "0.001" and found.data.params["student.backbone"] == "mobilenetv3_large_100"
     logged = {"loss", "gcd", "lar", "lr", "temperature", "samples_per_s", "input_wait_fraction"}
@@ -294,30 +254,44 @@ def _reads_plainly(done: subprocess.CompletedProcess, most_lines: int) -> list[s
     return re.findall(r"^\(RayTrainWorker pid=\d+\) (step .*)$", done.stdout, flags=re.MULTILINE)
 
 
-def test_train_and_eval_by_hand_record_into_one_store_beside_the_runs(train_cache, tmp_path):
+def test_train_and_eval_by_hand_record_into_one_store_a_rerun_is_refused_and_a_resume_goes_on(
+    train_cache, tmp_path, capsys
+):
     """``isa train`` then ``isa eval`` from a working folder, nothing about MLflow set: one ``runs/mlflow.db``, the
-    artifacts beside it, both runs FINISHED, the eval run tagged with its training run, no ``mlruns/`` anywhere."""
+    artifacts beside it, both runs FINISHED, the eval run tagged with its training run, no ``mlruns/`` anywhere.
+    Then the same command again, a resume with nothing to do and one changing the batch are refused (the folder and
+    the finished MLflow run as they were); a resume with more steps goes on where the run stopped.
+
+    The run is a DDP run of two workers whose student input (80 px) is larger than the cache's 64 px images: the
+    workers resize them."""
     import mlflow
+
+    from pipelines.cli import main as isa
 
     work = tmp_path / "work"
     work.mkdir()
-    steps = ["train.max_steps=2", "train.checkpoint_every=2", "train.log_every=1", "train.register_model=isa-by-hand"]
-    settings = [*TEACHER, *STUDENT, f"train.cache={train_cache}", "train.global_batch_size=32"]
-    trained = _isa(work, "train", *settings, "train.val_fraction=0.2", "train.output=runs/a", *steps)
+    run_dir = work / "runs" / "a"
+    ddp = ["train.num_workers=2", "train.worker_cpus=0.5", "student.image_size=80"]
+    steps = ["train.max_steps=8", "train.checkpoint_every=4", "train.log_every=1", "train.register_model=isa-by-hand"]
+    settings = [*TEACHER, *STUDENT, f"train.cache={train_cache}", "train.global_batch_size=32", "train.lr=1e-3"]
+    trained = _isa(work, "train", *settings, "train.val_fraction=0.2", "train.output=runs/a", *steps, *ddp)
     assert trained.returncode == 0, trained.stderr[-3000:]
-    # a line per record (train.log_every): the step, the losses, the throughput and the time left once measured,
-    # the held-out recall at a checkpoint
+    # a line per record (train.log_every), printed by rank 0 only: the step, the losses, the throughput and the time
+    # left once measured, the held-out recall at a checkpoint
     number = r"\d+\.\d+"
     losses = rf"loss {number} \(gcd {number}, lar {number}\)"
-    first, last = _reads_plainly(trained, most_lines=30)  # about 15 (a 40-step run printed 1,989 before)
-    assert re.fullmatch(rf"step 1/2 · {losses} · samples/s – · ETA –", first), first
-    last_line = rf"step 2/2 · {losses} · \d+ samples/s · ETA 0:00:00 · val R@1 {number}, R@5 {number} · checkpoint"
-    assert re.fullmatch(last_line, last), last
+    lines = _reads_plainly(trained, most_lines=30)  # about 20 (a 40-step run printed 1,989 before)
+    assert len(lines) == 8, lines
+    assert re.fullmatch(rf"step 1/8 · {losses} · samples/s – · ETA –", lines[0]), lines[0]
+    last_line = rf"step 8/8 · {losses} · \d+ samples/s · ETA 0:00:00 · val R@1 {number}, R@5 {number} · checkpoint"
+    assert re.fullmatch(last_line, lines[-1]), lines[-1]
+    assert _steps(run_dir) == [4, 8]
     store = f"sqlite:///{work / 'runs' / 'mlflow.db'}"
     assert f"mlflow ui --backend-store-uri {store}" in trained.stdout
     client = mlflow.MlflowClient(tracking_uri=store)
     (train_run,) = client.search_runs([client.get_experiment_by_name("isa").experiment_id])
     assert train_run.info.status == "FINISHED" and train_run.info.run_name == "a"
+    assert torch.isfinite(torch.tensor(train_run.data.metrics["loss"]))
     assert (
         train_run.info.artifact_uri
         == f"{(work / 'runs' / 'mlartifacts' / 'isa').as_uri()}/{train_run.info.run_id}/artifacts"
@@ -326,7 +300,7 @@ def test_train_and_eval_by_hand_record_into_one_store_beside_the_runs(train_cach
     assert sorted(p.name for p in model.iterdir()) == ["config.json", "state.json", "student.safetensors"]
     version = client.get_model_version_by_alias("isa-by-hand", "candidate")
     downloaded = load_checkpoint(mlflow.artifacts.download_artifacts(version.source, dst_path=str(tmp_path / "got")))
-    final = load_checkpoint(_checkpoints(work / "runs" / "a")[-1])
+    final = load_checkpoint(_checkpoints(run_dir)[-1])
     assert downloaded.optimizer is None and final.optimizer is not None and downloaded.config == final.config
     assert all(torch.equal(downloaded.weights[k], final.weights[k]) for k in final.weights)
 
@@ -342,6 +316,28 @@ def test_train_and_eval_by_hand_record_into_one_store_beside_the_runs(train_cach
     assert (work / "ev" / "metrics.json").is_file() and not (work / "ev" / "mlflow.db").exists()
     assert sorted(p.name for p in work.iterdir()) == ["ev", "runs"]  # no mlruns/ in the working folder
     assert sorted(p.name for p in (work / "runs").iterdir()) == ["a", "mlartifacts", "mlflow.db"]
+
+    # the finished run: a rerun and resumes that cannot go on are refused, leaving it as it was
+    finished = client.get_run(train_run.info.run_id)
+    before = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    assert isa(["train", *_settings(train_cache, run_dir, "train.max_steps=4", *ddp)]) == 2
+    assert f"{run_dir} already holds a training run (last checkpoint at step 8 of 8)" in capsys.readouterr().err
+    assert isa(["train", "--resume", str(run_dir)]) == 2
+    assert "has nothing left to do: its last checkpoint is at step 8" in capsys.readouterr().err
+    assert isa(["train", "--resume", str(run_dir), "train.max_steps=12", "train.global_batch_size=16"]) == 2
+    assert "train.global_batch_size: 32 in the run, 16 now" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()} == before
+    assert client.get_run(finished.info.run_id).info == finished.info  # still FINISHED, never reopened
+
+    assert isa(["train", "--resume", str(run_dir), "train.max_steps=12"]) == 0
+    assert "finished at step 12" in capsys.readouterr().out
+    assert _steps(run_dir) == [4, 8, 12]
+    last = load_checkpoint(_checkpoints(run_dir)[-1])
+    assert last.state["step"] == 12 and last.state["total_steps"] == 12
+    assert json.loads((run_dir / RUN_CONFIG_FILE).read_text())["train"]["max_steps"] == 12  # agrees with it
+    (resumed,) = client.search_runs([client.get_experiment_by_name("isa").experiment_id])  # the same MLflow run
+    assert resumed.info.run_id == finished.info.run_id and resumed.info.status == "FINISHED"
+    assert {4, 8, 12} <= {m.step for m in client.get_metric_history(resumed.info.run_id, "loss")}
 
 
 def test_a_training_run_that_fails_ends_failed(train_cache, tmp_path):
