@@ -57,22 +57,29 @@ check_ports() { # the three ports are numbers, free, and outside Ray's worker po
   done
 }
 
-stop_head() { # SIGTERM to the head's session, SIGKILL to what is left after 10 s
-  local sidfile="$STATE_DIR/ray.sid" sid pids
+term_and_wait() { # term_and_wait SID DEADLINE PID...: SIGTERM to the PIDs, then wait for them (until DEADLINE)
+  local sid="$1" deadline="$2"
+  shift 2
+  (($# > 0)) || return 0
+  kill -TERM "$@" 2>/dev/null || true
+  while ((SECONDS < deadline)) && [[ -n "$(session_pids "$sid" | grep -Fx -f <(printf '%s\n' "$@"))" ]]; do
+    sleep 0.1
+  done
+}
+
+stop_head() { # ray stop's order: the raylet, the other processes, the GCS last; SIGKILL to what is left after 10 s
+  local sidfile="$STATE_DIR/ray.sid" sid pids deadline=$((SECONDS + 10))
   [[ -f "$sidfile" ]] || return 0
   sid="$(cat "$sidfile")"
+  # shellcheck disable=SC2046 # one pid a word
+  {
+    term_and_wait "$sid" "$deadline" $(ps -o pid=,comm= -s "$sid" 2>/dev/null | awk '$2 == "raylet" {print $1}')
+    term_and_wait "$sid" "$deadline" $(ps -o pid=,comm= -s "$sid" 2>/dev/null | awk '$2 != "gcs_server" {print $1}')
+    term_and_wait "$sid" "$deadline" $(session_pids "$sid")
+  }
   pids="$(session_pids "$sid")"
-  if [[ -n "$pids" ]]; then
-    # shellcheck disable=SC2086 # one pid a word
-    kill -TERM $pids 2>/dev/null || true
-    for _ in $(seq 20); do
-      [[ -z "$(session_pids "$sid")" ]] && break
-      sleep 0.5
-    done
-    pids="$(session_pids "$sid")"
-    # shellcheck disable=SC2086
-    [[ -z "$pids" ]] || kill -KILL $pids 2>/dev/null || true
-  fi
+  # shellcheck disable=SC2086 # one pid a word
+  [[ -z "$pids" ]] || kill -KILL $pids 2>/dev/null || true
   echo "stopped the Ray head (session $sid; its logs stay in $(cat "$STATE_DIR/ray.temp_dir" 2>/dev/null || echo '?'))"
   rm -f "$sidfile" "$STATE_DIR/ray.temp_dir"
 }
@@ -83,9 +90,9 @@ stop_mlflow() {
   local group
   group="$(cat "$pidfile")"
   kill -TERM -- "-$group" 2>/dev/null || true # the server's process group (started with setsid)
-  for _ in $(seq 40); do
+  for _ in $(seq 200); do
     kill -0 -- "-$group" 2>/dev/null || break
-    sleep 0.5
+    sleep 0.1
   done
   kill -KILL -- "-$group" 2>/dev/null || true
   rm -f "$pidfile"
@@ -103,7 +110,8 @@ start() {
   tracking="http://127.0.0.1:$MLFLOW_PORT"
 
   # MLflow first: the head passes MLFLOW_TRACKING_URI on to every job's driver.
-  setsid nohup mlflow server --host 127.0.0.1 --port "$MLFLOW_PORT" \
+  # One server process: a SQLite store takes one writer at a time, and each process more is seconds more to start.
+  setsid nohup mlflow server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
     --backend-store-uri "sqlite:///$state/mlflow.db" --artifacts-destination "$state/mlartifacts" \
     >"$state/mlflow.log" 2>&1 &
   echo $! >"$state/mlflow.pid"
@@ -127,9 +135,9 @@ start() {
     fail "$status" "the Ray head did not start (see above); stopped the MLflow server this script had started"
   fi
 
-  for _ in $(seq 60); do # MLflow takes a while to come up; say so when it does not
+  for _ in $(seq 240); do # MLflow takes a while to come up; say so when it does not
     python -c "import urllib.request as u; u.urlopen('$tracking/health', timeout=2)" 2>/dev/null && break
-    sleep 2
+    sleep 0.5
   done || true
   python -c "import urllib.request as u; u.urlopen('$tracking/health', timeout=2)" 2>/dev/null ||
     echo "warning: MLflow is not answering at $tracking yet; see $state/mlflow.log" >&2

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from _cluster import session_processes
+from _cluster import command_line, descendants, session_processes
 from _ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,35 +106,16 @@ def test_a_failed_ray_start_stops_the_mlflow_server_it_started(tmp_path):
 
 
 @pytest.fixture
-def other_ray(tmp_path):
-    """Another Ray head on this machine (another user's, say): its own temp dir, ports and session."""
-    temp_dir = tempfile.mkdtemp(prefix="isa-other-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port = free_port()
-    env = _env(tmp_path / "other")
-    command = [
-        str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
-        "--include-dashboard=false", f"--temp-dir={temp_dir}", f"--ray-client-server-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-    ]  # fmt: skip
-    starter = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    output = starter.communicate(timeout=180)[0].decode()
-    try:
-        assert starter.returncode == 0, output[-2000:]
-        yield port, starter.pid, temp_dir
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):  # the processes of the session this fixture started
-            for pid in session_processes(starter.pid):
-                os.kill(pid, sig)
-            _wait_until(lambda: not session_processes(starter.pid), 5)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+def other_ray(ray_session) -> tuple[int, list[int]]:
+    """Another Ray instance on this machine (another user's, say): the tests' own local instance, its processes
+    below this one (its GCS, raylet, monitors, dashboard). Its GCS port and those processes."""
+    ray_processes = [p for p in descendants(os.getpid()) if "/site-packages/ray/" in command_line(p)]
+    assert any(command_line(p).split(" ")[0].endswith("/gcs_server") for p in ray_processes)
+    return int(ray_session.rsplit(":", 1)[1]), ray_processes
 
 
 def test_stop_stops_the_head_it_started_and_leaves_another_ray_running(tmp_path, other_ray):
-    other_port, other_session, _ = other_ray
-    other = session_processes(other_session)
+    other_port, other = other_ray
     ports = {"RAY_PORT": free_port(), "DASHBOARD_PORT": free_port(), "MLFLOW_PORT": free_port()}
     env = _env(tmp_path, **ports)
     options = [
@@ -175,4 +154,4 @@ def test_stop_stops_the_head_it_started_and_leaves_another_ray_running(tmp_path,
             if line.startswith("Ray logs"):
                 shutil.rmtree(line.split()[-1], ignore_errors=True)  # the head's temp dir, kept by stop for its logs
     # the other instance is untouched: every process of it alive, its GCS answering
-    assert set(other) <= set(session_processes(other_session)) and _listening(other_port)
+    assert set(other) <= set(descendants(os.getpid())) and _listening(other_port)
