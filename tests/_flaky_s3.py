@@ -71,6 +71,8 @@ class FlakyS3:
         self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.rate = 0.0
         self.kinds: tuple[str, ...] = FAULTS
+        self.focus: tuple[str, ...] = ()  # paths (parts of) whose requests get faults at focus_rate instead
+        self.focus_rate = 0.0
         self.injected: collections.Counter[str] = collections.Counter()
         self.faulted: list[tuple[str, str, str]] = []
         self.forwarded = 0
@@ -90,11 +92,19 @@ class FlakyS3:
         self._server.server_close()
 
     @contextlib.contextmanager
-    def faults(self, rate: float, seed: int = 0, kinds: tuple[str, ...] = FAULTS) -> Iterator[FlakyS3]:
-        """Inject faults into a share ``rate`` of the requests while in the block; ``injected``, ``faulted`` and
-        ``forwarded`` restart empty."""
+    def faults(
+        self,
+        rate: float,
+        seed: int = 0,
+        kinds: tuple[str, ...] = FAULTS,
+        focus: tuple[str, ...] = (),
+        focus_rate: float = 0.0,
+    ) -> Iterator[FlakyS3]:
+        """Inject faults into a share ``rate`` of the requests while in the block, ``focus_rate`` of those whose
+        path holds one of ``focus``; ``injected``, ``faulted`` and ``forwarded`` restart empty."""
         with self._lock:
             self.rate, self.kinds, self._random = rate, kinds, random.Random(seed)
+            self.focus, self.focus_rate = focus, focus_rate
             self.injected.clear()
             self.faulted.clear()
             self.forwarded = 0
@@ -102,12 +112,13 @@ class FlakyS3:
             yield self
         finally:
             with self._lock:
-                self.rate = 0.0
+                self.rate, self.focus = 0.0, ()
 
     def draw(self, method: str = "", path: str = "") -> str | None:
         """The fault for the next request (``method`` ``path``), or None to forward it."""
         with self._lock:
-            if self.rate <= 0 or self._random.random() >= self.rate:
+            rate = self.focus_rate if any(part in path for part in self.focus) else self.rate
+            if rate <= 0 or self._random.random() >= rate:
                 self.forwarded += 1
                 return None
             kind = self._random.choice(self.kinds)

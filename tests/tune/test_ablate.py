@@ -22,6 +22,7 @@ COST = ["params_M", "gflops", "cpu_latency_ms"]
 METRICS = ["val_image_R1", "image_R@1", "image_R@5", "image_R@10"]
 BUCKET = "isa-ablations"
 FAULT_RATE = 0.05  # of the S3 requests while the suite runs
+TUNE_FAULT_RATE = 0.3  # of those reading or writing Ray Tune's own files (a few dozen in a run)
 # Ray Tune's own files: the experiment's state, and each trial's records
 TUNE_FILES = (
     "experiment_state-",
@@ -37,9 +38,10 @@ TUNE_FILES = (
 def test_two_row_suite_on_flaky_s3_writes_table_csv_png_and_logs_mlflow(
     ray_session, flaky_s3, tune_cache, tmp_path, monkeypatch
 ):
-    """The suite's storage on the tests' S3 endpoint through the proxy injecting faults: Ray Tune's state, each row's
-    run and the suite's files in the bucket; each row's checkpoint copied from it to measure its cost; MLflow in a
-    SQLite store given by its URI, the artifacts beside it."""
+    """The suite's storage on the tests' S3 endpoint through the proxy injecting faults (into 5% of the requests, 30%
+    of those on Ray Tune's own files): Tune's state, each row's run and the suite's files in the bucket; each row's
+    checkpoint copied from it to measure its cost; MLflow in a SQLite store given by its URI, the artifacts beside
+    it."""
     import mlflow
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -65,7 +67,7 @@ def test_two_row_suite_on_flaky_s3_writes_table_csv_png_and_logs_mlflow(
     config = tiny_config(tune_cache, f"s3://{BUCKET}/out", store, train={"max_steps": 2, "checkpoint_every": 2})
     config["eval"] = {"latency_runs": 2}
     base = write_yaml(tmp_path / "base.yaml", config)
-    with flaky_s3.faults(FAULT_RATE, seed=3) as proxy:
+    with flaky_s3.faults(FAULT_RATE, seed=3, focus=TUNE_FILES, focus_rate=TUNE_FAULT_RATE) as proxy:
         assert isa(["ablate", "--suite", str(suite), "--config", str(base), "train.lr=1e-3"]) == 0
     # faults met Ray Tune's own files (its experiment state, a trial's records) and were got through
     tune_files = [p for _, _, p in proxy.faulted if any(name in p for name in TUNE_FILES)]
