@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -15,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from _cluster import stop_ray_processes
 from _ports import free_port
 
 from pipelines import quickstart
@@ -22,7 +22,7 @@ from pipelines import quickstart
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 REDUCED = [
-    "--images", "60", "--triplets", "20", "--teacher-steps", "20", "--train-steps", "2",
+    "--images", "40", "--triplets", "12", "--teacher-steps", "4", "--train-steps", "2",
     "student.image_size=64", "token_learner.dim=64", "token_learner.heads=4", "train.global_batch_size=16",
     "train.val_fraction=0.2", "eval.latency_runs=2",
 ]  # fmt: skip
@@ -102,20 +102,6 @@ def _processes_of(temp_dir: str) -> list[int]:
     return pids
 
 
-def _stop_head(temp_dir: str) -> None:
-    """Stop only the processes of the head started in ``temp_dir`` (``ray stop`` would stop every Ray here): 5 s
-    after SIGTERM, SIGKILL for what is left."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in _processes_of(temp_dir):
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        deadline = time.monotonic() + 5
-        while _processes_of(temp_dir) and time.monotonic() < deadline:
-            time.sleep(0.5)
-
-
 @pytest.fixture
 def head_node(tmp_path):
     """``ray start --head`` on loopback with token authentication, isolated in its own HOME and temp dir."""
@@ -137,7 +123,8 @@ def head_node(tmp_path):
         subprocess.run(command, env=env, check=True, capture_output=True, timeout=180)
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
-        _stop_head(temp_dir)
+        # only the processes of this head (``ray stop`` would stop every Ray here)
+        stop_ray_processes(lambda: _processes_of(temp_dir))
 
 
 def _submit(address: str, env: dict, *entrypoint: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -163,7 +150,7 @@ def _jobs_api(address: str, token: str | None) -> tuple[int, list | None]:
         return error.code, None
 
 
-def test_quickstart_as_a_ray_job_on_a_head_node_with_token_auth(ray_session, head_node, tmp_path):
+def test_quickstart_as_a_ray_job_on_a_head_node_with_token_auth(head_node, tmp_path):
     address, env = head_node
     stranger = {**env, "HOME": str(tmp_path / "stranger")}  # no token file, no RAY_AUTH_TOKEN
     refused = _submit(address, stranger, "echo", "hello", timeout=120)
