@@ -27,7 +27,7 @@ from tune.space import param_space as to_param_space
 from tune.space import parse_space
 
 GRID = [0.3, 0.1, 5.0]  # loss.lar_weight of trials 0, 1, 2 (Tune's grid order); the last is built to lose
-STEPS = 3  # one report per step: ASHA rungs at reports 1 and 2, max_t 3
+STEPS = 2  # one report per step: ASHA's rung at report 1, max_t 2
 MODEL = {"model/config.json", "model/state.json", "model/student.safetensors"}  # a trial's model artifact
 BUCKET = "isa-sweeps"
 
