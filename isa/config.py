@@ -173,7 +173,7 @@ class CacheConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: one GPU per actor when the cluster has GPUs
     actor_cpus: float = 1.0  # logical CPUs reserved per teacher actor (torch threads: rounded up)
     decode_cpus: float = 1.0  # logical CPUs reserved per decode task (below 1 packs more tasks per core)
-    decode_batch_size: int = 256  # images per CPU decode task (each task costs Ray ~50 ms of CPU: not too small)
+    decode_batch_size: int = 64  # images per decode call; each call's crops go on to the tower as one block
     rows_per_shard: int = 2048  # rows per Parquet shard
     fast_decode: bool = False  # reduced-size JPEG decoding (DCT scaling); pixels differ slightly
     max_image_pixels: int = 89_478_485  # larger images are rejected as decompression bombs

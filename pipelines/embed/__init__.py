@@ -39,7 +39,6 @@ from isa.storage import absolute_uri, count_rows, filesystem, remove_staging
 from pipelines.artifact import check_folder
 from pipelines.embed import ledger as ledgers
 from pipelines.embed.decode import admit_batch, count_new, decode_batch, write_shard
-from pipelines.embed.guard import Attempts
 from pipelines.embed.ledger import Ledger
 from pipelines.embed.sources import check_input, read_sources, source_options
 from pipelines.embed.tower import TeacherEmbedder
@@ -269,6 +268,13 @@ def tower_device(cache: CacheConfig) -> str:
     return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
 
 
+def driver_decode_tasks() -> int:
+    """Decode tasks at a time beside a tower in the driver. That tower runs on this machine's CPU, where a forward
+    costs tens of times the decoding of its inputs: a task per 8 cores keeps it fed, and each task more is one
+    more process starting and taking cores from the tower."""
+    return max(1, (os.cpu_count() or 1) // 8)
+
+
 def tower_in_driver(cache: CacheConfig) -> bool:
     """Whether the tower runs in this process (``cache.tower_in``). auto: when the cluster is one node, this
     process's, and the tower runs on its CPU: the cores the actors would get are this machine's anyway, and
@@ -281,11 +287,18 @@ def tower_in_driver(cache: CacheConfig) -> bool:
 
 
 def decoded(
-    input_uri: str, output: str, config: Config, manifest: Manifest, ledger: Ledger, fence: Fence | None = None
+    input_uri: str,
+    output: str,
+    config: Config,
+    manifest: Manifest,
+    ledger: Ledger,
+    fence: Fence | None = None,
+    tasks: int | None = None,
 ) -> ray.data.Dataset:
     """sources -> admission -> decode (CPU tasks): the new inputs' crops for the tower.
 
     ``fence``: the run's lease, checked by every task before each file it publishes (:mod:`pipelines.lease`).
+    ``tasks``: decode tasks at a time (default: as many as the cluster's CPUs allow, ``cache.decode_cpus`` each).
     """
     cache = config.cache
     teacher_side = max(manifest.teacher["preprocess"]["size"])
@@ -294,7 +307,17 @@ def decoded(
         "draft_short_side": max(teacher_side, manifest.image_size or 0) if cache.fast_decode else None,
         "jpeg_quality": cache.jpeg_quality,
     }
-    return admitted(input_uri, output, config, ledger).map_batches(
+    # each decode call's crops go on as a block of their own: Ray Data would otherwise gather a task's outputs into
+    # blocks of up to 128 MiB (850 crops at 224 px), and the tower would wait for as many decodes before its first
+    # batch; the datasets keep the setting they were made with
+    context = ray.data.DataContext.get_current()
+    default_block_bytes = context.target_max_block_size
+    context.target_max_block_size = cache.decode_batch_size * teacher_side**2 * 3
+    try:
+        inputs = admitted(input_uri, output, config, ledger)
+    finally:
+        context.target_max_block_size = default_block_bytes
+    return inputs.map_batches(
         decode_batch,
         batch_size=cache.decode_batch_size,
         fn_kwargs={
@@ -302,10 +325,11 @@ def decoded(
             "output": output,
             "manifest": dataclasses.asdict(manifest),
             "settings": settings,
-            "attempts": Attempts.remote(),  # a batch whose process died is decoded again input by input
+            "attempts": ledger.attempts,  # a batch whose process died is decoded again input by input
             "fence": fence,
         },
         num_cpus=cache.decode_cpus,
+        **({"compute": ray.data.TaskPoolStrategy(size=tasks)} if tasks else {}),
         # retried when its worker dies; and an operator with a remote-options function is never fused, so
         # decoding stays in CPU tasks beside the teacher actors instead of running inside them
         ray_remote_args_fn=decode_task_options,
@@ -433,7 +457,7 @@ def run(input_uri: str, output: str, config: Config, lease: Lease | None = None)
             tower = TeacherEmbedder(
                 dataclasses.asdict(manifest), config.teacher.cache_dir, device, os.cpu_count() or 1, teacher
             )
-            inputs = decoded(input_uri, output, config, manifest, ledger, lease.fence)
+            inputs = decoded(input_uri, output, config, manifest, ledger, lease.fence, driver_decode_tasks())
             embed_in_driver(inputs, tower, output, manifest, config, lease.fence)
         finally:
             torch.set_num_threads(threads)

@@ -77,9 +77,10 @@ def decode_batch(
     Returns the new, first-of-their-bytes images: ``uri, id, width, height, crop`` (uint8 teacher input
     (S, S, 3)) and ``image`` (student JPEG, or empty bytes for gallery-only caches).
 
-    ``attempts``: the run's :class:`~pipelines.embed.guard.Attempts`; a batch whose decoding process died is decoded
-    again one input at a time in a child process (:func:`~pipelines.embed.guard.decode_guarded`). ``fence``: checked
-    before each file is published (:class:`pipelines.lease.Fence`).
+    ``attempts``: the actor keeping the run's :class:`~pipelines.embed.guard.Attempts`; a batch whose decoding
+    process died is decoded again one input at a time in a child process
+    (:func:`~pipelines.embed.guard.decode_guarded`). ``fence``: checked before each file is published
+    (:class:`pipelines.lease.Fence`).
     """
     rows = [(str(u), d, e) for (u, d, e) in zip(batch["uri"], batch["data"], batch["error"])]
     decoded, errors = decode_guarded(decode_rows, rows, manifest, settings, attempts)

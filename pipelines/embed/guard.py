@@ -2,10 +2,11 @@
 
 A decode task runs in a Ray worker; an input that makes the decoder crash the process (a decoder bug, a read that
 never ends and is killed, memory exhausted by one image) ends the task, and Ray runs it again (up to
-``DECODE_RETRIES`` times, ``pipelines.embed.decode_task_options``). :class:`Attempts` counts the attempts of each
-batch (named by a hash of its URIs, the same in every attempt): the first decodes in the task's own process as
-usual; a later one decodes its inputs one at a time in a child process, so an input that kills the child is
-rejected (``_errors/``, with how its process ended) and the batch's other inputs are decoded in a new child.
+``DECODE_RETRIES`` times, ``pipelines.embed.decode_task_options``). :class:`Attempts` (kept by the run's ledger
+actor) counts the attempts of each batch (named by a hash of its URIs, the same in every attempt): the first
+decodes in the task's own process as usual; a later one decodes its inputs one at a time in a child process, so an
+input that kills the child is rejected (``_errors/``, with how its process ended) and the batch's other inputs are
+decoded in a new child.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ Row = tuple[str, Any, Any]  # (uri, bytes or None, listed error or None)
 Decode = Callable[[list[Row], dict, dict], tuple[list[Any], list[tuple[str, str]]]]
 
 
-@ray.remote(num_cpus=0)
 class Attempts:
-    """How many times each unfinished batch of a run started decoding."""
+    """How many times each unfinished batch of a run started decoding: methods of an actor of the run (the
+    first shard of its ledger, :class:`pipelines.embed.ledger.LedgerShard`, so that a run starts no process more
+    for them)."""
 
     def __init__(self) -> None:
         self.started: dict[str, int] = {}
@@ -44,7 +46,7 @@ def decode_guarded(
     decode: Decode, rows: list[Row], manifest: dict, settings: dict, attempts: Any
 ) -> tuple[list[Any], list[tuple[str, str]]]:
     """``decode(rows, manifest, settings)``; in a child process, one row at a time, when an earlier attempt of this
-    batch died (``attempts``: the run's :class:`Attempts` actor, or None to decode in this process)."""
+    batch died (``attempts``: the actor holding the run's :class:`Attempts`, or None to decode in this process)."""
     if attempts is None or not rows:
         return decode(rows, manifest, settings)
     key = hashlib.sha256("\n".join(uri for uri, _, _ in rows).encode()).hexdigest()

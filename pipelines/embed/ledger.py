@@ -30,6 +30,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from isa.cache import DUPLICATES_DIR, ERRORS_DIR, list_parts
 from isa.storage import filesystem, full_uri
+from pipelines.embed.guard import Attempts
 
 KEY = np.dtype("S16")  # a URI's or content id's key
 FILES_PER_TASK = 256  # cache files whose keys one loading task reads
@@ -83,8 +84,9 @@ def _cache_keys(files: list[str], with_ids: bool, shards: int) -> list[np.ndarra
 
 
 @ray.remote(num_cpus=0)
-class LedgerShard:
-    """One part of the key space: what the cache held (sorted keys) and this run's new inputs.
+class LedgerShard(Attempts):
+    """One part of the key space: what the cache held (sorted keys) and this run's new inputs; the first shard also
+    counts the run's decode attempts (:class:`~pipelines.embed.guard.Attempts`).
 
     Args:
         done_parts: references to the keys of URIs the cache accounts for (cached, rejected, duplicates).
@@ -96,6 +98,7 @@ class LedgerShard:
         self.cached_ids = self._sorted(id_parts)
         self.admitted: dict[bytes, str] = {}  # URI key -> key of the batch that took it this run
         self.owner: dict[bytes, str] = {}  # content id key -> URI that caches it this run
+        Attempts.__init__(self)
         self.batches: dict[str, tuple[int, int]] = {}  # batch key -> (inputs read, inputs skipped)
 
     @staticmethod
@@ -163,6 +166,11 @@ class Ledger:
             for row, answer in zip(rows, ray.get(ref)):
                 result[row] = answer
         return result
+
+    @property
+    def attempts(self) -> ray.actor.ActorHandle:
+        """The actor counting the run's decode attempts (:class:`~pipelines.embed.guard.Attempts`)."""
+        return self.shards[0]
 
     def counts(self) -> dict[str, int]:
         """Inputs read and skipped so far, over every shard."""

@@ -37,7 +37,7 @@ from isa.images import content_id
 from isa.teacher import register_project_configs
 from pipelines import lease
 from pipelines.cli import main as cli_main
-from pipelines.embed import pipeline, prepare_cache, run, start_ledger, tower_in_driver
+from pipelines.embed import decoded, pipeline, prepare_cache, run, start_ledger, tower_in_driver
 from pipelines.lease import LEASE_FILE, Lease, LeaseHeld
 from pipelines.teacher import teacher_fingerprint
 
@@ -529,9 +529,10 @@ def test_teacher_fingerprint_is_reused_until_its_weights_file_changes(ray_sessio
 
 def test_decoding_runs_in_tasks_of_its_own_beside_the_teacher_actors(ray_session, tmp_path, capsys):
     """Equal CPUs per decode task and per actor (the defaults): Ray Data must still not fuse decoding into the
-    actor, where one actor would decode every image in turn."""
-    _write_scenes(tmp_path / "images", 4)
-    config = load_config(None, TEACHER)
+    actor, where one actor would decode every image in turn. Each decode call's crops go on as a block of their
+    own, so the tower starts after the first call, not after a whole listing block."""
+    _write_scenes(tmp_path / "images", 5)
+    config = load_config(None, [*TEACHER, "cache.decode_batch_size=2"])
     assert config.cache.decode_cpus == config.cache.actor_cpus
     fingerprint = teacher_fingerprint(config.teacher)
     wanted = Manifest(fingerprint, fingerprint["embed_dim"], local_grid=0, dtype="float16", image_size=256)
@@ -540,11 +541,14 @@ def test_decoding_runs_in_tasks_of_its_own_beside_the_teacher_actors(ray_session
     capsys.readouterr()
     try:
         pipeline(str(tmp_path / "images"), str(tmp_path / "cache"), config, manifest, ledger).explain()
+        inputs = decoded(str(tmp_path / "images"), str(tmp_path / "cache"), config, manifest, ledger)
+        blocks = sorted(len(block["uri"]) for block in inputs.iter_batches(batch_size=None))
     finally:
         ledger.kill()
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "TaskPoolMapOperator[MapBatches(decode_batch)]" in optimized, optimized
     assert "ActorPoolMapOperator[MapBatches(TeacherEmbedder)]" in optimized, optimized
+    assert blocks == [1, 2, 2]  # one listing block of 5, decoded in calls of 2
 
 
 # a child process decodes 16 photos of 12 MP (46 MiB each once decoded) and prints how far its resident memory
