@@ -344,6 +344,15 @@ def register_project_configs() -> None:
         open_clip.add_model_config(folder)
 
 
+def configured_image_size(name: str) -> int | None:
+    """The image side of ``name``'s built-in open_clip config, read without building the model (the loaded model's
+    preprocessing is the authority: this is a hint); None for a model without one (``hf-hub:``, ``local-dir:``)."""
+    register_project_configs()
+    config = open_clip.get_model_config(name) or {}
+    size = config.get("vision_cfg", {}).get("image_size")
+    return max(size) if isinstance(size, (list, tuple)) else size
+
+
 def _check_text_config(name: str) -> None:
     config = open_clip.get_model_config(name)
     if config is None:

@@ -14,7 +14,7 @@ import math
 import os
 import posixpath
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -40,6 +40,7 @@ from pipelines.artifact import check_folder
 from pipelines.embed import ledger as ledgers
 from pipelines.embed.decode import admit_batch, count_new, decode_batch, write_shard
 from pipelines.embed.ledger import Ledger
+from pipelines.embed.prefetch import Prefetched
 from pipelines.embed.sources import check_input, read_sources, source_options
 from pipelines.embed.tower import TeacherEmbedder
 from pipelines.lease import Fence, Lease
@@ -286,27 +287,40 @@ def tower_in_driver(cache: CacheConfig) -> bool:
     return tower_device(cache) == "cpu" and len(nodes) == 1 and nodes[0]["NodeID"] == here
 
 
+def decode_settings(cache: CacheConfig, manifest: Manifest) -> dict:
+    """What decode tasks decode with besides the manifest: the pixel limit, the reduced JPEG decoding size
+    (``cache.fast_decode``: the larger of the teacher's side and the cached image's), the student JPEG quality."""
+    teacher_side = max(manifest.teacher["preprocess"]["size"])
+    return {
+        "max_pixels": cache.max_image_pixels,
+        "draft_short_side": max(teacher_side, manifest.image_size or 0) if cache.fast_decode else None,
+        "jpeg_quality": cache.jpeg_quality,
+    }
+
+
 def decoded(
     input_uri: str,
     output: str,
     config: Config,
-    manifest: Manifest,
+    manifest: Manifest | None,
     ledger: Ledger,
     fence: Fence | None = None,
     tasks: int | None = None,
 ) -> ray.data.Dataset:
     """sources -> admission -> decode (CPU tasks): the new inputs' crops for the tower.
 
+    ``manifest``: the cache's; None: the driver publishes it (and the decode settings) through the ledger once it
+    has it (:func:`decode_settings`, :meth:`Ledger.publish`), and the decode tasks wait for it.
     ``fence``: the run's lease, checked by every task before each file it publishes (:mod:`pipelines.lease`).
     ``tasks``: decode tasks at a time (default: as many as the cluster's CPUs allow, ``cache.decode_cpus`` each).
     """
     cache = config.cache
-    teacher_side = max(manifest.teacher["preprocess"]["size"])
-    settings = {
-        "max_pixels": cache.max_image_pixels,
-        "draft_short_side": max(teacher_side, manifest.image_size or 0) if cache.fast_decode else None,
-        "jpeg_quality": cache.jpeg_quality,
-    }
+    if manifest is None:
+        from isa.teacher import configured_image_size
+
+        teacher_side = configured_image_size(config.teacher.name) or 224
+    else:
+        teacher_side = max(manifest.teacher["preprocess"]["size"])
     # each decode call's crops go on as a block of their own: Ray Data would otherwise gather a task's outputs into
     # blocks of up to 128 MiB (850 crops at 224 px), and the tower would wait for as many decodes before its first
     # batch; the datasets keep the setting they were made with
@@ -323,8 +337,8 @@ def decoded(
         fn_kwargs={
             "ledger": ledger,
             "output": output,
-            "manifest": dataclasses.asdict(manifest),
-            "settings": settings,
+            "manifest": None if manifest is None else dataclasses.asdict(manifest),
+            "settings": None if manifest is None else decode_settings(cache, manifest),
             "attempts": ledger.attempts,  # a batch whose process died is decoded again input by input
             "fence": fence,
         },
@@ -371,10 +385,16 @@ def pipeline(
 
 
 def embed_in_driver(
-    inputs: ray.data.Dataset, tower: TeacherEmbedder, output: str, manifest: Manifest, config: Config, fence: Fence
+    batches: Iterable[dict[str, np.ndarray]],
+    tower: TeacherEmbedder,
+    output: str,
+    manifest: Manifest,
+    config: Config,
+    fence: Fence,
 ) -> None:
-    """The tower in this process: :func:`decoded`'s batches in, shards of ``cache.rows_per_shard`` rows out, each
-    written by a thread beside the tower (the next batches run while a shard is written)."""
+    """The tower in this process: :func:`decoded`'s batches (of ``cache.batch_size``) in, shards of
+    ``cache.rows_per_shard`` rows out, each written by a thread beside the tower (the next batches run while a
+    shard is written)."""
     cache, meta = config.cache, dataclasses.asdict(manifest)
     held: list[dict[str, np.ndarray]] = []  # embedded rows not yet in a shard
     writes: list[Future] = []
@@ -386,7 +406,7 @@ def embed_in_driver(
             writes.remove(done)
 
     with ThreadPoolExecutor(max_workers=1) as writer:
-        for batch in inputs.iter_batches(batch_size=cache.batch_size, batch_format="numpy"):
+        for batch in batches:
             if len(batch["uri"]):
                 held.append(tower(batch))
             while sum(len(rows["uri"]) for rows in held) >= cache.rows_per_shard:
@@ -438,27 +458,35 @@ def run(input_uri: str, output: str, config: Config, lease: Lease | None = None)
     fs, root = filesystem(output)
     before = disk_counts(output) if fs.isdir(root) else {"cached": 0, "rejected": 0, "duplicates": 0}
     ledger = start_ledger(output, config.cache.ledger_rows, before)  # its actors start while the teacher loads
+    device, teacher, batches = tower_device(config.cache), None, None
     try:
-        device, teacher = tower_device(config.cache), None
         if tower_in_driver(config.cache):
             from isa.build import build_teacher  # torch and open_clip: in this process only for a tower here
 
+            # the inputs are listed and admitted and the decode tasks start while the teacher loads here; they
+            # decode (and write) once the cache's manifest is written and published to them
+            inputs = decoded(input_uri, output, config, None, ledger, lease.fence, driver_decode_tasks())
+            batches = Prefetched(inputs.iter_batches(batch_size=config.cache.batch_size, batch_format="numpy"))
             teacher = build_teacher(config.teacher, device)
         manifest, _ = prepare_cache(output, check(input_uri, output, config, teacher), before)
+        if batches is not None:
+            ledger.publish(dataclasses.asdict(manifest), decode_settings(config.cache, manifest))
     except BaseException:
+        if batches is not None:
+            batches.close()
         ledger.kill()
         raise
     started = time.perf_counter()
-    if teacher is not None:
+    if teacher is not None and batches is not None:
         import torch
 
         threads = torch.get_num_threads()  # this process's, given back at the end
         try:
-            tower = TeacherEmbedder(
-                dataclasses.asdict(manifest), config.teacher.cache_dir, device, os.cpu_count() or 1, teacher
-            )
-            inputs = decoded(input_uri, output, config, manifest, ledger, lease.fence, driver_decode_tasks())
-            embed_in_driver(inputs, tower, output, manifest, config, lease.fence)
+            with batches:
+                tower = TeacherEmbedder(
+                    dataclasses.asdict(manifest), config.teacher.cache_dir, device, os.cpu_count() or 1, teacher
+                )
+                embed_in_driver(batches, tower, output, manifest, config, lease.fence)
         finally:
             torch.set_num_threads(threads)
     else:

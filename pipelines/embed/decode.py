@@ -66,8 +66,8 @@ def decode_batch(
     *,
     ledger: Ledger,
     output: str,
-    manifest: dict,
-    settings: dict,
+    manifest: dict | None,
+    settings: dict | None,
     attempts: Any = None,
     fence: Callable[[], None] | None = None,
 ) -> dict[str, np.ndarray]:
@@ -80,8 +80,12 @@ def decode_batch(
     ``attempts``: the actor keeping the run's :class:`~pipelines.embed.guard.Attempts`; a batch whose decoding
     process died is decoded again one input at a time in a child process
     (:func:`~pipelines.embed.guard.decode_guarded`). ``fence``: checked before each file is published
-    (:class:`pipelines.lease.Fence`).
+    (:class:`pipelines.lease.Fence`). ``manifest`` and ``settings`` None: the driver publishes them through the
+    ledger once its teacher is loaded and the cache's manifest written (:meth:`Ledger.publish`); the task waits
+    for them, so it decodes and writes nothing before.
     """
+    if manifest is None or settings is None:
+        manifest, settings = ledger.decoding()
     rows = [(str(u), d, e) for (u, d, e) in zip(batch["uri"], batch["data"], batch["error"])]
     decoded, errors = decode_guarded(decode_rows, rows, manifest, settings, attempts)
     duplicate_of = ledger.claim([d.id for d in decoded], [d.uri for d in decoded])

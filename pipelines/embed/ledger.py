@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 import posixpath
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,6 +35,7 @@ from pipelines.embed.guard import Attempts
 
 KEY = np.dtype("S16")  # a URI's or content id's key
 FILES_PER_TASK = 256  # cache files whose keys one loading task reads
+PUBLISH_POLL_S = 0.05  # how often a decode task asks whether its run's manifest is published
 
 
 def uri_keys(uris: Sequence[str]) -> np.ndarray:
@@ -100,6 +102,7 @@ class LedgerShard(Attempts):
         self.owner: dict[bytes, str] = {}  # content id key -> URI that caches it this run
         Attempts.__init__(self)
         self.batches: dict[str, tuple[int, int]] = {}  # batch key -> (inputs read, inputs skipped)
+        self.published: tuple[dict, dict] | None = None  # the run's manifest and decode settings
 
     @staticmethod
     def _sorted(parts: list[ray.ObjectRef]) -> np.ndarray:
@@ -129,6 +132,14 @@ class LedgerShard(Attempts):
             owner = self.owner.setdefault(key, uri)
             result.append(None if owner == uri else owner)
         return result
+
+    def publish(self, manifest: dict, settings: dict) -> None:
+        """The run's cache manifest and decode settings, once the driver has them (its teacher loaded, the
+        manifest written)."""
+        self.published = (manifest, settings)
+
+    def decoding(self) -> tuple[dict, dict] | None:
+        return self.published
 
     def counts(self) -> dict[str, int]:
         return {
@@ -166,6 +177,17 @@ class Ledger:
             for row, answer in zip(rows, ray.get(ref)):
                 result[row] = answer
         return result
+
+    def publish(self, manifest: dict, settings: dict) -> None:
+        """Hand the decode tasks of a run started before its teacher was loaded what they decode with."""
+        ray.get(self.shards[0].publish.remote(manifest, settings))
+
+    def decoding(self) -> tuple[dict, dict]:
+        """The run's manifest and decode settings (:meth:`publish`), waiting until the driver has published them.
+        A task of the run waits no longer than its driver lives: Ray ends a job's tasks with its driver."""
+        while (published := ray.get(self.shards[0].decoding.remote())) is None:
+            time.sleep(PUBLISH_POLL_S)
+        return published
 
     @property
     def attempts(self) -> ray.actor.ActorHandle:

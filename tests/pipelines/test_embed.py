@@ -527,6 +527,63 @@ def test_teacher_fingerprint_is_reused_until_its_weights_file_changes(ray_sessio
     assert teacher_fingerprint(config)["weights_sha256"] != second["weights_sha256"]
 
 
+def test_a_tower_in_the_driver_refused_its_teacher_writes_nothing(ray_session, tmp_path):
+    """The decode tasks start while the driver loads its teacher; they decode and write nothing until the cache's
+    manifest is written and published to them. A teacher the cache refuses (same model and weights file, other
+    weights) ends the run with nothing added, a bad input and a copy included."""
+    from safetensors.torch import save_file
+
+    from isa.teacher import load_teacher
+
+    weights = tmp_path / "teacher.safetensors"
+    folder, out = tmp_path / "images", tmp_path / "cache"
+    good = _write_scenes(folder, 3)
+    driver = ["cache.tower_in=driver", "cache.local_grid=0", f"teacher.pretrained={weights}"]
+    for seed in (1, 2):
+        model = load_teacher("isa-tiny-ViT", "none", seed=seed).model
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+        os.utime(weights, ns=(0, seed * 1_000_000_000))  # another file for the fingerprint's cache too
+        if seed == 1:
+            assert run(str(folder), str(out), _config(*driver)).cached == len(good)
+            before = sorted(p.relative_to(out) for p in out.rglob("*"))
+            (folder / "notes.txt").write_text("not an image")
+            shutil.copy(good[0], folder / "copy.png")
+    with pytest.raises(CacheError, match="weights"):
+        run(str(folder), str(out), _config(*driver))
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_prefetched_reads_ahead_hands_on_its_error_and_stops_when_closed():
+    from pipelines.embed.prefetch import Prefetched
+
+    reading = threading.Event()
+
+    def listing():
+        reading.set()
+        yield from (1, 2)
+        raise OSError("listing failed")
+
+    prefetched = Prefetched(listing())
+    assert reading.wait(10)  # before anyone iterates
+    got = []
+    with pytest.raises(OSError, match="listing failed"):
+        got.extend(prefetched)
+    assert got == [1, 2]
+
+    closed = threading.Event()
+
+    def endless():
+        try:
+            while True:
+                yield 0
+        finally:
+            closed.set()
+
+    with Prefetched(endless(), depth=1) as ahead:
+        assert next(iter(ahead)) == 0
+    assert closed.wait(10)  # the source is closed, not left reading
+
+
 def test_decoding_runs_in_tasks_of_its_own_beside_the_teacher_actors(ray_session, tmp_path, capsys):
     """Equal CPUs per decode task and per actor (the defaults): Ray Data must still not fuse decoding into the
     actor, where one actor would decode every image in turn. Each decode call's crops go on as a block of their
