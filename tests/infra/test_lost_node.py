@@ -1,8 +1,9 @@
 """The stages on a Ray cluster of several nodes (tests/_cluster.py: a head with no CPUs, as the shipped manifests
 start it, and two worker nodes, all on this machine), run as a user runs them: ``isa ...`` with ``RAY_ADDRESS``.
 
-A worker node is lost mid-``isa embed`` and mid-``isa train`` (its raylet killed, then the rest of it) and a
-replacement joins, as an autoscaler would start one: each run finishes with nothing lost and nothing twice.
+A worker node is lost mid-``isa embed`` and mid-``isa train`` (its raylet killed, then the rest of it); after the
+first loss a replacement joins while the embed run goes on, as an autoscaler would start one. Each run finishes
+with nothing lost and nothing twice.
 ``isa eval`` reads a checkpoint on S3 while its tasks run on a node other than the driver's.
 
 The run folders are local folders of this machine, which every node sees: shared storage, as a cluster's nodes
@@ -94,7 +95,9 @@ def test_embed_and_train_finish_once_when_a_node_is_lost(cluster, world, tmp_pat
 
     embedding = _isa(cluster, tmp_path / "embed.log", "embed", str(images), str(cache), *settings)
     lost = _lose_a_node(cluster, embedding, lambda: len(_parts(cache)) >= 2, "MapWorker")
-    _finish(embedding, tmp_path / "embed.log")  # on the node left
+    # a replacement, as an autoscaler starts one once a node is lost: two worker nodes again, the embed run going on
+    cluster.add_worker(WORKER_CPUS)
+    _finish(embedding, tmp_path / "embed.log")
     good = sorted(p for p in images.glob("*.png") if p.name != "broken.png")
     ids = _rows(cache, "id")
     assert len(ids) == len(set(ids)) == len({content_id(p.read_bytes()) for p in good})  # each image once
@@ -105,8 +108,7 @@ def test_embed_and_train_finish_once_when_a_node_is_lost(cluster, world, tmp_pat
         "cached": len(good), "rejected": 1, "duplicates": 0
     }  # fmt: skip
     assert not [p for p in cache.rglob("*") if ".tmp-" in p.name]
-    assert lost not in cluster.workers
-    cluster.add_worker(WORKER_CPUS)  # a replacement, as an autoscaler starts one: two worker nodes again
+    assert lost not in cluster.workers and len(cluster.workers) == 2
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     training = [
