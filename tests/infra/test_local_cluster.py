@@ -109,7 +109,7 @@ def test_a_failed_ray_start_stops_the_mlflow_server_it_started(tmp_path):
 def other_ray(ray_session) -> tuple[int, list[int]]:
     """Another Ray instance on this machine (another user's, say): the tests' own local instance, its processes
     below this one (its GCS, raylet, monitors, dashboard). Its GCS port and those processes."""
-    ray_processes = [p for p in descendants(os.getpid()) if "/site-packages/ray/" in command_line(p)]
+    ray_processes = [p for p in descendants(os.getpid()) if "/ray/" in command_line(p)]
     assert any(command_line(p).split(" ")[0].endswith("/gcs_server") for p in ray_processes)
     return int(ray_session.rsplit(":", 1)[1]), ray_processes
 
