@@ -8,6 +8,7 @@ test-server files, ``metrics.json``, ``table.md``, ``report.html``, the query-si
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import json
 import posixpath
@@ -48,6 +49,13 @@ from pipelines.teacher import TEACHER_CHOICE, check_fingerprint, choose_teacher
 CHECKPOINT_COPIES = "checkpoints"  # under eval.output: local copies of remote checkpoints
 
 
+def scratch_folder(prefix: str) -> str:
+    """A temporary folder of this process (local copies of remote checkpoints), removed when the process exits."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def local_copy(uri: str, output: str) -> str:
     """A local checkpoint for ``uri``: itself when local, else the latest remote checkpoint copied below OUTPUT.
 
@@ -64,7 +72,7 @@ def local_copy(uri: str, output: str) -> str:
     folder = latest_checkpoint(fs, path)
     if folder is None:
         raise CheckpointError(f"no complete checkpoint at {uri}: expected checkpoint_*/isa/{STATE_FILE} below it")
-    base = Path(output if "://" not in output else tempfile.mkdtemp())
+    base = Path(output if "://" not in output else scratch_folder("isa-eval-"))
     target = base / CHECKPOINT_COPIES / out.slug(fs.unstrip_protocol(folder))
     if not is_checkpoint(target):
         _copy_whole(fs, folder, target)

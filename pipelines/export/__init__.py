@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import io
 import posixpath
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -246,9 +245,9 @@ def local_checkpoint(folder: str) -> str:
     fs, _ = filesystem(folder)
     if isinstance(fs, LocalFileSystem):
         return folder
-    from pipelines.eval import local_copy  # imports Ray: only for remote checkpoints
+    from pipelines.eval import local_copy, scratch_folder  # imports Ray: only for remote checkpoints
 
-    return local_copy(folder, tempfile.mkdtemp(prefix="isa-export-"))
+    return local_copy(folder, scratch_folder("isa-export-"))
 
 
 def _checkpoint_step(folder: str) -> int:

@@ -156,8 +156,9 @@ class Searcher:
         from pipelines.index.store import GalleryIndex
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        local = str(find_checkpoint(local_copy(checkpoint, tempfile.mkdtemp(prefix="isa-search-"))))
-        self.encoder = QueryEncoder.from_checkpoint(local, build_teacher(teacher, device), device)
+        with tempfile.TemporaryDirectory(prefix="isa-search-") as copies:  # a remote checkpoint's copy, once read
+            local = str(find_checkpoint(local_copy(checkpoint, copies)))
+            self.encoder = QueryEncoder.from_checkpoint(local, build_teacher(teacher, device), device)
         self.index = GalleryIndex.load(index)
         self.k = k
 

@@ -154,9 +154,10 @@ class QueryEncoderDeployment:
 
         torch.set_num_threads(threads)
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-        path = find_checkpoint(local_copy(checkpoint, tempfile.mkdtemp(prefix="isa-serve-")))
         model = build_teacher(TeacherConfig(**teacher), self.device)
-        self.encoder = QueryEncoder.from_checkpoint(str(path), model, self.device)
+        with tempfile.TemporaryDirectory(prefix="isa-serve-") as copies:  # a remote checkpoint's copy, once read
+            path = find_checkpoint(local_copy(checkpoint, copies))
+            self.encoder = QueryEncoder.from_checkpoint(str(path), model, self.device)
         self.shards = shards
         self.search.set_max_batch_size(max_batch)
         self.search.set_batch_wait_timeout_s(batch_wait_ms / 1000)

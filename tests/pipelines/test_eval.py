@@ -12,6 +12,8 @@ import io
 import json
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -511,3 +513,16 @@ def test_report_escapes_the_html_in_captions_names_and_methods(tmp_path):
         assert shown in page, shown
     assert html.unescape(page).count("<img src=x onerror") == 1  # the one name, escaped, as a caption
     assert page.count('<img src="data:image/jpeg;base64,') == 6  # reference, target, 2 attention maps, 2 results
+
+
+def test_a_scratch_folder_for_checkpoint_copies_goes_when_its_process_exits():
+    """Where a remote checkpoint is copied for a process that uses it to its end (``isa eval`` writing to object
+    storage, ``isa export``): nothing is left in the temporary folder of the machine."""
+    code = (
+        "import pathlib; from pipelines.eval import scratch_folder; folder = scratch_folder('isa-eval-'); "
+        "pathlib.Path(folder, 'weights.safetensors').write_bytes(b'0' * 1024); print(folder)"
+    )
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr
+    folder = Path(child.stdout.split()[-1])
+    assert folder.name.startswith("isa-eval-") and not folder.exists()
