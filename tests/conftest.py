@@ -109,13 +109,13 @@ def train_cache(ray_session, world_images, tmp_path_factory) -> str:
 LONGEST_FIRST = (
     "pipelines/test_train.py",
     "infra/test_lost_node.py",
+    "pipelines/test_quickstart.py",
     "tune/test_sweep.py",
     "pipelines/test_embed.py",
     "tune/test_ablate.py",
     "pipelines/test_eval.py",
     "pipelines/test_serve.py",
     "pipelines/test_export.py",
-    "pipelines/test_quickstart.py",
 )
 
 
