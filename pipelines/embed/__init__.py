@@ -477,7 +477,7 @@ def run(input_uri: str, output: str, config: Config, lease: Lease | None = None)
         ledger.kill()
         raise
     started = time.perf_counter()
-    if teacher is not None and batches is not None:
+    if batches is not None:  # the tower in this process, its teacher loaded
         import torch
 
         threads = torch.get_num_threads()  # this process's, given back at the end

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import hashlib
 import http.server
@@ -37,7 +38,7 @@ from isa.images import content_id
 from isa.teacher import register_project_configs
 from pipelines import lease
 from pipelines.cli import main as cli_main
-from pipelines.embed import decoded, pipeline, prepare_cache, run, start_ledger, tower_in_driver
+from pipelines.embed import decode_settings, decoded, pipeline, prepare_cache, run, start_ledger, tower_in_driver
 from pipelines.lease import LEASE_FILE, Lease, LeaseHeld
 from pipelines.teacher import teacher_fingerprint
 
@@ -600,6 +601,19 @@ def test_decoding_runs_in_tasks_of_its_own_beside_the_teacher_actors(ray_session
         pipeline(str(tmp_path / "images"), str(tmp_path / "cache"), config, manifest, ledger).explain()
         inputs = decoded(str(tmp_path / "images"), str(tmp_path / "cache"), config, manifest, ledger)
         blocks = sorted(len(block["uri"]) for block in inputs.iter_batches(batch_size=None))
+        # made before the manifest is known (a tower in the driver): listed and admitted, but decoded only once
+        # the manifest is published through the ledger
+        waiting = decoded(str(tmp_path / "images"), str(tmp_path / "cache"), config, None, ledger)
+        later: list[int] = []
+        reader = threading.Thread(
+            target=lambda: later.extend(len(b["uri"]) for b in waiting.iter_batches(batch_size=None))
+        )
+        reader.start()
+        reader.join(timeout=5)
+        assert reader.is_alive() and later == []
+        ledger.publish(dataclasses.asdict(manifest), decode_settings(config.cache, manifest))
+        reader.join(timeout=120)
+        assert sorted(later) == blocks
     finally:
         ledger.kill()
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
