@@ -11,6 +11,9 @@ The nodes share this machine's disk, as the nodes of a real cluster share networ
 to a stage counts as shared storage. :attr:`LocalCluster.head_only` is the one exception: a folder of the head's
 own disk, which the worker nodes do not see (each runs in a mount namespace with an empty tmpfs over it), as the
 head's local disk is not seen by the other machines of a real cluster.
+
+The head declares a node dead after 5 failed health checks 1 s apart (Ray's defaults: 3 s apart, about 15 s per
+lost node); a live node under load still answers within Ray's 10 s check timeout.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from pathlib import Path
 from _ports import free_port
 
 BIN = Path(sys.executable).parent
+# the GCS's health checks of the nodes (Ray system config, read at ``ray start --head``)
+HEALTH_CHECKS = '{"health_check_period_ms": 1000, "health_check_failure_threshold": 5}'
 
 
 @dataclass
@@ -221,6 +226,7 @@ class LocalCluster:
                 f"--port={self.port}",
                 "--include-dashboard=false",
                 f"--ray-client-server-port={free_port()}",
+                f"--system-config={HEALTH_CHECKS}",
             ]
             return self._start("head", options, 0, hide_head_only=False)
 
