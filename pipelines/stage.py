@@ -8,10 +8,12 @@ starts), ``run(...)`` (the work, returning its result) and ``main(argv)``; error
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from isa.config import Config
 
@@ -113,3 +115,20 @@ def init_ray(
         ray.init(include_dashboard=dashboard, _system_config=system)
     else:
         ray.init(include_dashboard=dashboard)
+
+
+@contextlib.contextmanager
+def data_context(**settings: Any) -> Iterator[None]:
+    """Ray Data's current ``DataContext`` with ``settings`` (its field names) while datasets are made, as it was
+    after: each dataset keeps the context it was made with, the datasets made later get the defaults again."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    before = {name: getattr(context, name) for name in settings}
+    for name, value in settings.items():
+        setattr(context, name, value)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            setattr(context, name, value)

@@ -44,7 +44,7 @@ from pipelines.embed.prefetch import Prefetched
 from pipelines.embed.sources import check_input, read_sources, source_options
 from pipelines.embed.tower import TeacherEmbedder
 from pipelines.lease import Fence, Lease
-from pipelines.stage import config_parser, init_ray
+from pipelines.stage import config_parser, data_context, init_ray
 from pipelines.teacher import choose_teacher, teacher_fingerprint
 
 if TYPE_CHECKING:
@@ -324,13 +324,8 @@ def decoded(
     # each decode call's crops go on as a block of their own: Ray Data would otherwise gather a task's outputs into
     # blocks of up to 128 MiB (850 crops at 224 px), and the tower would wait for as many decodes before its first
     # batch; the datasets keep the setting they were made with
-    context = ray.data.DataContext.get_current()
-    default_block_bytes = context.target_max_block_size
-    context.target_max_block_size = cache.decode_batch_size * teacher_side**2 * 3
-    try:
+    with data_context(target_max_block_size=cache.decode_batch_size * teacher_side**2 * 3):
         inputs = admitted(input_uri, output, config, ledger)
-    finally:
-        context.target_max_block_size = default_block_bytes
     return inputs.map_batches(
         decode_batch,
         batch_size=cache.decode_batch_size,

@@ -22,6 +22,7 @@ from isa.config import Config
 from isa.split import is_validation
 from isa.storage import filesystem, read_column_values, reader_options
 from pipelines.console import without_progress_bars
+from pipelines.stage import data_context
 
 VIEW_ROWS = 256  # rows per call of the decode-and-view tasks: bounded memory per task, whatever the shard size
 
@@ -95,13 +96,8 @@ def datasets(
     }
     geometry = {"preprocess": manifest.teacher["preprocess"], "grid": manifest.local_grid} if lar and manifest else {}
     storage = reader_options(config.train.cache)  # object storage with the S3 settings of isa.storage
-    context = ray.data.DataContext.get_current()
-    v2 = context.use_datasource_v2
-    context.use_datasource_v2 = False  # reader V2 reads a path listed twice only once; V1 reads every entry
-    try:
+    with data_context(use_datasource_v2=False):  # reader V2 reads a path listed twice only once; V1 reads every entry
         train = ray.data.read_parquet(pass_order(parts, passes, config.train.seed), **storage).select_columns(columns)
-    finally:
-        context.use_datasource_v2 = v2
     views = {"batch_size": VIEW_ROWS}
     train = train.map_batches(split_and_view, fn_kwargs={"validation": False, **split, **geometry}, **views)
     val = ray.data.read_parquet(parts, **storage).select_columns(columns)

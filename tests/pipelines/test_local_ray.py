@@ -72,3 +72,16 @@ def test_single_machine_instance_lets_idle_workers_go_and_starts_no_idle_watcher
     else:  # Ray's defaults with a dashboard: idle workers stay (up to one per CPU), the cleaner runs
         assert found["idle_workers"] >= 1
         assert found["cleaner"] is True and found["preemption_watcher"] is None
+
+
+def test_data_context_settings_hold_while_datasets_are_made_and_go_after_even_on_an_error():
+    import ray.data
+
+    from pipelines.stage import data_context
+
+    context = ray.data.DataContext.get_current()
+    before = (context.target_max_block_size, context.use_datasource_v2)
+    with pytest.raises(ValueError), data_context(target_max_block_size=1234, use_datasource_v2=not before[1]):
+        assert (context.target_max_block_size, context.use_datasource_v2) == (1234, not before[1])
+        raise ValueError("a dataset that could not be made")
+    assert (context.target_max_block_size, context.use_datasource_v2) == before
