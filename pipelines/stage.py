@@ -91,12 +91,14 @@ def init_ray(
     """Join ``RAY_ADDRESS`` when set (e.g. under ``ray job submit``), else start a local instance; the console
     output is set first (:func:`pipelines.console.configure`: progress bars in a terminal, plain lines elsewhere).
 
+    Ray Train starts no preemption watcher in a local instance: the watcher (a process per run, and an error line
+    from Ray at its start) waits for cluster nodes being drained, which a local instance never has.
+
     Args:
         dashboard: whether a local instance starts Ray's dashboard (None: when its packages are installed).
         single_machine: a local instance sized for one small machine (the quickstart): a worker process idle
             for ``idle_worker_seconds`` exits instead of staying (Ray keeps one per CPU, each holding what its
-            tasks imported), and Ray Train starts no preemption watcher (it watches for cluster nodes being
-            drained).
+            tasks imported).
         idle_worker_seconds: how long a worker process of a single-machine instance may stay idle (Ray's
             ``idle_worker_killing_time_threshold_ms``); ignored otherwise.
     """
@@ -108,8 +110,9 @@ def init_ray(
     if ray.is_initialized():
         return
     configure(progress)  # progress bars or plain lines, before Ray starts
-    if single_machine and not os.environ.get("RAY_ADDRESS"):
+    if not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # read by Ray Train's controller
+    if single_machine and not os.environ.get("RAY_ADDRESS"):
         idle_ms = round(idle_worker_seconds * 1000)
         system = {"num_workers_soft_limit": 0, "idle_worker_killing_time_threshold_ms": idle_ms}
         ray.init(include_dashboard=dashboard, _system_config=system)
