@@ -96,11 +96,13 @@ def datasets(
     }
     geometry = {"preprocess": manifest.teacher["preprocess"], "grid": manifest.local_grid} if lar and manifest else {}
     storage = reader_options(config.train.cache)  # object storage with the S3 settings of isa.storage
-    with data_context(use_datasource_v2=False):  # reader V2 reads a path listed twice only once; V1 reads every entry
+    # Ray Data's parquet reader V1 for both: V2 reads a path listed twice only once (V1 reads every entry), and
+    # starts a pool of footer-reading actors (a process each) for every read, here of a handful of files
+    with data_context(use_datasource_v2=False):
         train = ray.data.read_parquet(pass_order(parts, passes, config.train.seed), **storage).select_columns(columns)
+        val = ray.data.read_parquet(parts, **storage).select_columns(columns)
     views = {"batch_size": VIEW_ROWS}
     train = train.map_batches(split_and_view, fn_kwargs={"validation": False, **split, **geometry}, **views)
-    val = ray.data.read_parquet(parts, **storage).select_columns(columns)
     val = val.map_batches(split_and_view, fn_kwargs={"validation": True, **split}, **views)
     val = val.limit(config.train.val_images)
     # read in Ray Train's processes, whose progress bars the driver would draw again after they finish; the
