@@ -110,9 +110,10 @@ def init_ray(
     if ray.is_initialized():
         return
     configure(progress)  # progress bars or plain lines, before Ray starts
-    if not os.environ.get("RAY_ADDRESS"):
+    local = not os.environ.get("RAY_ADDRESS")
+    if local:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # read by Ray Train's controller
-    if single_machine and not os.environ.get("RAY_ADDRESS"):
+    if local and single_machine:
         idle_ms = round(idle_worker_seconds * 1000)
         system = {"num_workers_soft_limit": 0, "idle_worker_killing_time_threshold_ms": idle_ms}
         ray.init(include_dashboard=dashboard, _system_config=system)
