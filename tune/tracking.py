@@ -10,6 +10,7 @@ parent. Only ``MlflowClient`` calls: no active-run state.
 from __future__ import annotations
 
 import math
+import posixpath
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -99,9 +100,18 @@ def close_child(uri: str, run: Any, status: str, metrics: Mapping[str, float], c
     mlflow.set_tag(run_id, STATUS_TAG, status)
     if run.info.status == "FINISHED":  # the train run reached its end: model and status are its own
         return
-    if checkpoint and status != "failed" and not mlflow.list_artifacts(run_id, MODEL_ARTIFACT):
-        _log_model(mlflow, run_id, checkpoint)
+    if checkpoint and status != "failed" and not _has_model(mlflow, run_id):
+        _log_model(mlflow, run_id, checkpoint)  # over a model whose upload the trial's stop cut short
     mlflow.set_terminated(run_id, "FAILED" if status == "failed" else "KILLED")
+
+
+def _has_model(mlflow: Any, run_id: str) -> bool:
+    """Whether the run's ``model`` artifact holds every file of a model (a trial stopped while its train run
+    uploaded one leaves some of them)."""
+    from isa.checkpoint_files import REQUIRED_FILES
+
+    names = {posixpath.basename(artifact.path) for artifact in mlflow.list_artifacts(run_id, MODEL_ARTIFACT)}
+    return set(REQUIRED_FILES) <= names
 
 
 def _log_model(mlflow: Any, run_id: str, checkpoint: str) -> None:
