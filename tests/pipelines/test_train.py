@@ -260,7 +260,7 @@ def test_train_and_eval_by_hand_record_into_one_store_a_rerun_is_refused_and_a_r
     """``isa train`` then ``isa eval`` from a working folder, nothing about MLflow set: one ``runs/mlflow.db``, the
     artifacts beside it, both runs FINISHED, the eval run tagged with its training run, no ``mlruns/`` anywhere.
     Then the same command again, a resume with nothing to do and one changing the batch are refused (the folder and
-    the finished MLflow run as they were); a resume with more steps goes on where the run stopped.
+    the finished MLflow run as they were); a resume with more steps, on one worker, goes on where the run stopped.
 
     The run is a DDP run of two workers whose student input (80 px) is larger than the cache's 64 px images: the
     workers resize them."""
@@ -329,12 +329,14 @@ def test_train_and_eval_by_hand_record_into_one_store_a_rerun_is_refused_and_a_r
     assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()} == before
     assert client.get_run(finished.info.run_id).info == finished.info  # still FINISHED, never reopened
 
-    assert isa(["train", "--resume", str(run_dir), "train.max_steps=12"]) == 0
+    # the resume goes on with one worker instead of two: the same global batch on other resources
+    assert isa(["train", "--resume", str(run_dir), "train.max_steps=12", "train.num_workers=1"]) == 0
     assert "finished at step 12" in capsys.readouterr().out
     assert _steps(run_dir) == [4, 8, 12]
     last = load_checkpoint(_checkpoints(run_dir)[-1])
     assert last.state["step"] == 12 and last.state["total_steps"] == 12
-    assert json.loads((run_dir / RUN_CONFIG_FILE).read_text())["train"]["max_steps"] == 12  # agrees with it
+    recorded = json.loads((run_dir / RUN_CONFIG_FILE).read_text())["train"]  # agrees with it
+    assert recorded["max_steps"] == 12 and recorded["num_workers"] == 1 and recorded["global_batch_size"] == 32
     (resumed,) = client.search_runs([client.get_experiment_by_name("isa").experiment_id])  # the same MLflow run
     assert resumed.info.run_id == finished.info.run_id and resumed.info.status == "FINISHED"
     assert {4, 8, 12} <= {m.step for m in client.get_metric_history(resumed.info.run_id, "loss")}
