@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from isa.checkpoint_files import REQUIRED_FILES
 from pipelines.tracking import MODEL_ARTIFACT, client, log_model, log_params, start_run
 
 TRIAL_TAG = "isa.trial_id"  # on every child run: the Tune trial id
@@ -108,8 +109,6 @@ def close_child(uri: str, run: Any, status: str, metrics: Mapping[str, float], c
 def _has_model(mlflow: Any, run_id: str) -> bool:
     """Whether the run's ``model`` artifact holds every file of a model (a trial stopped while its train run
     uploaded one leaves some of them)."""
-    from isa.checkpoint_files import REQUIRED_FILES
-
     names = {posixpath.basename(artifact.path) for artifact in mlflow.list_artifacts(run_id, MODEL_ARTIFACT)}
     return set(REQUIRED_FILES) <= names
 
