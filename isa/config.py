@@ -169,6 +169,11 @@ class CacheConfig:
     # no actor to start, the model built once) or "auto": the driver when the Ray cluster is one node, the
     # driver's, and the tower runs on its CPU (a laptop or one box), actors otherwise
     tower_in: Literal["auto", "driver", "actors"] = "auto"
+    # how a run executes: "ray" (Ray Data, on the cluster joined or a local instance), "local" (this process and
+    # decode helpers, no Ray: a local folder or .txt list into a local cache, the tower on this machine's CPU) or
+    # "auto": local when nothing calls for Ray (no cluster or instance joined, no GPU, a cache of at most
+    # ledger_rows rows), ray otherwise; both write the same cache
+    runner: Literal["auto", "ray", "local"] = "auto"
     num_actors: int = 1  # teacher actors in the pool
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: one GPU per actor when the cluster has GPUs
     actor_cpus: float = 1.0  # logical CPUs reserved per teacher actor (torch threads: rounded up)

@@ -2,7 +2,8 @@
 
 read (folder | s3 prefix | list file | tar shards | parquet) -> decode and validate (CPU tasks) -> teacher
 image tower (actor pool, one GPU each when present; or the driver itself on one CPU machine) -> Parquet shards +
-``_isa_cache.json``.
+``_isa_cache.json``. A local folder or list file into a local cache on a machine with no cluster to join runs the
+same steps without Ray (``cache.runner``, :mod:`pipelines.embed.local`).
 Resumable and idempotent: a rerun skips what the cache holds; bad inputs go to ``_errors/``.
 """
 
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import ray
 import ray.data
+from fsspec.implementations.local import LocalFileSystem
 
 from isa.cache import (
     DUPLICATES_DIR,
@@ -34,12 +36,13 @@ from isa.cache import (
     read_manifest,
     write_manifest,
 )
-from isa.config import CacheConfig, Config, given_keys, load_config
+from isa.config import CacheConfig, Config, ConfigError, given_keys, load_config
 from isa.storage import absolute_uri, count_rows, filesystem, remove_staging
 from pipelines.artifact import check_folder
 from pipelines.embed import ledger as ledgers
 from pipelines.embed.decode import admit_batch, count_new, decode_batch, write_shard
-from pipelines.embed.ledger import Ledger
+from pipelines.embed.ledger import Ledger, LocalLedger
+from pipelines.embed.local import Decoders, local_batches, local_input
 from pipelines.embed.prefetch import Prefetched
 from pipelines.embed.sources import check_input, read_sources, source_options
 from pipelines.embed.tower import TeacherEmbedder
@@ -287,6 +290,45 @@ def tower_in_driver(cache: CacheConfig) -> bool:
     return tower_device(cache) == "cpu" and len(nodes) == 1 and nodes[0]["NodeID"] == here
 
 
+def runner(input_uri: str, output: str, config: Config, ray_started: bool) -> str:
+    """How a run executes, ``"local"`` or ``"ray"`` (``cache.runner``; ``ray_started``: this process has joined a Ray
+    instance already). auto: local when nothing calls for Ray: no Ray instance joined and none named by
+    ``RAY_ADDRESS``, an input this process can list (:func:`~pipelines.embed.local.local_input`), a cache on this
+    machine's disk holding at most ``cache.ledger_rows`` rows, and a tower that may run on this machine's CPU, which
+    has no GPU.
+
+    Raises:
+        ConfigError: ``cache.runner=local`` for a run that cannot go without Ray, naming why.
+    """
+    cache = config.cache
+    if cache.runner == "ray":
+        return "ray"
+    refusals = [reason for reason in (local_input(input_uri, cache), _local_output(output)) if reason]
+    if cache.tower_in == "actors" or cache.device == "cuda":
+        refusals.append(
+            f"cache.tower_in={cache.tower_in} and cache.device={cache.device} ask for Ray's actors or a GPU"
+        )
+    if cache.runner == "local":
+        if refusals:
+            raise ConfigError(f"cache.runner=local runs without Ray, which this run cannot: {'; '.join(refusals)}")
+        return "local"
+    if refusals or ray_started or os.environ.get("RAY_ADDRESS"):
+        return "ray"
+    fs, root = filesystem(output)
+    if fs.isdir(root) and sum(disk_counts(output).values()) > cache.ledger_rows:
+        return "ray"  # a ledger split over shards
+    if cache.device == "auto":
+        import torch  # the tower in this process needs it anyway
+
+        return "ray" if torch.cuda.is_available() else "local"
+    return "local"
+
+
+def _local_output(output: str) -> str | None:
+    fs, _ = filesystem(output)
+    return None if isinstance(fs, LocalFileSystem) else "the cache is not on this machine's disk"
+
+
 def decode_settings(cache: CacheConfig, manifest: Manifest) -> dict:
     """What decode tasks decode with besides the manifest: the pixel limit, the reduced JPEG decoding size
     (``cache.fast_decode``: the larger of the teacher's side and the cached image's), the student JPEG quality."""
@@ -452,16 +494,24 @@ def run(input_uri: str, output: str, config: Config, lease: Lease | None = None)
             return run(input_uri, output, config, held)
     fs, root = filesystem(output)
     before = disk_counts(output) if fs.isdir(root) else {"cached": 0, "rejected": 0, "duplicates": 0}
-    ledger = start_ledger(output, config.cache.ledger_rows, before)  # its actors start while the teacher loads
-    device, teacher, batches = tower_device(config.cache), None, None
+    local = runner(input_uri, output, config, ray.is_initialized()) == "local"
+    decoders = Decoders(driver_decode_tasks()) if local else None  # forked before any thread or model of this run
+    ledger: Ledger | LocalLedger
+    # the ledger's actors start while the teacher loads
+    ledger = LocalLedger(output) if local else start_ledger(output, config.cache.ledger_rows, before)
+    device, teacher, batches = "cpu" if local else tower_device(config.cache), None, None
     try:
-        if tower_in_driver(config.cache):
+        if local or tower_in_driver(config.cache):
             from isa.build import build_teacher  # torch and open_clip: in this process only for a tower here
 
-            # the inputs are listed and admitted and the decode tasks start while the teacher loads here; they
-            # decode (and write) once the cache's manifest is written and published to them
-            inputs = decoded(input_uri, output, config, None, ledger, lease.fence, driver_decode_tasks())
-            batches = Prefetched(inputs.iter_batches(batch_size=config.cache.batch_size, batch_format="numpy"))
+            # the inputs are listed and admitted (and Ray's decode tasks start) while the teacher loads here; they
+            # are decoded (and written) once the cache's manifest is written and published to the decoding
+            if decoders is not None:
+                chunks = local_batches(input_uri, output, config, ledger, decoders, lease.fence)
+            else:
+                inputs = decoded(input_uri, output, config, None, ledger, lease.fence, driver_decode_tasks())
+                chunks = inputs.iter_batches(batch_size=config.cache.batch_size, batch_format="numpy")
+            batches = Prefetched(chunks)
             teacher = build_teacher(config.teacher, device)
         manifest, _ = prepare_cache(output, check(input_uri, output, config, teacher), before)
         if batches is not None:
@@ -470,6 +520,8 @@ def run(input_uri: str, output: str, config: Config, lease: Lease | None = None)
         if batches is not None:
             batches.close()
         ledger.kill()
+        if decoders is not None:
+            decoders.close()
         raise
     started = time.perf_counter()
     if batches is not None:  # the tower in this process, its teacher loaded
@@ -484,6 +536,8 @@ def run(input_uri: str, output: str, config: Config, lease: Lease | None = None)
                 embed_in_driver(batches, tower, output, manifest, config, lease.fence)
         finally:
             torch.set_num_threads(threads)
+            if decoders is not None:
+                decoders.close()
     else:
         for _ in pipeline(input_uri, output, config, manifest, ledger, lease.fence).iter_batches(batch_size=None):
             pass  # rows are written by the shard writers; only their counts come back
@@ -515,7 +569,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_start(input_uri, output, config)
     lease = None if dry else Lease.acquire(output, COMMAND, args.wait)  # before Ray: a held output is refused now
     try:
-        init_ray()
+        if dry or runner(input_uri, output, config, ray.is_initialized()) == "ray":
+            init_ray()
+        else:
+            print(
+                "isa embed: in this process, without Ray (a local input into a local cache on one CPU machine: "
+                "cache.runner=ray to use Ray)",
+                flush=True,
+            )
         summary = dry_run(input_uri, output, config) if dry else run(input_uri, output, config, lease)
     finally:
         if lease is not None:

@@ -89,9 +89,9 @@ def decode_batch(
     rows = [(str(u), d, e) for (u, d, e) in zip(batch["uri"], batch["data"], batch["error"])]
     decoded, errors = decode_guarded(decode_rows, rows, manifest, settings, attempts)
     duplicate_of = ledger.claim([d.id for d in decoded], [d.uri for d in decoded])
-    _record(output, errors, [(d.uri, d.id, o) for d, o in zip(decoded, duplicate_of) if o is not None], fence)
+    record_rejects(output, errors, [(d.uri, d.id, o) for d, o in zip(decoded, duplicate_of) if o is not None], fence)
     first = [d for d, o in zip(decoded, duplicate_of) if o is None]
-    return _decoded_columns(first, manifest)
+    return decoded_columns(first, manifest)
 
 
 class Decoded(NamedTuple):
@@ -139,7 +139,7 @@ def _read(uri: str) -> bytes:
         raise ImageRejected(f"unreadable: {type(error).__name__}: {error}") from None
 
 
-def _decoded_columns(rows: list[Decoded], manifest: dict) -> dict:
+def decoded_columns(rows: list[Decoded], manifest: dict) -> dict:
     width, height = manifest["teacher"]["preprocess"]["size"]
     crops = np.zeros((len(rows), height, width, 3), dtype=np.uint8)  # (B, S, S, 3)
     for index, row in enumerate(rows):
@@ -154,7 +154,7 @@ def _decoded_columns(rows: list[Decoded], manifest: dict) -> dict:
     }
 
 
-def _record(
+def record_rejects(
     output: str,
     errors: list[tuple[str, str]],
     duplicates: list[tuple[str, str, str]],

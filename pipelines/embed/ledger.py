@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 import posixpath
+import threading
 import time
 from collections.abc import Sequence
 
@@ -66,10 +67,9 @@ def _split(keys: np.ndarray, shards: int) -> list[np.ndarray]:
     return [keys[where == shard] for shard in range(shards)]
 
 
-@ray.remote(num_cpus=0.5)
-def _cache_keys(files: list[str], with_ids: bool, shards: int) -> list[np.ndarray] | np.ndarray:
-    """The keys of the URIs (and, ``with_ids``, of the content ids) of some cache files, split by shard: one return
-    value per shard, the URIs' first, then the ids'."""
+def cache_keys(files: list[str], with_ids: bool, shards: int) -> list[np.ndarray] | np.ndarray:
+    """The keys of the URIs (and, ``with_ids``, of the content ids) of some cache files, split by shard: one array
+    per shard, the URIs' first, then the ids' (a single array for one)."""
     columns = ["uri", "id"] if with_ids else ["uri"]
     parts: list[list[np.ndarray]] = [[] for _ in range(shards * len(columns))]
     for uri in files:
@@ -85,31 +85,26 @@ def _cache_keys(files: list[str], with_ids: bool, shards: int) -> list[np.ndarra
     return merged if len(merged) > 1 else merged[0]
 
 
-@ray.remote(num_cpus=0)
-class LedgerShard(Attempts):
-    """One part of the key space: what the cache held (sorted keys) and this run's new inputs; the first shard also
-    counts the run's decode attempts (:class:`~pipelines.embed.guard.Attempts`).
+_cache_keys = ray.remote(num_cpus=0.5)(cache_keys)  # one loading task
+
+
+class LedgerBook(Attempts):
+    """One part of the key space: what the cache held (sorted keys) and this run's new inputs; it also counts the
+    run's decode attempts (:class:`~pipelines.embed.guard.Attempts`, used on the first shard only).
 
     Args:
-        done_parts: references to the keys of URIs the cache accounts for (cached, rejected, duplicates).
-        id_parts: references to the keys of the content ids cached.
+        done: the sorted keys of the URIs the cache accounts for (cached, rejected, duplicates).
+        cached_ids: the sorted keys of the content ids cached.
     """
 
-    def __init__(self, done_parts: list[ray.ObjectRef], id_parts: list[ray.ObjectRef]):
-        self.done = self._sorted(done_parts)
-        self.cached_ids = self._sorted(id_parts)
+    def __init__(self, done: np.ndarray, cached_ids: np.ndarray):
+        self.done = done
+        self.cached_ids = cached_ids
         self.admitted: dict[bytes, str] = {}  # URI key -> key of the batch that took it this run
         self.owner: dict[bytes, str] = {}  # content id key -> URI that caches it this run
         Attempts.__init__(self)
         self.batches: dict[str, tuple[int, int]] = {}  # batch key -> (inputs read, inputs skipped)
         self.published: tuple[dict, dict] | None = None  # the run's manifest and decode settings
-
-    @staticmethod
-    def _sorted(parts: list[ray.ObjectRef]) -> np.ndarray:
-        # the parts are read-only views of the object store; the shard's own memory holds one copy of its keys
-        keys = np.concatenate([np.zeros(0, dtype=KEY), *ray.get(parts)])
-        keys.sort()
-        return keys
 
     def admit(self, keys: np.ndarray, batch_key: str) -> np.ndarray:
         """True for inputs this batch should process; a retried batch gets the same answer again."""
@@ -146,6 +141,23 @@ class LedgerShard(Attempts):
             "read": sum(read for read, _ in self.batches.values()),
             "skipped": sum(skipped for _, skipped in self.batches.values()),
         }
+
+
+def merged_keys(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """One sorted array of the keys of ``parts``."""
+    keys = np.concatenate([np.zeros(0, dtype=KEY), *parts])
+    keys.sort()
+    return keys
+
+
+@ray.remote(num_cpus=0)
+class LedgerShard(LedgerBook):
+    """A :class:`LedgerBook` in an actor of its own, its keys read by tasks (``done_parts``, ``id_parts``: references
+    to them)."""
+
+    def __init__(self, done_parts: list[ray.ObjectRef], id_parts: list[ray.ObjectRef]):
+        # the parts are read-only views of the object store; the shard's own memory holds one copy of its keys
+        super().__init__(merged_keys(ray.get(done_parts)), merged_keys(ray.get(id_parts)))
 
 
 class Ledger:
@@ -206,6 +218,61 @@ class Ledger:
         """End the shards' processes (and the keys they hold) now."""
         for shard in self.shards:
             ray.kill(shard)
+
+
+class LocalLedger:
+    """The ledger of a run without Ray (``cache.runner``): one :class:`LedgerBook` in this process, with the keys of
+    the whole cache (a run goes this way only for a cache of at most ``cache.ledger_rows`` rows, one shard's worth).
+    It answers as :class:`Ledger` does; the run's decode helpers are watched by the run itself, so it counts no
+    attempts."""
+
+    attempts = None
+
+    def __init__(self, output: str):
+        fs, root = filesystem(output)
+
+        def keys(folder: str, with_ids: bool) -> list[np.ndarray]:
+            files = [full_uri(fs, p) for p in list_parts(fs, folder)] if fs.exists(folder) else []
+            found = cache_keys(files, with_ids, 1)
+            return found if isinstance(found, list) else [found]
+
+        cached = keys(root, True)  # the URIs' keys, then the ids'
+        done = [cached[0], *keys(posixpath.join(root, ERRORS_DIR), False)]
+        done += keys(posixpath.join(root, DUPLICATES_DIR), False)
+        self.book = LedgerBook(merged_keys(done), merged_keys(cached[1:]))
+        self._published = threading.Event()
+
+    def admit(self, uris: Sequence[str], batch_key: str) -> np.ndarray:
+        """A mask of the inputs this batch processes: not accounted for by the cache, listed first here."""
+        return self.book.admit(uri_keys(uris), batch_key)
+
+    def claim(self, ids: Sequence[str], uris: Sequence[str]) -> list[str | None]:
+        """For each new image: None where it is the first with its bytes, else the URI (or "cache") holding them."""
+        return self.book.claim(id_keys(ids), list(uris))
+
+    def publish(self, manifest: dict, settings: dict) -> None:
+        """Hand the run's decoding what it decodes with, once the teacher is loaded and the manifest written."""
+        self.book.publish(manifest, settings)
+        self._published.set()
+
+    def decoding(self) -> tuple[dict, dict]:
+        """The run's manifest and decode settings, waiting until :meth:`publish`.
+
+        Raises:
+            RuntimeError: the run ended (:meth:`kill`) before publishing them.
+        """
+        self._published.wait()
+        if self.book.published is None:
+            raise RuntimeError("the run ended before its cache's manifest was written")
+        return self.book.published
+
+    def counts(self) -> dict[str, int]:
+        """Inputs read and skipped so far."""
+        return self.book.counts()
+
+    def kill(self) -> None:
+        """End the run's use of the ledger: a decoding still waiting for the manifest stops."""
+        self._published.set()
 
 
 def start_ledger(output: str, rows: int, rows_per_shard: int) -> Ledger:

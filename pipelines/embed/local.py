@@ -1,0 +1,219 @@
+"""``isa embed`` without Ray (``cache.runner``): a local folder or list file into a local cache, all in one process
+and its decode helpers.
+
+Ray's start and Ray Data's first execution (its coordinating actors, the worker processes and their imports) cost
+seconds of CPU, which a run of a few hundred images on a laptop feels. This runs the same steps with the same
+guarantees as the Ray pipeline of ``pipelines.embed``:
+
+- the inputs are listed as they are read (``os.scandir``, a list file line by line): no list of them is held;
+- the ledger's own bookkeeping tells new inputs and duplicates (:class:`~pipelines.embed.ledger.LocalLedger`);
+- helper processes decode, a decode call's inputs at a time, while the tower runs (one helper per 8 cores, as
+  beside a tower in the Ray driver); an input that kills its helper is found by decoding that call's inputs again
+  one at a time, each in a child of its own (:func:`~pipelines.embed.guard.decode_isolated`), and rejected with how
+  its process ended;
+- rejects and duplicates are recorded, and the tower and the shard writes run, as with a tower in the Ray driver.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import multiprocessing
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import numpy as np
+from fsspec.implementations.local import LocalFileSystem
+
+from isa.config import CacheConfig, Config
+from isa.storage import filesystem, full_uri
+from pipelines.embed.decode import decode_rows, decoded_columns, record_rejects
+from pipelines.embed.guard import Row, decode_isolated
+from pipelines.embed.ledger import LocalLedger
+from pipelines.embed.sources import guess_format, walk_files
+
+LOCAL_KINDS = ("folder", "list")  # the input kinds a run without Ray lists itself
+LIST_FILES = (".txt", ".lst")  # list files of one URI a line (.csv and .parquet lists go through Ray Data)
+
+
+def local_input(uri: str, cache: CacheConfig) -> str | None:
+    """Why an (existing, checked) input cannot be listed without Ray, or None: a folder or a ``.txt`` list file on
+    this machine's disk can (the files a list names may be anywhere: the helpers read them)."""
+    fs, path = filesystem(uri)
+    if not isinstance(fs, LocalFileSystem):
+        return "the input is not on this machine's disk"
+    kind = guess_format(uri, cache)
+    if kind not in LOCAL_KINDS or (kind == "list" and not path.endswith(LIST_FILES)):
+        return f"the input is {'a list file of that kind' if kind == 'list' else f'of kind {kind}'}"
+    return None
+
+
+def listed(uri: str, cache: CacheConfig, exclude: str | None) -> Iterator[list[str]]:
+    """The input's URIs, ``cache.decode_batch_size`` at a time, as they are listed (``exclude``: a folder whose files
+    are not inputs, the cache's)."""
+    fs, path = filesystem(uri)
+    if guess_format(uri, cache) == "folder":
+        uris: Iterable[str] = (full_uri(fs, p) for p in walk_files(fs, path, exclude))
+    else:
+        uris = _lines(path)
+    call: list[str] = []
+    for item in uris:
+        call.append(item)
+        if len(call) == cache.decode_batch_size:
+            yield call
+            call = []
+    if call:
+        yield call
+
+
+def _lines(path: str) -> Iterator[str]:
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                yield line.strip()
+
+
+class Decoders:
+    """Helper processes that decode the inputs of a run without Ray, a decode call at a time each.
+
+    They are forked when made: make them before the process starts threads of its own or loads its teacher.
+    """
+
+    def __init__(self, count: int):
+        self._context = multiprocessing.get_context("fork")
+        self._helpers: list[tuple[BaseProcess, Connection]] = [self._start() for _ in range(count)]
+
+    def __len__(self) -> int:
+        return len(self._helpers)
+
+    def _start(self) -> tuple[BaseProcess, Connection]:
+        ours, theirs = self._context.Pipe()
+        # the child closes its copies of the parent's ends (its own and the other helpers'), so that each helper
+        # sees its pipe end once this process closes it or dies
+        parents = [ours, *(connection for _, connection in getattr(self, "_helpers", []))]
+        helper = self._context.Process(target=_serve_calls, args=(theirs, parents), name="isa-decode", daemon=True)
+        helper.start()
+        theirs.close()
+        return helper, ours
+
+    def send(self, helper: int, rows: list[Row], manifest: dict, settings: dict) -> None:
+        """Hand helper number ``helper`` a call to decode (:func:`~pipelines.embed.decode.decode_rows`)."""
+        self._helpers[helper][1].send((rows, manifest, settings))
+
+    def result(self, helper: int, rows: list[Row], manifest: dict, settings: dict) -> tuple[list, list]:
+        """The decoded rows and rejects of the call :meth:`send` gave ``helper``. Where the helper died with it, a
+        new one takes its place and the call's inputs are decoded again one at a time, each in a child of its own.
+
+        Raises:
+            RuntimeError: decoding raised an error that is no input's fault (its traceback in the message).
+        """
+        process, connection = self._helpers[helper]
+        try:
+            status, value = connection.recv()
+        except EOFError:  # the helper died on one of these inputs
+            connection.close()
+            process.join()
+            self._helpers[helper] = self._start()
+            return decode_isolated(decode_rows, rows, manifest, settings)
+        if status == "error":
+            raise RuntimeError(f"decoding failed in a helper process:\n{value}")
+        return value
+
+    def close(self) -> None:
+        """End the helpers (each exits once its pipe is closed)."""
+        for _, connection in self._helpers:
+            connection.close()
+        for process, _ in self._helpers:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+def _serve_calls(connection: Connection, parents: list[Connection]) -> None:
+    """A helper: decode each call it is sent, until its pipe closes (``parents``: the parent's pipe ends, closed
+    here)."""
+    for end in parents:
+        end.close()
+    while True:
+        try:
+            rows, manifest, settings = connection.recv()
+        except EOFError:
+            return
+        try:
+            reply: tuple[str, Any] = ("ok", decode_rows(rows, manifest, settings))
+        except Exception:  # noqa: BLE001 - a bug, not an input's fault: the run ends with it
+            reply = ("error", traceback.format_exc())
+        connection.send(reply)
+
+
+def local_batches(
+    input_uri: str,
+    output: str,
+    config: Config,
+    ledger: LocalLedger,
+    decoders: Decoders,
+    fence: Callable[[], None] | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """The new inputs' crops for the tower, ``cache.batch_size`` rows at a time: listed, admitted, decoded by the
+    helpers (every helper holding one call, the calls taken back in order), rejects and duplicates recorded.
+
+    Decoding waits for the run's manifest and decode settings (:meth:`LocalLedger.publish`), so nothing is decoded
+    or written before the cache's manifest is; listing and admission go on before.
+    ``fence``: the run's lease, checked before each file is published (:class:`pipelines.lease.Fence`).
+    """
+    _, root = filesystem(output)
+    published: tuple[dict, dict] | None = None
+    in_flight: collections.deque[tuple[int, list[Row]]] = collections.deque()
+    free = collections.deque(range(len(decoders)))
+
+    def finish() -> dict[str, np.ndarray]:
+        helper, rows = in_flight.popleft()
+        free.append(helper)
+        manifest, settings = published
+        decoded, errors = decoders.result(helper, rows, manifest, settings)
+        duplicate_of = ledger.claim([d.id for d in decoded], [d.uri for d in decoded])
+        record_rejects(
+            output, errors, [(d.uri, d.id, o) for d, o in zip(decoded, duplicate_of) if o is not None], fence
+        )
+        return decoded_columns([d for d, o in zip(decoded, duplicate_of) if o is None], manifest)
+
+    def calls() -> Iterator[dict[str, np.ndarray]]:
+        nonlocal published
+        for uris in listed(input_uri, config.cache, root):
+            keep = ledger.admit(uris, hashlib.sha256("\n".join(uris).encode()).hexdigest())
+            rows: list[Row] = [(uri, None, None) for uri, new in zip(uris, keep) if new]
+            if not rows:
+                continue
+            if published is None:
+                published = ledger.decoding()
+            if not free:
+                yield finish()
+            helper = free.popleft()
+            decoders.send(helper, rows, *published)
+            in_flight.append((helper, rows))
+        while in_flight:
+            yield finish()
+
+    yield from rebatched(calls(), config.cache.batch_size)
+
+
+def rebatched(blocks: Iterable[dict[str, np.ndarray]], size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Column blocks of any length regrouped into batches of ``size`` rows (the last one shorter)."""
+    held: list[dict[str, np.ndarray]] = []
+    count = 0
+    for block in blocks:
+        if not len(block["uri"]):
+            continue
+        held.append(block)
+        count += len(block["uri"])
+        while count >= size:
+            rows = {key: np.concatenate([part[key] for part in held]) for key in held[0]}
+            yield {key: column[:size] for key, column in rows.items()}
+            held = [{key: column[size:] for key, column in rows.items()}]
+            count -= size
+    if count:
+        yield {key: np.concatenate([part[key] for part in held]) for key in held[0]}
