@@ -6,8 +6,10 @@ full JPEG decoding and with the reduced-size decoding ``cache.fast_decode`` give
 ``draft``, the same scale rule). Each repeat runs the plain loops and ``isa embed`` one after the other, in
 alternating order, and prints two ratios: same decode (``isa embed`` against the plain loop that decodes as
 it does) and each side's best (against the faster plain loop). Every time counts the model load; ``isa
-embed``'s end to end counts everything its ``run()`` does on a fresh Ray instance (the teacher fingerprint,
-actor and task start-up, the shard writes); the Ray instance's own start is printed apart. On a GPU the
+embed``'s end to end counts everything its ``run()`` does (the teacher fingerprint, actor, task or helper start-up,
+the shard writes). On CPU ``isa embed`` runs twice a round: without Ray (``cache.runner=local``, what ``isa embed``
+picks on a machine with no cluster to join) and on a fresh local Ray instance, whose own start is printed apart.
+On a GPU the
 script also measures the teacher tower's own forward rate on ready-made tensors, the ceiling the pipeline is
 compared with (benchmarks/RESULTS.md).
 
@@ -140,26 +142,31 @@ def tower_forward(name: str, pretrained: str, batch: int, steps: int = 20, devic
 
 
 def pipeline(
-    folder: Path, output: Path, args: argparse.Namespace, steady: bool = True, label: str = ""
+    folder: Path, output: Path, args: argparse.Namespace, runner: str, steady: bool = True, label: str = ""
 ) -> dict[str, float]:
-    """``isa embed`` on a fresh local Ray instance; each figure is printed as soon as it is measured, after ``label``.
+    """``isa embed`` with ``cache.runner=runner``: on a fresh local Ray instance (ray) or without Ray (local); each
+    figure is printed as soon as it is measured, after ``label``.
 
     Returns:
-        ``ray start`` (seconds to start the instance, in no rate), ``end to end`` (images/s of the first run:
-        everything ``run()`` does, the teacher fingerprint, worker and actor start-up included) and, with
-        ``steady``, ``steady state``: the marginal rate between two later runs on the same instance, all images
-        and a quarter of them, ``(N - n) / (t_N - t_n)``, which takes out what every run pays once.
+        ``ray start`` (seconds to start the instance, in no rate; ray only), ``end to end`` (images/s of the first
+        run: everything ``run()`` does, the teacher fingerprint, worker, actor or helper start-up included) and,
+        with ``steady``, ``steady state``: the marginal rate between two later runs (on the same instance), all
+        images and a quarter of them, ``(N - n) / (t_N - t_n)``, which takes out what every run pays once.
     """
     import ray
 
     import pipelines.teacher
     from pipelines.embed import run, tower_in_driver
 
-    started = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    figures = {"ray start": time.perf_counter() - started}
-    measured({f"{label}isa embed, ray start": figures["ray start"]})
+    label = f"{label}isa embed ({'on Ray' if runner == 'ray' else 'without Ray'}), "
+    figures: dict[str, float] = {}
+    if runner == "ray":
+        started = time.perf_counter()
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        figures["ray start"] = time.perf_counter() - started
+        measured({f"{label}ray start": figures["ray start"]})
     overrides = [
+        f"cache.runner={runner}",
         f"teacher.name={args.teacher}",
         f"teacher.pretrained={args.pretrained}",
         f"cache.batch_size={args.batch_size}",
@@ -176,14 +183,15 @@ def pipeline(
         f"cache.rows_per_shard={args.batch_size * 4}",
     ]
     config = load_config(None, overrides)
-    print(f"isa embed's tower runs {'in the driver' if tower_in_driver(config.cache) else 'on actors'}", flush=True)
+    if runner == "ray":
+        print(f"isa embed's tower runs {'in the driver' if tower_in_driver(config.cache) else 'on actors'}", flush=True)
     pipelines.teacher._FINGERPRINTS.clear()  # a cold run: an earlier repeat's fingerprint is not reused
     output.mkdir(parents=True)
     started = time.perf_counter()
     first = run(str(folder), str(output / "first"), config)
     figures["end to end"] = first.cached / (time.perf_counter() - started)
     assert first.cached == args.images, first
-    measured({f"{label}isa embed, end to end": figures["end to end"]})
+    measured({f"{label}end to end": figures["end to end"]})
     if steady:
         quarter = output / "quarter-input"
         quarter.mkdir()
@@ -193,8 +201,9 @@ def pipeline(
         full = run(str(folder), str(output / "again"), config)
         assert full.cached == args.images and small.cached == args.images // 4, (small, full)
         figures["steady state"] = (full.cached - small.cached) / (full.seconds - small.seconds)
-        measured({f"{label}isa embed, steady state": figures["steady state"]})
-    ray.shutdown()
+        measured({f"{label}steady state": figures["steady state"]})
+    if runner == "ray":
+        ray.shutdown()
     return figures
 
 
@@ -228,8 +237,17 @@ def main() -> None:
     parser.add_argument("--no-plain", action="store_true", help="leave out the plain loops")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of plain loops and isa embed, interleaved")
     parser.add_argument("--no-steady", action="store_true", help="leave out the steady-state runs")
+    parser.add_argument(
+        "--runner",
+        choices=["both", "ray", "local"],
+        default="both",
+        help="cache.runner of the isa embed runs: both (on CPU; a GPU run goes on Ray), ray or local",
+    )
     args = parser.parse_args()
     plain_modes = [] if args.no_plain else [("full decode", False), ("reduced-size decode", True)]
+    runners = ["ray"] if args.device == "cuda" or args.runner == "ray" else ["local", "ray"]
+    if args.runner == "local":
+        runners = ["local"]
     rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_jpegs(Path(tmp) / "images", args.images)
@@ -250,14 +268,16 @@ def main() -> None:
                         measured({f"round {repeat + 1}: plain loop, {label}": figures[f"plain loop, {label}"]})
                 else:
                     figures["load before isa embed"] = float(load())
-                    ours = pipeline(
-                        Path(tmp) / "images",
-                        Path(tmp) / f"cache-{repeat}",
-                        args,
-                        not args.no_steady,
-                        f"round {repeat + 1}: ",
-                    )
-                    figures.update({f"isa embed, {key}": value for key, value in ours.items()})
+                    for runner in runners if repeat % 2 == 0 else runners[::-1]:
+                        ours = pipeline(
+                            Path(tmp) / "images",
+                            Path(tmp) / f"cache-{repeat}-{runner}",
+                            args,
+                            runner,
+                            not args.no_steady,
+                            f"round {repeat + 1}: ",
+                        )
+                        figures.update({f"isa embed ({runner}), {key}": value for key, value in ours.items()})
             rounds.append(figures)
     print(
         f"\n{args.teacher} · {args.images} JPEGs 640x480 · batch {args.batch_size} · {args.device} · "
@@ -270,13 +290,16 @@ def main() -> None:
         print(f"teacher tower forward only (bf16 autocast, as the pipeline runs it): {tower['autocast']:,.1f} img/s")
         print(f"teacher tower forward only, weights cast to bf16: {tower['bf16 weights']:,.1f} img/s")
     same = "plain loop, reduced-size decode" if args.fast_decode else "plain loop, full decode"
+    names = {"local": "without Ray", "ray": "on Ray"}
     print(
-        "| round | load (plain, isa) | plain, full decode | plain, reduced-size decode | isa embed end to end "
-        "| isa embed steady | Ray start (s) | same decode: end to end, steady | each side's best: end to end, steady |"
+        "| round | load (plain, isa) | plain, full decode | plain, reduced-size decode "
+        + "".join(f"| isa embed {names[r]}: end to end, steady " for r in runners)
+        + "| Ray start (s) "
+        + "".join(f"| {names[r]}, same decode: end to end, steady | each side's best " for r in runners)
+        + "|"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---" * (5 + 3 * len(runners)) + "|")
     for number, figures in enumerate(rounds, 1):
-        ours, steady = figures["isa embed, end to end"], figures.get("isa embed, steady state")
         plain = {label: figures.get(f"plain loop, {label}") for label, _ in plain_modes}
         best = max(plain.values()) if plain else None
         loads = "/".join(f"{v:.1f}" for k, v in figures.items() if k.startswith("load before plain"))
@@ -287,15 +310,25 @@ def main() -> None:
         def rate(value: float | None) -> str:
             return "–" if value is None else f"{value:,.1f}"
 
+        ours = {r: figures[f"isa embed ({r}), end to end"] for r in runners}
+        steady = {r: figures.get(f"isa embed ({r}), steady state") for r in runners}
+        start = figures.get("isa embed (ray), ray start")
         print(
             f"| {number} | {loads or '–'}, {figures['load before isa embed']:.1f} | {rate(plain.get('full decode'))} "
-            f"| {rate(plain.get('reduced-size decode'))} | {rate(ours)} | {rate(steady)} "
-            f"| {figures['isa embed, ray start']:.1f} | {ratio(ours, figures.get(same))}, "
-            f"{ratio(steady, figures.get(same))} | {ratio(ours, best)}, {ratio(steady, best)} |"
+            f"| {rate(plain.get('reduced-size decode'))} "
+            + "".join(f"| {rate(ours[r])}, {rate(steady[r])} " for r in runners)
+            + f"| {'–' if start is None else f'{start:.1f}'} "
+            + "".join(
+                f"| {ratio(ours[r], figures.get(same))}, {ratio(steady[r], figures.get(same))} "
+                f"| {ratio(ours[r], best)}, {ratio(steady[r], best)} "
+                for r in runners
+            )
+            + "|"
         )
     if tower:
         ceiling = tower["autocast" if args.tower_dtype == "float32" else "bf16 weights"]  # as the pipeline ran it
-        ours, steady = rounds[-1]["isa embed, end to end"], rounds[-1].get("isa embed, steady state") or 0.0
+        ours = rounds[-1]["isa embed (ray), end to end"]
+        steady = rounds[-1].get("isa embed (ray), steady state") or 0.0
         print(f"isa embed / tower forward: {ours / ceiling:.0%} end to end, {steady / ceiling:.0%} steady state")
         print(
             "smallest cosine to the fp32 tower (256 random inputs): "

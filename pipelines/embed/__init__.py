@@ -290,12 +290,12 @@ def tower_in_driver(cache: CacheConfig) -> bool:
     return tower_device(cache) == "cpu" and len(nodes) == 1 and nodes[0]["NodeID"] == here
 
 
-def runner(input_uri: str, output: str, config: Config, ray_started: bool) -> str:
+def runner(input_uri: str, output: str, config: Config, ray_started: bool, rows: int | None = None) -> str:
     """How a run executes, ``"local"`` or ``"ray"`` (``cache.runner``; ``ray_started``: this process has joined a Ray
-    instance already). auto: local when nothing calls for Ray: no Ray instance joined and none named by
-    ``RAY_ADDRESS``, an input this process can list (:func:`~pipelines.embed.local.local_input`), a cache on this
-    machine's disk holding at most ``cache.ledger_rows`` rows, and a tower that may run on this machine's CPU, which
-    has no GPU.
+    instance already; ``rows``: the cache's rows, when known). auto: local when nothing calls for Ray: no Ray
+    instance joined and none named by ``RAY_ADDRESS``, an input this process can list
+    (:func:`~pipelines.embed.local.local_input`), a cache on this machine's disk holding at most
+    ``cache.ledger_rows`` rows, and a tower that may run on this machine's CPU, which has no GPU.
 
     Raises:
         ConfigError: ``cache.runner=local`` for a run that cannot go without Ray, naming why.
@@ -314,8 +314,10 @@ def runner(input_uri: str, output: str, config: Config, ray_started: bool) -> st
         return "local"
     if refusals or ray_started or os.environ.get("RAY_ADDRESS"):
         return "ray"
-    fs, root = filesystem(output)
-    if fs.isdir(root) and sum(disk_counts(output).values()) > cache.ledger_rows:
+    if rows is None:
+        fs, root = filesystem(output)
+        rows = sum(disk_counts(output).values()) if fs.isdir(root) else 0
+    if rows > cache.ledger_rows:
         return "ray"  # a ledger split over shards
     if cache.device == "auto":
         import torch  # the tower in this process needs it anyway
@@ -494,7 +496,7 @@ def run(input_uri: str, output: str, config: Config, lease: Lease | None = None)
             return run(input_uri, output, config, held)
     fs, root = filesystem(output)
     before = disk_counts(output) if fs.isdir(root) else {"cached": 0, "rejected": 0, "duplicates": 0}
-    local = runner(input_uri, output, config, ray.is_initialized()) == "local"
+    local = runner(input_uri, output, config, ray.is_initialized(), sum(before.values())) == "local"
     decoders = Decoders(driver_decode_tasks()) if local else None  # forked before any thread or model of this run
     ledger: Ledger | LocalLedger
     # the ledger's actors start while the teacher loads

@@ -528,10 +528,11 @@ def test_teacher_fingerprint_is_reused_until_its_weights_file_changes(ray_sessio
     assert teacher_fingerprint(config)["weights_sha256"] != second["weights_sha256"]
 
 
-def test_a_tower_in_the_driver_refused_its_teacher_writes_nothing(ray_session, tmp_path):
-    """The decode tasks start while the driver loads its teacher; they decode and write nothing until the cache's
-    manifest is written and published to them. A teacher the cache refuses (same model and weights file, other
-    weights) ends the run with nothing added, a bad input and a copy included."""
+@pytest.mark.parametrize("runner", ["ray", "local"])
+def test_a_tower_in_the_driver_refused_its_teacher_writes_nothing(ray_session, tmp_path, runner):
+    """The decode tasks (or, without Ray, the decode helpers) start while the driver loads its teacher; they decode
+    and write nothing until the cache's manifest is written and published to them. A teacher the cache refuses (same
+    model and weights file, other weights) ends the run with nothing added, a bad input and a copy included."""
     from safetensors.torch import save_file
 
     from isa.teacher import load_teacher
@@ -539,7 +540,7 @@ def test_a_tower_in_the_driver_refused_its_teacher_writes_nothing(ray_session, t
     weights = tmp_path / "teacher.safetensors"
     folder, out = tmp_path / "images", tmp_path / "cache"
     good = _write_scenes(folder, 3)
-    driver = ["cache.tower_in=driver", "cache.local_grid=0", f"teacher.pretrained={weights}"]
+    driver = ["cache.tower_in=driver", "cache.local_grid=0", f"teacher.pretrained={weights}", f"cache.runner={runner}"]
     for seed in (1, 2):
         model = load_teacher("isa-tiny-ViT", "none", seed=seed).model
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)

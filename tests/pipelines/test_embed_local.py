@@ -1,0 +1,185 @@
+"""``isa embed`` without Ray (``cache.runner``): the same cache as the Ray pipeline writes, exactly once, decoder
+crashes contained, and the rule that picks it."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from test_embed import TEACHER, _cache, _config, _deadly_server, _write_scenes, image_folder  # noqa: F401
+
+from isa.config import ConfigError
+from isa.images import content_id
+from pipelines import lease
+from pipelines.embed import run, runner
+from pipelines.embed.local import rebatched
+
+LOCAL = "cache.runner=local"
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_without_ray_the_cache_is_the_one_ray_writes(ray_session, image_folder, tmp_path):  # noqa: F811
+    """Every kind of bad input, a copy, unusual images: the rows, rejects and duplicates of a run without Ray are
+    the Ray pipeline's (whose fidelity to open_clip tests/pipelines/test_embed.py checks). Decode calls of 5 and
+    tower batches of 8 are regrouped on the way."""
+    folder, _, _ = image_folder
+    settings = ["cache.dtype=float32", "cache.max_image_pixels=100000", "cache.decode_batch_size=5"]
+    on_ray = run(str(folder), str(tmp_path / "ray"), _config(*settings, "cache.runner=ray"))
+    local = run(str(folder), str(tmp_path / "local"), _config(*settings, LOCAL))
+    assert (local.read, local.cached, local.rejected, local.duplicates, local.skipped) == (
+        on_ray.read,
+        on_ray.cached,
+        on_ray.rejected,
+        on_ray.duplicates,
+        0,
+    )
+    ours, theirs = (_cache(tmp_path / name).sort_by("id").to_pydict() for name in ("local", "ray"))
+    assert ours["id"] == theirs["id"] and len(set(ours["id"])) == local.cached
+    for column in ("width", "height", "image"):
+        assert ours[column] == theirs[column], column
+    for column in ("teacher_emb", "teacher_local"):
+        assert np.abs(np.array(ours[column]) - np.array(theirs[column])).max() <= 1e-6, column
+    errors = [pq.read_table(tmp_path / name / "_errors").sort_by("uri").to_pylist() for name in ("local", "ray")]
+    assert errors[0] == errors[1] and len(errors[0]) == local.rejected
+    # which of two copies is cached depends on the order of decoding; the pair and its bytes are the same
+    pairs = []
+    for name in ("local", "ray"):
+        found = pq.read_table(tmp_path / name / "_duplicates").to_pylist()
+        cached_uris = set(_cache(tmp_path / name)["uri"].to_pylist())
+        assert len(found) == 1 and found[0]["duplicate_of"] in cached_uris and found[0]["uri"] not in cached_uris
+        pairs.append((found[0]["id"], {found[0]["uri"], found[0]["duplicate_of"]}))
+    assert pairs[0] == pairs[1]
+    assert multiprocessing.active_children() == []  # the decode helpers ended with the run
+
+
+def test_without_ray_a_rerun_writes_nothing_and_new_inputs_are_cached_once(tmp_path):
+    folder = tmp_path / "images"
+    good = _write_scenes(folder, 12)
+    out = tmp_path / "cache"
+    first = run(str(folder), str(out), _config(LOCAL))
+    assert (first.read, first.cached, first.skipped) == (12, 12, 0)
+    before = _files(out)
+    again = run(str(folder), str(out), _config(LOCAL))
+    assert (again.read, again.cached, again.skipped, again.rejected, again.duplicates) == (12, 0, 12, 0, 0)
+    assert _files(out) == before
+
+    # a list file: some cached inputs, new ones, one listed twice, and a new name for cached bytes
+    new = _write_scenes(tmp_path / "new", 5, seed=1)
+    shutil.copy(good[2], tmp_path / "renamed.png")
+    listing = tmp_path / "inputs.txt"
+    names = [*good[:4], *new, new[0], tmp_path / "renamed.png"]
+    listing.write_text("\n".join(map(str, names)) + "\n\n")
+    more = run(str(listing), str(out), _config(LOCAL, "cache.decode_batch_size=3"))
+    assert (more.read, more.skipped, more.cached, more.duplicates) == (len(names), 4, 5, 1)
+    ids = _cache(out)["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 17
+    assert set(ids) == {content_id(p.read_bytes()) for p in [*good, *new]}
+    duplicate = pq.read_table(out / "_duplicates").to_pylist()
+    assert [(d["uri"], d["duplicate_of"]) for d in duplicate] == [(str(tmp_path / "renamed.png"), "cache")]
+
+
+def test_without_ray_an_input_that_kills_its_decoder_is_rejected_with_how(tmp_path):
+    """The helper dies with the call; decoded again one input at a time, each in a child of its own, the input that
+    kills its process is rejected and the others are cached."""
+    good = _write_scenes(tmp_path / "images", 6)
+    listing = tmp_path / "inputs.txt"
+    with _deadly_server() as (url, killed):
+        listing.write_text("\n".join([*map(str, good), str(tmp_path / "missing.jpg"), f"{url}/deadly.jpg"]) + "\n")
+        summary = run(str(listing), str(tmp_path / "cache"), _config(LOCAL, "cache.decode_batch_size=16"))
+    reasons = {Path(r["uri"]).name: r["reason"] for r in pq.read_table(tmp_path / "cache" / "_errors").to_pylist()}
+    assert reasons["deadly.jpg"] == "the decoding process died on it (killed by SIGKILL)"
+    assert reasons["missing.jpg"].startswith("unreadable: FileNotFoundError")
+    assert len(killed) == 2, killed  # the helper, then the child that decoded the input alone: not retried again
+    assert (summary.cached, summary.rejected) == (len(good), 2)
+    assert multiprocessing.active_children() == []
+
+
+def test_a_killed_run_without_ray_resumes_exactly_once(tmp_path, monkeypatch):
+    folder = tmp_path / "images"
+    good = _write_scenes(folder, 120)
+    out = tmp_path / "cache"
+    args = [sys.executable, "-m", "pipelines.cli", "embed", str(folder), str(out), *TEACHER]
+    args += ["cache.decode_batch_size=4", "cache.batch_size=4", "cache.rows_per_shard=4", "cache.local_grid=0"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = (tmp_path / "first.log").open("w")
+    process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list(out.glob("part-*.parquet"))) < 3:
+        assert process.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    log.close()
+    assert "without Ray" in (tmp_path / "first.log").read_text()
+    partial = pq.read_table(sorted(out.glob("part-*.parquet"))).num_rows
+    assert 0 < partial < len(good), "the kill did not land midway"
+
+    monkeypatch.setattr(lease, "STALE_AFTER_S", 0.5)
+    time.sleep(1)
+    summary = run(str(folder), str(out), _config(LOCAL, "cache.local_grid=0"))
+    ids = _cache(out)["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == len(good) and set(ids) == {content_id(p.read_bytes()) for p in good}
+    assert summary.read == len(good) and summary.skipped >= partial
+    assert summary.skipped + summary.cached == summary.read
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
+def test_isa_embed_runs_without_ray_where_nothing_calls_for_it(tmp_path, monkeypatch):
+    folder = tmp_path / "images"
+    _write_scenes(folder, 4)
+    out = tmp_path / "cache"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "embed", str(folder), str(out), *TEACHER, "cache.local_grid=0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("isa embed: in this process, without Ray"), done.stdout
+    assert lines[1].startswith("isa embed: read 4 · cached 4 · skipped 0"), done.stdout
+
+    config = _config()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert runner(str(folder), str(out), config, ray_started=False) == ("ray" if torch.cuda.is_available() else "local")
+    assert runner(str(folder), str(out), _config("cache.device=cpu"), ray_started=False) == "local"
+    local_cpu = _config("cache.device=cpu")
+    assert runner(str(folder), str(out), local_cpu, ray_started=True) == "ray"  # a Ray instance joined already
+    for overrides in (["cache.tower_in=actors"], ["cache.ledger_rows=3"], ["cache.runner=ray"]):
+        assert runner(str(folder), str(out), _config("cache.device=cpu", *overrides), False) == "ray", overrides
+    assert runner(str(folder), "s3://bucket/cache", local_cpu, False) == "ray"
+    (tmp_path / "list.csv").write_text(f"uri\n{folder}\n")
+    assert runner(str(tmp_path / "list.csv"), str(out), local_cpu, False) == "ray"
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert runner(str(folder), str(out), local_cpu, False) == "ray"
+    assert runner(str(folder), str(out), _config(LOCAL), True) == "local"  # asked for
+    with pytest.raises(ConfigError, match="the cache is not on this machine's disk"):
+        runner(str(folder), "s3://bucket/cache", _config(LOCAL), False)
+    with pytest.raises(ConfigError, match=r"cache.tower_in=actors"):
+        runner(str(folder), str(out), _config(LOCAL, "cache.tower_in=actors"), False)
+
+
+def test_decoded_calls_are_regrouped_into_tower_batches():
+    calls = [
+        {"uri": np.arange(start, stop), "crop": np.arange(start, stop) * 10}
+        for start, stop in ((0, 5), (5, 5), (5, 12), (12, 13))
+    ]
+    batches = list(rebatched(calls, 4))
+    assert [len(b["uri"]) for b in batches] == [4, 4, 4, 1]
+    assert np.concatenate([b["uri"] for b in batches]).tolist() == list(range(13))
+    assert np.concatenate([b["crop"] for b in batches]).tolist() == [10 * i for i in range(13)]
