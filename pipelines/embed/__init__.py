@@ -15,7 +15,7 @@ import math
 import os
 import posixpath
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -39,10 +39,11 @@ from isa.cache import (
 from isa.config import CacheConfig, Config, ConfigError, given_keys, load_config
 from isa.storage import absolute_uri, count_rows, filesystem, remove_staging
 from pipelines.artifact import check_folder
+from pipelines.console import configure, progress_wanted
 from pipelines.embed import ledger as ledgers
-from pipelines.embed.decode import admit_batch, count_new, decode_batch, write_shard
+from pipelines.embed.decode import admit_batch, count_new, decode_batch, rebatched, write_shard
 from pipelines.embed.ledger import Ledger, LocalLedger
-from pipelines.embed.local import Decoders, local_batches, local_input
+from pipelines.embed.local import Decoders, Progress, local_batches, local_input
 from pipelines.embed.prefetch import Prefetched
 from pipelines.embed.sources import check_input, read_sources, source_options
 from pipelines.embed.tower import TeacherEmbedder
@@ -430,30 +431,28 @@ def embed_in_driver(
     manifest: Manifest,
     config: Config,
     fence: Fence,
+    progress: Callable[[int], None] | None = None,
 ) -> None:
     """The tower in this process: :func:`decoded`'s batches (of ``cache.batch_size``) in, shards of
     ``cache.rows_per_shard`` rows out, each written by a thread beside the tower (the next batches run while a
-    shard is written)."""
-    cache, meta = config.cache, dataclasses.asdict(manifest)
-    held: list[dict[str, np.ndarray]] = []  # embedded rows not yet in a shard
+    shard is written). ``progress``: told how many rows each batch embedded."""
+    meta = dataclasses.asdict(manifest)
     writes: list[Future] = []
 
-    def write(rows: dict[str, np.ndarray]) -> None:
-        writes.append(writer.submit(write_shard, rows, output=output, manifest=meta, fence=fence))
-        for done in [w for w in writes if w.done()]:
-            done.result()  # a failed write stops the run now
-            writes.remove(done)
-
-    with ThreadPoolExecutor(max_workers=1) as writer:
+    def embedded() -> Iterator[dict[str, np.ndarray]]:
         for batch in batches:
             if len(batch["uri"]):
-                held.append(tower(batch))
-            while sum(len(rows["uri"]) for rows in held) >= cache.rows_per_shard:
-                rows = {key: np.concatenate([part[key] for part in held]) for key in held[0]}
-                write({key: column[: cache.rows_per_shard] for key, column in rows.items()})
-                held = [{key: column[cache.rows_per_shard :] for key, column in rows.items()}]
-        if held and sum(len(rows["uri"]) for rows in held):
-            write({key: np.concatenate([part[key] for part in held]) for key in held[0]})
+                rows = tower(batch)
+                if progress is not None:
+                    progress(len(rows["uri"]))
+                yield rows
+
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        for rows in rebatched(embedded(), config.cache.rows_per_shard):
+            writes.append(writer.submit(write_shard, rows, output=output, manifest=meta, fence=fence))
+            for done in [w for w in writes if w.done()]:
+                done.result()  # a failed write stops the run now
+                writes.remove(done)
         for pending in writes:
             pending.result()
 
@@ -526,6 +525,7 @@ def run(input_uri: str, output: str, config: Config, lease: Lease | None = None)
             decoders.close()
         raise
     started = time.perf_counter()
+    progress = Progress(progress_wanted()) if local else None  # Ray Data shows its own
     if batches is not None:  # the tower in this process, its teacher loaded
         import torch
 
@@ -535,11 +535,13 @@ def run(input_uri: str, output: str, config: Config, lease: Lease | None = None)
                 tower = TeacherEmbedder(
                     dataclasses.asdict(manifest), config.teacher.cache_dir, device, os.cpu_count() or 1, teacher
                 )
-                embed_in_driver(batches, tower, output, manifest, config, lease.fence)
+                embed_in_driver(batches, tower, output, manifest, config, lease.fence, progress)
         finally:
             torch.set_num_threads(threads)
             if decoders is not None:
                 decoders.close()
+            if progress is not None:
+                progress.close()
     else:
         for _ in pipeline(input_uri, output, config, manifest, ledger, lease.fence).iter_batches(batch_size=None):
             pass  # rows are written by the shard writers; only their counts come back
@@ -574,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if dry or runner(input_uri, output, config, ray.is_initialized()) == "ray":
             init_ray()
         else:
+            configure()  # progress bars or plain lines (an invalid ISA_PROGRESS is refused)
             print(
                 "isa embed: in this process, without Ray (a local input into a local cache on one CPU machine: "
                 "cache.runner=ray to use Ray)",

@@ -16,7 +16,7 @@ import functools
 import hashlib
 import json
 import posixpath
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import fsspec
@@ -152,6 +152,24 @@ def decoded_columns(rows: list[Decoded], manifest: dict) -> dict:
         "crop": crops,
         "image": np.array([r.image for r in rows], dtype=object),
     }
+
+
+def rebatched(blocks: Iterable[dict[str, np.ndarray]], size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Column blocks of any length regrouped into batches of ``size`` rows (the last one shorter)."""
+    held: list[dict[str, np.ndarray]] = []
+    count = 0
+    for block in blocks:
+        if not len(block["uri"]):
+            continue
+        held.append(block)
+        count += len(block["uri"])
+        while count >= size:
+            rows = {key: np.concatenate([part[key] for part in held]) for key in held[0]}
+            yield {key: column[:size] for key, column in rows.items()}
+            held = [{key: column[size:] for key, column in rows.items()}]
+            count -= size
+    if count:
+        yield {key: np.concatenate([part[key] for part in held]) for key in held[0]}
 
 
 def record_rejects(

@@ -19,6 +19,8 @@ from __future__ import annotations
 import collections
 import hashlib
 import multiprocessing
+import sys
+import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import Connection
@@ -27,14 +29,16 @@ from typing import Any
 
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
+from tqdm import tqdm
 
 from isa.config import CacheConfig, Config
 from isa.storage import filesystem, full_uri
-from pipelines.embed.decode import decode_rows, decoded_columns, record_rejects
+from pipelines.embed.decode import decode_rows, decoded_columns, rebatched, record_rejects
 from pipelines.embed.guard import Row, decode_isolated
 from pipelines.embed.ledger import LocalLedger
 from pipelines.embed.sources import guess_format, walk_files
 
+PROGRESS_LINE_S = 30.0  # seconds between the plain progress lines of a run without Ray
 LOCAL_KINDS = ("folder", "list")  # the input kinds a run without Ray lists itself
 LIST_FILES = (".txt", ".lst")  # list files of one URI a line (.csv and .parquet lists go through Ray Data)
 
@@ -201,19 +205,27 @@ def local_batches(
     yield from rebatched(calls(), config.cache.batch_size)
 
 
-def rebatched(blocks: Iterable[dict[str, np.ndarray]], size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Column blocks of any length regrouped into batches of ``size`` rows (the last one shorter)."""
-    held: list[dict[str, np.ndarray]] = []
-    count = 0
-    for block in blocks:
-        if not len(block["uri"]):
-            continue
-        held.append(block)
-        count += len(block["uri"])
-        while count >= size:
-            rows = {key: np.concatenate([part[key] for part in held]) for key in held[0]}
-            yield {key: column[:size] for key, column in rows.items()}
-            held = [{key: column[size:] for key, column in rows.items()}]
-            count -= size
-    if count:
-        yield {key: np.concatenate([part[key] for part in held]) for key in held[0]}
+class Progress:
+    """What a run without Ray shows as it goes (Ray Data shows its own): a progress bar where progress bars are
+    wanted (:func:`pipelines.console.progress_wanted`), else a plain line every ``PROGRESS_LINE_S`` seconds."""
+
+    def __init__(self, bar: bool):
+        self._bar = tqdm(desc="isa embed", unit=" images", file=sys.stderr, dynamic_ncols=True) if bar else None
+        self._count = 0
+        self._started = self._shown = time.monotonic()
+
+    def __call__(self, rows: int) -> None:
+        """Count ``rows`` more images embedded."""
+        self._count += rows
+        if self._bar is not None:
+            self._bar.update(rows)
+            return
+        now = time.monotonic()
+        if now - self._shown >= PROGRESS_LINE_S:
+            self._shown = now
+            rate = self._count / (now - self._started)
+            print(f"isa embed: {self._count:,} images embedded so far · {rate:.1f} images/s", flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

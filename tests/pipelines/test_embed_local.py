@@ -21,8 +21,9 @@ from test_embed import TEACHER, _cache, _config, _deadly_server, _write_scenes, 
 from isa.config import ConfigError
 from isa.images import content_id
 from pipelines import lease
+from pipelines.embed import local as local_runs
 from pipelines.embed import run, runner
-from pipelines.embed.local import rebatched
+from pipelines.embed.decode import rebatched
 
 LOCAL = "cache.runner=local"
 
@@ -183,3 +184,20 @@ def test_decoded_calls_are_regrouped_into_tower_batches():
     assert [len(b["uri"]) for b in batches] == [4, 4, 4, 1]
     assert np.concatenate([b["uri"] for b in batches]).tolist() == list(range(13))
     assert np.concatenate([b["crop"] for b in batches]).tolist() == [10 * i for i in range(13)]
+
+
+def test_a_run_without_ray_shows_its_progress(tmp_path, monkeypatch, capsys):
+    """A progress bar where progress bars are wanted (ISA_PROGRESS=1), else plain lines as it goes."""
+    _write_scenes(tmp_path / "images", 6)
+    monkeypatch.setenv("ISA_PROGRESS", "1")
+    run(str(tmp_path / "images"), str(tmp_path / "bar"), _config(LOCAL, "cache.batch_size=4"))
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert any(line.startswith("isa embed: 6 images [") for line in bar), bar
+    monkeypatch.setenv("ISA_PROGRESS", "0")
+    monkeypatch.setattr(local_runs, "PROGRESS_LINE_S", 0.0)
+    run(str(tmp_path / "images"), str(tmp_path / "lines"), _config(LOCAL, "cache.batch_size=4"))
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" · ")[0] for line in lines] == [
+        "isa embed: 4 images embedded so far",
+        "isa embed: 6 images embedded so far",
+    ]
