@@ -140,6 +140,7 @@ def _read(uri: str) -> bytes:
 
 
 def decoded_columns(rows: list[Decoded], manifest: dict) -> dict:
+    """Decoded rows as the columns the tower takes: ``uri, id, width, height, crop`` (B, S, S, 3) and ``image``."""
     width, height = manifest["teacher"]["preprocess"]["size"]
     crops = np.zeros((len(rows), height, width, 3), dtype=np.uint8)  # (B, S, S, 3)
     for index, row in enumerate(rows):

@@ -7,6 +7,8 @@ when the run started, as two sorted arrays, and, as Python objects, only this ru
 read from the cache's Parquet files by parallel tasks, never by the driver; a shard holds at most
 ``cache.ledger_rows`` of them (the cache's rows decide how many shards a run starts), so no process grows
 with the size of the cache.
+A run without Ray (``cache.runner``) keeps one such book, :class:`LedgerBook`, in its own process
+(:class:`LocalLedger`): it goes that way only for a cache of at most ``cache.ledger_rows`` rows.
 
 The shards run on the driver's node (the head, under ``ray job submit``), needing no CPU: this run's record of
 what it took lives as long as the run does, and a worker node lost mid-run takes none of it along.

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import multiprocessing
+import posixpath
 import sys
 import time
 import traceback
@@ -50,8 +51,10 @@ def local_input(uri: str, cache: CacheConfig) -> str | None:
     if not isinstance(fs, LocalFileSystem):
         return "the input is not on this machine's disk"
     kind = guess_format(uri, cache)
-    if kind not in LOCAL_KINDS or (kind == "list" and not path.endswith(LIST_FILES)):
-        return f"the input is {'a list file of that kind' if kind == 'list' else f'of kind {kind}'}"
+    if kind == "list" and not path.endswith(LIST_FILES):
+        return f"the input is a {posixpath.splitext(path)[1]} list file, which Ray Data reads"
+    if kind not in LOCAL_KINDS:
+        return f"the input is {kind} shards, which Ray Data reads"
     return None
 
 
@@ -83,7 +86,7 @@ def _lines(path: str) -> Iterator[str]:
 class Decoders:
     """Helper processes that decode the inputs of a run without Ray, a decode call at a time each.
 
-    They are forked when made: make them before the process starts threads of its own or loads its teacher.
+    They are forked when made: make them before the run starts threads of its own or loads its teacher.
     """
 
     def __init__(self, count: int):
