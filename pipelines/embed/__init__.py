@@ -498,7 +498,7 @@ def run(input_uri: str, output: str, config: Config, lease: Lease | None = None)
     local = runner(input_uri, output, config, ray.is_initialized(), sum(before.values())) == "local"
     decoders = Decoders(driver_decode_tasks()) if local else None  # forked before any thread or model of this run
     ledger: Ledger | LocalLedger
-    # the ledger's actors start while the teacher loads
+    # on Ray, the ledger's actors start while the teacher loads
     ledger = LocalLedger(output) if local else start_ledger(output, config.cache.ledger_rows, before)
     device, teacher, batches = "cpu" if local else tower_device(config.cache), None, None
     try:

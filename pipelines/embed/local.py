@@ -91,7 +91,9 @@ class Decoders:
 
     def __init__(self, count: int):
         self._context = multiprocessing.get_context("fork")
-        self._helpers: list[tuple[BaseProcess, Connection]] = [self._start() for _ in range(count)]
+        self._helpers: list[tuple[BaseProcess, Connection]] = []
+        for _ in range(count):
+            self._helpers.append(self._start())
 
     def __len__(self) -> int:
         return len(self._helpers)
@@ -100,7 +102,7 @@ class Decoders:
         ours, theirs = self._context.Pipe()
         # the child closes its copies of the parent's ends (its own and the other helpers'), so that each helper
         # sees its pipe end once this process closes it or dies
-        parents = [ours, *(connection for _, connection in getattr(self, "_helpers", []))]
+        parents = [ours, *(connection for _, connection in self._helpers)]
         helper = self._context.Process(target=_serve_calls, args=(theirs, parents), name="isa-decode", daemon=True)
         helper.start()
         theirs.close()
