@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -80,6 +81,13 @@ def config_parser(prog: str, description: str, positionals: Sequence[tuple[str, 
     )
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.lr=1e-4")
     return parser
+
+
+def ray_joined() -> bool:
+    """Whether this process has joined a Ray instance; a process that has not imported Ray has not (and is not made
+    to import it: a run without Ray never does)."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 IDLE_WORKER_SECONDS = 5.0  # how long a worker process of a single-machine instance may stay idle

@@ -14,8 +14,6 @@ import os
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-import ray
-
 from isa.cache import fingerprint_mismatch
 from isa.config import NO_WEIGHTS, Config, TeacherConfig, looks_like_tag
 from isa.errors import IsaError
@@ -38,6 +36,8 @@ def teacher_fingerprint(config: TeacherConfig) -> dict[str, Any]:
     """
     key = _fingerprint_key(config)
     if key not in _FINGERPRINTS:  # None (never reused) is never stored
+        import ray
+
         task = ray.remote(num_cpus=0, max_calls=1)(_fingerprint)
         try:
             fingerprint = ray.get(task.remote(config))

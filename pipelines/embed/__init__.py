@@ -21,9 +21,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import ray
-import ray.data
-from fsspec.implementations.local import LocalFileSystem
 
 from isa.cache import (
     DUPLICATES_DIR,
@@ -39,19 +36,21 @@ from isa.cache import (
 from isa.config import CacheConfig, Config, ConfigError, given_keys, load_config
 from isa.storage import absolute_uri, count_rows, filesystem, remove_staging
 from pipelines.artifact import check_folder
-from pipelines.console import configure, progress_wanted
+from pipelines.console import progress_wanted
 from pipelines.embed import ledger as ledgers
 from pipelines.embed.decode import admit_batch, count_new, decode_batch, rebatched, write_shard
 from pipelines.embed.ledger import Ledger, LocalLedger
-from pipelines.embed.local import Decoders, Progress, local_batches, local_input
+from pipelines.embed.local import Decoders, Progress, local_batches, local_input, on_this_disk
 from pipelines.embed.prefetch import Prefetched
 from pipelines.embed.sources import check_input, read_sources, source_options
 from pipelines.embed.tower import TeacherEmbedder
 from pipelines.lease import Fence, Lease
-from pipelines.stage import config_parser, data_context, init_ray
+from pipelines.stage import config_parser, data_context, init_ray, ray_joined
 from pipelines.teacher import choose_teacher, teacher_fingerprint
 
 if TYPE_CHECKING:
+    import ray.data
+
     from isa.teacher import Teacher
 
 # Shard writers at a time. Ray Data hands the CPU budget no operator claims to the most downstream operator
@@ -270,6 +269,8 @@ def tower_device(cache: CacheConfig) -> str:
     """The teacher tower's device: ``cache.device``, where auto is a GPU when the cluster has one."""
     if cache.device != "auto":
         return cache.device
+    import ray
+
     return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
 
 
@@ -286,6 +287,8 @@ def tower_in_driver(cache: CacheConfig) -> bool:
     running there saves the actor's start and a second load of the model (the fingerprint's)."""
     if cache.tower_in != "auto":
         return cache.tower_in == "driver"
+    import ray
+
     nodes = [node for node in ray.nodes() if node["Alive"]]
     here = ray.get_runtime_context().get_node_id()
     return tower_device(cache) == "cpu" and len(nodes) == 1 and nodes[0]["NodeID"] == here
@@ -328,8 +331,7 @@ def runner(input_uri: str, output: str, config: Config, ray_started: bool, rows:
 
 
 def _local_output(output: str) -> str | None:
-    fs, _ = filesystem(output)
-    return None if isinstance(fs, LocalFileSystem) else "the cache is not on this machine's disk"
+    return None if on_this_disk(output) else "the cache is not on this machine's disk"
 
 
 def decode_settings(cache: CacheConfig, manifest: Manifest) -> dict:
@@ -359,6 +361,8 @@ def decoded(
     ``fence``: the run's lease, checked by every task before each file it publishes (:mod:`pipelines.lease`).
     ``tasks``: decode tasks at a time (default: as many as the cluster's CPUs allow, ``cache.decode_cpus`` each).
     """
+    import ray.data
+
     cache = config.cache
     if manifest is None:
         from isa.teacher import configured_image_size
@@ -394,6 +398,8 @@ def pipeline(
     input_uri: str, output: str, config: Config, manifest: Manifest, ledger: Ledger, fence: Fence | None = None
 ) -> ray.data.Dataset:
     """:func:`decoded` -> teacher (actor pool) -> shard writers; yields rows written."""
+    import ray.data
+
     cache = config.cache
     device = tower_device(cache)
     meta = dataclasses.asdict(manifest)
@@ -495,7 +501,7 @@ def run(input_uri: str, output: str, config: Config, lease: Lease | None = None)
             return run(input_uri, output, config, held)
     fs, root = filesystem(output)
     before = disk_counts(output) if fs.isdir(root) else {"cached": 0, "rejected": 0, "duplicates": 0}
-    local = runner(input_uri, output, config, ray.is_initialized(), sum(before.values())) == "local"
+    local = runner(input_uri, output, config, ray_joined(), sum(before.values())) == "local"
     decoders = Decoders(driver_decode_tasks()) if local else None  # forked before any thread or model of this run
     ledger: Ledger | LocalLedger
     # on Ray, the ledger's actors start while the teacher loads
@@ -573,10 +579,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_start(input_uri, output, config)
     lease = None if dry else Lease.acquire(output, COMMAND, args.wait)  # before Ray: a held output is refused now
     try:
-        if dry or runner(input_uri, output, config, ray.is_initialized()) == "ray":
+        if dry or runner(input_uri, output, config, ray_joined()) == "ray":
             init_ray()
         else:
-            configure()  # progress bars or plain lines (an invalid ISA_PROGRESS is refused)
+            progress_wanted()  # an invalid ISA_PROGRESS is refused now
             print(
                 "isa embed: in this process, without Ray (a local input into a local cache on one CPU machine: "
                 "cache.runner=ray to use Ray)",

@@ -18,8 +18,6 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-import ray
-
 Row = tuple[str, Any, Any]  # (uri, bytes or None, listed error or None)
 Decode = Callable[[list[Row], dict, dict], tuple[list[Any], list[tuple[str, str]]]]
 
@@ -49,6 +47,8 @@ def decode_guarded(
     batch died (``attempts``: the actor holding the run's :class:`Attempts`, or None to decode in this process)."""
     if attempts is None or not rows:
         return decode(rows, manifest, settings)
+    import ray  # a decode task of Ray Data's
+
     key = hashlib.sha256("\n".join(uri for uri, _, _ in rows).encode()).hexdigest()
     first = ray.get(attempts.begin.remote(key)) == 1
     result = decode(rows, manifest, settings) if first else decode_isolated(decode, rows, manifest, settings)

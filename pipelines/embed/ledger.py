@@ -26,15 +26,17 @@ import posixpath
 import threading
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.parquet as pq
-import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from isa.cache import DUPLICATES_DIR, ERRORS_DIR, list_parts
 from isa.storage import filesystem, full_uri
 from pipelines.embed.guard import Attempts
+
+if TYPE_CHECKING:
+    import ray
 
 KEY = np.dtype("S16")  # a URI's or content id's key
 FILES_PER_TASK = 256  # cache files whose keys one loading task reads
@@ -85,9 +87,6 @@ def cache_keys(files: list[str], with_ids: bool, shards: int) -> list[np.ndarray
                 parts[index * shards + shard].append(part)
     merged = [np.concatenate(p) if p else np.zeros(0, dtype=KEY) for p in parts]
     return merged if len(merged) > 1 else merged[0]
-
-
-_cache_keys = ray.remote(num_cpus=0.5)(cache_keys)  # one loading task
 
 
 class LedgerBook(Attempts):
@@ -152,12 +151,13 @@ def merged_keys(parts: Sequence[np.ndarray]) -> np.ndarray:
     return keys
 
 
-@ray.remote(num_cpus=0)
 class LedgerShard(LedgerBook):
-    """A :class:`LedgerBook` in an actor of its own, its keys read by tasks (``done_parts``, ``id_parts``: references
-    to them)."""
+    """A :class:`LedgerBook` in an actor of its own (:func:`start_ledger`), its keys read by tasks (``done_parts``,
+    ``id_parts``: references to them)."""
 
     def __init__(self, done_parts: list[ray.ObjectRef], id_parts: list[ray.ObjectRef]):
+        import ray
+
         # the parts are read-only views of the object store; the shard's own memory holds one copy of its keys
         super().__init__(merged_keys(ray.get(done_parts)), merged_keys(ray.get(id_parts)))
 
@@ -170,6 +170,8 @@ class Ledger:
 
     def admit(self, uris: Sequence[str], batch_key: str) -> np.ndarray:
         """A mask of the inputs this batch processes: not accounted for by the cache, listed first here."""
+        import ray
+
         keys = uri_keys(uris)
         where = shard_of(keys, len(self.shards))
         refs = {s: self.shards[s].admit.remote(keys[where == s], batch_key) for s in np.unique(where).tolist()}
@@ -180,6 +182,8 @@ class Ledger:
 
     def claim(self, ids: Sequence[str], uris: Sequence[str]) -> list[str | None]:
         """For each new image: None where it is the first with its bytes, else the URI (or "cache") holding them."""
+        import ray
+
         keys = id_keys(ids)
         where = shard_of(keys, len(self.shards))
         result: list[str | None] = [None] * len(keys)
@@ -194,11 +198,15 @@ class Ledger:
 
     def publish(self, manifest: dict, settings: dict) -> None:
         """Hand the decode tasks of a run started before its teacher was loaded what they decode with."""
+        import ray
+
         ray.get(self.shards[0].publish.remote(manifest, settings))
 
     def decoding(self) -> tuple[dict, dict]:
         """The run's manifest and decode settings (:meth:`publish`), waiting until the driver has published them.
         A task of the run waits no longer than its driver lives: Ray ends a job's tasks with its driver."""
+        import ray
+
         while (published := ray.get(self.shards[0].decoding.remote())) is None:
             time.sleep(PUBLISH_POLL_S)
         return published
@@ -210,6 +218,8 @@ class Ledger:
 
     def counts(self) -> dict[str, int]:
         """Inputs read and skipped so far, over every shard."""
+        import ray
+
         totals = {"read": 0, "skipped": 0}
         for counts in ray.get([shard.counts.remote() for shard in self.shards]):
             for name, value in counts.items():
@@ -218,6 +228,8 @@ class Ledger:
 
     def kill(self) -> None:
         """End the shards' processes (and the keys they hold) now."""
+        import ray
+
         for shard in self.shards:
             ray.kill(shard)
 
@@ -280,14 +292,19 @@ class LocalLedger:
 def start_ledger(output: str, rows: int, rows_per_shard: int) -> Ledger:
     """A ledger of what the cache at ``output`` accounts for, with one shard per ``rows_per_shard`` of its ``rows``
     (cached, rejected and duplicate rows, from the files' footers)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     fs, root = filesystem(output)
     shards = max(1, math.ceil(rows / rows_per_shard))
+    loading = ray.remote(num_cpus=0.5)(cache_keys)  # one loading task
+    actor = ray.remote(num_cpus=0)(LedgerShard)
 
     def keys(folder: str, with_ids: bool) -> list[list[ray.ObjectRef]]:
         files = [full_uri(fs, p) for p in list_parts(fs, folder)] if fs.exists(folder) else []
         groups = [files[i : i + FILES_PER_TASK] for i in range(0, len(files), FILES_PER_TASK)]
         returns = shards * (2 if with_ids else 1)
-        refs = [_cache_keys.options(num_returns=returns).remote(g, with_ids, shards) for g in groups]
+        refs = [loading.options(num_returns=returns).remote(g, with_ids, shards) for g in groups]
         return [r if isinstance(r, list) else [r] for r in refs]
 
     cached = keys(root, True)  # each: the URIs' parts, then the ids'
@@ -300,9 +317,7 @@ def start_ledger(output: str, rows: int, rows_per_shard: int) -> Ledger:
     ids = [r[shards:] for r in cached]
     return Ledger(
         [
-            LedgerShard.options(scheduling_strategy=here).remote(  # type: ignore[attr-defined]
-                [g[s] for g in done], [g[s] for g in ids]
-            )
+            actor.options(scheduling_strategy=here).remote([g[s] for g in done], [g[s] for g in ids])
             for s in range(shards)
         ]
     )

@@ -28,8 +28,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+import fsspec
 import numpy as np
-from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
 from isa.config import CacheConfig, Config
@@ -47,15 +47,20 @@ LIST_FILES = (".txt", ".lst")  # list files of one URI a line (.csv and .parquet
 def local_input(uri: str, cache: CacheConfig) -> str | None:
     """Why an (existing, checked) input cannot be listed without Ray, or None: a folder or a ``.txt`` list file on
     this machine's disk can (the files a list names may be anywhere: the helpers read them)."""
-    fs, path = filesystem(uri)
-    if not isinstance(fs, LocalFileSystem):
+    if not on_this_disk(uri):
         return "the input is not on this machine's disk"
+    _, path = filesystem(uri)
     kind = guess_format(uri, cache)
     if kind == "list" and not path.endswith(LIST_FILES):
         return f"the input is a {posixpath.splitext(path)[1]} list file, which Ray Data reads"
     if kind not in LOCAL_KINDS:
         return f"the input is {kind} shards, which Ray Data reads"
     return None
+
+
+def on_this_disk(uri: str) -> bool:
+    """Whether ``uri`` names this machine's disk, told from its protocol alone (no storage is asked)."""
+    return fsspec.utils.get_protocol(uri) in ("file", "local")
 
 
 def listed(uri: str, cache: CacheConfig, exclude: str | None) -> Iterator[list[str]]:

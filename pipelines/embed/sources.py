@@ -17,19 +17,21 @@ import itertools
 import os
 import tarfile
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
-import ray
-import ray.data
 from fsspec.implementations.local import LocalFileSystem
 
 from isa.config import CacheConfig
 from isa.errors import IsaError
 from isa.storage import filesystem, full_uri, reader_options
+
+if TYPE_CHECKING:
+    import ray.data
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 LIST_SUFFIXES = (".txt", ".lst", ".csv", ".parquet")
@@ -50,6 +52,8 @@ SOURCE_TASKS = 2
 
 def source_options() -> dict:
     """Ray Data options of every stage that lists or reads the inputs (and of the admission fused with it)."""
+    import ray.data
+
     return {"num_cpus": 0, "compute": ray.data.TaskPoolStrategy(size=SOURCE_TASKS)}
 
 
@@ -175,6 +179,8 @@ def read_sources(uri: str, cache: CacheConfig, exclude: str | None = None) -> ra
     """The inputs as a dataset with columns ``uri`` (str), ``data`` (bytes or None: read ``uri``) and ``error``
     (None, or why the input could not even be listed, e.g. a corrupt tar shard). Folders and list files are
     listed by tasks, block by block: no process holds the whole listing."""
+    import ray.data
+
     fs, root = filesystem(uri)
     kind = check_input(uri, cache, exclude)
     if kind == "folder":
@@ -207,11 +213,15 @@ def _list_folder(batch: dict[str, np.ndarray], uri: str, exclude: str | None) ->
 
 
 def _from_uris(uris: list[str], rows_per_block: int) -> ray.data.Dataset:
+    import ray.data
+
     blocks = max(1, min(len(uris), -(-len(uris) // rows_per_block)))
     return ray.data.from_items([{"uri": u, "data": None, "error": None} for u in uris], override_num_blocks=blocks)
 
 
 def _read_list(uri: str, path: str, cache: CacheConfig) -> ray.data.Dataset:
+    import ray.data
+
     if path.endswith(".parquet"):
         ds = ray.data.read_parquet(uri, **PARQUET_READ, **reader_options(uri)).select_columns([cache.uri_column])
         return ds.map_batches(
@@ -303,6 +313,8 @@ def _rows(uris: list[str], datas: list[bytes | None] | None = None, errors: list
 
 
 def _read_parquet(uri: str, cache: CacheConfig) -> ray.data.Dataset:
+    import ray.data
+
     schema_names = ray.data.read_parquet(uri, **PARQUET_READ, **reader_options(uri)).schema().names
     if cache.bytes_column not in schema_names:
         raise InputError(f"parquet input {uri} has no column {cache.bytes_column!r} (columns: {schema_names})")

@@ -143,8 +143,13 @@ def test_isa_embed_runs_without_ray_where_nothing_calls_for_it(tmp_path, monkeyp
     _write_scenes(folder, 4)
     out = tmp_path / "cache"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # the command as `isa embed` runs it, then what it imported: no Ray module (importing Ray costs seconds)
+    command = (
+        "import sys; from pipelines.cli import main; code = main(sys.argv[1:]); "
+        "print('ray modules:', sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))); sys.exit(code)"
+    )
     done = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "embed", str(folder), str(out), *TEACHER, "cache.local_grid=0"],
+        [sys.executable, "-c", command, "embed", str(folder), str(out), *TEACHER, "cache.local_grid=0"],
         env=env,
         capture_output=True,
         text=True,
@@ -154,6 +159,7 @@ def test_isa_embed_runs_without_ray_where_nothing_calls_for_it(tmp_path, monkeyp
     lines = done.stdout.splitlines()
     assert lines[0].startswith("isa embed: in this process, without Ray"), done.stdout
     assert lines[1].startswith("isa embed: read 4 · cached 4 · skipped 0"), done.stdout
+    assert lines[-1] == "ray modules: []", done.stdout
 
     config = _config()
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
