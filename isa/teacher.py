@@ -289,22 +289,48 @@ class Teacher(nn.Module):
 
     def fingerprint(self) -> dict[str, Any]:
         """What identifies this teacher's outputs: model, weights, preprocessing (docs/cache.md)."""
-        cfg = self.preprocess_cfg
-        size = cfg.get("size", self.image_size)
         return {
             "model": self.name,
             "pretrained": self.pretrained,
             "weights_sha256": self.weights_sha256(),
             "embed_dim": self.embed_dim,
             "word_dim": self.word_dim,
-            "preprocess": {
-                "size": list(size) if isinstance(size, (tuple, list)) else [size, size],
-                "mean": list(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
-                "std": list(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
-                "interpolation": cfg.get("interpolation", "bicubic"),
-                "resize_mode": cfg.get("resize_mode", "shortest"),
-            },
+            "preprocess": preprocess_section(self.preprocess_cfg, self.image_size),
         }
+
+
+def preprocess_section(cfg: dict[str, Any], image_size: int = 224) -> dict[str, Any]:
+    """A fingerprint's ``preprocess`` section from an open_clip model's ``visual.preprocess_cfg`` (``image_size``:
+    the side where the config names none)."""
+    size = cfg.get("size", image_size)
+    return {
+        "size": list(size) if isinstance(size, (tuple, list)) else [size, size],
+        "mean": list(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+        "std": list(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
+        "interpolation": cfg.get("interpolation", "bicubic"),
+        "resize_mode": cfg.get("resize_mode", "shortest"),
+    }
+
+
+def expected_preprocess(name: str, pretrained: str = "none") -> dict[str, Any] | None:
+    """The ``preprocess`` section :func:`load_teacher` will give the teacher, told in a fraction of a second: the
+    model is built on the meta device (no memory, no initialisation, no weights read) with a pretrained tag's own
+    preprocessing. A prediction (the loaded teacher's fingerprint is the authority); None where none is made: a
+    model that is not one of open_clip's configs (``hf-hub:``, ``local-dir:``) or one it cannot build."""
+    register_project_configs()
+    if name.startswith(names.SCHEMA_PREFIXES) or open_clip.get_model_config(name) is None:
+        return None
+    weights = None if pretrained.lower() in NO_WEIGHTS else pretrained
+    tag = open_clip.get_pretrained_cfg(name, weights) if weights and not os.path.isfile(weights) else {}
+    keys = ("mean", "std", "interpolation", "resize_mode")  # what a tag sets; the side is the model's
+    try:
+        with random_init(), torch.device("meta"):
+            model = open_clip.create_model(
+                name, device="meta", force_preprocess_cfg={k: tag[k] for k in keys if k in tag}
+            )
+    except Exception:  # noqa: BLE001 - no prediction: load_teacher reports why the model cannot be built
+        return None
+    return preprocess_section(dict(getattr(model.visual, "preprocess_cfg", {})))
 
 
 def crop_transform(preprocess: dict[str, Any]) -> Callable[[Image.Image], Image.Image]:

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from isa.cache import fingerprint_mismatch
-from isa.teacher import RANDOM_INIT_NOTICE, TeacherNotSupportedError, load_teacher
+from isa.teacher import RANDOM_INIT_NOTICE, TeacherNotSupportedError, expected_preprocess, load_teacher
 
 
 def test_frozen_and_in_eval_mode(teacher):
@@ -70,6 +70,25 @@ def test_weights_file_loads_with_open_clips_meaning(tmp_path, clip_teacher):
     loaded = load_teacher(clip_teacher.name, str(path), seed=123)
     assert loaded.weights_sha256() == clip_teacher.weights_sha256()
     assert loaded.pretrained == str(path)
+    assert expected_preprocess(clip_teacher.name, str(path)) == loaded.fingerprint()["preprocess"]
+
+
+@pytest.mark.parametrize("name", ["isa-tiny-ViT", "isa-world-ViT", "ViT-B-32"])
+def test_the_expected_preprocessing_is_the_loaded_teachers(name):
+    assert expected_preprocess(name, "none") == load_teacher(name, "none").fingerprint()["preprocess"]
+
+
+def test_a_pretrained_tags_preprocessing_is_expected_without_its_weights():
+    siglip = expected_preprocess("ViT-B-16-SigLIP", "webli")  # open_clip's table: its own mean, std and resizing
+    assert siglip == {
+        "size": [224, 224],
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+        "interpolation": "bicubic",
+        "resize_mode": "squash",
+    }
+    assert expected_preprocess("ViT-L-14-336", "openai")["size"] == [336, 336]
+    assert expected_preprocess("hf-hub:timm/ViT-B-16-SigLIP", "none") is None  # not told without the hub
 
 
 def test_hf_text_tower_is_refused_clearly():

@@ -345,6 +345,28 @@ def decode_settings(cache: CacheConfig, manifest: Manifest) -> dict:
     }
 
 
+def expected_decoding(config: Config) -> tuple[dict, dict] | None:
+    """What the run's decoding will read of its manifest (the teacher's preprocessing, the cached image size) and
+    its decode settings, told before the teacher is loaded (:func:`isa.teacher.expected_preprocess`); None where
+    it cannot be told. A run without Ray decodes with it while its teacher loads
+    (:func:`~pipelines.embed.local.local_batches`)."""
+    from isa.teacher import expected_preprocess
+
+    preprocess = expected_preprocess(config.teacher.name, config.teacher.pretrained)
+    if preprocess is None:
+        return None
+    cache = config.cache
+    manifest = Manifest(
+        teacher={"preprocess": preprocess},
+        embed_dim=0,  # not read by decoding
+        local_grid=cache.local_grid,
+        dtype=cache.dtype,
+        image_size=cache.image_size if cache.store_images else None,
+        tower_dtype=cache.tower_dtype,
+    )
+    return dataclasses.asdict(manifest), decode_settings(cache, manifest)
+
+
 def decoded(
     input_uri: str,
     output: str,
@@ -511,10 +533,12 @@ def run(input_uri: str, output: str, config: Config, lease: Lease | None = None)
         if local or tower_in_driver(config.cache):
             from isa.build import build_teacher  # torch and open_clip: in this process only for a tower here
 
-            # the inputs are listed and admitted (and Ray's decode tasks start) while the teacher loads here; they
-            # are decoded (and written) once the cache's manifest is written and published to the decoding
+            # the inputs are listed and admitted (and Ray's decode tasks start) while the teacher loads here; on
+            # Ray they are decoded once the cache's manifest is written and published to the decoding, without Ray
+            # with what it is expected to be meanwhile; nothing is written before
             if decoders is not None:
-                chunks = local_batches(input_uri, output, config, ledger, decoders, lease.fence)
+                expected = expected_decoding(config)
+                chunks = local_batches(input_uri, output, config, ledger, decoders, lease.fence, expected)
             else:
                 inputs = decoded(input_uri, output, config, None, ledger, lease.fence, driver_decode_tasks())
                 chunks = inputs.iter_batches(batch_size=config.cache.batch_size, batch_format="numpy")

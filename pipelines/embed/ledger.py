@@ -269,6 +269,11 @@ class LocalLedger:
         self.book.publish(manifest, settings)
         self._published.set()
 
+    @property
+    def published(self) -> tuple[dict, dict] | None:
+        """The run's manifest and decode settings once :meth:`publish` has them, else None (without waiting)."""
+        return self.book.published
+
     def decoding(self) -> tuple[dict, dict]:
         """The run's manifest and decode settings, waiting until :meth:`publish`.
 

@@ -11,7 +11,12 @@ guarantees as the Ray pipeline of ``pipelines.embed``:
   beside a tower in the Ray driver); an input that kills its helper is found by decoding that call's inputs again
   one at a time, each in a child of its own (:func:`~pipelines.embed.guard.decode_isolated`), and rejected with how
   its process ended;
+- decoding starts while the teacher loads, with the preprocessing it is expected to have (told without loading it,
+  :func:`isa.teacher.expected_preprocess`); a call decoded otherwise than the loaded teacher needs is decoded again,
+  and nothing is written before the cache's manifest;
 - rejects and duplicates are recorded, and the tower and the shard writes run, as with a tower in the Ray driver.
+
+It imports no Ray module: importing Ray and Ray Data alone takes a second or two.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from pipelines.embed.sources import guess_format, walk_files
 PROGRESS_LINE_S = 30.0  # seconds between the plain progress lines of a run without Ray
 LOCAL_KINDS = ("folder", "list")  # the input kinds a run without Ray lists itself
 LIST_FILES = (".txt", ".lst")  # list files of one URI a line (.csv and .parquet lists go through Ray Data)
+EARLY_CROP_BYTES = 256 * 2**20  # teacher crops decoded while the teacher loads, at most
+Plan = tuple[dict, dict]  # what decoding reads: (the cache's manifest, the decode settings)
 
 
 def local_input(uri: str, cache: CacheConfig) -> str | None:
@@ -171,48 +178,84 @@ def local_batches(
     ledger: LocalLedger,
     decoders: Decoders,
     fence: Callable[[], None] | None = None,
+    expected: Plan | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """The new inputs' crops for the tower, ``cache.batch_size`` rows at a time: listed, admitted, decoded by the
     helpers (every helper holding one call, the calls taken back in order), rejects and duplicates recorded.
 
-    Decoding waits for the run's manifest and decode settings (:meth:`LocalLedger.publish`), so nothing is decoded
-    or written before the cache's manifest is; listing and admission go on before.
+    Nothing is recorded or handed on before the run publishes its manifest and decode settings
+    (:meth:`LocalLedger.publish`), so nothing is written before the cache's manifest is. Decoding starts before,
+    while the teacher loads, with ``expected`` (what the run's decoding is expected to read of its manifest and its
+    settings, :func:`pipelines.embed.expected_decoding`), up to ``EARLY_CROP_BYTES`` of crops; a call decoded with
+    other than what is published is decoded again. Without ``expected`` decoding waits for the publication.
     ``fence``: the run's lease, checked before each file is published (:class:`pipelines.lease.Fence`).
     """
     _, root = filesystem(output)
-    published: tuple[dict, dict] | None = None
-    in_flight: collections.deque[tuple[int, list[Row]]] = collections.deque()
     free = collections.deque(range(len(decoders)))
+    in_flight: collections.deque[tuple[int, list[Row], Plan]] = collections.deque()
+    decoded_calls: collections.deque[tuple[list[Row], Plan, tuple[list, list]]] = collections.deque()
+    again: collections.deque[list[Row]] = collections.deque()  # calls decoded with what the run did not publish
+    early_calls = 0
+    if expected is not None:
+        width, height = expected[0]["teacher"]["preprocess"]["size"]
+        early_calls = max(1, EARLY_CROP_BYTES // (config.cache.decode_batch_size * width * height * 3))
 
-    def finish() -> dict[str, np.ndarray]:
-        helper, rows = in_flight.popleft()
-        free.append(helper)
-        manifest, settings = published
-        decoded, errors = decoders.result(helper, rows, manifest, settings)
-        duplicate_of = ledger.claim([d.id for d in decoded], [d.uri for d in decoded])
-        record_rejects(
-            output, errors, [(d.uri, d.id, o) for d, o in zip(decoded, duplicate_of) if o is not None], fence
-        )
-        return decoded_columns([d for d, o in zip(decoded, duplicate_of) if o is None], manifest)
-
-    def calls() -> Iterator[dict[str, np.ndarray]]:
-        nonlocal published
+    def new_calls() -> Iterator[list[Row]]:
         for uris in listed(input_uri, config.cache, root):
             keep = ledger.admit(uris, hashlib.sha256("\n".join(uris).encode()).hexdigest())
             rows: list[Row] = [(uri, None, None) for uri, new in zip(uris, keep) if new]
-            if not rows:
+            if rows:
+                yield rows
+
+    def take_back() -> None:  # the oldest call in flight
+        helper, rows, plan = in_flight.popleft()
+        free.append(helper)
+        decoded_calls.append((rows, plan, decoders.result(helper, rows, *plan)))
+
+    def recorded(final: bool) -> Iterator[dict[str, np.ndarray]]:
+        # before the publication, only when as many crops wait as may (or none are in flight): then it waits
+        while decoded_calls and (final or ledger.published is not None or len(decoded_calls) >= early_calls):
+            rows, plan, (decoded, errors) = decoded_calls.popleft()
+            manifest, settings = ledger.decoding()
+            if not decodes_alike(plan, (manifest, settings)):
+                again.append(rows)
                 continue
-            if published is None:
-                published = ledger.decoding()
+            duplicate_of = ledger.claim([d.id for d in decoded], [d.uri for d in decoded])
+            duplicates = [(d.uri, d.id, o) for d, o in zip(decoded, duplicate_of) if o is not None]
+            record_rejects(output, errors, duplicates, fence)
+            yield decoded_columns([d for d, o in zip(decoded, duplicate_of) if o is None], manifest)
+
+    def calls() -> Iterator[dict[str, np.ndarray]]:
+        listing = new_calls()
+        while True:
+            rows = again.popleft() if again else next(listing, None)
+            if rows is None:  # all listed: the calls in flight and decoded are finished
+                if not in_flight and not decoded_calls:
+                    return
+                if in_flight:
+                    take_back()
+                yield from recorded(final=not in_flight)
+                continue
+            plan = ledger.published or expected or ledger.decoding()
             if not free:
-                yield finish()
+                take_back()
+                yield from recorded(final=False)
             helper = free.popleft()
-            decoders.send(helper, rows, *published)
-            in_flight.append((helper, rows))
-        while in_flight:
-            yield finish()
+            decoders.send(helper, rows, *plan)
+            in_flight.append((helper, rows, plan))
 
     yield from rebatched(calls(), config.cache.batch_size)
+
+
+def decodes_alike(plan: Plan, other: Plan) -> bool:
+    """Whether two (manifest, decode settings) pairs decode every input alike: the same teacher preprocessing,
+    cached image size and settings (:func:`~pipelines.embed.decode.decode_rows` reads nothing else)."""
+    (manifest, settings), (other_manifest, other_settings) = plan, other
+    return (
+        manifest["teacher"]["preprocess"] == other_manifest["teacher"]["preprocess"]
+        and manifest["image_size"] == other_manifest["image_size"]
+        and settings == other_settings
+    )
 
 
 class Progress:

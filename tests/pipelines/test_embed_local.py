@@ -32,6 +32,26 @@ def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _assert_same_cache(ours: Path, theirs: Path) -> None:
+    """The same rows (ids, sizes, JPEG bytes; embeddings within 1e-6), rejects and duplicate pair in both caches."""
+    rows = [_cache(root).sort_by("id").to_pydict() for root in (ours, theirs)]
+    assert rows[0]["id"] == rows[1]["id"] and len(set(rows[0]["id"])) == len(rows[0]["id"])
+    for column in ("width", "height", "image"):
+        assert rows[0][column] == rows[1][column], column
+    for column in ("teacher_emb", "teacher_local"):
+        assert np.abs(np.array(rows[0][column]) - np.array(rows[1][column])).max() <= 1e-6, column
+    errors = [pq.read_table(root / "_errors").sort_by("uri").to_pylist() for root in (ours, theirs)]
+    assert errors[0] == errors[1]
+    # which of two copies is cached depends on the order of decoding; the pair and its bytes are the same
+    pairs = []
+    for root in (ours, theirs):
+        found = pq.read_table(root / "_duplicates").to_pylist()
+        cached_uris = set(_cache(root)["uri"].to_pylist())
+        assert len(found) == 1 and found[0]["duplicate_of"] in cached_uris and found[0]["uri"] not in cached_uris
+        pairs.append((found[0]["id"], {found[0]["uri"], found[0]["duplicate_of"]}))
+    assert pairs[0] == pairs[1]
+
+
 def test_without_ray_the_cache_is_the_one_ray_writes(ray_session, image_folder, tmp_path):  # noqa: F811
     """Every kind of bad input, a copy, unusual images: the rows, rejects and duplicates of a run without Ray are
     the Ray pipeline's (whose fidelity to open_clip tests/pipelines/test_embed.py checks). Decode calls of 5 and
@@ -47,23 +67,70 @@ def test_without_ray_the_cache_is_the_one_ray_writes(ray_session, image_folder, 
         on_ray.duplicates,
         0,
     )
-    ours, theirs = (_cache(tmp_path / name).sort_by("id").to_pydict() for name in ("local", "ray"))
-    assert ours["id"] == theirs["id"] and len(set(ours["id"])) == local.cached
-    for column in ("width", "height", "image"):
-        assert ours[column] == theirs[column], column
-    for column in ("teacher_emb", "teacher_local"):
-        assert np.abs(np.array(ours[column]) - np.array(theirs[column])).max() <= 1e-6, column
-    errors = [pq.read_table(tmp_path / name / "_errors").sort_by("uri").to_pylist() for name in ("local", "ray")]
-    assert errors[0] == errors[1] and len(errors[0]) == local.rejected
-    # which of two copies is cached depends on the order of decoding; the pair and its bytes are the same
-    pairs = []
-    for name in ("local", "ray"):
-        found = pq.read_table(tmp_path / name / "_duplicates").to_pylist()
-        cached_uris = set(_cache(tmp_path / name)["uri"].to_pylist())
-        assert len(found) == 1 and found[0]["duplicate_of"] in cached_uris and found[0]["uri"] not in cached_uris
-        pairs.append((found[0]["id"], {found[0]["uri"], found[0]["duplicate_of"]}))
-    assert pairs[0] == pairs[1]
+    _assert_same_cache(tmp_path / "local", tmp_path / "ray")
+    assert local.rejected == len(pq.read_table(tmp_path / "local" / "_errors"))
     assert multiprocessing.active_children() == []  # the decode helpers ended with the run
+
+
+def test_without_ray_decoding_starts_while_the_teacher_loads(image_folder, tmp_path, monkeypatch):  # noqa: F811
+    """The helper decodes call after call while the teacher loads, with what the teacher is expected to need, and
+    nothing is written before the cache's manifest; the cache is the one a run that waits for the teacher writes.
+    Where the expectation is wrong, every call decoded with it is decoded again, and the cache is the same."""
+    import isa.build
+    import pipelines.embed
+
+    folder, _, _ = image_folder
+    settings = ["cache.dtype=float32", "cache.max_image_pixels=100000", "cache.decode_batch_size=5", LOCAL]
+    calls = len(list(local_runs.listed(str(folder), _config(*settings).cache, None)))  # all new: a decode each
+    sent: list[dict] = []  # the manifest each call was sent with
+    real_send, real_build = local_runs.Decoders.send, isa.build.build_teacher
+
+    def send(self, helper, rows, manifest, settings):
+        sent.append(manifest)
+        real_send(self, helper, rows, manifest, settings)
+
+    seen_at_load: list[tuple[int, list[str]]] = []
+    wait_for = {"calls": calls}
+
+    def build_teacher(*args, **kwargs):  # once that many calls were sent, or 60 s: what was sent and written
+        deadline = time.monotonic() + 60
+        while len(sent) < wait_for["calls"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        written = [str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != lease.LEASE_FILE]
+        seen_at_load.append((len(sent), written))
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(local_runs.Decoders, "send", send)
+    monkeypatch.setattr(isa.build, "build_teacher", build_teacher)
+    out = tmp_path / "early"
+    early = run(str(folder), str(out), _config(*settings))
+    assert seen_at_load == [(calls, [])]  # all decoded with one helper: taken back before the manifest was written
+    assert len(sent) == calls
+
+    expected_decoding = pipelines.embed.expected_decoding
+    monkeypatch.setattr(pipelines.embed, "expected_decoding", lambda config: None)
+    sent.clear()
+    wait_for["calls"] = 0
+    out = tmp_path / "waited"
+    run(str(folder), str(out), _config(*settings))
+    assert seen_at_load[1] == (0, [])  # without an expectation, nothing is decoded before the manifest
+    _assert_same_cache(tmp_path / "early", tmp_path / "waited")
+
+    def wrongly_expected(config):  # student JPEGs of another quality than the run's
+        manifest, decoding = expected_decoding(config)
+        return manifest, {**decoding, "jpeg_quality": decoding["jpeg_quality"] - 20}
+
+    monkeypatch.setattr(pipelines.embed, "expected_decoding", wrongly_expected)
+    sent.clear()
+    wait_for["calls"] = calls
+    out = tmp_path / "wrong"
+    wrong = run(str(folder), str(out), _config(*settings))
+    assert seen_at_load[2] == (calls, [])
+    assert len(sent) == 2 * calls  # each call decoded again with what the run published
+    assert (wrong.cached, wrong.rejected, wrong.duplicates) == (early.cached, early.rejected, early.duplicates)
+    _assert_same_cache(tmp_path / "wrong", tmp_path / "waited")
+    assert multiprocessing.active_children() == []
 
 
 def test_without_ray_a_rerun_writes_nothing_and_new_inputs_are_cached_once(tmp_path):
