@@ -75,7 +75,8 @@ def test_without_ray_the_cache_is_the_one_ray_writes(ray_session, image_folder, 
 def test_without_ray_decoding_starts_while_the_teacher_loads(image_folder, tmp_path, monkeypatch):  # noqa: F811
     """The helper decodes call after call while the teacher loads, with what the teacher is expected to need, and
     nothing is written before the cache's manifest; the cache is the one a run that waits for the teacher writes.
-    Where the expectation is wrong, every call decoded with it is decoded again, and the cache is the same."""
+    Where the expectation is wrong, every call decoded with it is decoded again, and the cache is the same. The crops
+    decoded ahead are bounded (``EARLY_CROP_BYTES``)."""
     import isa.build
     import pipelines.embed
 
@@ -130,6 +131,18 @@ def test_without_ray_decoding_starts_while_the_teacher_loads(image_folder, tmp_p
     assert len(sent) == 2 * calls  # each call decoded again with what the run published
     assert (wrong.cached, wrong.rejected, wrong.duplicates) == (early.cached, early.rejected, early.duplicates)
     _assert_same_cache(tmp_path / "wrong", tmp_path / "waited")
+
+    # at most EARLY_CROP_BYTES of crops wait for the manifest: here two calls' worth, then decoding waits too
+    monkeypatch.setattr(pipelines.embed, "expected_decoding", expected_decoding)
+    crop_side = expected_decoding(_config(*settings))[0]["teacher"]["preprocess"]["size"][0]
+    monkeypatch.setattr(local_runs, "EARLY_CROP_BYTES", 2 * 5 * crop_side**2 * 3)
+    sent.clear()
+    wait_for["calls"] = 2
+    out = tmp_path / "bounded"
+    run(str(folder), str(out), _config(*settings))
+    assert seen_at_load[3] == (2, [])
+    assert len(sent) == calls
+    _assert_same_cache(tmp_path / "bounded", tmp_path / "waited")
     assert multiprocessing.active_children() == []
 
 
