@@ -31,8 +31,8 @@ def teacher_fingerprint(config: TeacherConfig) -> dict[str, Any]:
     The task's worker process exits afterwards (``max_calls=1``), taking the model's memory with it. It
     reserves no CPU, so it never waits behind a running trainer (``isa tune`` starts runs beside others). A
     teacher that cannot be loaded raises the loader's own error here. A process asks once per teacher (a
-    weights file counts as the same while its size and modification time are); the quickstart and ``isa tune``
-    ask for every stage and run.
+    weights file counts as the same while its size and modification time are); the quickstart asks for every
+    stage, ``isa tune`` once for all its trials (:func:`known_fingerprints`).
     """
     key = _fingerprint_key(config)
     if key not in _FINGERPRINTS:  # None (never reused) is never stored
@@ -50,6 +50,20 @@ def teacher_fingerprint(config: TeacherConfig) -> dict[str, Any]:
 
 
 _FINGERPRINTS: dict[tuple, dict[str, Any]] = {}
+
+
+def known_fingerprints() -> list[tuple[tuple, dict[str, Any]]]:
+    """The fingerprints this process has asked for, each with its key, to hand to the processes it starts
+    (:func:`remember`): the trials of a sweep then load no teacher that the sweep's driver has fingerprinted."""
+    return [(key, copy.deepcopy(fingerprint)) for key, fingerprint in _FINGERPRINTS.items()]
+
+
+def remember(known: Sequence[tuple[tuple, Mapping[str, Any]]]) -> None:
+    """Take fingerprints from another process's :func:`known_fingerprints`. Each is reused here only where this
+    process finds the same key: the same teacher config and, for a weights file, the same size and modification
+    time here."""
+    for key, fingerprint in known:
+        _FINGERPRINTS.setdefault(tuple(key), copy.deepcopy(dict(fingerprint)))
 
 
 def _fingerprint_key(config: TeacherConfig) -> tuple | None:

@@ -132,3 +132,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # Ray Train's controller polls its workers every 2 s: a run's end and each report after the first wait for a poll.
 # The tests' runs last seconds: they poll every 0.5 s (read by Ray Train when a run starts, in every Ray process).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Every Ray instance of the tests is on this one machine, where no node is ever drained: no run starts Ray Train's
+# preemption watcher (a process per run, waiting for drains), as ``init_ray`` sets for a local instance.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Ray's log monitor looks for new log files every 0.1 s until there are 1,000, then every 0.5 s: the tests' instances
+# start hundreds of worker processes, each with its log files; looking every 0.5 s halves the monitor's CPU time
+# (new files' lines still reach the drivers, from the start of the file).
+os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")

@@ -37,6 +37,7 @@ from isa.storage import filesystem, ray_storage, write_bytes
 from pipelines import train
 from pipelines.artifact import check_folder
 from pipelines.stage import config_parser, init_ray
+from pipelines.teacher import known_fingerprints, remember, teacher_fingerprint
 from pipelines.tracking import tracking_uri, ui_command
 from pipelines.train import metrics as train_metrics
 from tune import tracking
@@ -262,11 +263,22 @@ def trial_folder(trial: Any) -> str:
 
 
 def run_trial(
-    params: dict, *, base: dict, folder: str, parent_run_id: str | None, rows: dict | None, kind: str
+    params: dict,
+    *,
+    base: dict,
+    folder: str,
+    parent_run_id: str | None,
+    rows: dict | None,
+    kind: str,
+    fingerprints: Sequence[tuple[tuple, Mapping[str, Any]]] = (),
 ) -> None:
-    """The Tune trainable: one train-stage run with the trial's overrides, reporting to Tune."""
+    """The Tune trainable: one train-stage run with the trial's overrides, reporting to Tune; ``fingerprints``:
+    the driver's teacher fingerprints (:func:`pipelines.teacher.known_fingerprints`), which the train run reuses
+    for the same teacher."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
+
+    remember(fingerprints)
 
     trial_id = ray.tune.get_context().get_trial_id()
     row = params.get(ROW_KEY) if rows else None
@@ -286,8 +298,11 @@ def run_trial(
 
 
 def _trainable(plan: Plan) -> Any:
+    """The trainable with the plan bound; the base config's teacher is fingerprinted here, once for every trial
+    that keeps it (a teacher fails to load here, before any trial starts)."""
     from ray import tune
 
+    teacher_fingerprint(plan.config.teacher)
     fn = tune.with_parameters(
         run_trial,
         base=to_dict(plan.config),
@@ -295,6 +310,7 @@ def _trainable(plan: Plan) -> Any:
         parent_run_id=plan.parent_run_id,
         rows=plan.rows or None,
         kind=plan.kind,
+        fingerprints=known_fingerprints(),
     )
     return tune.with_resources(fn, DRIVER_RESOURCES)
 

@@ -528,6 +528,38 @@ def test_teacher_fingerprint_is_reused_until_its_weights_file_changes(ray_sessio
     assert teacher_fingerprint(config)["weights_sha256"] != second["weights_sha256"]
 
 
+def test_fingerprints_handed_to_another_process_are_reused_there_for_the_same_teacher_and_file(ray_session, tmp_path):
+    """What ``isa tune`` hands its trials: a fingerprint taken with :func:`remember` is reused for the same teacher
+    config and weights file (size, modification time), never for another config or a file changed since."""
+    import ray
+    from safetensors.torch import save_file
+
+    from isa.config import TeacherConfig
+    from isa.teacher import load_teacher
+    from pipelines.teacher import known_fingerprints, teacher_fingerprint
+
+    path = tmp_path / "teacher.safetensors"
+    model = load_teacher("isa-tiny-ViT", "none", seed=3).model
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    in_file, untouched = TeacherConfig("isa-tiny-ViT", str(path)), TeacherConfig("isa-tiny-ViT-custom-text", "none")
+    teacher_fingerprint(in_file)
+    known = [(key, {**print_, "weights_sha256": "the driver's"}) for key, print_ in known_fingerprints()]
+    assert any(key[0] == in_file for key, _ in known) and not any(key[0] == untouched for key, _ in known)
+    def in_a_new_process(known: list, configs: list) -> list[dict]:  # pickled by value: a test is no module
+        from pipelines.teacher import remember, teacher_fingerprint
+
+        remember(known)
+        return [teacher_fingerprint(config) for config in configs]
+
+    other_process = ray.remote(num_cpus=0, max_calls=1)(in_a_new_process)
+    reused, computed = ray.get(other_process.remote(known, [in_file, untouched]))
+    assert reused["weights_sha256"] == "the driver's"  # not loaded again
+    assert computed == load_teacher("isa-tiny-ViT-custom-text", "none").fingerprint()
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000_000))  # changed since
+    (again,) = ray.get(other_process.remote(known, [in_file]))
+    assert again == load_teacher("isa-tiny-ViT", str(path)).fingerprint()
+
+
 @pytest.mark.parametrize("runner", ["ray", "local"])
 def test_a_tower_in_the_driver_refused_its_teacher_writes_nothing(ray_session, tmp_path, runner):
     """The decode tasks (or, without Ray, the decode helpers) start while the driver loads its teacher; they decode
