@@ -8,6 +8,13 @@ process counts, so run it with no other work on the machine.
 
     python benchmarks/suite_cpu.py                                # the whole suite: about 30 minutes on 2 cores
     python benchmarks/suite_cpu.py tests/pipelines/test_train.py --top 10 --out train.jsonl
+
+``--processes`` also tells what kind of process the CPU time went to: every process started during the run is
+sampled every 0.1 s and grouped by kind (a Ray worker by its title, ``ray::RayTrainWorker``; anything else by its
+program and script or module), this process counted too. With ``--workers N`` the suite runs on N pytest-xdist
+workers, as CI runs it; the tests then share the cores, so only the process table and the totals are printed:
+
+    python benchmarks/suite_cpu.py --workers 2 --processes        # where the CI suite's CPU time goes
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ import argparse
 import collections
 import json
 import os
+import re
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +55,120 @@ class Measured:
     def pytest_runtest_logfinish(self, nodeid: str, location: tuple) -> None:
         wall, cpu = self._started.pop(nodeid)
         self.tests[nodeid] = (time.perf_counter() - wall, busy_cpu_seconds() - cpu)
+
+
+def process_kind(cmdline: list[str]) -> str:
+    """What a process is, from its command line: a Ray worker's title without its method and replica id
+    (``ray::RayTrainWorker.get_metadata`` -> ``ray::RayTrainWorker``); a Python program's script or module with
+    its first argument (``python -m pipelines.cli``, ``mlflow server``); else the program's name."""
+    if not cmdline:
+        return "?"
+    first = cmdline[0]
+    if first.startswith("ray::"):
+        title = first.split(" ")[0]
+        title = re.sub(r"#[0-9a-z]{8}:", ":", title)  # a Serve replica's id
+        return re.sub(r"\.\w+$", "", title) if not title.endswith(")") else title
+    program = os.path.basename(first)
+    if not program.startswith("python"):
+        return program
+    words = cmdline[1:]
+    while words and words[0].startswith("-") and words[0] not in ("-m", "-c"):
+        words = words[2:] if words[0] in ("-X", "-W") else words[1:]
+    if not words:
+        return program
+    if words[0] == "-c":
+        return f"{program} -c"
+    if words[0] == "-m":
+        return f"{program} -m {words[1]}" if len(words) > 1 else program
+    script = os.path.basename(words[0])
+    return f"{script} {words[1]}" if len(words) > 1 and not words[1].startswith("-") else script
+
+
+def _process_cpu(pid: str) -> tuple[str, float] | None:
+    """(start time in clock ticks since boot, user + system CPU seconds) of a process, None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[19], (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cmdline(pid: str) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return [w.decode(errors="replace") for w in cmdline.read().split(b"\0") if w]
+    except OSError:
+        return []
+
+
+class Processes:
+    """Samples every process started after it starts (and this one) every ``interval`` seconds: the CPU time
+    each used, by kind (:func:`process_kind`; a Ray worker under the last title it had other than ``IDLE``).
+    A process's CPU time is its last sample's, so a process that lives less than ``interval`` may be missed."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval = interval
+        self.seen: dict[tuple[str, str], list] = {}  # (pid, start) -> [CPU s, kind]
+        self._before: set[tuple[str, str]] = set()
+        self._own: tuple[tuple[str, str], float] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Processes:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            found = _process_cpu(pid)
+            if found is not None:
+                self._before.add((pid, found[0]))
+                if int(pid) == os.getpid():
+                    self._own = ((pid, found[0]), found[1])
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _sample(self) -> None:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            found = _process_cpu(pid)
+            if found is None:
+                continue
+            key = (pid, found[0])
+            own = self._own is not None and key == self._own[0]
+            if key in self._before and not own:
+                continue
+            cpu = found[1] - (self._own[1] if own else 0.0)
+            entry = self.seen.setdefault(key, [0.0, "?"])
+            entry[0] = max(entry[0], cpu)
+            kind = process_kind(_cmdline(pid))
+            if kind != "?" and not (kind == "ray::IDLE" and entry[1].startswith("ray::")):
+                entry[1] = kind
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def by_kind(self) -> dict[str, tuple[float, int]]:
+        """Kind -> (CPU seconds, processes), kernel threads (no command line) left out."""
+        kinds: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+        for cpu, kind in self.seen.values():
+            if kind != "?":
+                kinds[kind][0] += cpu
+                kinds[kind][1] += 1
+        return {kind: (cpu, int(count)) for kind, (cpu, count) in kinds.items()}
+
+
+def process_report(kinds: dict[str, tuple[float, int]], top: int) -> str:
+    """The ``top`` kinds of process by CPU time and the total, as a Markdown table."""
+    lines = ["| CPU s | processes | kind |", "|---:|---:|---|"]
+    for kind, (cpu, count) in sorted(kinds.items(), key=lambda item: -item[1][0])[:top]:
+        lines.append(f"| {cpu:.1f} | {count} | {kind} |")
+    total = sum(cpu for cpu, _ in kinds.values())
+    count = sum(n for _, n in kinds.values())
+    lines += ["", f"{count} processes: {total:.1f} CPU s"]
+    return "\n".join(lines)
 
 
 def per_file(tests: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float, int]]:
@@ -81,14 +204,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", nargs="*", default=["tests"], help="test files or folders (default: tests)")
     parser.add_argument("--top", type=int, default=30, help="tests listed by CPU time (default: 30)")
     parser.add_argument("--out", type=Path, help="also write each test's figures as JSON lines here")
+    parser.add_argument("--processes", action="store_true", help="also the CPU time by kind of process")
+    parser.add_argument("--workers", type=int, default=0, help="pytest-xdist workers (default: 0, one process)")
     args = parser.parse_args(argv)
     measured = Measured()
-    code = pytest.main([*args.paths, "-n", "0", "-q", "-p", "no:cacheprovider"], plugins=[measured])
+    processes = Processes().start() if args.processes else None
+    started, busy = time.perf_counter(), busy_cpu_seconds()
+    code = pytest.main([*args.paths, "-n", str(args.workers), "-q", "-p", "no:cacheprovider"], plugins=[measured])
+    wall, busy = time.perf_counter() - started, busy_cpu_seconds() - busy
+    if processes is not None:
+        processes.stop()
     if args.out is not None:
         with args.out.open("w") as out:
-            for nodeid, (wall, cpu) in measured.tests.items():
-                out.write(json.dumps({"test": nodeid, "wall_s": wall, "cpu_s": cpu}) + "\n")
-    print(report(measured.tests, args.top), flush=True)
+            for nodeid, (test_wall, cpu) in measured.tests.items():
+                out.write(json.dumps({"test": nodeid, "wall_s": test_wall, "cpu_s": cpu}) + "\n")
+    if args.workers == 0:
+        print(report(measured.tests, args.top), flush=True)
+    if processes is not None:
+        print("\n" + process_report(processes.by_kind(), args.top), flush=True)
+    print(f"\nthe run: {wall:.1f} s, the machine busy {busy:.1f} CPU s ({busy / wall:.2f} cores)", flush=True)
     return int(code)
 
 

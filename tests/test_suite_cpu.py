@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from suite_cpu import per_file, report  # noqa: E402
+from suite_cpu import per_file, process_kind, report  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "suite_cpu.py"
 SAMPLE = """
@@ -50,3 +50,55 @@ def test_files_sum_their_tests_and_the_report_lists_the_costliest_first():
     assert table[2].endswith("| a.py::y |") and table[3].endswith("| a.py::x |")
     assert not any("b.py::z" in line for line in table)  # third by CPU time: not in the top 2
     assert any(line.endswith("| 2 | a.py |") for line in table) and table[-1].startswith("3 tests: 4.5 CPU s in 8.0 s")
+
+
+BURNER = """
+import time
+
+end = time.process_time() + 0.6
+while time.process_time() < end:
+    pass
+"""
+SPAWNS = """
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_spawns_a_burner():
+    subprocess.run([sys.executable, "-u", str(Path(__file__).with_name("burner.py")), "now"], check=True)
+"""
+
+
+def test_the_processes_a_test_starts_are_counted_by_kind(tmp_path):
+    (tmp_path / "burner.py").write_text(BURNER)
+    (tmp_path / "test_spawns.py").write_text(SPAWNS)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path / "test_spawns.py"), "--processes"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = {line.split(" | ")[-1].rstrip(" |"): line for line in done.stdout.splitlines() if line.startswith("| ")}
+    burner = rows["burner.py now"].strip("| ").split(" | ")
+    assert 0.5 <= float(burner[0]) <= 1.5 and burner[1] == "1"  # its own 0.6 CPU s, one process
+    assert "the run: " in done.stdout
+
+
+def test_a_process_is_named_by_its_ray_title_or_its_program():
+    assert process_kind(["ray::RayTrainWorker.get_metadata"]) == "ray::RayTrainWorker"
+    assert process_kind(["ray::MapWorker(MapBatches(TeacherEmbedder)).__init__"]) == (
+        "ray::MapWorker(MapBatches(TeacherEmbedder))"
+    )
+    assert process_kind(["ray::MapBatches(_list_folder)->MapBatches(admit_batch)"]) == (
+        "ray::MapBatches(_list_folder)->MapBatches(admit_batch)"
+    )
+    assert process_kind(["ray::SERVE_REPLICA::isa#Query#ad7itmo4:ServeReplica:isa:Query.__init__"]) == (
+        "ray::SERVE_REPLICA::isa#Query:ServeReplica:isa:Query"
+    )
+    assert process_kind(["/venv/bin/python3", "/venv/bin/mlflow", "server", "--port", "5000"]) == "mlflow server"
+    assert process_kind(["/venv/bin/python", "-u", "-m", "pipelines.cli", "train"]) == "python -m pipelines.cli"
+    assert process_kind(["/venv/bin/python", "-X", "importtime", "-c", "import torch"]) == "python -c"
+    assert process_kind(["/venv/lib/ray/core/src/ray/raylet/raylet", "--node_ip_address=127.0.0.1"]) == "raylet"
+    assert process_kind([]) == "?"

@@ -492,12 +492,28 @@ def test_s3_input_and_output(ray_session, s3_endpoint, tmp_path):
     assert not fs.exists(f"isa-test-bucket/cache/{LEASE_FILE}")  # taken and released on S3 by each run
 
 
+def _in_a_new_process(known: list, config: object) -> dict:
+    """``config``'s fingerprint in a process of its own that took the fingerprints ``known`` (as a trial of
+    ``isa tune`` does)."""
+    import ray
+
+    def fingerprint(known: list, config: object) -> dict:  # pickled by value: a test module is not importable
+        from pipelines.teacher import remember, teacher_fingerprint
+
+        remember(known)
+        return teacher_fingerprint(config)
+
+    return ray.get(ray.remote(num_cpus=0, max_calls=1)(fingerprint).remote(known, config))
+
+
 def test_teacher_fingerprint_is_reused_until_its_weights_file_changes(ray_session, tmp_path):
+    """Within a process, and in another process that took this one's fingerprints (``isa tune``'s trials): reused
+    for the same teacher config and weights file (size, modification time), never for a file changed since."""
     from safetensors.torch import save_file
 
     from isa.config import TeacherConfig
     from isa.teacher import load_teacher
-    from pipelines.teacher import teacher_fingerprint
+    from pipelines.teacher import known_fingerprints, teacher_fingerprint
 
     path = tmp_path / "teacher.safetensors"
 
@@ -520,44 +536,16 @@ def test_teacher_fingerprint_is_reused_until_its_weights_file_changes(ray_sessio
     )
     assert path.stat().st_size == stat.st_size
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # a new file, whatever the clock
+    handed_before = [(key, {**print_, "weights_sha256": "handed"}) for key, print_ in known_fingerprints()]
     second = teacher_fingerprint(config)
     assert second == load_teacher("isa-tiny-ViT", str(path)).fingerprint()
+    handed = [(key, {**print_, "weights_sha256": "handed"}) for key, print_ in known_fingerprints()]
+    assert _in_a_new_process(handed, config)["weights_sha256"] == "handed"  # reused there: nothing loaded
+    assert _in_a_new_process(handed_before, config) == second  # taken before the file changed: loaded there
     assert second["weights_sha256"] != teacher_fingerprint(TeacherConfig("isa-tiny-ViT", "none"))["weights_sha256"]
     write(1)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2_000_000_000))
     assert teacher_fingerprint(config)["weights_sha256"] != second["weights_sha256"]
-
-
-def test_fingerprints_handed_to_another_process_are_reused_there_for_the_same_teacher_and_file(ray_session, tmp_path):
-    """What ``isa tune`` hands its trials: a fingerprint taken with :func:`remember` is reused for the same teacher
-    config and weights file (size, modification time), never for another config or a file changed since."""
-    import ray
-    from safetensors.torch import save_file
-
-    from isa.config import TeacherConfig
-    from isa.teacher import load_teacher
-    from pipelines.teacher import known_fingerprints, teacher_fingerprint
-
-    path = tmp_path / "teacher.safetensors"
-    model = load_teacher("isa-tiny-ViT", "none", seed=3).model
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
-    in_file, untouched = TeacherConfig("isa-tiny-ViT", str(path)), TeacherConfig("isa-tiny-ViT-custom-text", "none")
-    teacher_fingerprint(in_file)
-    known = [(key, {**print_, "weights_sha256": "the driver's"}) for key, print_ in known_fingerprints()]
-    assert any(key[0] == in_file for key, _ in known) and not any(key[0] == untouched for key, _ in known)
-    def in_a_new_process(known: list, configs: list) -> list[dict]:  # pickled by value: a test is no module
-        from pipelines.teacher import remember, teacher_fingerprint
-
-        remember(known)
-        return [teacher_fingerprint(config) for config in configs]
-
-    other_process = ray.remote(num_cpus=0, max_calls=1)(in_a_new_process)
-    reused, computed = ray.get(other_process.remote(known, [in_file, untouched]))
-    assert reused["weights_sha256"] == "the driver's"  # not loaded again
-    assert computed == load_teacher("isa-tiny-ViT-custom-text", "none").fingerprint()
-    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000_000))  # changed since
-    (again,) = ray.get(other_process.remote(known, [in_file]))
-    assert again == load_teacher("isa-tiny-ViT", str(path)).fingerprint()
 
 
 @pytest.mark.parametrize("runner", ["ray", "local"])
