@@ -68,8 +68,8 @@ def process_kind(cmdline: list[str]) -> str:
         title = first.split(" ")[0]
         title = re.sub(r"#[0-9a-z]{8}:", ":", title)  # a Serve replica's id
         return re.sub(r"\.\w+$", "", title) if not title.endswith(")") else title
-    program = os.path.basename(first)
-    if not program.startswith("python"):
+    program = os.path.basename(first.split(" ")[0])  # a title set in place of the arguments: its first word
+    if " " in first or not program.startswith("python"):
         return program
     words = cmdline[1:]
     while words and words[0].startswith("-") and words[0] not in ("-m", "-c"):

@@ -101,4 +101,5 @@ def test_a_process_is_named_by_its_ray_title_or_its_program():
     assert process_kind(["/venv/bin/python", "-u", "-m", "pipelines.cli", "train"]) == "python -m pipelines.cli"
     assert process_kind(["/venv/bin/python", "-X", "importtime", "-c", "import torch"]) == "python -c"
     assert process_kind(["/venv/lib/ray/core/src/ray/raylet/raylet", "--node_ip_address=127.0.0.1"]) == "raylet"
+    assert process_kind(["/venv/bin/python3 -u worker.py --node-ip-address=127.0.0.1"]) == "python3"  # a title
     assert process_kind([]) == "?"
