@@ -31,8 +31,8 @@ def teacher_fingerprint(config: TeacherConfig) -> dict[str, Any]:
     The task's worker process exits afterwards (``max_calls=1``), taking the model's memory with it. It
     reserves no CPU, so it never waits behind a running trainer (``isa tune`` starts runs beside others). A
     teacher that cannot be loaded raises the loader's own error here. A process asks once per teacher (a
-    weights file counts as the same while its size and modification time are); the quickstart asks for every
-    stage, ``isa tune`` once for all its trials (:func:`known_fingerprints`).
+    weights file counts as the same while its size and modification time are): the quickstart's stages share
+    one answer, and the trials of ``isa tune`` take their driver's (:func:`known_fingerprints`).
     """
     key = _fingerprint_key(config)
     if key not in _FINGERPRINTS:  # None (never reused) is never stored
