@@ -12,7 +12,7 @@ process counts, so run it with no other work on the machine.
 ``--processes`` also tells what kind of process the CPU time went to: every process started during the run is
 sampled every 0.1 s and grouped by kind (a Ray worker by its title, ``ray::RayTrainWorker``; anything else by its
 program and script or module), this process counted too. With ``--workers N`` the suite runs on N pytest-xdist
-workers, as CI runs it; the tests then share the cores, so only the process table and the totals are printed:
+workers, as CI runs it; the tests then share the cores, so only the process table and the totals are given:
 
     python benchmarks/suite_cpu.py --workers 2 --processes        # where the CI suite's CPU time goes
 """
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="*", default=["tests"], help="test files or folders (default: tests)")
     parser.add_argument("--top", type=int, default=30, help="tests listed by CPU time (default: 30)")
-    parser.add_argument("--out", type=Path, help="also write each test's figures as JSON lines here")
+    parser.add_argument("--out", type=Path, help="also write each test's figures as JSON lines here (one process)")
     parser.add_argument("--processes", action="store_true", help="also the CPU time by kind of process")
     parser.add_argument("--workers", type=int, default=0, help="pytest-xdist workers (default: 0, one process)")
     args = parser.parse_args(argv)
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     wall, busy = time.perf_counter() - started, busy_cpu_seconds() - busy
     if processes is not None:
         processes.stop()
-    if args.out is not None:
+    if args.out is not None and args.workers == 0:
         with args.out.open("w") as out:
             for nodeid, (test_wall, cpu) in measured.tests.items():
                 out.write(json.dumps({"test": nodeid, "wall_s": test_wall, "cpu_s": cpu}) + "\n")

@@ -70,11 +70,11 @@ def test_spawns_a_burner():
 """
 
 
-def test_the_processes_a_test_starts_are_counted_by_kind(tmp_path):
+def test_the_processes_a_test_starts_are_counted_by_kind_also_on_xdist_workers(tmp_path):
     (tmp_path / "burner.py").write_text(BURNER)
     (tmp_path / "test_spawns.py").write_text(SPAWNS)
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path / "test_spawns.py"), "--processes"],
+        [sys.executable, str(SCRIPT), str(tmp_path / "test_spawns.py"), "--processes", "--workers", "1"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -84,6 +84,7 @@ def test_the_processes_a_test_starts_are_counted_by_kind(tmp_path):
     burner = rows["burner.py now"].strip("| ").split(" | ")
     assert 0.5 <= float(burner[0]) <= 1.5 and burner[1] == "1"  # its own 0.6 CPU s, one process
     assert "the run: " in done.stdout
+    assert "| CPU s | wall s |" not in done.stdout  # on pytest-xdist workers: no figures per test
 
 
 def test_a_process_is_named_by_its_ray_title_or_its_program():
