@@ -42,7 +42,7 @@ def busy_cpu_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-@dataclass
+@dataclass(eq=False)  # a pytest plugin: hashable, by identity
 class Measured:
     """Per test id: wall seconds and the machine's busy CPU seconds, from its setup's start to its teardown's end."""
 

@@ -28,11 +28,18 @@ def test_waits():
 
 
 def test_a_test_that_burns_its_core_counts_its_cpu_time_and_one_that_waits_its_wall_time(tmp_path):
-    sample = tmp_path / "test_sample.py"
+    # folders with a conftest.py of their own, as the suite's: pytest then sets plugins apart per folder, by hash
+    for name in ("other", "sub"):
+        (tmp_path / "tests" / name).mkdir(parents=True)
+        (tmp_path / "tests" / name / "conftest.py").write_text("LOCAL = 1\n")
+    sample = tmp_path / "tests" / "sub" / "test_sample.py"
     sample.write_text(SAMPLE)
     out = tmp_path / "tests.jsonl"
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), str(sample), "--out", str(out)], capture_output=True, text=True, timeout=300
+        [sys.executable, str(SCRIPT), str(tmp_path / "tests"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     found = {json.loads(line)["test"].split("::")[1]: json.loads(line) for line in out.read_text().splitlines()}
