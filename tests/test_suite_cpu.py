@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +93,9 @@ def test_the_processes_a_test_starts_are_counted_by_kind_also_on_xdist_workers(t
     assert 0.5 <= float(burner[0]) <= 1.5 and burner[1] == "1"  # its own 0.6 CPU s, one process
     assert "the run: " in done.stdout
     assert "| CPU s | wall s |" not in done.stdout  # on pytest-xdist workers: no figures per test
+    (sampling,) = re.findall(r"^the sampling of processes: (\d+\.\d) CPU s \(in no row above\)$", done.stdout, re.M)
+    (script,) = [line.strip("| ").split(" | ") for kind, line in rows.items() if kind.startswith("suite_cpu.py ")]
+    assert float(sampling) >= 0 and float(script[0]) >= 0  # this process without its sampling: never below zero
 
 
 def test_a_process_is_named_by_its_ray_title_or_its_program():
