@@ -2,8 +2,9 @@
 
 The model is loaded in a one-off Ray task whose process exits when it is done, so this module imports
 nothing heavy: the drivers of ``isa train`` and ``isa tune`` never load torch or open_clip (about 0.5 GB each),
-nor does ``isa embed``'s unless it runs the tower itself (``cache.tower_in``: it then fingerprints the teacher it
-loaded).
+nor does ``isa embed``'s unless it runs the tower itself (``cache.tower_in``). A stage that loads the teacher in
+its own process (:func:`load_teacher_here`: ``isa eval``, a tower in ``isa embed``'s driver) fingerprints the
+teacher it loaded, and the later stages of that process take that fingerprint instead of loading the teacher again.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import copy
 import dataclasses
 import os
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from isa.cache import fingerprint_mismatch
 from isa.config import NO_WEIGHTS, Config, TeacherConfig, looks_like_tag
 from isa.errors import IsaError
+
+if TYPE_CHECKING:
+    from isa.teacher import Teacher
 
 
 def _fingerprint(config: TeacherConfig) -> dict[str, Any]:
@@ -50,6 +54,20 @@ def teacher_fingerprint(config: TeacherConfig) -> dict[str, Any]:
 
 
 _FINGERPRINTS: dict[tuple, dict[str, Any]] = {}
+
+
+def load_teacher_here(config: TeacherConfig, device: str = "cpu") -> Teacher:
+    """The configured teacher, loaded in this process (torch and open_clip with it); its fingerprint becomes
+    :func:`teacher_fingerprint`'s answer for this config in this process, under the same rule (a weights file as
+    it was before loading), so that no later stage of the process loads the teacher again only to fingerprint it:
+    the galleries ``isa eval`` embeds, ``isa train`` after ``isa embed`` in ``isa quickstart``."""
+    from isa.build import build_teacher
+
+    key = _fingerprint_key(config)  # before reading the weights: a file changed meanwhile is read again later
+    teacher = build_teacher(config, device)
+    if key is not None:
+        _FINGERPRINTS[key] = copy.deepcopy(teacher.fingerprint())
+    return teacher
 
 
 def known_fingerprints() -> list[tuple[tuple, dict[str, Any]]]:

@@ -46,7 +46,7 @@ from pipelines.embed.sources import check_input, read_sources, source_options
 from pipelines.embed.tower import TeacherEmbedder
 from pipelines.lease import Fence, Lease
 from pipelines.stage import config_parser, data_context, init_ray, ray_joined
-from pipelines.teacher import choose_teacher, teacher_fingerprint
+from pipelines.teacher import choose_teacher, load_teacher_here, teacher_fingerprint
 
 if TYPE_CHECKING:
     import ray.data
@@ -531,8 +531,6 @@ def run(input_uri: str, output: str, config: Config, lease: Lease | None = None)
     device, teacher, batches = "cpu" if local else tower_device(config.cache), None, None
     try:
         if local or tower_in_driver(config.cache):
-            from isa.build import build_teacher  # torch and open_clip: in this process only for a tower here
-
             # the inputs are listed and admitted (and Ray's decode tasks start) while the teacher loads here; on
             # Ray they are decoded once the cache's manifest is written and published to the decoding, without Ray
             # with what it is expected to be meanwhile; nothing is written before
@@ -543,7 +541,7 @@ def run(input_uri: str, output: str, config: Config, lease: Lease | None = None)
                 inputs = decoded(input_uri, output, config, None, ledger, lease.fence, driver_decode_tasks())
                 chunks = inputs.iter_batches(batch_size=config.cache.batch_size, batch_format="numpy")
             batches = Prefetched(chunks)
-            teacher = build_teacher(config.teacher, device)
+            teacher = load_teacher_here(config.teacher, device)  # torch and open_clip here: only for a tower here
         manifest, _ = prepare_cache(output, check(input_uri, output, config, teacher), before)
         if batches is not None:
             ledger.publish(dataclasses.asdict(manifest), decode_settings(config.cache, manifest))

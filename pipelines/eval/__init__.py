@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from fsspec.implementations.local import LocalFileSystem
 
-from isa.build import build_teacher
 from isa.cache import MANIFEST_FILE, Manifest, own_entry, read_manifest
 from isa.checkpoint import STATE_FILE, CheckpointError, find_checkpoint, is_checkpoint
 from isa.checkpoint_files import latest_checkpoint, saved_checkpoint
@@ -44,7 +43,7 @@ from pipelines.eval.outputs import IMAGE_ONLY, IMAGE_TEXT, TEXT_ONLY
 from pipelines.eval.queries import Encoded, encode_student, encode_text_baseline, task_options, unique_references
 from pipelines.eval.scoring import Ranked, metrics, rank_gallery, rank_members, submissions
 from pipelines.stage import config_parser, init_ray
-from pipelines.teacher import TEACHER_CHOICE, check_fingerprint, choose_teacher
+from pipelines.teacher import TEACHER_CHOICE, check_fingerprint, choose_teacher, load_teacher_here
 
 CHECKPOINT_COPIES = "checkpoints"  # under eval.output: local copies of remote checkpoints
 
@@ -310,7 +309,7 @@ def run(config: Config) -> dict:
     """Evaluate; returns the metrics document (also written to ``OUTPUT/metrics.json``), with the MLflow run and
     store it was recorded into (``mlflow_run_id``, ``mlflow_tracking_uri``; None when not tracked)."""
     check(config)
-    teacher = build_teacher(config.teacher)
+    teacher = load_teacher_here(config.teacher)
     check_fingerprint(teacher.fingerprint(), teacher_sources(config))  # same names, other weights: before embedding
     # each checkpoint's folder as a URI: the Ray tasks copy a remote one where they run (a copy on this machine
     # would be out of reach of the other nodes); the query-side cost is measured here, on a copy below eval.output

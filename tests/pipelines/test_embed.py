@@ -548,6 +548,32 @@ def test_teacher_fingerprint_is_reused_until_its_weights_file_changes(ray_sessio
     assert teacher_fingerprint(config)["weights_sha256"] != second["weights_sha256"]
 
 
+def test_a_teacher_loaded_by_a_stage_is_the_fingerprint_of_the_later_ones(ray_session, tmp_path):
+    """A stage that loads the teacher in its process (``isa eval``, a tower in ``isa embed``'s driver) leaves its
+    fingerprint to the later stages there: taken while the weights file is unchanged, read again once it changed."""
+    from safetensors.torch import save_file
+
+    from isa.config import TeacherConfig
+    from isa.teacher import load_teacher
+    from pipelines.teacher import load_teacher_here, teacher_fingerprint
+
+    path = tmp_path / "loaded.safetensors"
+
+    def write(seed: int) -> None:  # a random teacher's weights
+        model = load_teacher("isa-tiny-ViT", "none", seed=seed).model
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+
+    write(1)
+    config = TeacherConfig(name="isa-tiny-ViT", pretrained=str(path))
+    loaded = load_teacher_here(config).fingerprint()
+    stat = path.stat()
+    write(2)  # other weights under the size and time the stage loaded: what it loaded is the answer, nothing read
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert teacher_fingerprint(config) == loaded
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # changed: read again
+    assert teacher_fingerprint(config) == load_teacher("isa-tiny-ViT", str(path)).fingerprint() != loaded
+
+
 @pytest.mark.parametrize("runner", ["ray", "local"])
 def test_a_tower_in_the_driver_refused_its_teacher_writes_nothing(ray_session, tmp_path, runner):
     """The decode tasks (or, without Ray, the decode helpers) start while the driver loads its teacher; they decode
