@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import glob
 import hashlib
 import http.server
@@ -506,21 +507,25 @@ def _in_a_new_process(known: list, config: object) -> dict:
     return ray.get(ray.remote(num_cpus=0, max_calls=1)(fingerprint).remote(known, config))
 
 
+def _write_random_teacher(path: Path, seed: int) -> None:
+    """A random tiny teacher's weights at ``path`` (safetensors): the same size for every seed."""
+    from safetensors.torch import save_file
+
+    from isa.teacher import load_teacher
+
+    model = load_teacher("isa-tiny-ViT", "none", seed=seed).model
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+
+
 def test_teacher_fingerprint_is_reused_until_its_weights_file_changes(ray_session, tmp_path):
     """Within a process, and in another process that took this one's fingerprints (``isa tune``'s trials): reused
     for the same teacher config and weights file (size, modification time), never for a file changed since."""
-    from safetensors.torch import save_file
-
     from isa.config import TeacherConfig
     from isa.teacher import load_teacher
     from pipelines.teacher import known_fingerprints, teacher_fingerprint
 
     path = tmp_path / "teacher.safetensors"
-
-    def write(seed: int) -> None:  # a random teacher's weights
-        model = load_teacher("isa-tiny-ViT", "none", seed=seed).model
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
-
+    write = functools.partial(_write_random_teacher, path)
     write(1)
     config = TeacherConfig(name="isa-tiny-ViT", pretrained=str(path))
     first = teacher_fingerprint(config)
@@ -551,18 +556,12 @@ def test_teacher_fingerprint_is_reused_until_its_weights_file_changes(ray_sessio
 def test_a_teacher_loaded_by_a_stage_is_the_fingerprint_of_the_later_ones(ray_session, tmp_path):
     """A stage that loads the teacher in its process (``isa eval``, a tower in ``isa embed``'s driver) leaves its
     fingerprint to the later stages there: taken while the weights file is unchanged, read again once it changed."""
-    from safetensors.torch import save_file
-
     from isa.config import TeacherConfig
     from isa.teacher import load_teacher
     from pipelines.teacher import load_teacher_here, teacher_fingerprint
 
     path = tmp_path / "loaded.safetensors"
-
-    def write(seed: int) -> None:  # a random teacher's weights
-        model = load_teacher("isa-tiny-ViT", "none", seed=seed).model
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
-
+    write = functools.partial(_write_random_teacher, path)
     write(1)
     config = TeacherConfig(name="isa-tiny-ViT", pretrained=str(path))
     loaded = load_teacher_here(config).fingerprint()
