@@ -60,7 +60,7 @@ def load_teacher_here(config: TeacherConfig, device: str = "cpu") -> Teacher:
     """The configured teacher, loaded in this process (torch and open_clip with it); its fingerprint becomes
     :func:`teacher_fingerprint`'s answer for this config in this process, under the same rule (a weights file as
     it was before loading), so that no later stage of the process loads the teacher again only to fingerprint it:
-    the galleries ``isa eval`` embeds, ``isa train`` after ``isa embed`` in ``isa quickstart``."""
+    the galleries ``isa eval`` embeds, or ``isa train`` after an ``isa embed`` that ran its tower in the driver."""
     from isa.build import build_teacher
 
     key = _fingerprint_key(config)  # before reading the weights: a file changed meanwhile is read again later
