@@ -12,7 +12,8 @@ process counts, so run it with no other work on the machine.
 ``--processes`` also tells what kind of process the CPU time went to: every process started during the run is
 sampled every 0.1 s and grouped by kind (a Ray worker by its title, ``ray::RayTrainWorker``; anything else by its
 program and script or module), this process counted too. With ``--workers N`` the suite runs on N pytest-xdist
-workers, as CI runs it; the tests then share the cores, so only the process table and the totals are given:
+workers, as CI runs it; the tests then share the cores, so no figures per test are given: each worker's share of
+the run instead (its tests, when its last one ended, the files it ran and when), the process table and the totals:
 
     python benchmarks/suite_cpu.py --workers 2 --processes        # where the CI suite's CPU time goes
 """
@@ -44,17 +45,27 @@ def busy_cpu_seconds() -> float:
 
 @dataclass(eq=False)  # a pytest plugin: hashable, by identity
 class Measured:
-    """Per test id: wall seconds and the machine's busy CPU seconds, from its setup's start to its teardown's end."""
+    """Per test id: wall seconds and the machine's busy CPU seconds, from its setup's start to its teardown's end;
+    and where it ran: the pytest-xdist worker (``main`` without workers), when it started and ended (seconds on
+    ``time.perf_counter``, as this process heard of them)."""
 
     tests: dict[str, tuple[float, float]] = field(default_factory=dict)
+    spans: dict[str, tuple[str, float, float]] = field(default_factory=dict)
     _started: dict[str, tuple[float, float]] = field(default_factory=dict)
+    _workers: dict[str, str] = field(default_factory=dict)
 
     def pytest_runtest_logstart(self, nodeid: str, location: tuple) -> None:
         self._started[nodeid] = (time.perf_counter(), busy_cpu_seconds())
 
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        gateway = getattr(getattr(report, "node", None), "gateway", None)  # set by pytest-xdist on its workers' reports
+        self._workers[report.nodeid] = gateway.id if gateway is not None else "main"
+
     def pytest_runtest_logfinish(self, nodeid: str, location: tuple) -> None:
         wall, cpu = self._started.pop(nodeid)
-        self.tests[nodeid] = (time.perf_counter() - wall, busy_cpu_seconds() - cpu)
+        now = time.perf_counter()
+        self.tests[nodeid] = (now - wall, busy_cpu_seconds() - cpu)
+        self.spans[nodeid] = (self._workers.pop(nodeid, "main"), wall, now)
 
 
 def process_kind(cmdline: list[str]) -> str:
@@ -208,6 +219,29 @@ def report(tests: dict[str, tuple[float, float]], top: int) -> str:
     return "\n".join(lines)
 
 
+def timeline(spans: dict[str, tuple[str, float, float]], started: float, min_s: float = 10.0) -> str:
+    """Each worker's share of the run, as Markdown tables: its tests and when its last one ended, then the files
+    it ran, in order, with their start and end (seconds after ``started``; files shorter than ``min_s`` left out).
+    Workers ending far apart leave cores idle at the end; ending together, the run is as short as its CPU time."""
+    workers: dict[str, list[tuple[float, float, str]]] = collections.defaultdict(list)
+    for nodeid, (worker, start, end) in spans.items():
+        workers[worker].append((start - started, end - started, nodeid.split("::")[0]))
+    lines = ["| worker | tests | in tests s | last end s |", "|---|---:|---:|---:|"]
+    for worker, tests in sorted(workers.items()):
+        busy = sum(end - start for start, end, _ in tests)
+        lines.append(f"| {worker} | {len(tests)} | {busy:.1f} | {max(end for _, end, _ in tests):.1f} |")
+    lines += ["", "| worker | start s | end s | file |", "|---|---:|---:|---|"]
+    for worker, tests in sorted(workers.items()):
+        files: dict[str, list[float]] = {}
+        for start, end, name in sorted(tests):
+            span = files.setdefault(name, [start, end])
+            span[0], span[1] = min(span[0], start), max(span[1], end)
+        for name, (start, end) in files.items():
+            if end - start >= min_s:
+                lines.append(f"| {worker} | {start:.1f} | {end:.1f} | {name} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="*", default=["tests"], help="test files or folders (default: tests)")
@@ -215,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="also write each test's figures as JSON lines here (one process)")
     parser.add_argument("--processes", action="store_true", help="also the CPU time by kind of process")
     parser.add_argument("--workers", type=int, default=0, help="pytest-xdist workers (default: 0, one process)")
+    parser.add_argument(
+        "--min-file-s", type=float, default=10.0, help="with --workers: files shorter than this left out (default: 10)"
+    )
     args = parser.parse_args(argv)
     measured = Measured()
     processes = Processes().start() if args.processes else None
@@ -229,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                 out.write(json.dumps({"test": nodeid, "wall_s": test_wall, "cpu_s": cpu}) + "\n")
     if args.workers == 0:
         print(report(measured.tests, args.top), flush=True)
+    else:
+        print(timeline(measured.spans, started, args.min_file_s), flush=True)
     if processes is not None:
         print("\n" + process_report(processes.by_kind(), args.top), flush=True)
         print(f"the sampling of processes: {processes.sampler_cpu:.1f} CPU s (in no row above)", flush=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from suite_cpu import per_file, process_kind, report  # noqa: E402
+from suite_cpu import per_file, process_kind, report, timeline  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "suite_cpu.py"
 SAMPLE = """
@@ -96,6 +96,42 @@ def test_the_processes_a_test_starts_are_counted_by_kind_also_on_xdist_workers(t
     (sampling,) = re.findall(r"^the sampling of processes: (\d+\.\d) CPU s \(in no row above\)$", done.stdout, re.M)
     (script,) = [line.strip("| ").split(" | ") for kind, line in rows.items() if kind.startswith("suite_cpu.py ")]
     assert float(sampling) >= 0 and float(script[0]) >= 0  # this process without its sampling: never below zero
+
+
+WAITS = """
+import time
+
+
+def test_waits():
+    time.sleep(0.6)
+"""
+
+
+def test_on_xdist_workers_each_workers_files_and_end_are_told(tmp_path):
+    for name in ("test_one.py", "test_two.py"):
+        (tmp_path / name).write_text(WAITS)
+    command = [sys.executable, str(SCRIPT), str(tmp_path), "--workers", "2", "--min-file-s", "0.5"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = [line.strip("| ").split(" | ") for line in done.stdout.splitlines() if line.startswith("| gw")]
+    workers = [row for row in rows if len(row) == 4 and not row[3].endswith(".py")]
+    files = [row for row in rows if row[3].endswith(".py")]
+    assert {row[0] for row in workers} <= {"gw0", "gw1"} and sum(int(row[1]) for row in workers) == 2
+    assert all(float(row[2]) >= 0.6 and float(row[3]) >= float(row[2]) for row in workers)  # its tests' time, end
+    assert sorted(Path(row[3]).name for row in files) == ["test_one.py", "test_two.py"]  # each file under one worker
+    assert all(float(row[2]) - float(row[1]) >= 0.6 for row in files)
+
+
+def test_the_timeline_orders_each_workers_files_and_leaves_out_the_short_ones():
+    spans = {
+        "a.py::x": ("gw0", 100.0, 112.0),
+        "a.py::y": ("gw0", 112.0, 130.0),
+        "b.py::z": ("gw0", 130.0, 131.0),
+        "c.py::w": ("gw1", 100.5, 160.0),
+    }
+    table = timeline(spans, started=100.0).splitlines()
+    assert table[2] == "| gw0 | 3 | 31.0 | 31.0 |" and table[3] == "| gw1 | 1 | 59.5 | 60.0 |"
+    assert table[-2:] == ["| gw0 | 0.0 | 30.0 | a.py |", "| gw1 | 0.5 | 60.0 | c.py |"]  # b.py: 1 s, left out
 
 
 def test_a_process_is_named_by_its_ray_title_or_its_program():
