@@ -222,7 +222,7 @@ def report(tests: dict[str, tuple[float, float]], top: int) -> str:
 def timeline(spans: dict[str, tuple[str, float, float]], started: float, min_s: float = 10.0) -> str:
     """Each worker's share of the run, as Markdown tables: its tests and when its last one ended, then the files
     it ran, in order, with their start and end (seconds after ``started``; files shorter than ``min_s`` left out).
-    Workers ending far apart leave cores idle at the end; ending together, the run is as short as its CPU time."""
+    Workers ending far apart leave cores idle at the end of the run; ending together, none waits for the others."""
     workers: dict[str, list[tuple[float, float, str]]] = collections.defaultdict(list)
     for nodeid, (worker, start, end) in spans.items():
         workers[worker].append((start - started, end - started, nodeid.split("::")[0]))
