@@ -541,7 +541,7 @@ def run(input_uri: str, output: str, config: Config, lease: Lease | None = None)
                 inputs = decoded(input_uri, output, config, None, ledger, lease.fence, driver_decode_tasks())
                 chunks = inputs.iter_batches(batch_size=config.cache.batch_size, batch_format="numpy")
             batches = Prefetched(chunks)
-            teacher = load_teacher_here(config.teacher, device)  # torch and open_clip here: only for a tower here
+            teacher = load_teacher_here(config.teacher, device)  # torch and open_clip here only when the tower is
         manifest, _ = prepare_cache(output, check(input_uri, output, config, teacher), before)
         if batches is not None:
             ledger.publish(dataclasses.asdict(manifest), decode_settings(config.cache, manifest))
