@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# The suite's two pytest-xdist workers share 2 cores with everything they start (Ray's processes, training workers,
+# stages in subprocesses): OpenMP threads that spin while they wait for work take those cores from the others.
+# Waiting threads sleep instead. libgomp reads this once, when torch loads it: before the import below, and in every
+# process the tests start, which inherit it. About 12 % less CPU time for the torch-heavy files (benchmarks/RESULTS.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 from _flaky_s3 import FlakyS3, start_moto
