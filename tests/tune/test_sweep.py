@@ -142,7 +142,13 @@ def test_sweep_finishes_asha_stops_the_bad_trial_and_mlflow_nests_trials(interru
     # ASHA: the trial built to lose stopped at the first rung; the others trained to their last step
     bad = by_weight[5.0]
     assert _results(f"{folder}/{bad.info.run_name}")[-1]["step"] < STEPS
-    assert bad.info.status == "KILLED" and bad.data.tags["isa.tune.status"] == "stopped early"
+    # ASHA's stop reaches the trial's workers a poll or two after their first report; on a fast machine they may
+    # have trained the last step and finished the train run by then: the record tells which happened
+    if bad.info.status == "FINISHED":
+        assert bad.data.tags["isa.tune.status"] == "completed"
+        assert max(m.step for m in client.get_metric_history(bad.info.run_id, "loss")) == STEPS
+    else:
+        assert bad.info.status == "KILLED" and bad.data.tags["isa.tune.status"] == "stopped early"
     assert {a.path for a in client.list_artifacts(bad.info.run_id, "model")} == MODEL  # its last checkpoint's model
     for weight in (0.3, 0.1):
         good = by_weight[weight]
