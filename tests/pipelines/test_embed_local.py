@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import pytest
 import torch
 from test_embed import TEACHER, _cache, _config, _deadly_server, _write_scenes, image_folder  # noqa: F401
 
+from isa.cache import MANIFEST_FILE
 from isa.config import ConfigError
 from isa.images import content_id
 from pipelines import lease
@@ -189,31 +191,53 @@ def test_without_ray_an_input_that_kills_its_decoder_is_rejected_with_how(tmp_pa
 
 
 def test_a_killed_run_without_ray_resumes_exactly_once(tmp_path, monkeypatch):
-    folder = tmp_path / "images"
-    good = _write_scenes(folder, 120)
+    good = _write_scenes(tmp_path / "images", 120)
+    # The kill lands midway by construction. Two inputs are FIFOs (reads that wait, as on a hung network mount);
+    # decode calls are taken back in order, so the run stops at each. The first gets a few bytes once the teacher
+    # is loaded (a reject); the second never: the 39 images of the ten calls before its call are decoded, 36 of
+    # them cached (nine parts, the three left wait for a fourth row), nothing after it.
+    stuck = [tmp_path / "stuck-1.png", tmp_path / "stuck-2.png"]
+    for fifo in stuck:
+        os.mkfifo(fifo)
+    listing = tmp_path / "inputs.txt"
+    listing.write_text("\n".join(map(str, [*good[:12], stuck[0], *good[12:39], stuck[1], *good[39:]])) + "\n")
     out = tmp_path / "cache"
-    args = [sys.executable, "-m", "pipelines.cli", "embed", str(folder), str(out), *TEACHER]
+    args = [sys.executable, "-m", "pipelines.cli", "embed", str(listing), str(out), *TEACHER]
     args += ["cache.decode_batch_size=4", "cache.batch_size=4", "cache.rows_per_shard=4", "cache.local_grid=0"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = (tmp_path / "first.log").open("w")
     process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and len(list(out.glob("part-*.parquet"))) < 3:
-        assert process.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        time.sleep(0.02)
+
+    def wait_for(ready: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 240
+        while not ready():
+            assert process.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.05)
+
+    wait_for(lambda: (out / MANIFEST_FILE).exists())
+    time.sleep(1)  # the run hands its decoding the manifest right after writing it
+    stuck[0].write_bytes(b"not an image")  # opens the FIFO's writing end: the waiting read gets these bytes
+    wait_for(lambda: len(list(out.glob("part-*.parquet"))) >= 9)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
     log.close()
     assert "without Ray" in (tmp_path / "first.log").read_text()
     partial = pq.read_table(sorted(out.glob("part-*.parquet"))).num_rows
-    assert 0 < partial < len(good), "the kill did not land midway"
+    assert partial == 36, "the run cached inputs listed after the one it waited for"
+    assert pq.read_table(out / "_errors").column("uri").to_pylist() == [str(stuck[0])]
 
+    inputs = [*good[:39], stuck[1], *good[39:]]  # the unreadable input left out, the other one a file now
+    stuck[1].unlink()
+    shutil.copyfile(_write_scenes(tmp_path / "more", 1, seed=1)[0], stuck[1])
+    listing.write_text("\n".join(map(str, inputs)) + "\n")
     monkeypatch.setattr(lease, "STALE_AFTER_S", 0.5)
     time.sleep(1)
-    summary = run(str(folder), str(out), _config(LOCAL, "cache.local_grid=0"))
+    summary = run(str(listing), str(out), _config(LOCAL, "cache.local_grid=0"))
     ids = _cache(out)["id"].to_pylist()
-    assert len(ids) == len(set(ids)) == len(good) and set(ids) == {content_id(p.read_bytes()) for p in good}
-    assert summary.read == len(good) and summary.skipped >= partial
+    expected = {content_id(p.read_bytes()) for p in inputs}
+    assert len(ids) == len(set(ids)) == len(inputs) == len(expected) and set(ids) == expected
+    assert summary.read == len(inputs) and summary.skipped >= partial
     assert summary.skipped + summary.cached == summary.read
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
 
