@@ -9,7 +9,8 @@ Train V1 kept track of these groups in the Tune driver; this module does the sam
 - :class:`RecordPlacementGroups`, a Ray Train callback in each trial, writes the ids of its controller and of
   every worker placement group into the trial folder (``.isa_placement_groups/PG_ID``, content: controller id);
 - :class:`ReleasePlacementGroups`, a Ray Tune callback in the sweep driver, removes a recorded group once its
-  controller is dead (asked of the GCS directly, no dashboard needed) and its trial has ended.
+  controller is dead (asked of the GCS directly, no dashboard needed) and its trial has ended, or when the trial
+  starts again in a resumed sweep (its earlier controller died with the killed sweep driver).
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ class ReleasePlacementGroups(Callback):
         self.folder = folder
         self._checked = 0.0
         self._done: set[str] = set()  # ended trials found with no group left: not listed again until the end
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        # a trial started again (its sweep resumed after the driver was killed): the groups of its earlier
+        # controllers, dead with that driver, still hold their CPUs (Ray did not remove them when its job ended)
+        release(self.folder, [trial.trial_id])
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         if time.monotonic() - self._checked < CHECK_EVERY_S:

@@ -23,6 +23,7 @@ from _tune_helpers import tiny_config, write_yaml
 
 from isa.storage import filesystem
 from pipelines.cli import main as isa
+from tune.cleanup import RECORDS
 from tune.space import param_space as to_param_space
 from tune.space import parse_space
 
@@ -51,6 +52,12 @@ def _experiment_state(folder: str) -> dict[str, str]:
         return {}
     trials = [json.loads(t[0]) if isinstance(t[0], str) else t[0] for t in data["trial_data"]]
     return {t["trial_id"]: t["status"] for t in trials}
+
+
+def _recorded_groups(folder: str, but: str) -> list[str]:
+    """The placement groups recorded by the trials other than ``but`` (tune/cleanup.py)."""
+    fs, path = _s3(folder)
+    return [p for p in fs.glob(posixpath.join(path, "*", RECORDS, "*")) if f"/{but}/" not in p]
 
 
 def _results(trial_dir: str) -> list[dict]:
@@ -103,6 +110,12 @@ def interrupted_sweep(ray_session, s3_endpoint, tune_cache, mlflow_server, tmp_p
         assert process.poll() is None, f"the sweep ended before it could be interrupted: {log.read_text()[-3000:]}"
         first = next((t for t, s in sorted(_experiment_state(folder).items()) if s == "TERMINATED"), None)
         time.sleep(0.2)
+    # The kill lands while the next trial trains, once its controller has recorded its workers' placement group:
+    # the resumed sweep must release that group (Ray does not when the killed job ends, and the restarted
+    # trial's data tasks would wait forever for the instance's 2 CPUs)
+    while time.monotonic() < deadline and not _recorded_groups(folder, first):
+        assert process.poll() is None, f"the sweep ended before it could be interrupted: {log.read_text()[-3000:]}"
+        time.sleep(0.1)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
     assert first is not None, "no trial finished before the deadline"
