@@ -45,4 +45,8 @@ def test_a_trial_started_again_releases_its_dead_controllers_group_not_a_live_co
         release.on_trial_start(0, [], SimpleNamespace(trial_id=trial_id))
     assert state(dead_group) == "REMOVED" and not list((tmp_path / "t1" / RECORDS).iterdir())
     assert state(live_group) == "CREATED" and [p.name for p in (tmp_path / "t2" / RECORDS).iterdir()] == [live_group]
-    ray.kill(live)
+    ray.kill(live)  # then that one too (and nothing stays reserved in the session's instance)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(live.__ray_ready__.remote())
+    release.on_trial_start(0, [], SimpleNamespace(trial_id="t2"))
+    assert state(live_group) == "REMOVED"
