@@ -55,7 +55,7 @@ class ReleasePlacementGroups(Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         # a trial started again (its sweep resumed after the driver was killed): the groups of its earlier
-        # controllers, dead with that driver, still hold their CPUs (Ray did not remove them when its job ended)
+        # controllers, dead with that driver, can still hold their CPUs (Ray may leave them when its job ends)
         release(self.folder, [trial.trial_id])
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:

@@ -111,7 +111,7 @@ def interrupted_sweep(ray_session, s3_endpoint, tune_cache, mlflow_server, tmp_p
         first = next((t for t, s in sorted(_experiment_state(folder).items()) if s == "TERMINATED"), None)
         time.sleep(0.2)
     # The kill lands while the next trial trains, once its controller has recorded its workers' placement group:
-    # the resumed sweep must release that group (Ray does not when the killed job ends, and the restarted
+    # the resumed sweep must release that group (Ray may not when the killed job ends, and the restarted
     # trial's data tasks would wait forever for the instance's 2 CPUs)
     while time.monotonic() < deadline and not _recorded_groups(folder, first):
         assert process.poll() is None, f"the sweep ended before it could be interrupted: {log.read_text()[-3000:]}"
