@@ -21,6 +21,7 @@ from typing import Any
 
 import ray
 from ray.tune import Callback
+from ray.util.placement_group import PlacementGroup
 
 from isa.storage import filesystem, write_bytes
 from pipelines.ray_compat import ControllerCallback, WorkerGroupCallback, actor_dead, placement_group_of
@@ -72,7 +73,7 @@ class ReleasePlacementGroups(Callback):
 def release(folder: str, trial_ids: list[str]) -> set[str]:
     """Remove the recorded placement groups of these trials whose controller is dead; returns the trials that still
     hold a recorded group (its controller alive)."""
-    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+    from ray.util.placement_group import placement_group_table, remove_placement_group
 
     held: set[str] = set()
     fs, root = filesystem(folder)
@@ -80,7 +81,7 @@ def release(folder: str, trial_ids: list[str]) -> set[str]:
         records = posixpath.join(root, trial_id, RECORDS)
         fs.invalidate_cache(records)  # an object store's listing remembered from an earlier call misses new records
         for record in fs.glob(posixpath.join(records, "*")):
-            group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(posixpath.basename(record))))
+            group = recorded_group(posixpath.basename(record))
             if placement_group_table(group).get("state") in (None, "REMOVED"):
                 fs.rm(record)
             elif actor_dead(fs.cat_file(record).decode()):
@@ -89,3 +90,8 @@ def release(folder: str, trial_ids: list[str]) -> set[str]:
             else:
                 held.add(trial_id)
     return held
+
+
+def recorded_group(name: str) -> PlacementGroup:
+    """The placement group a record names (its file name: the group's id in hex)."""
+    return PlacementGroup(ray.PlacementGroupID(bytes.fromhex(name)))

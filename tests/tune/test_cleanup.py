@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 import ray
-from ray.util.placement_group import PlacementGroup, placement_group_table
+from ray.util.placement_group import placement_group, placement_group_table
 
-from tune.cleanup import RECORDS, RecordPlacementGroups, ReleasePlacementGroups
+from tune.cleanup import RECORDS, RecordPlacementGroups, ReleasePlacementGroups, recorded_group
 
 
 def test_a_trial_started_again_releases_its_dead_controllers_group_not_a_live_controllers(ray_session, tmp_path):
@@ -18,8 +18,6 @@ def test_a_trial_started_again_releases_its_dead_controllers_group_not_a_live_co
         """Records a worker placement group as a trial's Ray Train controller does, and holds it."""
 
         def start(self, trial_folder: str) -> str:
-            from ray.util.placement_group import placement_group
-
             recorder = RecordPlacementGroups(trial_folder)
             recorder.after_controller_start(None)
             self.group = placement_group([{"CPU": 0.5}])
@@ -37,7 +35,7 @@ def test_a_trial_started_again_releases_its_dead_controllers_group_not_a_live_co
         ray.get(dead.__ray_ready__.remote())
 
     def state(group: str) -> str:
-        return placement_group_table(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group))))["state"]
+        return placement_group_table(recorded_group(group))["state"]
 
     assert state(dead_group) == "CREATED"
     release = ReleasePlacementGroups(str(tmp_path))
