@@ -182,6 +182,9 @@ class CacheConfig:
     rows_per_shard: int = 2048  # rows per Parquet shard
     fast_decode: bool = False  # reduced-size JPEG decoding (DCT scaling); pixels differ slightly
     max_image_pixels: int = 89_478_485  # larger images are rejected as decompression bombs
+    # the longest one input may take to be read and decoded; longer (a read that never ends: a hung network mount,
+    # a FIFO nobody writes) and it is rejected, the run going on
+    input_timeout_s: float = 300.0
     jpeg_quality: int = 90  # quality of the cached student JPEG
     input_format: Literal["auto", "folder", "list", "tar", "parquet"] = "auto"  # how to read the input URI
     bytes_column: str = "image"  # Parquet input: column with the image bytes
@@ -204,6 +207,7 @@ class CacheConfig:
             _require(getattr(self, key) >= 1, f"cache.{key}", "must be >= 1")
         _require(1 <= self.jpeg_quality <= 100, "cache.jpeg_quality", "must be in [1, 100]")
         _require(self.actor_cpus > 0 and self.decode_cpus > 0, "cache.actor_cpus", "and cache.decode_cpus must be > 0")
+        _require(self.input_timeout_s > 0, "cache.input_timeout_s", "must be > 0")
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,7 @@ def test_round_trip_through_plain_dicts():
         ("eval.distractor_counts=10", ["'eval.distractors'", "distractor_counts"]),
         ("eval.batch_size=0", ["'eval.batch_size'"]),
         ("train.torch_threads=-1", ["'train.torch_threads'", ">= 0"]),
+        ("cache.input_timeout_s=0", ["'cache.input_timeout_s'", "> 0"]),
         ("loss.init_temperature=5", ["'loss.init_temperature'"]),
         ("token_learner.dim=100", ["'token_learner.dim'", "heads"]),
         ("lr=1", ["section.key=value"]),

@@ -39,6 +39,7 @@ from pipelines.artifact import check_folder
 from pipelines.console import progress_wanted
 from pipelines.embed import ledger as ledgers
 from pipelines.embed.decode import admit_batch, count_new, decode_batch, rebatched, write_shard
+from pipelines.embed.guard import TIMEOUT_SETTING
 from pipelines.embed.ledger import Ledger, LocalLedger
 from pipelines.embed.local import Decoders, Progress, local_batches, local_input, on_this_disk
 from pipelines.embed.prefetch import Prefetched
@@ -336,12 +337,14 @@ def _local_output(output: str) -> str | None:
 
 def decode_settings(cache: CacheConfig, manifest: Manifest) -> dict:
     """What decode tasks decode with besides the manifest: the pixel limit, the reduced JPEG decoding size
-    (``cache.fast_decode``: the larger of the teacher's side and the cached image's), the student JPEG quality."""
+    (``cache.fast_decode``: the larger of the teacher's side and the cached image's), the student JPEG quality,
+    the longest an input may take (:class:`~pipelines.embed.guard.InputWatch`)."""
     teacher_side = max(manifest.teacher["preprocess"]["size"])
     return {
         "max_pixels": cache.max_image_pixels,
         "draft_short_side": max(teacher_side, manifest.image_size or 0) if cache.fast_decode else None,
         "jpeg_quality": cache.jpeg_quality,
+        TIMEOUT_SETTING: cache.input_timeout_s,
     }
 
 

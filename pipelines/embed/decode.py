@@ -26,7 +26,7 @@ import pyarrow as pa
 from isa.cache import DUPLICATES_DIR, ERRORS_DIR, Manifest, shard_name, shard_table
 from isa.images import ImageRejected, content_id, decode_image, encode_jpeg, resize_short_side, teacher_crop
 from isa.storage import filesystem, write_table
-from pipelines.embed.guard import decode_guarded
+from pipelines.embed.guard import TIMEOUT_SETTING, InputWatch, decode_guarded
 from pipelines.embed.ledger import Ledger
 
 
@@ -111,23 +111,31 @@ def decode_rows(
     """Decode ``(uri, bytes or None, listed error or None)`` rows into :class:`Decoded` rows and
     ``(uri, reason)`` rejects. Each image is reduced to its crop and student JPEG as soon as it is decoded,
     so a task holds one full-size image at a time, not a batch of them (256 photos of 12 MP are 12 GB:
-    Pillow keeps 4 bytes a pixel)."""
+    Pillow keeps 4 bytes a pixel).
+
+    An input that takes longer than ``settings["input_timeout_s"]`` (if set) ends this process
+    (:class:`~pipelines.embed.guard.InputWatch`)."""
     crop = _crop_fn(json.dumps(manifest["teacher"]["preprocess"], sort_keys=True))
     decoded: list[Decoded] = []
     errors: list[tuple[str, str]] = []
-    for uri, data, listed_error in rows:
-        try:
-            if isinstance(listed_error, str) and listed_error:
-                raise ImageRejected(listed_error)
-            data = bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else _read(uri)
-            image = decode_image(data, settings["max_pixels"], settings["draft_short_side"])
-        except ImageRejected as error:
-            errors.append((uri, str(error)))
-            continue
-        student = b""
-        if manifest["image_size"] is not None:
-            student = encode_jpeg(resize_short_side(image, manifest["image_size"]), settings["jpeg_quality"])
-        decoded.append(Decoded(uri, content_id(data), image.width, image.height, np.asarray(crop(image)), student))
+    watch = InputWatch(settings.get(TIMEOUT_SETTING))
+    try:
+        for uri, data, listed_error in rows:
+            watch.begin()
+            try:
+                if isinstance(listed_error, str) and listed_error:
+                    raise ImageRejected(listed_error)
+                data = bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else _read(uri)
+                image = decode_image(data, settings["max_pixels"], settings["draft_short_side"])
+            except ImageRejected as error:
+                errors.append((uri, str(error)))
+                continue
+            student = b""
+            if manifest["image_size"] is not None:
+                student = encode_jpeg(resize_short_side(image, manifest["image_size"]), settings["jpeg_quality"])
+            decoded.append(Decoded(uri, content_id(data), image.width, image.height, np.asarray(crop(image)), student))
+    finally:
+        watch.close()
     return decoded, errors
 
 

@@ -1,8 +1,10 @@
 """Inputs that kill their decoding process: rejected with their reason, never retried for ever.
 
-A decode task runs in a Ray worker; an input that makes the decoder crash the process (a decoder bug, a read that
-never ends and is killed, memory exhausted by one image) ends the task, and Ray runs it again (up to
-``DECODE_RETRIES`` times, ``pipelines.embed.decode_task_options``). :class:`Attempts` (kept by the run's ledger
+A decode task runs in a Ray worker; an input that makes the decoder crash the process (a decoder bug, memory
+exhausted by one image) ends the task, and Ray runs it again (up to ``DECODE_RETRIES`` times,
+``pipelines.embed.decode_task_options``). So does an input whose reading and decoding take longer than
+``cache.input_timeout_s`` (a read that never ends: a hung network mount, a FIFO nobody writes): the process's
+:class:`InputWatch` ends it with exit status ``TIMED_OUT``. :class:`Attempts` (kept by the run's ledger
 actor) counts the attempts of each batch (named by a hash of its URIs, the same in every attempt): the first
 decodes in the task's own process as usual; a later one decodes its inputs one at a time in a child process, so an
 input that kills the child is rejected (``_errors/``, with how its process ended) and the batch's other inputs are
@@ -13,13 +15,50 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import os
 import signal
+import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
 Row = tuple[str, Any, Any]  # (uri, bytes or None, listed error or None)
 Decode = Callable[[list[Row], dict, dict], tuple[list[Any], list[tuple[str, str]]]]
+TIMED_OUT = 124  # the exit status of a decoding process that an input held longer than cache.input_timeout_s
+TIMEOUT_SETTING = "input_timeout_s"  # its key in the decode settings (pipelines.embed.decode_settings)
+
+
+class InputWatch:
+    """Ends this process (exit status ``TIMED_OUT``) when one input is read and decoded for longer than
+    ``seconds``: a read that never returns cannot be interrupted from within, and the process decoding it would
+    wait for good. Its decoder's caller sees the process die on that input (:func:`decode_isolated`).
+
+    Args:
+        seconds: the longest one input may take; None: no limit (no watching thread).
+    """
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self._since: float | None = None  # when the input being decoded began (time.monotonic)
+        self._done = threading.Event()
+        if seconds is not None:
+            threading.Thread(target=self._watch, name="isa-input-watch", daemon=True).start()
+
+    def begin(self) -> None:
+        """The next input's reading and decoding begin (the one before is done)."""
+        self._since = time.monotonic()
+
+    def close(self) -> None:
+        """Stop watching (the thread ends at its next look)."""
+        self._done.set()
+
+    def _watch(self) -> None:
+        assert self.seconds is not None
+        while not self._done.wait(min(1.0, self.seconds / 4)):
+            since = self._since
+            if since is not None and time.monotonic() - since > self.seconds:
+                os._exit(TIMED_OUT)  # no cleanup: the main thread may be stuck in a read
 
 
 class Attempts:
@@ -76,7 +115,7 @@ def decode_isolated(
                     done, failed = ours.recv()
                 except EOFError:  # the child died on this row
                     child.join()
-                    errors.append((pending.pop(0)[0], f"the decoding process died on it ({_ended(child.exitcode)})"))
+                    errors.append((pending.pop(0)[0], _died_on_it(child.exitcode, settings)))
                     break
                 pending.pop(0)
                 decoded += done
@@ -100,10 +139,13 @@ def _serve(connection: Connection, decode: Decode, manifest: dict, settings: dic
         connection.send(decode([row], manifest, settings))
 
 
-def _ended(exitcode: int | None) -> str:
+def _died_on_it(exitcode: int | None, settings: dict) -> str:
+    """The reason a row is rejected when the child decoding it alone ended with ``exitcode``."""
+    if exitcode == TIMED_OUT and settings.get(TIMEOUT_SETTING) is not None:
+        return f"reading and decoding it took longer than {settings[TIMEOUT_SETTING]:g} s (cache.input_timeout_s)"
     if exitcode is not None and exitcode < 0:
         try:
-            return f"killed by {signal.Signals(-exitcode).name}"
+            return f"the decoding process died on it (killed by {signal.Signals(-exitcode).name})"
         except ValueError:
-            return f"killed by signal {-exitcode}"
-    return f"exit status {exitcode}"
+            return f"the decoding process died on it (killed by signal {-exitcode})"
+    return f"the decoding process died on it (exit status {exitcode})"

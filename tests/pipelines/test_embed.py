@@ -336,15 +336,21 @@ def _deadly_server():
 def test_other_input_kinds_list_tar_parquet(ray_session, tmp_path):
     good = _write_scenes(tmp_path / "images", 12)
     listing = tmp_path / "list.txt"
+    stuck = tmp_path / "stuck.png"
+    os.mkfifo(stuck)  # a read that never ends (nobody writes), as on a hung network mount
     with _deadly_server() as (url, killed):
-        listing.write_text("\n".join([*map(str, good[:6]), str(tmp_path / "missing.jpg"), f"{url}/deadly.jpg"]) + "\n")
-        listed = run(str(listing), str(tmp_path / "from-list"), _config())
-    assert (listed.cached, listed.rejected) == (6, 2)
+        inputs = [*map(str, good[:6]), str(tmp_path / "missing.jpg"), str(stuck), f"{url}/deadly.jpg"]
+        listing.write_text("\n".join(inputs) + "\n")
+        one_call = ["cache.decode_batch_size=16", "cache.input_timeout_s=2"]  # the list's inputs in one decode call
+        listed = run(str(listing), str(tmp_path / "from-list"), _config(*one_call))
+    assert (listed.cached, listed.rejected) == (6, 3)
     reasons = {Path(r["uri"]).name: r["reason"] for r in pq.read_table(tmp_path / "from-list" / "_errors").to_pylist()}
     assert "unreadable" in reasons["missing.jpg"]
-    # the worker died with the batch, then the child that decoded the input alone: rejected, not retried again
+    # the worker ended with the batch (the stuck read), then each input was decoded alone in a child: the stuck
+    # one and the deadly one are rejected with how their child ended, not retried again
+    assert reasons["stuck.png"] == "reading and decoding it took longer than 2 s (cache.input_timeout_s)"
     assert reasons["deadly.jpg"] == "the decoding process died on it (killed by SIGKILL)"
-    assert len(killed) == 2, killed
+    assert len(killed) == 1, killed
 
     shards = tmp_path / "shards"
     shards.mkdir()

@@ -174,19 +174,25 @@ def test_without_ray_a_rerun_writes_nothing_and_new_inputs_are_cached_once(tmp_p
     assert [(d["uri"], d["duplicate_of"]) for d in duplicate] == [(str(tmp_path / "renamed.png"), "cache")]
 
 
-def test_without_ray_an_input_that_kills_its_decoder_is_rejected_with_how(tmp_path):
+def test_without_ray_an_input_that_kills_its_decoder_or_never_ends_is_rejected_with_how(tmp_path):
     """The helper dies with the call; decoded again one input at a time, each in a child of its own, the input that
-    kills its process is rejected and the others are cached."""
+    kills its process is rejected and the others are cached. So is an input whose read never ends (a FIFO nobody
+    writes, as on a hung network mount): its process ends once it has waited ``cache.input_timeout_s``."""
     good = _write_scenes(tmp_path / "images", 6)
     listing = tmp_path / "inputs.txt"
+    stuck = tmp_path / "stuck.png"
+    os.mkfifo(stuck)
     with _deadly_server() as (url, killed):
-        listing.write_text("\n".join([*map(str, good), str(tmp_path / "missing.jpg"), f"{url}/deadly.jpg"]) + "\n")
-        summary = run(str(listing), str(tmp_path / "cache"), _config(LOCAL, "cache.decode_batch_size=16"))
+        inputs = [*map(str, good), str(tmp_path / "missing.jpg"), f"{url}/deadly.jpg", str(stuck)]
+        listing.write_text("\n".join(inputs) + "\n")
+        one_call = ["cache.decode_batch_size=16", "cache.input_timeout_s=1.5"]
+        summary = run(str(listing), str(tmp_path / "cache"), _config(LOCAL, *one_call))
     reasons = {Path(r["uri"]).name: r["reason"] for r in pq.read_table(tmp_path / "cache" / "_errors").to_pylist()}
     assert reasons["deadly.jpg"] == "the decoding process died on it (killed by SIGKILL)"
+    assert reasons["stuck.png"] == "reading and decoding it took longer than 1.5 s (cache.input_timeout_s)"
     assert reasons["missing.jpg"].startswith("unreadable: FileNotFoundError")
     assert len(killed) == 2, killed  # the helper, then the child that decoded the input alone: not retried again
-    assert (summary.cached, summary.rejected) == (len(good), 2)
+    assert (summary.cached, summary.rejected) == (len(good), 3)
     assert multiprocessing.active_children() == []
 
 
