@@ -344,8 +344,14 @@ def decode_settings(cache: CacheConfig, manifest: Manifest) -> dict:
         "max_pixels": cache.max_image_pixels,
         "draft_short_side": max(teacher_side, manifest.image_size or 0) if cache.fast_decode else None,
         "jpeg_quality": cache.jpeg_quality,
-        TIMEOUT_SETTING: cache.input_timeout_s,
+        **read_settings(cache),
     }
+
+
+def read_settings(cache: CacheConfig) -> dict:
+    """What every task reading inputs reads with: the longest an input may take
+    (:class:`~pipelines.embed.guard.InputWatch`)."""
+    return {TIMEOUT_SETTING: cache.input_timeout_s}
 
 
 def expected_decoding(config: Config) -> tuple[dict, dict] | None:
@@ -497,7 +503,10 @@ def dry_run(input_uri: str, output: str, config: Config) -> Summary:
     duplicates = 0
     try:
         counting = admitted(input_uri, output, config, ledger).map_batches(
-            count_new, batch_size=config.cache.decode_batch_size, fn_kwargs={"ledger": ledger}
+            count_new,
+            batch_size=config.cache.decode_batch_size,
+            fn_kwargs={"ledger": ledger, "settings": read_settings(config.cache), "attempts": ledger.attempts},
+            ray_remote_args_fn=decode_task_options,
         )
         for batch in counting.iter_batches(batch_size=None):
             duplicates += int(batch["duplicates"].sum())

@@ -43,22 +43,42 @@ def admit_batch(batch: dict[str, np.ndarray], *, ledger: Ledger) -> dict[str, np
     return {name: np.asarray(values)[keep] for name, values in batch.items()}
 
 
-def count_new(batch: dict[str, np.ndarray], *, ledger: Ledger) -> dict[str, np.ndarray]:
+def count_new(
+    batch: dict[str, np.ndarray], *, ledger: Ledger, settings: dict | None = None, attempts: Any = None
+) -> dict[str, np.ndarray]:
     """CPU task of a dry run: hash the bytes of admitted inputs; how many are new and how many duplicates (same
     bytes as an image cached, or as another new input). An input that cannot be read counts as new (a run
-    records it in ``_errors/``)."""
-    ids, uris = [], []
-    for uri, data, error in zip(batch["uri"], batch["data"], batch["error"]):
-        if isinstance(error, str) and error:
-            continue
-        try:
-            data = bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else _read(str(uri))
-        except ImageRejected:
-            continue
-        ids.append(content_id(data))
-        uris.append(str(uri))
-    duplicates = sum(owner is not None for owner in ledger.claim(ids, uris))
+    records it in ``_errors/``), as does one whose read kills its process or outlasts ``settings``' input timeout
+    (``attempts``: as in :func:`decode_batch`)."""
+    rows = [(str(u), d, None) for u, d, e in zip(batch["uri"], batch["data"], batch["error"]) if not _listed_error(e)]
+    hashed, _ = decode_guarded(hash_rows, rows, {}, settings or {}, attempts)
+    duplicates = sum(owner is not None for owner in ledger.claim([i for _, i in hashed], [u for u, _ in hashed]))
     return {"new": np.array([len(batch["uri"]) - duplicates]), "duplicates": np.array([duplicates])}
+
+
+def hash_rows(rows: list[tuple[str, Any, Any]], manifest: dict, settings: dict) -> tuple[list, list]:
+    """``(uri, content id)`` of each row whose bytes can be read, ``(uri, reason)`` of the others (``manifest`` is
+    not read); an input that takes longer than ``settings["input_timeout_s"]`` (if set) ends this process."""
+    hashed: list[tuple[str, str]] = []
+    errors: list[tuple[str, str]] = []
+    watch = InputWatch(settings.get(TIMEOUT_SETTING))
+    try:
+        for uri, data, _ in rows:
+            watch.begin()
+            try:
+                data = bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else _read(uri)
+            except ImageRejected as error:
+                errors.append((uri, str(error)))
+                continue
+            hashed.append((uri, content_id(data)))
+    finally:
+        watch.close()
+    return hashed, errors
+
+
+def _listed_error(error: Any) -> bool:
+    """Whether the listing already found a row's input unusable (its reason in the row)."""
+    return isinstance(error, str) and bool(error)
 
 
 def decode_batch(
@@ -123,7 +143,7 @@ def decode_rows(
         for uri, data, listed_error in rows:
             watch.begin()
             try:
-                if isinstance(listed_error, str) and listed_error:
+                if _listed_error(listed_error):
                     raise ImageRejected(listed_error)
                 data = bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else _read(uri)
                 image = decode_image(data, settings["max_pixels"], settings["draft_short_side"])

@@ -39,7 +39,16 @@ from isa.images import content_id
 from isa.teacher import register_project_configs
 from pipelines import lease
 from pipelines.cli import main as cli_main
-from pipelines.embed import decode_settings, decoded, pipeline, prepare_cache, run, start_ledger, tower_in_driver
+from pipelines.embed import (
+    decode_settings,
+    decoded,
+    dry_run,
+    pipeline,
+    prepare_cache,
+    run,
+    start_ledger,
+    tower_in_driver,
+)
 from pipelines.lease import LEASE_FILE, Lease, LeaseHeld
 from pipelines.teacher import teacher_fingerprint
 
@@ -342,6 +351,10 @@ def test_other_input_kinds_list_tar_parquet(ray_session, tmp_path):
         inputs = [*map(str, good[:6]), str(tmp_path / "missing.jpg"), str(stuck), f"{url}/deadly.jpg"]
         listing.write_text("\n".join(inputs) + "\n")
         one_call = ["cache.decode_batch_size=16", "cache.input_timeout_s=2"]  # the list's inputs in one decode call
+        # a dry run reads every input too: the stuck and the deadly one count as new (a run rejects them)
+        counted = dry_run(str(listing), str(tmp_path / "from-list"), _config(*one_call))
+        assert (counted.read, counted.skipped, counted.duplicates) == (9, 0, 0) and len(killed) == 1, killed
+        assert not (tmp_path / "from-list").exists()
         listed = run(str(listing), str(tmp_path / "from-list"), _config(*one_call))
     assert (listed.cached, listed.rejected) == (6, 3)
     reasons = {Path(r["uri"]).name: r["reason"] for r in pq.read_table(tmp_path / "from-list" / "_errors").to_pylist()}
@@ -350,7 +363,7 @@ def test_other_input_kinds_list_tar_parquet(ray_session, tmp_path):
     # one and the deadly one are rejected with how their child ended, not retried again
     assert reasons["stuck.png"] == "reading and decoding it took longer than 2 s (cache.input_timeout_s)"
     assert reasons["deadly.jpg"] == "the decoding process died on it (killed by SIGKILL)"
-    assert len(killed) == 1, killed
+    assert len(killed) == 2, killed  # the dry run's child and the run's: each attempt ended at the stuck input
 
     shards = tmp_path / "shards"
     shards.mkdir()
