@@ -3,13 +3,26 @@ starts again; a live controller's is kept."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import ray
 from ray.util.placement_group import placement_group, placement_group_table
 
+from pipelines.ray_compat import actor_dead
 from tune.cleanup import RECORDS, RecordPlacementGroups, ReleasePlacementGroups, recorded_group
+
+
+def _kill(controller: ray.actor.ActorHandle, record: Path) -> None:
+    """Kill a controller and wait until the GCS knows it dead (``ray.kill`` returns before), as the release asks
+    it: by the controller id its record holds."""
+    ray.kill(controller)
+    deadline = time.monotonic() + 60
+    while not actor_dead(record.read_text()):
+        assert time.monotonic() < deadline, "the GCS never knew the killed controller dead"
+        time.sleep(0.1)
 
 
 def test_a_trial_started_again_releases_its_dead_controllers_group_not_a_live_controllers(ray_session, tmp_path):
@@ -30,8 +43,8 @@ def test_a_trial_started_again_releases_its_dead_controllers_group_not_a_live_co
     dead_group = ray.get(dead.start.remote(str(tmp_path / "t1")))
     live_group = ray.get(live.start.remote(str(tmp_path / "t2")))
     assert sorted(p.name for p in (tmp_path / "t1" / RECORDS).iterdir()) == [dead_group]
-    ray.kill(dead)  # as the killed sweep driver's job ends: its controller dies, its group stays reserved
-    with pytest.raises(ray.exceptions.RayActorError):  # the GCS knows it dead
+    _kill(dead, tmp_path / "t1" / RECORDS / dead_group)  # as the killed sweep driver's job ends: its group stays
+    with pytest.raises(ray.exceptions.RayActorError):
         ray.get(dead.__ray_ready__.remote())
 
     def state(group: str) -> str:
@@ -43,8 +56,6 @@ def test_a_trial_started_again_releases_its_dead_controllers_group_not_a_live_co
         release.on_trial_start(0, [], SimpleNamespace(trial_id=trial_id))
     assert state(dead_group) == "REMOVED" and not list((tmp_path / "t1" / RECORDS).iterdir())
     assert state(live_group) == "CREATED" and [p.name for p in (tmp_path / "t2" / RECORDS).iterdir()] == [live_group]
-    ray.kill(live)  # then that one too (and nothing stays reserved in the session's instance)
-    with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(live.__ray_ready__.remote())
+    _kill(live, tmp_path / "t2" / RECORDS / live_group)  # then that one too (nothing stays reserved in the session)
     release.on_trial_start(0, [], SimpleNamespace(trial_id="t2"))
     assert state(live_group) == "REMOVED"
