@@ -363,7 +363,7 @@ def test_other_input_kinds_list_tar_parquet(ray_session, tmp_path):
     # one and the deadly one are rejected with how their child ended, not retried again
     assert reasons["stuck.png"] == "reading and decoding it took longer than 2 s (cache.input_timeout_s)"
     assert reasons["deadly.jpg"] == "the decoding process died on it (killed by SIGKILL)"
-    assert len(killed) == 2, killed  # the dry run's child and the run's: each attempt ended at the stuck input
+    assert len(killed) == 2, killed  # a child in the dry run, one in the run: each first attempt ended at the stuck one
 
     shards = tmp_path / "shards"
     shards.mkdir()
