@@ -50,8 +50,7 @@ def count_new(
     bytes as an image cached, or as another new input). An input that cannot be read counts as new (a run
     records it in ``_errors/``), as does one whose read kills its process or outlasts ``settings``' input timeout
     (``attempts``: as in :func:`decode_batch`)."""
-    rows = [(str(u), d, None) for u, d, e in zip(batch["uri"], batch["data"], batch["error"]) if not _listed_error(e)]
-    hashed, _ = decode_guarded(hash_rows, rows, {}, settings or {}, attempts)
+    hashed, _ = decode_guarded(hash_rows, _rows(batch), {}, settings or {}, attempts)
     duplicates = sum(owner is not None for owner in ledger.claim([i for _, i in hashed], [u for u, _ in hashed]))
     return {"new": np.array([len(batch["uri"]) - duplicates]), "duplicates": np.array([duplicates])}
 
@@ -61,24 +60,14 @@ def hash_rows(rows: list[tuple[str, Any, Any]], manifest: dict, settings: dict) 
     not read); an input that takes longer than ``settings["input_timeout_s"]`` (if set) ends this process."""
     hashed: list[tuple[str, str]] = []
     errors: list[tuple[str, str]] = []
-    watch = InputWatch(settings.get(TIMEOUT_SETTING))
-    try:
-        for uri, data, _ in rows:
+    with InputWatch(settings.get(TIMEOUT_SETTING)) as watch:
+        for uri, data, listed_error in rows:
             watch.begin()
             try:
-                data = bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else _read(uri)
+                hashed.append((uri, content_id(_row_bytes(uri, data, listed_error))))
             except ImageRejected as error:
                 errors.append((uri, str(error)))
-                continue
-            hashed.append((uri, content_id(data)))
-    finally:
-        watch.close()
     return hashed, errors
-
-
-def _listed_error(error: Any) -> bool:
-    """Whether the listing already found a row's input unusable (its reason in the row)."""
-    return isinstance(error, str) and bool(error)
 
 
 def decode_batch(
@@ -106,8 +95,7 @@ def decode_batch(
     """
     if manifest is None or settings is None:
         manifest, settings = ledger.decoding()
-    rows = [(str(u), d, e) for (u, d, e) in zip(batch["uri"], batch["data"], batch["error"])]
-    decoded, errors = decode_guarded(decode_rows, rows, manifest, settings, attempts)
+    decoded, errors = decode_guarded(decode_rows, _rows(batch), manifest, settings, attempts)
     duplicate_of = ledger.claim([d.id for d in decoded], [d.uri for d in decoded])
     record_rejects(output, errors, [(d.uri, d.id, o) for d, o in zip(decoded, duplicate_of) if o is not None], fence)
     first = [d for d, o in zip(decoded, duplicate_of) if o is None]
@@ -138,14 +126,11 @@ def decode_rows(
     crop = _crop_fn(json.dumps(manifest["teacher"]["preprocess"], sort_keys=True))
     decoded: list[Decoded] = []
     errors: list[tuple[str, str]] = []
-    watch = InputWatch(settings.get(TIMEOUT_SETTING))
-    try:
+    with InputWatch(settings.get(TIMEOUT_SETTING)) as watch:
         for uri, data, listed_error in rows:
             watch.begin()
             try:
-                if _listed_error(listed_error):
-                    raise ImageRejected(listed_error)
-                data = bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else _read(uri)
+                data = _row_bytes(uri, data, listed_error)
                 image = decode_image(data, settings["max_pixels"], settings["draft_short_side"])
             except ImageRejected as error:
                 errors.append((uri, str(error)))
@@ -154,9 +139,23 @@ def decode_rows(
             if manifest["image_size"] is not None:
                 student = encode_jpeg(resize_short_side(image, manifest["image_size"]), settings["jpeg_quality"])
             decoded.append(Decoded(uri, content_id(data), image.width, image.height, np.asarray(crop(image)), student))
-    finally:
-        watch.close()
     return decoded, errors
+
+
+def _rows(batch: dict[str, np.ndarray]) -> list[tuple[str, Any, Any]]:
+    """A batch of admitted inputs as ``(uri, bytes or None, listed error or None)`` rows."""
+    return [(str(u), d, e) for u, d, e in zip(batch["uri"], batch["data"], batch["error"])]
+
+
+def _row_bytes(uri: str, data: Any, listed_error: Any) -> bytes:
+    """A row's bytes: given in the row, else read from its URI.
+
+    Raises:
+        ImageRejected: the listing found the input unusable (its reason in the row), or it cannot be read.
+    """
+    if isinstance(listed_error, str) and listed_error:
+        raise ImageRejected(listed_error)
+    return bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else _read(uri)
 
 
 def _read(uri: str) -> bytes:

@@ -34,6 +34,8 @@ class InputWatch:
     ``seconds``: a read that never returns cannot be interrupted from within, and the process decoding it would
     wait for good. Its decoder's caller sees the process die on that input (:func:`decode_isolated`).
 
+    Use it as a context manager around the inputs' loop, calling :meth:`begin` before each input.
+
     Args:
         seconds: the longest one input may take; None: no limit (no watching thread).
     """
@@ -45,13 +47,15 @@ class InputWatch:
         if seconds is not None:
             threading.Thread(target=self._watch, name="isa-input-watch", daemon=True).start()
 
+    def __enter__(self) -> InputWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()  # the thread ends at once: no input is watched after the block, whatever ended it
+
     def begin(self) -> None:
         """The next input's reading and decoding begin (the one before is done)."""
         self._since = time.monotonic()
-
-    def close(self) -> None:
-        """Stop watching (the thread ends at its next look)."""
-        self._done.set()
 
     def _watch(self) -> None:
         assert self.seconds is not None
