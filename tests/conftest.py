@@ -145,3 +145,6 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # start hundreds of worker processes, each with its log files; looking every 0.5 s halves the monitor's CPU time
 # (new files' lines still reach the drivers, from the start of the file).
 os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
+# Ray's usage statistics are off in the tests (as `ray disable-usage-stats` sets): no instance starts Ray Data's
+# usage collection actor (a process per instance) or tries to report to Ray's usage server from this machine.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
