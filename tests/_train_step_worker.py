@@ -57,7 +57,7 @@ def run(rank: int, world: int) -> dict[str, object]:
         step(worker, {k: v[rank * size : (rank + 1) * size] for k, v in batch.items()})
         losses.append(record(worker)["loss"])
     params = torch.cat([p.detach().flatten() for p in worker.task.student_module.parameters()])
-    return {"losses": losses, "temperature": float(worker.task.logit_scale), "params": params}
+    return {"losses": losses, "temperature": float(worker.task.logit_scale.detach()), "params": params}
 
 
 def main(init_file: str, rank: int, out_file: str) -> None:
