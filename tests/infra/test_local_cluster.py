@@ -114,6 +114,7 @@ def other_ray(ray_session) -> tuple[int, list[int]]:
     return int(ray_session.rsplit(":", 1)[1]), ray_processes
 
 
+@pytest.mark.slow
 def test_stop_stops_the_head_it_started_and_leaves_another_ray_running(tmp_path, other_ray):
     other_port, other = other_ray
     ports = {"RAY_PORT": free_port(), "DASHBOARD_PORT": free_port(), "MLFLOW_PORT": free_port()}

@@ -31,6 +31,8 @@ from isa.checkpoint import is_checkpoint
 from isa.data.synthetic import generate_world, write_world
 from isa.images import content_id
 
+pytestmark = pytest.mark.slow  # a two-node cluster for the module; each test a stage run through a lost node
+
 WORKER_CPUS = 2  # each worker node: a training worker and its data tasks, or a teacher actor and a decode task
 
 

@@ -150,6 +150,7 @@ def _jobs_api(address: str, token: str | None) -> tuple[int, list | None]:
         return error.code, None
 
 
+@pytest.mark.slow
 def test_quickstart_as_a_ray_job_on_a_head_node_with_token_auth(head_node, tmp_path):
     address, env = head_node
     stranger = {**env, "HOME": str(tmp_path / "stranger")}  # no token file, no RAY_AUTH_TOKEN

@@ -364,6 +364,7 @@ def test_an_application_larger_than_the_machine_is_refused(gallery, run_dir):
         serve_stage.check_fits(larger, prepared, 2)
 
 
+@pytest.mark.slow
 def test_isa_serve_from_the_command_line_serves_until_stopped(gallery, run_dir, tmp_path):
     """The command a user types: its own local Ray instance (Serve's throughput mode: HAProxy, direct gRPC),
     the page and the API up, then Ctrl-C (or a container's SIGTERM) stops it and its Ray."""

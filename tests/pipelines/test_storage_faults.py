@@ -9,6 +9,7 @@ import json
 
 import mlflow
 import pyarrow.parquet as pq
+import pytest
 from _flaky_s3 import FAULTS
 from _students import TEACHER
 
@@ -30,6 +31,7 @@ STUDENT = [
 ]
 
 
+@pytest.mark.slow
 def test_embed_train_and_eval_on_flaky_s3_finish_exactly_once_and_never_show_a_password(
     ray_session, flaky_s3, mlflow_server, tmp_path, capfd
 ):

@@ -76,6 +76,7 @@ def _train_worker_pids() -> list[int]:
     return processes_titled("RayTrainWorker", below=os.getpid())
 
 
+@pytest.mark.slow
 def test_short_run_learns_and_goes_on_through_a_killed_worker_and_an_mlflow_outage(
     train_cache, tmp_path, mlflow_server_process
 ):
@@ -259,6 +260,7 @@ def _reads_plainly(done: subprocess.CompletedProcess, most_lines: int) -> list[s
     return re.findall(r"^\(RayTrainWorker pid=\d+\) (step .*)$", done.stdout, flags=re.MULTILINE)
 
 
+@pytest.mark.slow
 def test_train_and_eval_by_hand_record_into_one_store_a_rerun_is_refused_and_a_resume_goes_on(
     train_cache, tmp_path, capsys
 ):

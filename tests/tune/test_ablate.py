@@ -35,6 +35,7 @@ TUNE_FILES = (
 )
 
 
+@pytest.mark.slow
 def test_two_row_suite_on_flaky_s3_writes_table_csv_png_and_logs_mlflow(
     ray_session, flaky_s3, tune_cache, tmp_path, monkeypatch
 ):

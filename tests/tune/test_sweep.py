@@ -135,6 +135,7 @@ def _runs(uri: str):
     return client, runs
 
 
+@pytest.mark.slow
 def test_sweep_finishes_asha_stops_the_bad_trial_and_mlflow_nests_trials(interrupted_sweep, mlflow_server):
     folder = interrupted_sweep["folder"]
     state = _experiment_state(folder)
@@ -180,6 +181,7 @@ def test_sweep_finishes_asha_stops_the_bad_trial_and_mlflow_nests_trials(interru
     assert best_config["tune"]["metric"] == "loss" and best_config["student"]["image_size"] == 64
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(interrupted_sweep, mlflow_server):
     folder, first = interrupted_sweep["folder"], interrupted_sweep["first"]
     assert interrupted_sweep["state_at_kill"][first] == "TERMINATED"
