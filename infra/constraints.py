@@ -1,11 +1,13 @@
 """Write ``infra/constraints.txt``: every package that installing isa pulls in, pinned to the version installed here.
 
-Run it in the environment the test suite passed in (``pip install -e '.[dev]'`` after the pinned torch, README.md)::
+Run it in the environment the test suite passed in::
 
     python infra/constraints.py > infra/constraints.txt
 
-The image (``Dockerfile``) and the VM nodes (``vm/cluster.yaml``) install with ``pip install -c
-infra/constraints.txt``, so a node set up next month gets the versions that were tested, not the newest ones.
+The README's commands (CI's among them), the image (``Dockerfile``) and the VM nodes (``vm/cluster.yaml``) install
+with ``pip install -c infra/constraints.txt``, so the suite, a laptop and a node set up next month get the versions
+that were tested, not the newest ones. Newer versions come in on purpose: ``pip install -U -e '.[dev]'`` without
+``-c``, the suite, then this script.
 The pins cover isa's runtime dependencies and the ``mlflow-server`` extra (the MLflow server of
 ``kuberay/mlflow.yaml``), for the platform this runs on (Linux, the Python of the image).
 """

@@ -790,6 +790,8 @@ def test_constraints_pin_every_package_isa_installs_within_its_ranges():
     assert pins["ray"] == the_cluster()["spec"]["rayVersion"]
     readme = (REPO / "README.md").read_text()
     assert f"torch=={pins['torch']}" in readme and f"torchvision=={pins['torchvision']}" in readme
+    # the main job and CI's test command install the tested versions too
+    assert "pip install -e" not in readme and readme.count("pip install -c infra/constraints.txt -e ") == 2
     vm = load_yaml(INFRA / "vm" / "cluster.yaml")["setup_commands"]
     assert all("-c ~/isa/infra/constraints.txt" in c for c in vm if "pip install" in c)
 
