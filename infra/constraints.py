@@ -8,6 +8,7 @@ The README's commands (CI's among them), the image (``Dockerfile``) and the VM n
 with ``pip install -c infra/constraints.txt``, so the suite, a laptop and a node set up next month get the versions
 that were tested, not the newest ones. Newer versions come in on purpose: ``pip install -U -e '.[dev]'`` without
 ``-c``, the suite, then this script.
+
 The pins cover isa's runtime dependencies and the ``mlflow-server`` extra (the MLflow server of
 ``kuberay/mlflow.yaml``), for the platform this runs on (Linux, the Python of the image).
 """
