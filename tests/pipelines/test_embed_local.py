@@ -199,8 +199,8 @@ def test_without_ray_an_input_that_kills_its_decoder_or_never_ends_is_rejected_w
 def test_a_killed_run_without_ray_resumes_exactly_once(tmp_path, monkeypatch):
     good = _write_scenes(tmp_path / "images", 120)
     # The kill lands midway by construction. Two inputs are FIFOs (reads that wait, as on a hung network mount);
-    # decode calls are taken back in order, so the run stops at each. The first gets a few bytes once the teacher
-    # is loaded (a reject); the second never: the 39 images of the ten calls before its call are decoded, 36 of
+    # decode calls are taken back in order, so the run stops at each. The first is answered once the teacher is
+    # loaded (a reject); the second never: the 39 images of the ten calls before its call are decoded, 36 of
     # them cached (nine parts, the three left wait for a fourth row), nothing after it.
     stuck = [tmp_path / "stuck-1.png", tmp_path / "stuck-2.png"]
     for fifo in stuck:
@@ -223,7 +223,9 @@ def test_a_killed_run_without_ray_resumes_exactly_once(tmp_path, monkeypatch):
 
     wait_for(lambda: (out / MANIFEST_FILE).exists())
     time.sleep(1)  # the run hands its decoding the manifest right after writing it
-    stuck[0].write_bytes(b"not an image")  # opens the FIFO's writing end: the waiting read gets these bytes
+    # open the FIFO's writing end and close it, writing nothing: the waiting read is answered (a reject either way,
+    # the empty read or the seek that fsspec tries on a FIFO); a write could meet a reader already gone (EPIPE)
+    os.close(os.open(stuck[0], os.O_WRONLY))
     wait_for(lambda: len(list(out.glob("part-*.parquet"))) >= 9)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
