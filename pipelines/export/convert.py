@@ -6,6 +6,7 @@ Everything here works on bytes and arrays, so the stage writes an artifact only 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import tempfile
@@ -66,15 +67,26 @@ class QueryPath(nn.Module):
         return [PSEUDO_WORDS, ATTENTION] if self.attention else [PSEUDO_WORDS]
 
 
+def out_of_place(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose submodules with an ``inplace`` switch (activations such as timm's ReLU6 and
+    Hardswish, dropout) have it off; ``module`` itself is left as it was."""
+    module = copy.deepcopy(module)
+    for sub in module.modules():
+        if getattr(sub, "inplace", None) is True:
+            sub.inplace = False
+    return module
+
+
 def to_onnx(path: QueryPath, size: int, opset: int) -> bytes:
     """The serialized ONNX model of ``path`` for (B, 3, size, size) inputs, B dynamic.
 
     The exporter is torch.export's (``dynamo=True``, the maintained one; the TorchScript exporter is deprecated
     and slated for removal). It gives every registered backbone within float32 rounding of eager torch with a
     dynamic batch axis. Its example batch is 2: torch.export specializes a dimension of size 1 to a constant,
-    which would fix the batch at 1.
+    which would fix the batch at 1. It traces a copy whose activations work out of place (the same values):
+    the exporter's decompositions of in-place ones cost it about a third more CPU time (benchmarks/export_time.py).
     """
-    path = path.eval()
+    path = out_of_place(path).eval()
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         path(example)  # fills eval-time caches (EfficientViT-M's attention biases) before tracing

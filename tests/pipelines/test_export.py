@@ -264,6 +264,26 @@ def test_an_export_from_s3_onto_a_previous_one_on_s3_replaces_it_and_loads_back(
 # ---- every registered student ----------------------------------------------------------------------------
 
 
+def _in_place(module: torch.nn.Module) -> list[str]:
+    """The names of ``module``'s submodules that work in place."""
+    return [name for name, sub in module.named_modules() if getattr(sub, "inplace", None) is True]
+
+
+def test_the_export_traces_a_copy_with_its_activations_out_of_place():
+    torch.manual_seed(0)
+    student = create_student("mobilenetv2_100", word_dim=32, embed_scale=0.5, num_tokens=4).eval()
+    path = convert.QueryPath(student, attention=True).eval()
+    in_place = _in_place(student)
+    assert len(in_place) > 30  # timm's ReLU6 activations of MobileNetV2's blocks
+    copied = convert.out_of_place(path)
+    assert _in_place(copied) == [] and _in_place(student) == in_place
+    assert all(a is not b for a, b in zip(copied.parameters(), path.parameters()))
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        found, expected = copied(images), path(images)
+    assert all(torch.equal(f, e) for f, e in zip(found, expected))
+
+
 # backbones the module's fixtures export through the command, with their parity to torch checked by
 # test_onnxruntime_matches_the_torch_student: each export costs tens of CPU seconds
 EXPORTED_BY_FIXTURES = {"efficientnet_b0": "atl_export", "mobilenetv3_large_100": "mlp_export"}
@@ -285,7 +305,9 @@ def test_every_registered_student_exports_or_is_refused(name, symmetric_checkpoi
     torch.manual_seed(0)
     student = create_student(name, word_dim=32, embed_scale=0.5, num_tokens=4, token_dim=64, heads=4)
     path = convert.QueryPath(student.eval(), attention=True)
+    in_place = _in_place(student)
     session = ort.InferenceSession(convert.to_onnx(path, 64, export.DEFAULT_OPSET), providers=["CPUExecutionProvider"])
+    assert _in_place(student) == in_place  # the export traced a copy
     images = torch.rand(3, 3, 64, 64)
     with torch.no_grad():
         expected = student(images)
