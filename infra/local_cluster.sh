@@ -111,7 +111,8 @@ start() {
 
   # MLflow first: the head passes MLFLOW_TRACKING_URI on to every job's driver.
   # One server process: a SQLite store takes one writer at a time, and each process more is seconds more to start.
-  setsid nohup mlflow server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
+  # No job runner: isa submits no MLflow jobs, and the runner's eight processes take about 1.3 GB.
+  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid nohup mlflow server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
     --backend-store-uri "sqlite:///$state/mlflow.db" --artifacts-destination "$state/mlartifacts" \
     >"$state/mlflow.log" 2>&1 &
   echo $! >"$state/mlflow.pid"

@@ -22,13 +22,17 @@ class MlflowServer:
         root: the folder of the store and artifacts (kept across :meth:`stop` and :meth:`start`); the server's
             working folder.
         options: more ``mlflow server`` options (e.g. ``--app-name=basic-auth``).
-        env: more environment variables of the server.
+        env: more environment variables of the server (over the default: no job runner).
+        workers: its uvicorn worker processes; None: mlflow's default.
     """
 
-    def __init__(self, root: Path, options: tuple[str, ...] = (), env: dict[str, str] | None = None):
+    def __init__(
+        self, root: Path, options: tuple[str, ...] = (), env: dict[str, str] | None = None, workers: int | None = 1
+    ):
         self.root = root
         self.options = options
         self.env = env or {}
+        self.workers = workers
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
@@ -47,8 +51,7 @@ class MlflowServer:
             "--serve-artifacts",
             "--artifacts-destination",
             str(self.root / "artifacts"),
-            "--workers",
-            "1",
+            *(["--workers", str(self.workers)] if self.workers is not None else []),
             *self.options,
         ]
         # its own process group: stop() ends the server's uvicorn and job runner with it

@@ -623,6 +623,9 @@ def test_vm_cluster_has_the_same_split_token_auth_and_installs_the_project():
     assert {".venv", "isa-output", ".git"} <= set(config["rsync_exclude"])
     start = " ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
     assert "RAY_AUTH_MODE=disabled" not in start and "MLFLOW_TRACKING_URI" in start
+    # the head's MLflow server runs no job runner (tests/infra/test_mlflow_auth.py: what it costs)
+    (mlflow,) = [c for c in config["head_start_ray_commands"] if "mlflow server" in c]
+    assert re.search(r"\(MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false [^;&|]*mlflow server ", mlflow)
 
 
 # ----------------------------------------------------------------------------- runtime_env, image, scripts

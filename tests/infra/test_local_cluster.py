@@ -130,6 +130,8 @@ def test_stop_stops_the_head_it_started_and_leaves_another_ray_running(tmp_path,
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
         assert f"MLflow UI      http://127.0.0.1:{ports['MLFLOW_PORT']}" in started.stdout
         assert "warning" not in started.stderr  # MLflow answers
+        mlflow = session_processes(int((state / "mlflow.pid").read_text()))
+        assert mlflow and not [p for p in mlflow if "mlflow.server.jobs" in command_line(p)]  # no job runner
         session = int((state / "ray.sid").read_text())
         temp_dir = (state / "ray.temp_dir").read_text().strip()
         assert session_processes(session) and _listening(ports["RAY_PORT"]) and _listening(ports["DASHBOARD_PORT"])

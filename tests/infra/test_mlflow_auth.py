@@ -5,6 +5,7 @@ with ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` from the enviro
 from __future__ import annotations
 
 import json
+import sys
 import urllib.error
 import urllib.request
 from base64 import b64encode
@@ -12,12 +13,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _cluster import command_line, session_processes
 from _mlflow_server import MlflowServer
 
 from pipelines import tracking
 from pipelines.cli import main as isa_main
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from peak_memory import pss_bytes  # noqa: E402
+
 MANIFEST = REPO / "infra" / "kuberay" / "mlflow.yaml"
 WORKDIR = "/home/ray/isa"  # the image's repository copy (the Dockerfile's WORKDIR)
 USER, PASSWORD = "isa-stages", "a-long-test-password"  # what the Secret isa-mlflow would hold
@@ -34,18 +40,21 @@ def _env(container: dict) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory):
-    """The manifest's server on loopback: its ``--app-name``, its auth config file, the admin account from the keys of
-    the Secret the Ray pods sign in with, a CSRF key as the Secret isa-mlflow-server would give it."""
+    """The manifest's server on loopback: its ``--app-name``, its worker count (mlflow's default: the manifest sets
+    none), the values of its environment (its auth config file as the repository's copy), the admin account from the
+    keys of the Secret the Ray pods sign in with, a CSRF key as the Secret isa-mlflow-server would give it."""
     container = _server_container()
     options = tuple(a for a in container["command"] if a.startswith("--app-name"))
-    config_path = _env(container)["MLFLOW_AUTH_CONFIG_PATH"]["value"]
-    env = {
-        "MLFLOW_AUTH_CONFIG_PATH": str(REPO / Path(config_path).relative_to(WORKDIR)),
+    assert not any(a.startswith("--workers") for a in container["command"])
+    env = {name: entry["value"] for name, entry in _env(container).items() if "value" in entry}
+    env |= {
+        "MLFLOW_AUTH_CONFIG_PATH": str(REPO / Path(env["MLFLOW_AUTH_CONFIG_PATH"]).relative_to(WORKDIR)),
         "MLFLOW_AUTH_ADMIN_USERNAME": USER,
         "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD,
         "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-test-csrf-key",
     }
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-auth"), options=options, env=env).start(timeout_s=300)
+    root = tmp_path_factory.mktemp("mlflow-auth")
+    server = MlflowServer(root, options=options, env=env, workers=None).start(timeout_s=300)
     yield server
     server.stop()
 
@@ -87,6 +96,22 @@ def test_the_server_asks_everyone_to_sign_in_and_keeps_its_users_in_its_working_
     assert _search(auth_server.uri, (USER, "not-the-password")) == 401
     assert _search(auth_server.uri, (USER, PASSWORD)) == 200
     assert (auth_server.root / "basic_auth.db").is_file()
+
+
+def test_the_server_fits_the_pods_memory_limit(auth_server):
+    """Every process of the server (the ``mlflow server`` command, uvicorn and its workers, and MLflow's job runner
+    and its consumers if it ran one) within three quarters of the container's memory limit once it has served a
+    request: the rest is headroom for requests. Memory is PSS (shared pages counted once, as the cgroup counts
+    them)."""
+    resources = _server_container()["resources"]
+    limit = resources["limits"]["memory"]
+    assert limit.endswith("Gi") and resources["requests"]["memory"] == limit
+    assert _search(auth_server.uri, (USER, PASSWORD)) == 200
+    processes = session_processes(auth_server.process.pid)
+    assert len(processes) >= 3  # the command, uvicorn, its workers
+    assert not [p for p in processes if "mlflow.server.jobs" in command_line(p)]  # no job runner
+    used = sum(pss_bytes(p) for p in processes)
+    assert used <= 0.75 * float(limit[:-2]) * 2**30, f"{used / 2**20:.0f} MiB for a {limit} limit"
 
 
 def test_a_stage_without_the_account_is_refused_before_it_starts(auth_server, monkeypatch, tmp_path, capsys):
