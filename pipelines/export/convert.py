@@ -84,7 +84,8 @@ def to_onnx(path: QueryPath, size: int, opset: int) -> bytes:
     and slated for removal). It gives every registered backbone within float32 rounding of eager torch with a
     dynamic batch axis. Its example batch is 2: torch.export specializes a dimension of size 1 to a constant,
     which would fix the batch at 1. It traces a copy whose activations work out of place (the same values):
-    the exporter's decompositions of in-place ones cost it about a third more CPU time (benchmarks/export_time.py).
+    the exporter's decompositions of in-place ones cost it up to a third more CPU time (the MobileNets' ReLU6 and
+    Hardswish; benchmarks/export_time.py).
     """
     path = out_of_place(path).eval()
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
