@@ -10,7 +10,7 @@ into ``mlflow.db`` in the run folder's parent (Ray Train's storage folder, which
 or suite into its sweep folder, ``isa eval`` into its first checkpoint's training store (else its output
 folder); each experiment such a stage creates keeps its artifacts in ``mlartifacts/EXPERIMENT`` beside the
 store, never in a process's working directory. ``mlflow ui --backend-store-uri sqlite:///.../mlflow.db`` opens
-it all (:func:`ui_command`).
+it all (:func:`ui_command` prints it, lean).
 
 ``isa train`` (rank 0) and ``isa eval`` record through an :class:`Outbox`: a background thread sends the records
 in order, so an MLflow server that is down or slow holds up and fails neither; what it has not taken by the
@@ -114,13 +114,19 @@ def artifact_location(uri: str | None, experiment: str) -> str | None:
     return (database.parent / ARTIFACTS_FOLDER / name).as_uri()
 
 
+# ``mlflow ui`` for one person on a local store: one server process, without MLflow's job runner (isa submits no
+# MLflow jobs). With mlflow's defaults the UI of a SQLite store is 15 processes and about 2.3 GB; this way 2 and
+# about 0.4 GB (benchmarks/RESULTS.md).
+LOCAL_UI = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --workers 1"
+
+
 def ui_command(uri: str) -> str:
-    """The one command that shows a store's records: ``mlflow ui`` on a local store, the server's own address."""
+    """The one command that shows a store's records: :data:`LOCAL_UI` on a local store, the server's own address."""
     from isa.storage import redact_uri
 
     if uri.startswith(("http://", "https://")):
         return f"open {redact_uri(uri)} (the MLflow server)"
-    return f"mlflow ui --backend-store-uri {shlex.quote(redact_uri(uri))}"
+    return f"{LOCAL_UI} --backend-store-uri {shlex.quote(redact_uri(uri))}"
 
 
 SUPPRESS_URL_PRINTING = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"  # MLflow's "View run at URI" line

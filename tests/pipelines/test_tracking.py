@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
+from _cluster import command_line, session_processes
+from _ports import free_port
 
 from isa.checkpoint import capture_rng_state, load_checkpoint, save_checkpoint
 from isa.config import Config
 from isa.errors import IsaError
 from pipelines import tracking
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from peak_memory import pss_bytes  # noqa: E402
 
 
 def test_tracking_uri_rule(tmp_path, monkeypatch):
@@ -49,8 +61,44 @@ def test_store_folder_artifact_location_and_ui_command(tmp_path, monkeypatch):
     location = tracking.artifact_location(f"sqlite:///{tmp_path}/runs/mlflow.db", "isa eval/2")
     assert location == (tmp_path / "runs" / "mlartifacts" / "isa_eval_2").as_uri()
     assert tracking.artifact_location("http://mlflow:5000", "isa") is None  # the server decides
-    assert tracking.ui_command("sqlite:////a b/mlflow.db") == "mlflow ui --backend-store-uri 'sqlite:////a b/mlflow.db'"
+    assert (
+        tracking.ui_command("sqlite:////a b/mlflow.db")
+        == f"{tracking.LOCAL_UI} --backend-store-uri 'sqlite:////a b/mlflow.db'"
+    )
     assert tracking.ui_command("http://mlflow:5000") == "open http://mlflow:5000 (the MLflow server)"
+
+
+def test_the_printed_ui_command_shows_the_store_in_one_lean_server(tmp_path):
+    """The command a stage prints, run in a shell as a user would (on a free port), answers with the store's
+    experiments from one server process and its one worker: no MLflow job runner, well under the 2.3 GB that
+    ``mlflow ui``'s defaults take (memory: PSS, shared pages counted once)."""
+    store = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    (tmp_path / "runs").mkdir()
+    mlflow.MlflowClient(tracking_uri=store).create_experiment("isa-shown")
+    port = free_port()
+    command = f"{tracking.ui_command(store)} --host 127.0.0.1 --port {port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # mlflow beside isa, as for a user
+    shell = subprocess.Popen(["bash", "-c", command], env=env, start_new_session=True, cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline, names = time.monotonic() + 180, None
+        while names is None:
+            assert shell.poll() is None and time.monotonic() < deadline, "the UI did not start"
+            try:
+                url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=10"
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    names = {e["name"] for e in json.loads(response.read())["experiments"]}
+            except OSError:
+                time.sleep(0.3)
+        assert "isa-shown" in names
+        processes = [p for p in session_processes(shell.pid) if not command_line(p).startswith("bash ")]
+        assert len(processes) == 2, [command_line(p) for p in processes]  # mlflow ui and its uvicorn worker
+        assert not [p for p in processes if "mlflow.server.jobs" in command_line(p)]
+        assert sum(pss_bytes(p) for p in processes) < 2**30
+    finally:
+        os.killpg(shell.pid, signal.SIGTERM)
+        shell.wait(timeout=30)
 
 
 def test_experiments_keep_their_artifacts_beside_the_store_not_in_the_working_directory(tmp_path, monkeypatch):

@@ -294,7 +294,7 @@ def test_train_and_eval_by_hand_record_into_one_store_a_rerun_is_refused_and_a_r
     assert re.fullmatch(last_line, lines[-1]), lines[-1]
     assert _steps(run_dir) == [4, 8]
     store = f"sqlite:///{work / 'runs' / 'mlflow.db'}"
-    assert f"mlflow ui --backend-store-uri {store}" in trained.stdout
+    assert tracking.ui_command(store) in trained.stdout
     client = mlflow.MlflowClient(tracking_uri=store)
     (train_run,) = client.search_runs([client.get_experiment_by_name("isa").experiment_id])
     assert train_run.info.status == "FINISHED" and train_run.info.run_name == "a"
@@ -315,7 +315,7 @@ def test_train_and_eval_by_hand_record_into_one_store_a_rerun_is_refused_and_a_r
     evaluated = _isa(work, "eval", *flags, *TEACHER, "train.val_fraction=0.2", "eval.latency_runs=0", "eval.output=ev")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert not _reads_plainly(evaluated, most_lines=30)
-    assert f"mlflow ui --backend-store-uri {store}" in evaluated.stdout
+    assert tracking.ui_command(store) in evaluated.stdout
     (eval_run,) = client.search_runs([client.get_experiment_by_name("isa-eval").experiment_id])
     assert eval_run.info.status == "FINISHED" and eval_run.data.tags["isa.training_run_id"] == train_run.info.run_id
     assert any(k.startswith("eval/images/") for k in eval_run.data.metrics)
