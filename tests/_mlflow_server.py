@@ -12,7 +12,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+from _cluster import command_line
 from _ports import free_port
+
+
+def job_runner(pids: list[int]) -> list[int]:
+    """The processes among ``pids`` that are MLflow's job runner or its huey consumers (``mlflow.server.jobs``)."""
+    return [pid for pid in pids if "mlflow.server.jobs" in command_line(pid)]
 
 
 class MlflowServer:

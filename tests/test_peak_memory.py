@@ -6,11 +6,8 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from peak_memory import PeakMemory, descendants  # noqa: E402
+from peak_memory import PeakMemory, descendants
 
 HOLD = (
     "import sys, time\n"

@@ -8,9 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from suite_cpu import per_file, process_kind, report, timeline  # noqa: E402
+from suite_cpu import per_file, process_kind, report, timeline
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "suite_cpu.py"
 SAMPLE = """

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from _cluster import command_line, descendants, session_processes
+from _mlflow_server import job_runner
 from _ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -131,7 +132,7 @@ def test_stop_stops_the_head_it_started_and_leaves_another_ray_running(tmp_path,
         assert f"MLflow UI      http://127.0.0.1:{ports['MLFLOW_PORT']}" in started.stdout
         assert "warning" not in started.stderr  # MLflow answers
         mlflow = session_processes(int((state / "mlflow.pid").read_text()))
-        assert mlflow and not [p for p in mlflow if "mlflow.server.jobs" in command_line(p)]  # no job runner
+        assert mlflow and not job_runner(mlflow)
         session = int((state / "ray.sid").read_text())
         temp_dir = (state / "ray.temp_dir").read_text().strip()
         assert session_processes(session) and _listening(ports["RAY_PORT"]) and _listening(ports["DASHBOARD_PORT"])

@@ -5,7 +5,6 @@ with ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` from the enviro
 from __future__ import annotations
 
 import json
-import sys
 import urllib.error
 import urllib.request
 from base64 import b64encode
@@ -13,17 +12,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _cluster import command_line, session_processes
-from _mlflow_server import MlflowServer
+from _cluster import session_processes
+from _mlflow_server import MlflowServer, job_runner
+from peak_memory import pss_bytes
 
 from pipelines import tracking
 from pipelines.cli import main as isa_main
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from peak_memory import pss_bytes  # noqa: E402
-
 MANIFEST = REPO / "infra" / "kuberay" / "mlflow.yaml"
 WORKDIR = "/home/ray/isa"  # the image's repository copy (the Dockerfile's WORKDIR)
 USER, PASSWORD = "isa-stages", "a-long-test-password"  # what the Secret isa-mlflow would hold
@@ -109,7 +105,7 @@ def test_the_server_fits_the_pods_memory_limit(auth_server):
     assert _search(auth_server.uri, (USER, PASSWORD)) == 200
     processes = session_processes(auth_server.process.pid)
     assert len(processes) >= 3  # the command, uvicorn, its workers
-    assert not [p for p in processes if "mlflow.server.jobs" in command_line(p)]  # no job runner
+    assert not job_runner(processes)
     used = sum(pss_bytes(p) for p in processes)
     assert used <= 0.75 * float(limit[:-2]) * 2**30, f"{used / 2**20:.0f} MiB for a {limit} limit"
 

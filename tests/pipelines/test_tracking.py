@@ -15,16 +15,14 @@ import mlflow
 import pytest
 import torch
 from _cluster import command_line, session_processes
+from _mlflow_server import job_runner
 from _ports import free_port
+from peak_memory import pss_bytes
 
 from isa.checkpoint import capture_rng_state, load_checkpoint, save_checkpoint
 from isa.config import Config
 from isa.errors import IsaError
 from pipelines import tracking
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-from peak_memory import pss_bytes  # noqa: E402
 
 
 def test_tracking_uri_rule(tmp_path, monkeypatch):
@@ -94,7 +92,7 @@ def test_the_printed_ui_command_shows_the_store_in_one_lean_server(tmp_path):
         assert "isa-shown" in names
         processes = [p for p in session_processes(shell.pid) if not command_line(p).startswith("bash ")]
         assert len(processes) == 2, [command_line(p) for p in processes]  # mlflow ui and its uvicorn worker
-        assert not [p for p in processes if "mlflow.server.jobs" in command_line(p)]
+        assert not job_runner(processes)
         assert sum(pss_bytes(p) for p in processes) < 2**30
     finally:
         os.killpg(shell.pid, signal.SIGTERM)
