@@ -296,13 +296,18 @@ def test_local_grid_fp16_fidelity_and_a_rerun_writes_nothing(ray_session, image_
     assert not (tmp_path / "fresh").exists()
 
 
-def _process_of(client_port: int) -> int | None:
-    """The process that holds the loopback TCP connection whose local port is ``client_port``."""
+def _process_of(client_port: int, server_port: int) -> int | None:
+    """The process that holds the loopback TCP connection from ``client_port`` to ``server_port``.
+
+    Both ports: Linux lets connections to different servers share a local port, so another process (another
+    test's) may hold a connection from ``client_port`` too.
+    """
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == client_port:
+            fields = line.split()  # sl, local address:port, remote address:port, ..., inode (hex ports)
+            ports = (int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16))
+            if ports == (client_port, server_port):
                 inodes.add(f"socket:[{fields[9]}]")
     for proc in glob.glob("/proc/[0-9]*"):
         try:
@@ -313,6 +318,32 @@ def _process_of(client_port: int) -> int | None:
     return None
 
 
+def test_the_deadly_servers_victim_is_the_process_of_that_very_connection():
+    """Two connections from one local port to two servers, one held by another process (as another test's
+    processes may hold one): each server's victim is the process of its own connection."""
+    import socket
+
+    servers = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    clients = [socket.socket() for _ in servers]
+    for client in clients:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    clients[0].bind(("127.0.0.1", 0))
+    port = clients[0].getsockname()[1]
+    clients[1].bind(("127.0.0.1", port))
+    for client, server in zip(clients, servers):
+        client.connect(server.getsockname())
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], pass_fds=[clients[1].fileno()])
+    clients[1].close()
+    try:
+        assert _process_of(port, servers[0].getsockname()[1]) == os.getpid()
+        assert _process_of(port, servers[1].getsockname()[1]) == other.pid
+    finally:
+        other.kill()
+        other.wait()
+        for sock in [*servers, clients[0]]:
+            sock.close()
+
+
 @contextlib.contextmanager
 def _deadly_server():
     """An HTTP server on loopback whose every request kills the process that sent it (SIGKILL): an input whose
@@ -321,7 +352,7 @@ def _deadly_server():
 
     class Deadly(http.server.BaseHTTPRequestHandler):
         def do_HEAD(self) -> None:
-            pid = _process_of(self.client_address[1])
+            pid = _process_of(self.client_address[1], self.server.server_address[1])
             if pid is not None and pid != os.getpid():
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
