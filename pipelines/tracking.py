@@ -9,8 +9,8 @@ Where records go by default: one SQLite store per output tree, its artifacts bes
 into ``mlflow.db`` in the run folder's parent (Ray Train's storage folder, which holds the sibling runs), a sweep
 or suite into its sweep folder, ``isa eval`` into its first checkpoint's training store (else its output
 folder); each experiment such a stage creates keeps its artifacts in ``mlartifacts/EXPERIMENT`` beside the
-store, never in a process's working directory. ``mlflow ui --backend-store-uri sqlite:///.../mlflow.db`` opens
-it all (:func:`ui_command` prints it, lean).
+store, never in a process's working directory. The command :func:`ui_command` prints (``mlflow ui`` on the
+store, one lean server) opens it all.
 
 ``isa train`` (rank 0) and ``isa eval`` record through an :class:`Outbox`: a background thread sends the records
 in order, so an MLflow server that is down or slow holds up and fails neither; what it has not taken by the

@@ -10,7 +10,6 @@ from pathlib import Path
 # a port found free there may be taken by another process's connection (the suite's processes open thousands)
 # before the server binds it. The ports handed out here lie below that range and above Ray's worker ports
 # (10002-19999 by default), where nothing takes a port unasked.
-LOWEST = 20000
 _CHOICE = random.SystemRandom()  # not the tests' seeded generator: each pytest-xdist worker draws its own ports
 
 
@@ -21,15 +20,16 @@ def _ephemeral_start() -> int:
         return 32768
 
 
+PORTS = range(20000, max(_ephemeral_start(), 20001))  # at least one port, should the ephemeral range start low
+
+
 def free_port() -> int:
     """A loopback port no socket holds, outside the ranges the system and Ray hand out by themselves."""
-    ports = range(LOWEST, _ephemeral_start())
     for _ in range(200):
-        port = _CHOICE.choice(ports) if ports else 0
         with socket.socket() as sock:
             try:
-                sock.bind(("127.0.0.1", port))
+                sock.bind(("127.0.0.1", _CHOICE.choice(PORTS)))
             except OSError:
                 continue
             return sock.getsockname()[1]
-    raise RuntimeError(f"no free loopback port in {ports.start}-{ports.stop - 1} after 200 tries")
+    raise RuntimeError(f"no free loopback port in {PORTS.start}-{PORTS.stop - 1} after 200 tries")
