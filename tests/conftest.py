@@ -60,13 +60,27 @@ def s3_endpoint(flaky_s3) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_session(s3_endpoint):
-    """One real local Ray instance for the test run (started after the S3 settings, so workers see them)."""
+def ray_instance(s3_endpoint):
+    """One real local Ray instance for the test run (started after the S3 settings, so workers see them): the
+    context ``ray.init`` returns."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
+    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield context
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_instance) -> str:
+    """The GCS address of the tests' Ray instance."""
+    return ray_instance.address_info["gcs_address"]
+
+
+@pytest.fixture(scope="session")
+def ray_session_dir(ray_instance) -> Path:
+    """The session folder of the tests' Ray instance: its processes' logs (what its workers print: the instance
+    does not send it to the driver) and its other files."""
+    return Path(ray_instance.address_info["session_dir"])
 
 
 @pytest.fixture(scope="session")

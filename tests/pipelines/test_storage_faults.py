@@ -1,7 +1,7 @@
 """The pipeline on flaky object storage: ``isa embed`` S3 to S3, ``isa train`` from an S3 cache with Ray Train's
 storage on ``s3://``, ``isa eval`` writing to S3, all through the fault-injecting proxy in front of moto (503
 SlowDown, connections reset before and after the request is done). Each finishes, exactly once; a tracking URI
-holding a password never shows it."""
+holding a password never shows it, in the stages' output or in what Ray's processes print."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ STUDENT = [
 
 @pytest.mark.slow
 def test_embed_train_and_eval_on_flaky_s3_finish_exactly_once_and_never_show_a_password(
-    ray_session, flaky_s3, mlflow_server, tmp_path, capfd
+    ray_session, ray_session_dir, flaky_s3, mlflow_server, tmp_path, capfd
 ):
     write_world(generate_world(seed=3, num_images=30, num_triplets=4, image_size=64), tmp_path / "world")
     fs, _ = filesystem(f"s3://{BUCKET}")
@@ -98,5 +98,9 @@ def test_embed_train_and_eval_on_flaky_s3_finish_exactly_once_and_never_show_a_p
     assert not [p for p in fs.find(BUCKET) if SECRET.encode() in fs.cat_file(p)]
     for run in (trained, evaluated):
         assert SECRET not in json.dumps({**run.data.params, **run.data.tags})
+    # nor in what Ray's processes printed or wrote: the training workers, the data tasks, Ray's own logs
+    written = [p for p in ray_session_dir.rglob("*") if p.is_file()]
+    assert any(p.name.startswith("worker-") for p in written)  # the workers' output is there
+    assert not [p for p in written if SECRET.encode() in p.read_bytes()]
     assert trained.data.params["train.tracking_uri"] == tracking.replace(SECRET, "***")
     assert evaluated.data.params["eval.tracking_uri"] == tracking.replace(SECRET, "***")
