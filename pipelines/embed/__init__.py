@@ -34,12 +34,13 @@ from isa.cache import (
     write_manifest,
 )
 from isa.config import CacheConfig, Config, ConfigError, given_keys, load_config
+from isa.errors import IsaError
 from isa.storage import absolute_uri, count_rows, filesystem, remove_staging
 from pipelines.artifact import check_folder
 from pipelines.console import progress_wanted
 from pipelines.embed import ledger as ledgers
 from pipelines.embed.decode import admit_batch, count_new, decode_batch, rebatched, write_shard
-from pipelines.embed.guard import TIMEOUT_SETTING
+from pipelines.embed.guard import TIMEOUT_SETTING, given_up_message
 from pipelines.embed.ledger import Ledger, LocalLedger
 from pipelines.embed.local import Decoders, Progress, local_batches, local_input, on_this_disk
 from pipelines.embed.prefetch import Prefetched
@@ -65,6 +66,20 @@ DECODE_RETRIES = 3
 def decode_task_options() -> dict[str, int]:
     """Remote options of every decode task (map_batches' ``ray_remote_args_fn``)."""
     return {"max_retries": DECODE_RETRIES}
+
+
+def raise_given_up(ledger: Ledger | LocalLedger, error: Exception, dry_run: bool = False) -> None:
+    """Raise an :class:`IsaError` naming the inputs where the run (or dry run) failed because a decode task's
+    process died on every attempt (``error``: what the run raised); return where it did not."""
+    if ledger.attempts is None:  # without Ray: the run's own helpers, watched by the run
+        return
+    import ray
+
+    if not isinstance(error, ray.exceptions.WorkerCrashedError):
+        return
+    given_up = ray.get(ledger.attempts.given_up.remote(1 + DECODE_RETRIES))
+    if given_up:
+        raise IsaError(given_up_message(given_up, 1 + DECODE_RETRIES, dry_run)) from error
 
 
 @dataclass
@@ -511,6 +526,9 @@ def dry_run(input_uri: str, output: str, config: Config) -> Summary:
         for batch in counting.iter_batches(batch_size=None):
             duplicates += int(batch["duplicates"].sum())
         seen = ledger.counts()
+    except Exception as error:
+        raise_given_up(ledger, error, dry_run=True)
+        raise
     finally:
         ledger.kill()
     return Summary(
@@ -576,6 +594,9 @@ def run(input_uri: str, output: str, config: Config, lease: Lease | None = None)
                     dataclasses.asdict(manifest), config.teacher.cache_dir, device, os.cpu_count() or 1, teacher
                 )
                 embed_in_driver(batches, tower, output, manifest, config, lease.fence, progress)
+        except Exception as error:
+            raise_given_up(ledger, error)
+            raise
         finally:
             torch.set_num_threads(threads)
             if decoders is not None:
@@ -583,8 +604,12 @@ def run(input_uri: str, output: str, config: Config, lease: Lease | None = None)
             if progress is not None:
                 progress.close()
     else:
-        for _ in pipeline(input_uri, output, config, manifest, ledger, lease.fence).iter_batches(batch_size=None):
-            pass  # rows are written by the shard writers; only their counts come back
+        try:
+            for _ in pipeline(input_uri, output, config, manifest, ledger, lease.fence).iter_batches(batch_size=None):
+                pass  # rows are written by the shard writers; only their counts come back
+        except Exception as error:
+            raise_given_up(ledger, error)
+            raise
     seconds = time.perf_counter() - started
     # every writer of this run has renamed its file by now; a temporary left is a killed earlier run's, whose
     # last tasks can still be writing just after it dies (after this run's start removed the older ones)

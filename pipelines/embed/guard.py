@@ -8,7 +8,9 @@ exhausted by one image) ends the task, and Ray runs it again (up to ``DECODE_RET
 actor) counts the attempts of each batch (named by a hash of its URIs, the same in every attempt): the first
 decodes in the task's own process as usual; a later one decodes its inputs one at a time in a child process, so an
 input that kills the child is rejected (``_errors/``, with how its process ended) and the batch's other inputs are
-decoded in a new child.
+decoded in a new child. The actor also knows which input a child was decoding: where the task's own process died
+with it (an input whose decoding takes its parent down too), the next attempt rejects that input without decoding
+it again, so each attempt after the second leaves out one more input, and ``DECODE_RETRIES`` bounds them all.
 """
 
 from __future__ import annotations
@@ -72,15 +74,38 @@ class Attempts:
 
     def __init__(self) -> None:
         self.started: dict[str, int] = {}
+        self.in_child: dict[str, str] = {}  # batch -> the URI a child of its attempt is decoding
+        self.blamed: dict[str, list[str]] = {}  # batch -> the URIs being decoded when an attempt's process died
 
-    def begin(self, key: str) -> int:
-        """Count an attempt of batch ``key``; returns its number (1 for the first)."""
+    def begin(self, key: str) -> tuple[int, list[str]]:
+        """Count an attempt of batch ``key``; returns its number (1 for the first) and the batch's inputs that
+        were being decoded when an earlier attempt's process died."""
         self.started[key] = self.started.get(key, 0) + 1
-        return self.started[key]
+        if key in self.in_child:  # the earlier attempt's process died while its child decoded this one
+            self.blamed.setdefault(key, []).append(self.in_child.pop(key))
+        return self.started[key], list(self.blamed.get(key, []))
+
+    def child_begins(self, key: str, uri: str) -> None:
+        """A child of batch ``key``'s attempt begins decoding ``uri``."""
+        self.in_child[key] = uri
+
+    def child_ends(self, key: str) -> None:
+        """That child is done with it (decoded, or died on it while its parent lived on)."""
+        self.in_child.pop(key, None)
+
+    def given_up(self, attempts: int) -> list[tuple[list[str], str | None]]:
+        """The batches that started ``attempts`` times and never ended: for each, the inputs left out after they
+        took an attempt's process down, and the one a child was decoding when the last attempt's process died."""
+        return [
+            (list(self.blamed.get(key, [])), self.in_child.get(key))
+            for key, started in self.started.items()
+            if started >= attempts
+        ]
 
     def end(self, key: str) -> None:
         """Forget a batch that was decoded (only batches that died stay counted)."""
-        self.started.pop(key, None)
+        for kept in (self.started, self.in_child, self.blamed):
+            kept.pop(key, None)
 
 
 def decode_guarded(
@@ -93,20 +118,49 @@ def decode_guarded(
     import ray  # a decode task of Ray Data's
 
     key = hashlib.sha256("\n".join(uri for uri, _, _ in rows).encode()).hexdigest()
-    first = ray.get(attempts.begin.remote(key)) == 1
-    result = decode(rows, manifest, settings) if first else decode_isolated(decode, rows, manifest, settings)
+    number, blamed = ray.get(attempts.begin.remote(key))
+    if number == 1:
+        result = decode(rows, manifest, settings)
+    else:
+        result = decode_isolated(decode, rows, manifest, settings, Watched(attempts, key, set(blamed)))
     attempts.end.remote(key)
     return result
 
 
+class Watched:
+    """The actor keeping a batch's :class:`Attempts`, told which input each child decodes, and the inputs to leave
+    out: those being decoded when an earlier attempt's process died."""
+
+    def __init__(self, attempts: Any, key: str, blamed: set[str]):
+        self.attempts, self.key, self.blamed = attempts, key, blamed
+
+    def child_begins(self, uri: str) -> None:
+        import ray
+
+        ray.get(self.attempts.child_begins.remote(self.key, uri))  # recorded before the child may take us down
+
+    def child_ends(self) -> None:
+        import ray
+
+        ray.get(self.attempts.child_ends.remote(self.key))  # recorded before anything else may take us down
+
+
+BLAMED = "the decode task's process died while it was being decoded"  # the reason of an input left out
+
+
 def decode_isolated(
-    decode: Decode, rows: list[Row], manifest: dict, settings: dict
+    decode: Decode, rows: list[Row], manifest: dict, settings: dict, watched: Watched | None = None
 ) -> tuple[list[Any], list[tuple[str, str]]]:
-    """``decode`` one row at a time in a forked child; a row whose child dies is rejected with how it died."""
+    """``decode`` one row at a time in a forked child; a row whose child dies is rejected with how it died. With
+    ``watched``: its actor is told each row before the child decodes it, and its blamed rows are rejected as they
+    are, undecoded."""
     context = multiprocessing.get_context("fork")
     decoded: list[Any] = []
     errors: list[tuple[str, str]] = []
     pending = list(rows)
+    if watched is not None:
+        errors = [(uri, BLAMED) for uri, _, _ in rows if uri in watched.blamed]
+        pending = [row for row in rows if row[0] not in watched.blamed]
     while pending:
         ours, theirs = context.Pipe()
         child = context.Process(target=_serve, args=(theirs, decode, manifest, settings), daemon=True)
@@ -114,13 +168,19 @@ def decode_isolated(
         theirs.close()
         try:
             while pending:
+                if watched is not None:
+                    watched.child_begins(pending[0][0])
                 ours.send(pending[0])
                 try:
                     done, failed = ours.recv()
                 except EOFError:  # the child died on this row
                     child.join()
                     errors.append((pending.pop(0)[0], _died_on_it(child.exitcode, settings)))
+                    if watched is not None:
+                        watched.child_ends()
                     break
+                if watched is not None:
+                    watched.child_ends()
                 pending.pop(0)
                 decoded += done
                 errors += failed
@@ -141,6 +201,19 @@ def _serve(connection: Connection, decode: Decode, manifest: dict, settings: dic
         except EOFError:
             return
         connection.send(decode([row], manifest, settings))
+
+
+def given_up_message(given_up: list[tuple[list[str], str | None]], attempts: int, dry_run: bool) -> str:
+    """What a user is told of the batches (:meth:`Attempts.given_up`) whose decode tasks died on every attempt."""
+    named = []
+    for blamed, in_child in given_up:
+        named += [*blamed, *([in_child] if in_child is not None else [])]
+    inputs = f": the inputs being decoded when it died: {', '.join(named)}" if named else ""
+    cached = "" if dry_run else " Nothing of that batch is cached; the rows cached so far stay (a rerun goes on)."
+    return (
+        f"a decode task's process died on each of its {attempts} attempts at a batch of inputs{inputs}.{cached} "
+        "Leave those inputs out of the input and run again"
+    )
 
 
 def _died_on_it(exitcode: int | None, settings: dict) -> str:

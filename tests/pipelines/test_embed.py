@@ -30,16 +30,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+from _cluster import command_line
 from PIL import Image, ImageOps
 
 from isa.cache import CacheError, Manifest
 from isa.config import load_config
 from isa.data.synthetic import generate_world, render_scene
+from isa.errors import IsaError
 from isa.images import content_id
 from isa.teacher import register_project_configs
 from pipelines import lease
 from pipelines.cli import main as cli_main
 from pipelines.embed import (
+    DECODE_RETRIES,
     decode_settings,
     decoded,
     dry_run,
@@ -344,18 +347,29 @@ def test_the_deadly_servers_victim_is_the_process_of_that_very_connection():
             sock.close()
 
 
+def _parent_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])  # after the name in parentheses: state, then the parent's pid
+
+
 @contextlib.contextmanager
 def _deadly_server():
     """An HTTP server on loopback whose every request kills the process that sent it (SIGKILL): an input whose
-    reading kills the process decoding it, as a crashing decoder would. Yields its URL and the pids it killed."""
+    reading kills the process decoding it, as a crashing decoder would. A request for a path holding "deadlier"
+    also kills that process's parent when it is a Ray worker (an input whose decoding in a child takes the decode
+    task's process down too). Yields its URL and the pids it killed."""
     killed: list[int] = []
 
     class Deadly(http.server.BaseHTTPRequestHandler):
         def do_HEAD(self) -> None:
             pid = _process_of(self.client_address[1], self.server.server_address[1])
             if pid is not None and pid != os.getpid():
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
+                victims = [pid]
+                if "deadlier" in self.path and command_line(parent := _parent_of(pid)).startswith("ray::"):
+                    victims.append(parent)
+                for victim in victims:
+                    os.kill(victim, signal.SIGKILL)
+                killed.extend(victims)
             self.close_connection = True
 
         do_GET = do_HEAD
@@ -425,6 +439,36 @@ def test_other_input_kinds_list_tar_parquet(ray_session, tmp_path):
     uris = _cache(tmp_path / "from-unnamed")["uri"].to_pylist()
     assert all(u.split("#sha256=")[0].endswith("unnamed.parquet") for u in uris)
     assert {u.split("#sha256=")[1] for u in uris} == {hashlib.sha256(p.read_bytes()).hexdigest() for p in good[:3]}
+
+
+def test_an_input_that_takes_its_decode_task_down_is_left_out_and_the_attempts_are_bounded(ray_session, tmp_path):
+    """An input whose decoding kills the decode task's own process even when a child decodes it: the attempt after
+    that leaves it out (rejected with its reason) and the rest is cached. Each later attempt leaves out one more
+    such input; a batch holding more of them than the attempts allow ends the run after exactly 1 +
+    DECODE_RETRIES attempts, never retried for ever."""
+    good = _write_scenes(tmp_path / "images", 5)
+    one_call = _config("cache.decode_batch_size=16")  # each list's inputs in one decode call
+    with _deadly_server() as (url, killed):
+        listing = tmp_path / "one.txt"
+        listing.write_text("\n".join([*map(str, good[:4]), f"{url}/deadlier.jpg"]) + "\n")
+        done = run(str(listing), str(tmp_path / "one"), one_call)
+        # the first attempt's process (decoding the batch itself), then the second's child and the process itself
+        assert len(set(killed)) == 3, killed
+        killed.clear()
+        listing = tmp_path / "many.txt"
+        listing.write_text("\n".join([str(good[4]), *(f"{url}/deadlier-{i}.jpg" for i in range(3))]) + "\n")
+        with pytest.raises(IsaError, match="died on each of its 4 attempts") as failure:
+            run(str(listing), str(tmp_path / "many"), one_call)
+    assert (done.cached, done.rejected) == (4, 1)
+    reasons = {Path(r["uri"]).name: r["reason"] for r in pq.read_table(tmp_path / "one" / "_errors").to_pylist()}
+    assert reasons == {"deadlier.jpg": "the decode task's process died while it was being decoded"}
+    assert sorted(_cache(tmp_path / "one")["id"].to_pylist()) == sorted(content_id(p.read_bytes()) for p in good[:4])
+    # attempt 1: the process; attempts 2, 3 and 4: a child and the process, each leaving out one more input
+    assert len(set(killed)) == 1 + 2 * DECODE_RETRIES, killed
+    # the message names the three inputs, in the order they took the attempts down; nothing of the batch cached
+    named = str(failure.value).split("the inputs being decoded when it died: ")[1].split(". ")[0]
+    assert [Path(uri).name for uri in named.split(", ")] == [f"deadlier-{i}.jpg" for i in range(3)], failure.value
+    assert not list((tmp_path / "many").glob("part-*.parquet"))
 
 
 def test_gallery_only_cache_and_settings_mismatch(ray_session, tmp_path):
