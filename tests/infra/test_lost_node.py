@@ -161,7 +161,16 @@ def test_eval_reads_a_checkpoint_on_s3_on_another_node_than_the_drivers(cluster,
         "eval.checkpoints=s3://isa-cluster/run", "eval.latency_runs=0", "eval.baselines=false",
     ]  # fmt: skip
     log = tmp_path / "eval.log"
-    output = _finish(_isa(cluster, log, "eval", *settings, TMPDIR=str(driver_tmp)), log)
+    evaluation = _isa(cluster, log, "eval", *settings, TMPDIR=str(driver_tmp))
+    nodes = [cluster.head, *cluster.workers]
+    encoders = set()  # the cluster's processes that encoded the student's queries, with their nodes' names
+    while evaluation.poll() is None:
+        for pid in processes_titled("encode_student"):  # also another test's, on no node of this cluster
+            encoders |= {(pid, node.name) for node in nodes if pid in cluster.processes(node)}
+        time.sleep(0.1)
+    output = _finish(evaluation, log)
+    # the student was loaded from S3 and run on a worker node, not on the head with the driver
+    assert encoders and {name for _, name in encoders} <= {w.name for w in cluster.workers}, encoders
     document = json.loads(s3.cat_file("isa-cluster/eval/metrics.json"))
     assert list(document["rows"]) == ["mobilenetv3_large_100 + atl"], output[-3000:]
     assert set(document["rows"]["mobilenetv3_large_100 + atl"]) >= {"R@1", "R@5", "Rs@1"}
