@@ -33,7 +33,7 @@ STUDENT = [
 
 @pytest.mark.slow
 def test_embed_train_and_eval_on_flaky_s3_finish_exactly_once_and_never_show_a_password(
-    ray_session, ray_session_dir, flaky_s3, mlflow_server, tmp_path, capfd
+    ray_session, ray_session_dir, flaky_s3, mlflow_server, mlflow_server_process, tmp_path, capfd
 ):
     write_world(generate_world(seed=3, num_images=30, num_triplets=4, image_size=64), tmp_path / "world")
     fs, _ = filesystem(f"s3://{BUCKET}")
@@ -98,6 +98,10 @@ def test_embed_train_and_eval_on_flaky_s3_finish_exactly_once_and_never_show_a_p
     assert not [p for p in fs.find(BUCKET) if SECRET.encode() in fs.cat_file(p)]
     for run in (trained, evaluated):
         assert SECRET not in json.dumps({**run.data.params, **run.data.tags})
+    # nor in what the MLflow server keeps: its store and the artifacts it was sent (the model, the outputs)
+    kept = [p for p in mlflow_server_process.root.rglob("*") if p.is_file()]
+    assert any(p.name == "student.safetensors" for p in kept)  # the run's model artifact is among them
+    assert not [p for p in kept if SECRET.encode() in p.read_bytes()]
     # nor in what Ray's processes printed or wrote: the training workers, the data tasks, Ray's own logs
     written = [p for p in ray_session_dir.rglob("*") if p.is_file()]
     assert any(p.name.startswith("worker-") for p in written)  # the workers' output is there
