@@ -176,11 +176,10 @@ def decode_isolated(
                 except EOFError:  # the child died on this row
                     child.join()
                     errors.append((pending.pop(0)[0], _died_on_it(child.exitcode, settings)))
+                    break
+                finally:  # this process lived on
                     if watched is not None:
                         watched.child_ends()
-                    break
-                if watched is not None:
-                    watched.child_ends()
                 pending.pop(0)
                 decoded += done
                 errors += failed
@@ -208,10 +207,12 @@ def given_up_message(given_up: list[tuple[list[str], str | None]], attempts: int
     named = []
     for blamed, in_child in given_up:
         named += [*blamed, *([in_child] if in_child is not None else [])]
+    batches = "a batch" if len(given_up) == 1 else f"{len(given_up)} batches"
     inputs = f": the inputs being decoded when it died: {', '.join(named)}" if named else ""
-    cached = "" if dry_run else " Nothing of that batch is cached; the rows cached so far stay (a rerun goes on)."
+    that = "that batch" if len(given_up) == 1 else "those batches"
+    cached = "" if dry_run else f" Nothing of {that} is cached; the rows cached so far stay (a rerun goes on)."
     return (
-        f"a decode task's process died on each of its {attempts} attempts at a batch of inputs{inputs}.{cached} "
+        f"a decode task's process died on each of its {attempts} attempts at {batches} of inputs{inputs}.{cached} "
         "Leave those inputs out of the input and run again"
     )
 
