@@ -444,30 +444,38 @@ def test_other_input_kinds_list_tar_parquet(ray_session, tmp_path):
 def test_an_input_that_takes_its_decode_task_down_is_left_out_and_the_attempts_are_bounded(ray_session, tmp_path):
     """An input whose decoding kills the decode task's own process even when a child decodes it: the attempt after
     that leaves it out (rejected with its reason) and the rest is cached. Each later attempt leaves out one more
-    such input; a batch holding more of them than the attempts allow ends the run after exactly 1 +
-    DECODE_RETRIES attempts, never retried for ever."""
+    such input; a batch holding more of them than the attempts allow ends the run (or dry run) after exactly 1 +
+    DECODE_RETRIES attempts, never retried for ever, naming them."""
     good = _write_scenes(tmp_path / "images", 5)
     one_call = _config("cache.decode_batch_size=16")  # each list's inputs in one decode call
+    one, many = tmp_path / "one.txt", tmp_path / "many.txt"
+    kills = {}  # phase -> the processes the server killed
     with _deadly_server() as (url, killed):
-        listing = tmp_path / "one.txt"
-        listing.write_text("\n".join([*map(str, good[:4]), f"{url}/deadlier.jpg"]) + "\n")
-        done = run(str(listing), str(tmp_path / "one"), one_call)
-        # the first attempt's process (decoding the batch itself), then the second's child and the process itself
-        assert len(set(killed)) == 3, killed
+        one.write_text("\n".join([*map(str, good[:4]), f"{url}/deadlier.jpg"]) + "\n")
+        many.write_text("\n".join([str(good[4]), *(f"{url}/deadlier-{i}.jpg" for i in range(3))]) + "\n")
+        done = run(str(one), str(tmp_path / "one"), one_call)
+        kills["one"] = set(killed)
         killed.clear()
-        listing = tmp_path / "many.txt"
-        listing.write_text("\n".join([str(good[4]), *(f"{url}/deadlier-{i}.jpg" for i in range(3))]) + "\n")
-        with pytest.raises(IsaError, match="died on each of its 4 attempts") as failure:
-            run(str(listing), str(tmp_path / "many"), one_call)
+        with pytest.raises(IsaError, match="died on each of its 4 attempts") as failed:
+            run(str(many), str(tmp_path / "many"), one_call)
+        kills["many"] = set(killed)
+        killed.clear()
+        with pytest.raises(IsaError, match="died on each of its 4 attempts") as counted:  # a dry run reads them too
+            dry_run(str(many), str(tmp_path / "many"), one_call)
+        kills["dry run"] = set(killed)
+    # the first attempt's process (decoding the batch itself), then the second's child and the process itself
+    assert len(kills["one"]) == 3, kills
     assert (done.cached, done.rejected) == (4, 1)
     reasons = {Path(r["uri"]).name: r["reason"] for r in pq.read_table(tmp_path / "one" / "_errors").to_pylist()}
     assert reasons == {"deadlier.jpg": "the decode task's process died while it was being decoded"}
     assert sorted(_cache(tmp_path / "one")["id"].to_pylist()) == sorted(content_id(p.read_bytes()) for p in good[:4])
     # attempt 1: the process; attempts 2, 3 and 4: a child and the process, each leaving out one more input
-    assert len(set(killed)) == 1 + 2 * DECODE_RETRIES, killed
-    # the message names the three inputs, in the order they took the attempts down; nothing of the batch cached
-    named = str(failure.value).split("the inputs being decoded when it died: ")[1].split(". ")[0]
-    assert [Path(uri).name for uri in named.split(", ")] == [f"deadlier-{i}.jpg" for i in range(3)], failure.value
+    assert len(kills["many"]) == len(kills["dry run"]) == 1 + 2 * DECODE_RETRIES, kills
+    # the messages name the three inputs, in the order they took the attempts down; nothing of the batch cached
+    for failure in (failed, counted):
+        named = str(failure.value).split("the inputs being decoded when it died: ")[1].split(". ")[0]
+        assert [Path(uri).name for uri in named.split(", ")] == [f"deadlier-{i}.jpg" for i in range(3)], named
+    assert "Nothing of that batch is cached" in str(failed.value) and "cached" not in str(counted.value)
     assert not list((tmp_path / "many").glob("part-*.parquet"))
 
 
