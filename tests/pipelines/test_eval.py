@@ -294,11 +294,20 @@ def test_gallery_cache_is_reused_and_another_teacher_is_refused(cirr_val, tmp_pa
     assert not (tmp_path / "other").exists()
 
 
-def test_cirr_test_split_writes_the_server_files(ray_session, world, checkpoint, mlflow_server, tmp_path):
-    """``--split test`` reads CIRR's test1 files; every output is named test1 (the split as the files name it)."""
+def test_cirr_test_split_writes_the_server_files(
+    ray_session, world, checkpoint, mlflow_server, tmp_path, tmp_path_factory
+):
+    """``--split test`` reads CIRR's test1 files; every output is named test1 (the split as the files name it). The
+    dataset's first caption holds markup: the report shows it as text."""
     import mlflow
 
-    config = _config(world, tmp_path, "eval.benchmark=cirr", f"eval.dataset_root={world / 'cirr'}")
+    root = tmp_path_factory.mktemp("cirr-markup") / "cirr"
+    shutil.copytree(world / "cirr", root)
+    captions = root / "cirr" / "captions" / "cap.rc2.test1.json"
+    edited = json.loads(captions.read_text())
+    edited[0]["caption"] = f"<script>alert(1)</script> {edited[0]['caption']}"
+    captions.write_text(json.dumps(edited))
+    config = _config(world, tmp_path, "eval.benchmark=cirr", f"eval.dataset_root={root}")
     config = _with(config, "eval.split=test", f"eval.checkpoints={checkpoint}", "eval.latency_runs=0")
     document = eval_stage.run(_with(config, f"eval.tracking_uri={mlflow_server}"))
     entries, split = _cirr_files(world, "test1")
@@ -307,7 +316,9 @@ def test_cirr_test_split_writes_the_server_files(ray_session, world, checkpoint,
     names = [p.name for p in tmp_path.iterdir()]
     assert "gallery-cirr-test1" in names and "images-cirr-test1.txt" in names
     assert not [n for n in names if re.search(r"test(?!1)", n)], names
-    assert "isa eval · cirr test1" in (tmp_path / "report.html").read_text()
+    page = (tmp_path / "report.html").read_text()
+    assert "isa eval · cirr test1" in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>alert(1)" not in page
     assert (tmp_path / "table.md").read_text().startswith("## cirr test1 ")
     run = mlflow.MlflowClient(tracking_uri=mlflow_server).get_run(document["mlflow_run_id"])
     assert run.info.run_name == "eval-cirr-test1"
