@@ -78,6 +78,16 @@ def actor_dead(actor_id: str) -> bool:
         return False
 
 
+def job_dead(job_id: str) -> bool:
+    """Whether the GCS knows this job (hex id) as ended; False when it cannot tell."""
+    from ray._private.state import jobs
+
+    try:
+        return any(job.get("JobID") == job_id and job.get("IsDead") for job in jobs())
+    except Exception:
+        return False
+
+
 def placement_group_of(worker_group: Any) -> ray.util.placement_group.PlacementGroup:
     """The placement group of a Ray Train worker group (as :class:`WorkerGroupCallback` receives it)."""
     return worker_group.get_worker_group_state().placement_group_handle.placement_group

@@ -24,7 +24,7 @@ from ray.tune import Callback
 from ray.util.placement_group import PlacementGroup
 
 from isa.storage import filesystem, write_bytes
-from pipelines.ray_compat import ControllerCallback, WorkerGroupCallback, actor_dead, placement_group_of
+from pipelines.ray_compat import ControllerCallback, WorkerGroupCallback, actor_dead, job_dead, placement_group_of
 
 RECORDS = ".isa_placement_groups"  # in a trial folder
 CHECK_EVERY_S = 1.0  # how often the Tune driver looks for groups to release
@@ -72,23 +72,36 @@ class ReleasePlacementGroups(Callback):
 
 def release(folder: str, trial_ids: list[str]) -> set[str]:
     """Remove the recorded placement groups of these trials whose controller is dead; returns the trials that still
-    hold a recorded group (its controller alive)."""
+    hold a recorded group (its controller alive).
+
+    A controller whose job has ended (the killed sweep driver's) may have made a group it never recorded: its
+    worker group started again, and the job ended before the new group's workers were up. Every group of such a
+    job that is still there goes too: the job's own groups end with it, so what is left of them is leaked.
+    """
     from ray.util.placement_group import placement_group_table, remove_placement_group
 
     held: set[str] = set()
+    ended_jobs: set[str] = set()  # hex ids of the jobs of dead recorded controllers that have ended
     fs, root = filesystem(folder)
     for trial_id in trial_ids:
         records = posixpath.join(root, trial_id, RECORDS)
         fs.invalidate_cache(records)  # an object store's listing remembered from an earlier call misses new records
         for record in fs.glob(posixpath.join(records, "*")):
             group = recorded_group(posixpath.basename(record))
+            controller = fs.cat_file(record).decode()
+            dead = actor_dead(controller)
+            if dead and job_dead(job := ray.ActorID.from_hex(controller).job_id.hex()):
+                ended_jobs.add(job)
             if placement_group_table(group).get("state") in (None, "REMOVED"):
                 fs.rm(record)
-            elif actor_dead(fs.cat_file(record).decode()):
+            elif dead:
                 remove_placement_group(group)
                 fs.rm(record)
             else:
                 held.add(trial_id)
+    for group_id, entry in placement_group_table().items() if ended_jobs else ():
+        if entry["state"] != "REMOVED" and group_id.endswith(tuple(ended_jobs)):
+            remove_placement_group(recorded_group(group_id))
     return held
 
 

@@ -35,6 +35,21 @@ def test_actor_dead_tells_a_live_actor_from_a_killed_one(ray_session):
     assert ray_compat.actor_dead("") is False  # no id recorded: never taken for dead
 
 
+def test_job_dead_tells_this_live_job_from_one_that_ended(ray_session):
+    import subprocess
+    import sys
+
+    assert ray_compat.job_dead(ray.get_runtime_context().get_job_id()) is False
+    assert ray_compat.job_dead("") is False
+    code = "import sys, ray; ray.init(address=sys.argv[1]); print(ray.get_runtime_context().get_job_id())"
+    done = subprocess.run([sys.executable, "-c", code, ray_session], capture_output=True, text=True, timeout=120)
+    ended = done.stdout.split()[-1]
+    deadline = time.monotonic() + 30
+    while not ray_compat.job_dead(ended) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray_compat.job_dead(ended) is True
+
+
 def test_without_a_dashboard_the_session_reports_none_in_the_driver_and_in_a_worker(ray_session):
     """A worker (a Tune trial starting Ray Train) too: there Ray's own ``get_dashboard_url`` gives its default
     address, which started a placement-group cleaner with each trial's run that could never reach a state API."""
