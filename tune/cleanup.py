@@ -10,7 +10,8 @@ Train V1 kept track of these groups in the Tune driver; this module does the sam
   every worker placement group into the trial folder (``.isa_placement_groups/PG_ID``, content: controller id);
 - :class:`ReleasePlacementGroups`, a Ray Tune callback in the sweep driver, removes a recorded group once its
   controller is dead (asked of the GCS directly, no dashboard needed) and its trial has ended, or when the trial
-  starts again in a resumed sweep (its earlier controller died with the killed sweep driver).
+  starts again in a resumed sweep (its earlier controller died with the killed sweep driver; asked again for a
+  while until the GCS knows it dead). The groups that controller's ended job left go with it, recorded or not.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pipelines.ray_compat import ControllerCallback, WorkerGroupCallback, actor_
 
 RECORDS = ".isa_placement_groups"  # in a trial folder
 CHECK_EVERY_S = 1.0  # how often the Tune driver looks for groups to release
+RECHECK_STARTED_S = 120.0  # how long a trial started again is looked at for its earlier controllers' groups
 
 
 class RecordPlacementGroups(ControllerCallback, WorkerGroupCallback):
@@ -53,11 +55,14 @@ class ReleasePlacementGroups(Callback):
         self.folder = folder
         self._checked = 0.0
         self._done: set[str] = set()  # ended trials found with no group left: not listed again until the end
+        self._started: dict[str, float] = {}  # trials started again with a live recorded controller -> when
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         # a trial started again (its sweep resumed after the driver was killed): the groups of its earlier
-        # controllers, dead with that driver, can still hold their CPUs (Ray may leave them when its job ends)
-        release(self.folder, [trial.trial_id])
+        # controllers, dead with that driver, can still hold their CPUs (Ray may leave them when its job ends);
+        # a controller the GCS does not know dead yet is asked again for a while
+        if release(self.folder, [trial.trial_id]):
+            self._started[trial.trial_id] = time.monotonic()
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         if time.monotonic() - self._checked < CHECK_EVERY_S:
@@ -65,6 +70,9 @@ class ReleasePlacementGroups(Callback):
         self._checked = time.monotonic()
         ended = [t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR") and t.trial_id not in self._done]
         self._done.update(set(ended) - release(self.folder, ended))
+        for trial_id, started in list(self._started.items()):
+            if time.monotonic() - started > RECHECK_STARTED_S or not release(self.folder, [trial_id]):
+                del self._started[trial_id]
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         release(self.folder, [t.trial_id for t in trials])
@@ -89,16 +97,16 @@ def release(folder: str, trial_ids: list[str]) -> set[str]:
         for record in fs.glob(posixpath.join(records, "*")):
             group = recorded_group(posixpath.basename(record))
             controller = fs.cat_file(record).decode()
-            dead = actor_dead(controller)
-            if dead and job_dead(job := ray.ActorID.from_hex(controller).job_id.hex()):
+            gone = placement_group_table(group).get("state") in (None, "REMOVED")
+            if not actor_dead(controller):  # kept while its controller lives: its job may end with more groups
+                if not (gone and not controller):  # (a record naming no controller: only while its group is)
+                    held.add(trial_id)
+                    continue
+            elif job_dead(job := ray.ActorID.from_hex(controller).job_id.hex()):
                 ended_jobs.add(job)
-            if placement_group_table(group).get("state") in (None, "REMOVED"):
-                fs.rm(record)
-            elif dead:
+            if not gone:
                 remove_placement_group(group)
-                fs.rm(record)
-            else:
-                held.add(trial_id)
+            fs.rm(record)
     for group_id, entry in placement_group_table().items() if ended_jobs else ():
         if entry["state"] != "REMOVED" and group_id.endswith(tuple(ended_jobs)):
             remove_placement_group(recorded_group(group_id))

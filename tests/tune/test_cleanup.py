@@ -12,7 +12,7 @@ import ray
 from ray.util.placement_group import placement_group, placement_group_table
 
 from pipelines.ray_compat import actor_dead
-from tune.cleanup import RECORDS, RecordPlacementGroups, ReleasePlacementGroups, recorded_group
+from tune.cleanup import CHECK_EVERY_S, RECORDS, RecordPlacementGroups, ReleasePlacementGroups, recorded_group
 
 
 def _kill(controller: ray.actor.ActorHandle, record: Path) -> None:
@@ -56,9 +56,11 @@ def test_a_trial_started_again_releases_its_dead_controllers_group_not_a_live_co
         release.on_trial_start(0, [], SimpleNamespace(trial_id=trial_id))
     assert state(dead_group) == "REMOVED" and not list((tmp_path / "t1" / RECORDS).iterdir())
     assert state(live_group) == "CREATED" and [p.name for p in (tmp_path / "t2" / RECORDS).iterdir()] == [live_group]
-    _kill(live, tmp_path / "t2" / RECORDS / live_group)  # then that one too (nothing stays reserved in the session)
-    release.on_trial_start(0, [], SimpleNamespace(trial_id="t2"))
-    assert state(live_group) == "REMOVED"
+    # the GCS knows that controller dead only later (as a killed job's may be): the trial is asked again
+    _kill(live, tmp_path / "t2" / RECORDS / live_group)
+    time.sleep(CHECK_EVERY_S)
+    release.on_step_end(0, [SimpleNamespace(trial_id="t2", status="RUNNING")])
+    assert state(live_group) == "REMOVED" and not list((tmp_path / "t2" / RECORDS).iterdir())
 
 
 ENDED_DRIVER = """
