@@ -67,6 +67,11 @@ def command_line(pid: int) -> str:
         return ""
 
 
+def parent_of(pid: int) -> int:
+    """The pid of a process's parent (from ``/proc/PID/stat``: after the name in parentheses, its state, then it)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def descendants(root: int) -> set[int]:
     """``root`` and every live process below it (a local Ray instance's processes are below the driver that
     started it: its raylet, and the raylet's workers)."""

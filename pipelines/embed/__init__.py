@@ -10,6 +10,7 @@ Resumable and idempotent: a rerun skips what the cache holds; bad inputs go to `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -68,18 +69,23 @@ def decode_task_options() -> dict[str, int]:
     return {"max_retries": DECODE_RETRIES}
 
 
-def raise_given_up(ledger: Ledger | LocalLedger, error: Exception, dry_run: bool = False) -> None:
-    """Raise an :class:`IsaError` naming the inputs where the run (or dry run) failed because a decode task's
-    process died on every attempt (``error``: what the run raised); return where it did not."""
-    if ledger.attempts is None:  # without Ray: the run's own helpers, watched by the run
-        return
-    import ray
+@contextlib.contextmanager
+def given_up_told(ledger: Ledger | LocalLedger, dry_run: bool = False) -> Iterator[None]:
+    """Around a run's (or dry run's) decoding: where it fails because a decode task's process died on every
+    attempt, an :class:`IsaError` naming the inputs instead of Ray's error."""
+    try:
+        yield
+    except Exception as error:
+        if ledger.attempts is None:  # without Ray: the run's own helpers, watched by the run
+            raise
+        import ray
 
-    if not isinstance(error, ray.exceptions.WorkerCrashedError):
-        return
-    given_up = ray.get(ledger.attempts.given_up.remote(1 + DECODE_RETRIES))
-    if given_up:
-        raise IsaError(given_up_message(given_up, 1 + DECODE_RETRIES, dry_run)) from error
+        if not isinstance(error, ray.exceptions.WorkerCrashedError):
+            raise
+        given_up = ray.get(ledger.attempts.given_up.remote(1 + DECODE_RETRIES))
+        if given_up:
+            raise IsaError(given_up_message(given_up, 1 + DECODE_RETRIES, dry_run)) from error
+        raise
 
 
 @dataclass
@@ -523,12 +529,10 @@ def dry_run(input_uri: str, output: str, config: Config) -> Summary:
             fn_kwargs={"ledger": ledger, "settings": read_settings(config.cache), "attempts": ledger.attempts},
             ray_remote_args_fn=decode_task_options,
         )
-        for batch in counting.iter_batches(batch_size=None):
-            duplicates += int(batch["duplicates"].sum())
+        with given_up_told(ledger, dry_run=True):
+            for batch in counting.iter_batches(batch_size=None):
+                duplicates += int(batch["duplicates"].sum())
         seen = ledger.counts()
-    except Exception as error:
-        raise_given_up(ledger, error, dry_run=True)
-        raise
     finally:
         ledger.kill()
     return Summary(
@@ -589,14 +593,11 @@ def run(input_uri: str, output: str, config: Config, lease: Lease | None = None)
 
         threads = torch.get_num_threads()  # this process's, given back at the end
         try:
-            with batches:
+            with batches, given_up_told(ledger):
                 tower = TeacherEmbedder(
                     dataclasses.asdict(manifest), config.teacher.cache_dir, device, os.cpu_count() or 1, teacher
                 )
                 embed_in_driver(batches, tower, output, manifest, config, lease.fence, progress)
-        except Exception as error:
-            raise_given_up(ledger, error)
-            raise
         finally:
             torch.set_num_threads(threads)
             if decoders is not None:
@@ -604,12 +605,9 @@ def run(input_uri: str, output: str, config: Config, lease: Lease | None = None)
             if progress is not None:
                 progress.close()
     else:
-        try:
+        with given_up_told(ledger):
             for _ in pipeline(input_uri, output, config, manifest, ledger, lease.fence).iter_batches(batch_size=None):
                 pass  # rows are written by the shard writers; only their counts come back
-        except Exception as error:
-            raise_given_up(ledger, error)
-            raise
     seconds = time.perf_counter() - started
     # every writer of this run has renamed its file by now; a temporary left is a killed earlier run's, whose
     # last tasks can still be writing just after it dies (after this run's start removed the older ones)

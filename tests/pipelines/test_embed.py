@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from _cluster import command_line
+from _cluster import command_line, parent_of
 from PIL import Image, ImageOps
 
 from isa.cache import CacheError, Manifest
@@ -347,11 +347,6 @@ def test_the_deadly_servers_victim_is_the_process_of_that_very_connection():
             sock.close()
 
 
-def _parent_of(pid: int) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat.rsplit(")", 1)[1].split()[1])  # after the name in parentheses: state, then the parent's pid
-
-
 @contextlib.contextmanager
 def _deadly_server():
     """An HTTP server on loopback whose every request kills the process that sent it (SIGKILL): an input whose
@@ -365,7 +360,7 @@ def _deadly_server():
             pid = _process_of(self.client_address[1], self.server.server_address[1])
             if pid is not None and pid != os.getpid():
                 victims = [pid]
-                if "deadlier" in self.path and command_line(parent := _parent_of(pid)).startswith("ray::"):
+                if "deadlier" in self.path and command_line(parent := parent_of(pid)).startswith("ray::"):
                     victims.append(parent)
                 for victim in victims:
                     os.kill(victim, signal.SIGKILL)
